@@ -1,0 +1,28 @@
+# Both targets are self-contained on a fresh machine: they create .venv if it is missing.
+# torch is pinned and installed first so that pip takes the local CPU build and never
+# resolves a multi-GB CUDA wheel for the looser `torch>=...` in pyproject.toml.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: test demo install clean
+
+install: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(PY) pyproject.toml
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+demo: $(STAMP)
+	$(PY) examples/train_codec_lm.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info demo_output
