@@ -1,0 +1,23 @@
+"""Lightning callbacks, one class per module (as in ``lightning.pytorch.callbacks``).
+
+Names are resolved lazily so that importing one callback never imports the optional back ends
+of another.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "SafetensorsModelCheckpoint": "lightning_utils.callbacks.safetensors_model_checkpoint",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lightning_utils.callbacks' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
