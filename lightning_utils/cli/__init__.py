@@ -22,7 +22,6 @@ from collections.abc import Sequence
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("lightning_utils.cli.inspect", "show the tree of a .sft/.ckpt checkpoint"),
     "convert": ("lightning_utils.cli.convert", "convert a checkpoint between .ckpt/.pt and .sft"),
-    "plot": ("lightning_utils.cli.plot", "plot metrics from a JSON-lines metrics file"),
 }
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
