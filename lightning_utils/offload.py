@@ -143,51 +143,105 @@ def _side_stream(device: torch.device) -> Any:
     return stream
 
 
-class _Saved:
-    """One saved tensor input: either a reference on its device or a host copy plus an event."""
+class _HostCopy:
+    """A CUDA tensor copied to host memory: the buffer, the event that completes the copy and,
+    once the backward of the block that follows it has started, a prefetched device copy."""
 
-    __slots__ = ("index", "device", "host", "event", "requires_grad", "source", "version")
+    __slots__ = ("host", "device", "event", "prefetched", "prefetch_event", "source", "version")
 
-    def __init__(
-        self,
-        index: int,
-        device: torch.device,
-        host: Tensor | None,
-        event: Any,
-        requires_grad: bool,
-        source: Tensor | None = None,
-    ):
-        self.index = index  # position in the saved-tensor tuple (on-device) or -1 (host copy)
-        self.device = device
-        self.host = host
-        self.event = event
-        self.requires_grad = requires_grad
+    def __init__(self, t: Tensor, pin_memory: bool):
+        compute = torch.cuda.current_stream(t.device)
+        side = _side_stream(t.device)
+        side.wait_stream(compute)  # the copy must read the finished value
+        self.host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin_memory)
+        with torch.cuda.stream(side):
+            self.host.copy_(t, non_blocking=pin_memory)
+            self.event = torch.cuda.Event()
+            self.event.record(side)
+        # The caching allocator must not hand t's memory out again until the side stream has
+        # finished reading it, although Python may drop the last reference right away.
+        t.record_stream(side)
+        self.device = t.device
+        self.prefetched: Tensor | None = None
+        self.prefetch_event: Any = None
         # A weak reference only: holding the source would keep the device memory we free.
-        self.source = weakref.ref(source) if source is not None else (lambda: None)
-        self.version = source._version if source is not None else 0
+        self.source = weakref.ref(t)
+        self.version = t._version
+
+    def modified(self) -> bool:
+        source = self.source()
+        return source is not None and source._version != self.version
+
+    def prefetch(self) -> None:
+        """Start the host-to-device copy on the side stream, to overlap the current backward."""
+        if self.prefetched is not None or not self.host.is_pinned():
+            return
+        side = _side_stream(self.device)
+        side.wait_event(self.event)
+        with torch.cuda.stream(side):
+            self.prefetched = self.host.to(self.device, non_blocking=True)
+            self.prefetch_event = torch.cuda.Event()
+            self.prefetch_event.record(side)
+
+    def load(self) -> Tensor:
+        """The tensor back on its device, usable on the current stream."""
+        compute = torch.cuda.current_stream(self.device)
+        if self.prefetched is not None:
+            t, self.prefetched = self.prefetched, None
+            compute.wait_event(self.prefetch_event)
+            t.record_stream(compute)  # allocated on the side stream, used and freed on this one
+            return t
+        compute.wait_event(self.event)
+        return self.host.to(self.device, non_blocking=self.host.is_pinned())
 
 
-def _to_host(t: Tensor, pin_memory: bool) -> tuple[Tensor, Any]:
-    """Start an asynchronous copy of CUDA tensor ``t`` to the host; return (buffer, event)."""
-    compute = torch.cuda.current_stream(t.device)
-    side = _side_stream(t.device)
-    side.wait_stream(compute)  # the copy must read the finished value
-    host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin_memory)
-    with torch.cuda.stream(side):
-        host.copy_(t, non_blocking=pin_memory)
-        event = torch.cuda.Event()
-        event.record(side)
-    # The caching allocator must not reuse t's memory until the side stream is done reading it.
-    t.record_stream(side)
-    return host, event
+class _Group:
+    """The host copies of one block call; groups are kept in forward order so that the
+    backward of one block can prefetch the inputs of the block before it."""
+
+    __slots__ = ("copies", "__weakref__")
+
+    def __init__(self, copies: list[_HostCopy]):
+        self.copies = copies
 
 
-def _to_device(saved: _Saved) -> Tensor:
-    """Bring a host copy back onto its device, ordered after the copy that filled it."""
-    if saved.device.type == "cuda":
-        torch.cuda.current_stream(saved.device).wait_event(saved.event)
-        return saved.host.to(saved.device, non_blocking=saved.host.is_pinned())
-    return saved.host.to(saved.device)
+_order: list[weakref.ref] = []
+_order_lock = threading.Lock()
+
+
+def _register(group: _Group) -> None:
+    with _order_lock:
+        if len(_order) >= 256:  # groups whose graph was dropped without a backward
+            _order[:] = [r for r in _order if r() is not None]
+        _order.append(weakref.ref(group))
+
+
+def _pop_previous(group: _Group) -> _Group | None:
+    """Forget ``group`` (and anything registered after it) and return the group before it."""
+    with _order_lock:
+        for i in range(len(_order) - 1, -1, -1):
+            if _order[i]() is group:
+                del _order[i:]
+                break
+        else:
+            return None
+        while _order:
+            prev = _order[-1]()
+            if prev is not None:
+                return prev
+            _order.pop()
+    return None
+
+
+class _Saved:
+    """How one tensor input was saved: by reference (index into saved_tensors) or as a host copy."""
+
+    __slots__ = ("index", "copy", "requires_grad")
+
+    def __init__(self, index: int, copy: _HostCopy | None, requires_grad: bool):
+        self.index = index
+        self.copy = copy
+        self.requires_grad = requires_grad
 
 
 def _devices_of(tensors: Iterable[Tensor], device_type: str) -> list[int]:
@@ -232,26 +286,26 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         options = run.options
         records: list[_Saved] = []
         by_reference: list[Tensor] = []
-        copies: dict[int, _Saved] = {}  # the same tensor passed twice is copied once
+        copies: dict[int, _HostCopy] = {}  # the same tensor passed twice is copied once
         for i, t in enumerate(inputs):
             needs_grad = bool(ctx.needs_input_grad[1 + i])
-            big = t.numel() * t.element_size() >= options.min_bytes
             if (
                 options.offload
                 and t.device.type == "cuda"
-                and big
+                and t.numel() * t.element_size() >= options.min_bytes
                 and not isinstance(t, nn.Parameter)
             ):
-                prev = copies.get(id(t))
-                if prev is None:
-                    host, event = _to_host(t.detach(), options.pin_memory)
-                    prev = _Saved(-1, t.device, host, event, needs_grad)
-                    copies[id(t)] = prev
-                records.append(_Saved(-1, t.device, prev.host, prev.event, needs_grad, t))
+                host_copy = copies.get(id(t))
+                if host_copy is None:
+                    host_copy = copies[id(t)] = _HostCopy(t, options.pin_memory)
+                records.append(_Saved(-1, host_copy, needs_grad))
             else:
-                records.append(_Saved(len(by_reference), t.device, None, None, needs_grad))
+                records.append(_Saved(len(by_reference), None, needs_grad))
                 by_reference.append(t)
         ctx.records = records
+        ctx.group = _Group(list(copies.values()))
+        if copies:
+            _register(ctx.group)
         ctx.save_for_backward(*by_reference)
 
         with _Nested():
@@ -269,20 +323,27 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     def backward(ctx: Any, *grad_outputs: Tensor | None) -> tuple[Tensor | None, ...]:
         run: _Run = ctx.run
         by_reference = ctx.saved_tensors
+        group: _Group = ctx.group
+        loaded: dict[int, Tensor] = {}
+        for host_copy in group.copies:
+            if host_copy.modified():
+                # Same rule as autograd's saved tensors (and the copy may have raced the change).
+                raise RuntimeError(
+                    f"ActivationOffload: an input of {run.name or 'an offloaded block'} was "
+                    "modified by an inplace operation after the block's forward; offloaded inputs "
+                    "must not be changed in place before backward"
+                )
+            loaded[id(host_copy)] = host_copy.load()
+        if group.copies:
+            previous = _pop_previous(group)
+            if previous is not None:  # overlap its host-to-device copy with this block's backward
+                for host_copy in previous.copies:
+                    host_copy.prefetch()
         inputs: list[Tensor] = []
         for rec in ctx.records:
-            if rec.index >= 0:
-                t = by_reference[rec.index].detach()
-            else:
-                source = rec.source()
-                if source is not None and source._version != rec.version:
-                    # Same rule as autograd's saved tensors: the copy may have raced the change.
-                    raise RuntimeError(
-                        f"ActivationOffload: an input of {run.name or 'an offloaded block'} was "
-                        "modified in place after the block's forward; offloaded inputs must not be "
-                        "changed in place before backward"
-                    )
-                t = _to_device(rec)
+            # a fresh leaf per argument position, so each position gets its own gradient
+            source = by_reference[rec.index] if rec.copy is None else loaded[id(rec.copy)]
+            t = source.detach()
             if rec.requires_grad:
                 t.requires_grad_(True)
             inputs.append(t)
