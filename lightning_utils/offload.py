@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,71 +96,96 @@ def _flatten(obj: Any, leaves: list[Tensor]) -> Any:
 
 
 def _unflatten(spec: Any, leaves: Iterable[Tensor]) -> Any:
-    it = iter(leaves)
+    # A plain recursive function over an explicit iterator: a self-referencing closure would form
+    # a reference cycle that keeps the leaves (a block's device inputs) alive until gc runs.
+    return _build(spec, iter(leaves))
 
-    def build(s: Any) -> Any:
-        if s is _TENSOR:
-            return next(it)
-        kind = s[0]
-        if kind == "const":
-            return s[1]
-        if kind == "tuple":
-            items = [build(x) for x in s[2]]
-            cls = s[1]
-            if cls is tuple:
-                return tuple(items)
-            if hasattr(cls, "_fields"):  # named tuple
-                return cls(*items)
-            return cls(items)
-        if kind == "list":
-            return [build(x) for x in s[2]]
-        if kind == "dict":
-            cls = s[1]
-            pairs = [(k, build(v)) for k, v in s[2]]
-            try:
-                return cls(pairs)
-            except TypeError:  # dict subclasses with other constructors (e.g. ModelOutput-like)
-                out = cls()
-                for k, v in pairs:
-                    out[k] = v
-                return out
-        raise AssertionError(f"bad structure {s!r}")
 
-    return build(spec)
+def _build(s: Any, it: Iterator[Tensor]) -> Any:
+    if s is _TENSOR:
+        return next(it)
+    kind = s[0]
+    if kind == "const":
+        return s[1]
+    if kind == "tuple":
+        items = [_build(x, it) for x in s[2]]
+        cls = s[1]
+        if cls is tuple:
+            return tuple(items)
+        if hasattr(cls, "_fields"):  # named tuple
+            return cls(*items)
+        return cls(items)
+    if kind == "list":
+        return [_build(x, it) for x in s[2]]
+    if kind == "dict":
+        cls = s[1]
+        pairs = [(k, _build(v, it)) for k, v in s[2]]
+        try:
+            return cls(pairs)
+        except TypeError:  # dict subclasses with other constructors
+            out = cls()
+            for k, v in pairs:
+                out[k] = v
+            return out
+    raise AssertionError(f"bad structure {s!r}")
 
 
 # ---------------------------------------------------------------------------------------------
-# CUDA side streams, one per device, created lazily.
-_side_streams: dict[int, Any] = {}
+# The device API used for offloading, in one place (CPU tests substitute a recording fake to
+# exercise the copy / event / prefetch bookkeeping without a GPU).
+class _CudaOps:
+    device_types: tuple[str, ...] = ("cuda",)
+
+    def __init__(self) -> None:
+        self._side: dict[int, Any] = {}
+
+    def current_stream(self, device: torch.device) -> Any:
+        return torch.cuda.current_stream(device)
+
+    def side_stream(self, device: torch.device) -> Any:
+        """One side stream per device, created on first use."""
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        stream = self._side.get(index)
+        if stream is None:
+            stream = self._side[index] = torch.cuda.Stream(device=index)
+        return stream
+
+    def use_stream(self, stream: Any) -> Any:
+        return torch.cuda.stream(stream)
+
+    def record_event(self, stream: Any) -> Any:
+        event = torch.cuda.Event()
+        event.record(stream)
+        return event
+
+    def record_stream(self, t: Tensor, stream: Any) -> None:
+        t.record_stream(stream)
+
+    def host_buffer(self, t: Tensor, pin_memory: bool) -> Tensor:
+        return torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin_memory)
 
 
-def _side_stream(device: torch.device) -> Any:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    stream = _side_streams.get(index)
-    if stream is None:
-        stream = torch.cuda.Stream(device=index)
-        _side_streams[index] = stream
-    return stream
+_ops = _CudaOps()
 
 
 class _HostCopy:
-    """A CUDA tensor copied to host memory: the buffer, the event that completes the copy and,
+    """A device tensor copied to host memory: the buffer, the event that completes the copy and,
     once the backward of the block that follows it has started, a prefetched device copy."""
 
-    __slots__ = ("host", "device", "event", "prefetched", "prefetch_event", "source", "version")
+    __slots__ = ("host", "pinned", "device", "event", "prefetched", "prefetch_event", "source", "version")
 
     def __init__(self, t: Tensor, pin_memory: bool):
-        compute = torch.cuda.current_stream(t.device)
-        side = _side_stream(t.device)
+        compute = _ops.current_stream(t.device)
+        side = _ops.side_stream(t.device)
         side.wait_stream(compute)  # the copy must read the finished value
-        self.host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin_memory)
-        with torch.cuda.stream(side):
+        self.pinned = pin_memory
+        self.host = _ops.host_buffer(t, pin_memory)
+        with _ops.use_stream(side):
             self.host.copy_(t, non_blocking=pin_memory)
-            self.event = torch.cuda.Event()
-            self.event.record(side)
+            self.event = _ops.record_event(side)
         # The caching allocator must not hand t's memory out again until the side stream has
         # finished reading it, although Python may drop the last reference right away.
-        t.record_stream(side)
+        _ops.record_stream(t, side)
         self.device = t.device
         self.prefetched: Tensor | None = None
         self.prefetch_event: Any = None
@@ -174,25 +199,24 @@ class _HostCopy:
 
     def prefetch(self) -> None:
         """Start the host-to-device copy on the side stream, to overlap the current backward."""
-        if self.prefetched is not None or not self.host.is_pinned():
-            return
-        side = _side_stream(self.device)
+        if self.prefetched is not None or not self.pinned:
+            return  # from pageable memory a copy would block the host: load() does it then
+        side = _ops.side_stream(self.device)
         side.wait_event(self.event)
-        with torch.cuda.stream(side):
+        with _ops.use_stream(side):
             self.prefetched = self.host.to(self.device, non_blocking=True)
-            self.prefetch_event = torch.cuda.Event()
-            self.prefetch_event.record(side)
+            self.prefetch_event = _ops.record_event(side)
 
     def load(self) -> Tensor:
         """The tensor back on its device, usable on the current stream."""
-        compute = torch.cuda.current_stream(self.device)
+        compute = _ops.current_stream(self.device)
         if self.prefetched is not None:
             t, self.prefetched = self.prefetched, None
             compute.wait_event(self.prefetch_event)
-            t.record_stream(compute)  # allocated on the side stream, used and freed on this one
+            _ops.record_stream(t, compute)  # allocated on the side stream, used/freed on this one
             return t
         compute.wait_event(self.event)
-        return self.host.to(self.device, non_blocking=self.host.is_pinned())
+        return self.host.to(self.device, non_blocking=self.pinned)
 
 
 class _Group:
@@ -291,7 +315,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             needs_grad = bool(ctx.needs_input_grad[1 + i])
             if (
                 options.offload
-                and t.device.type == "cuda"
+                and t.device.type in _ops.device_types
                 and t.numel() * t.element_size() >= options.min_bytes
                 and not isinstance(t, nn.Parameter)
             ):

@@ -404,3 +404,114 @@ def test_lightning_fit_matches_plain_and_resumes(tmp_path, late):
 def test_callback_warns_when_nothing_matches(tmp_path):
     with pytest.warns(UserWarning, match="no submodule matched"):
         _trainer(tmp_path, [ActivationOffload(target=nn.GRU)], 1).fit(TinyLM())
+
+
+# ---------------------------------------------------------------------------------------------
+# The offload bookkeeping (copies, events, prefetch order) with a recording fake of the CUDA
+# stream API, treating CPU tensors as offloadable. The real CUDA path: tests/test_offload_cuda.py.
+class _FakeStream:
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def wait_stream(self, other):
+        self.log.append(("wait_stream", self.name, other.name))
+
+    def wait_event(self, event):
+        self.log.append(("wait_event", self.name, event))
+
+
+class _FakeOps:
+    device_types = ("cpu",)
+
+    def __init__(self):
+        self.log = []
+        self.compute = _FakeStream("compute", self.log)
+        self.side = _FakeStream("side", self.log)
+        self.events = 0
+
+    def current_stream(self, device):
+        return self.compute
+
+    def side_stream(self, device):
+        return self.side
+
+    def use_stream(self, stream):
+        import contextlib
+
+        self.log.append(("use", stream.name))
+        return contextlib.nullcontext()
+
+    def record_event(self, stream):
+        self.events += 1
+        self.log.append(("event", stream.name, self.events))
+        return self.events
+
+    def record_stream(self, t, stream):
+        self.log.append(("record_stream", stream.name))
+
+    def host_buffer(self, t, pin_memory):
+        return torch.empty(t.shape, dtype=t.dtype)
+
+
+@pytest.fixture
+def fake_ops(monkeypatch):
+    import lightning_utils.offload as offload_mod
+
+    ops = _FakeOps()
+    monkeypatch.setattr(offload_mod, "_ops", ops)
+    yield ops
+    assert offload_mod._order == [] or all(r() is None for r in offload_mod._order)
+
+
+def test_offload_bookkeeping_with_fake_streams(fake_ops):
+    import weakref
+
+    plain, off = _stack(), _stack()
+    apply_activation_offload(off, Block)
+    x = torch.randn(4, D, requires_grad=True)
+    _run(plain, x)
+    x2 = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(1)
+    h = x2 * 1.0
+    source = weakref.ref(h)
+    out = off(h)
+    del h
+    assert source() is None  # the offloaded input is not kept alive by the graph
+    log = fake_ops.log
+    # three blocks: each copy waits for compute, runs on the side stream, records an event,
+    # and protects its source from reuse with record_stream(side)
+    assert log.count(("wait_stream", "side", "compute")) == 3
+    assert log.count(("record_stream", "side")) == 3
+    assert [e for e in log if e[0] == "event"] == [("event", "side", i) for i in (1, 2, 3)]
+    log.clear()
+    (out**2).mean().backward()
+    _assert_same(_grads(plain), _grads(off))
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-6, rtol=0)
+    # last block: plain reload after its copy event (3); then it prefetches block 1's input
+    # (waits for event 2 on the side stream, new event 4); block 1 uses that prefetch and
+    # prefetches block 0's (event 1 -> 5); block 0 uses its prefetch; nothing left to prefetch.
+    assert [e for e in log if e[0] in ("wait_event", "event")] == [
+        ("wait_event", "compute", 3),
+        ("wait_event", "side", 2),
+        ("event", "side", 4),
+        ("wait_event", "compute", 4),
+        ("wait_event", "side", 1),
+        ("event", "side", 5),
+        ("wait_event", "compute", 5),
+    ]
+    assert log.count(("record_stream", "compute")) == 2  # prefetched tensors used on compute
+
+
+def test_offload_min_bytes_and_in_place_detection_with_fake_streams(fake_ops):
+    off = _stack(p=0.0)
+    apply_activation_offload(off, Block, min_bytes=10_000)
+    off(torch.randn(2, D, requires_grad=True)).sum().backward()
+    assert not any(e[0] == "event" for e in fake_ops.log)  # 128-byte inputs stay by reference
+
+    off = _stack(p=0.0)
+    apply_activation_offload(off, Block)
+    h = torch.randn(2, D, requires_grad=True) * 2
+    y = off(h)
+    h.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
