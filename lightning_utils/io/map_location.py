@@ -12,6 +12,13 @@ from typing import Any
 import torch
 
 
+def check_map_location(map_location: Any) -> None:
+    """Reject an unsupported ``map_location`` before any data is read."""
+    if map_location is None or isinstance(map_location, (str, torch.device, dict)) or callable(map_location):
+        return
+    raise TypeError(f"map_location must be None, a str, a torch.device, a dict or a callable, got {type(map_location).__qualname__}")
+
+
 def place(t: torch.Tensor, location: str, map_location: Any) -> torch.Tensor:
     """Return CPU tensor ``t`` (saved from ``location``) placed as ``map_location`` says."""
     if map_location is None:

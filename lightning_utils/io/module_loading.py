@@ -63,16 +63,18 @@ def check_strategy_writes_through_checkpoint_io(strategy: Any, path_or_suffix: s
             return
     except ValueError:
         return
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
     name = type(strategy).__name__
     bypass = None
-    if "DeepSpeed" in name:
+    if isinstance(strategy, DeepSpeedStrategy):
         bypass = "DeepSpeed writes its own checkpoint directories"
-    elif "FSDP" in name:
+    elif isinstance(strategy, FSDPStrategy):
         kind = getattr(strategy, "_state_dict_type", None)
         bypass = f"FSDP (state_dict_type={kind!r}) loads checkpoints with torch directly" + (
             " and saves sharded ones without the plugin" if kind == "sharded" else ""
         )
-    elif "ModelParallel" in name:
+    elif isinstance(strategy, ModelParallelStrategy):
         bypass = "ModelParallelStrategy loads checkpoints with torch directly"
     if bypass:
         raise RuntimeError(

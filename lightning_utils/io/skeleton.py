@@ -212,6 +212,13 @@ class SkeletonError(ValueError):
     """The skeleton is malformed (raised by :func:`decode`; callers add the file name)."""
 
 
+class _EntryFailure(Exception):
+    """Carries an exception raised by the ``entry`` callback through decode's own error mapping."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
 def decode(skeleton: Any, entry: Callable[[str, str], torch.Tensor]) -> Any:
     """Rebuild the object described by ``skeleton``.
 
@@ -228,7 +235,12 @@ def decode(skeleton: Any, entry: Callable[[str, str], torch.Tensor]) -> Any:
         if not isinstance(name, str):
             raise SkeletonError(f"tensor entry name {name!r} is not a string")
         if name not in bases:
-            bases[name] = entry(name, devices.get(name, "cpu"))
+            try:
+                bases[name] = entry(name, devices.get(name, "cpu"))
+            except SkeletonError:
+                raise
+            except Exception as exc:  # reading/placing data failed: not a skeleton problem
+                raise _EntryFailure(exc) from None
         return bases[name]
 
     def tensor(n: dict[str, Any]) -> torch.Tensor:
@@ -250,7 +262,7 @@ def decode(skeleton: Any, entry: Callable[[str, str], torch.Tensor]) -> Any:
         return t
 
     def node(n: Any, depth: int = 0) -> Any:
-        if depth > 500:
+        if depth > 200:
             raise SkeletonError("skeleton nesting is too deep")
         if n is None or isinstance(n, (bool, int, float, str)):
             return n
@@ -297,7 +309,9 @@ def decode(skeleton: Any, entry: Callable[[str, str], torch.Tensor]) -> Any:
 
     try:
         return node(skeleton["root"])
-    except (KeyError, TypeError, ValueError) as exc:
+    except _EntryFailure as failure:
+        raise failure.exc from None
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError, OverflowError, RecursionError) as exc:
         if isinstance(exc, SkeletonError):
             raise
         raise SkeletonError(f"malformed skeleton ({type(exc).__name__}: {exc})") from None

@@ -28,7 +28,7 @@ from lightning_utils.io import safetensors_file as sft
 from lightning_utils.io.atomic import atomic_write
 from lightning_utils.io.errors import CheckpointFormatError
 from lightning_utils.io.jsonio import json_dumps
-from lightning_utils.io.map_location import place
+from lightning_utils.io.map_location import check_map_location, place
 from lightning_utils.io.skeleton import SkeletonError, decode, encode
 from lightning_utils.io.torch_file import load_torch, save_torch
 
@@ -108,6 +108,7 @@ def load_state(path: str | os.PathLike, map_location: Any = None, weights_only: 
         raise FileNotFoundError(f"{os.fspath(path)}: no such checkpoint file")
     if fmt == "torch":
         return load_torch(path, map_location=map_location, weights_only=weights_only)
+    check_map_location(map_location)
     return _load_safetensors(os.fspath(path), map_location)
 
 

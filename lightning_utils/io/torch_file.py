@@ -3,7 +3,7 @@
 Loads honour ``weights_only`` exactly as ``torch.load`` does (``None`` lets torch pick its default,
 ``True`` since torch 2.6, and lets ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` /
 ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` apply), with an explicit allowlist of the harmless types that
-Lightning checkpoints hold (``pathlib`` paths, Lightning's ``AttributeDict``). A checkpoint that
+Lightning checkpoints hold (``pathlib`` paths). A checkpoint that
 needs more gets :class:`UnsafeCheckpointError` naming the offending globals. This module never
 turns ``weights_only`` off on its own.
 """
@@ -23,18 +23,10 @@ from lightning_utils.io.atomic import atomic_write
 from lightning_utils.io.errors import CheckpointFormatError, UnsafeCheckpointError
 
 
-def _safe_globals() -> list[Any]:
-    allowed: list[Any] = [pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath, pathlib.PureWindowsPath]
-    try:
-        from lightning.fabric.utilities.data import AttributeDict
-
-        allowed.append(AttributeDict)
-    except ImportError:  # pragma: no cover
-        pass
-    return allowed
-
-
-SAFE_GLOBALS = _safe_globals()
+# Lightning stores hparams as a plain dict (``dict(model.hparams)``), so paths are the only extra
+# type its checkpoints need. (torch's restricted unpickler cannot rebuild dict subclasses such as
+# Lightning's AttributeDict at all, so allowlisting those would not help.)
+SAFE_GLOBALS: list[Any] = [pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath, pathlib.PureWindowsPath]
 
 # Exceptions torch.load raises on a damaged or foreign file.
 _PARSE_ERRORS = (
