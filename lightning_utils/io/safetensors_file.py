@@ -10,13 +10,15 @@ its memory into the file (no serialised copy of the checkpoint in RAM), inside
 :func:`~lightning_utils.io.atomic.atomic_write`, and we read each entry with one ``readinto`` into
 its own tensor. The reader validates the header completely *before* allocating anything, so a
 garbage, truncated or lying file raises :class:`CheckpointFormatError` and never makes a huge
-allocation. This module never unpickles and never executes anything from a file.
+allocation. Loaded tensors can be copy-on-write views of a memory map of the file, so loading
+costs no copy; writers must therefore replace files by rename (as ours do), never truncate them. This module never unpickles and never executes anything from a file.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
 from collections.abc import Sequence
@@ -175,18 +177,29 @@ def read_header(f: BinaryIO, path: str) -> Header:
     return Header(entries, metadata, 8 + n)
 
 
-def read_entry(f: BinaryIO, header: Header, entry: Entry, path: str) -> torch.Tensor:
-    """Read one entry into a new CPU tensor of its own (one ``readinto``, no extra copy)."""
-    buf = torch.empty(entry.nbytes, dtype=torch.uint8)
-    if entry.nbytes:
+def read_entry(f: BinaryIO, header: Header, entry: Entry, path: str, mapped: mmap.mmap | None = None) -> torch.Tensor:
+    """One entry as a CPU tensor with a storage of its own.
+
+    With ``mapped`` (a copy-on-write ``mmap`` of the file) the tensor is a zero-copy view of the
+    page cache: writes to it stay private to this process and never reach the file. Otherwise
+    the bytes are read with one ``readinto`` into fresh memory.
+    """
+    start = header.data_start + entry.begin
+    itemsize = torch.empty((), dtype=entry.dtype).element_size()
+    if entry.nbytes == 0:
+        return torch.empty(entry.shape, dtype=entry.dtype)
+    if mapped is not None and start % itemsize == 0:
+        buf = torch.frombuffer(mapped, dtype=torch.uint8, count=entry.nbytes, offset=start)
+    else:
+        buf = torch.empty(entry.nbytes, dtype=torch.uint8)
         view = memoryview(buf.numpy()).cast("B")
-        f.seek(header.data_start + entry.begin)
+        f.seek(start)
         done = 0
         while done < entry.nbytes:
             got = f.readinto(view[done:])
             if not got:
                 raise _fail(path, f"entry {entry.name!r} is truncated")
             done += got
-    if entry.dtype == torch.bool and entry.nbytes and bool((buf > 1).any()):
+    if entry.dtype == torch.bool and bool((buf > 1).any()):
         raise _fail(path, f"entry {entry.name!r} is BOOL but holds bytes other than 0 and 1")
     return buf.view(entry.dtype).reshape(entry.shape)

@@ -17,6 +17,7 @@ same data. Plain safetensors files from other tools load as a flat tensor dict, 
 from __future__ import annotations
 
 import json
+import mmap as mmap_module
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -95,12 +96,17 @@ def save_weights(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, m
         sft.write_file(f, items, meta)
 
 
-def load_state(path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None) -> Any:
+def load_state(path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None, *, mmap: bool = True) -> Any:
     """Load what :func:`save_state` saved (or any ``.pt``/safetensors file).
 
     ``map_location`` takes every form ``torch.load`` accepts. ``weights_only`` applies to torch
     files (see :mod:`lightning_utils.io.torch_file`); safetensors files never unpickle anything,
     so it has no effect there. A damaged file raises :class:`CheckpointFormatError`.
+
+    ``mmap=True`` (safetensors only): CPU tensors are copy-on-write views of a memory map of the
+    file, so loading copies nothing and pages are read on first touch; in-place updates stay
+    private to the process. The file may be replaced or deleted meanwhile (our writers rename),
+    but must not be truncated in place. ``mmap=False`` reads every tensor into fresh memory.
     """
     _check_local(path)
     fmt = checkpoint_format(path)
@@ -109,19 +115,21 @@ def load_state(path: str | os.PathLike, map_location: Any = None, weights_only: 
     if fmt == "torch":
         return load_torch(path, map_location=map_location, weights_only=weights_only)
     check_map_location(map_location)
-    return _load_safetensors(os.fspath(path), map_location)
+    return _load_safetensors(os.fspath(path), map_location, use_mmap=mmap)
 
 
-def _load_safetensors(path: str, map_location: Any) -> Any:
+def _load_safetensors(path: str, map_location: Any, use_mmap: bool) -> Any:
     with open(path, "rb", buffering=0) as f:
         header = sft.read_header(f, path)
         by_name = {e.name: e for e in header.entries}
         metadata = header.metadata or {}
+        has_data = any(e.nbytes for e in header.entries)
+        mapped = mmap_module.mmap(f.fileno(), 0, access=mmap_module.ACCESS_COPY) if use_mmap and has_data else None
 
         def entry(name: str, location: str) -> torch.Tensor:
             if name not in by_name:
                 raise SkeletonError(f"skeleton refers to missing tensor entry {name!r}")
-            return place(sft.read_entry(f, header, by_name[name], path), location, map_location)
+            return place(sft.read_entry(f, header, by_name[name], path, mapped), location, map_location)
 
         if SKELETON_KEY in metadata:
             try:
