@@ -25,3 +25,14 @@ def test_invalid_json_names_the_file(tmp_path):
     (tmp_path / "bad.json").write_text("{nope")
     with pytest.raises(ValueError, match="bad.json"):
         json_read(tmp_path / "bad.json")
+
+
+def test_stdlib_and_orjson_write_identical_text(monkeypatch):
+    import lightning_utils.io.jsonio as jsonio
+
+    data = {"a": 1.123456789, "b": [1, 2.5, None, True], "s": "x"}
+    monkeypatch.setattr(jsonio, "_orjson", None)
+    stdlib = (json_dumps(data), json_dumps(data, truncate=True), json_dumps(data, pretty=True))
+    orjson = pytest.importorskip("orjson", reason="orjson (the optional `json` extra) is not installed")
+    monkeypatch.setattr(jsonio, "_orjson", orjson)
+    assert (json_dumps(data), json_dumps(data, truncate=True), json_dumps(data, pretty=True)) == stdlib
