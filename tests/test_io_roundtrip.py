@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import enum
 import json
 import math
 import pathlib
@@ -21,6 +22,14 @@ from lightning_utils.io import (
     save_weights,
 )
 from lightning_utils.io.state import SKELETON_KEY, pick_path
+
+
+class StrEnum(str, enum.Enum):
+    A = "a"
+
+
+class IntEnum(enum.IntEnum):
+    B = 2
 
 
 def assert_same(a, b, path="root"):
@@ -162,7 +171,8 @@ def test_real_optimizer_and_scheduler_state(tmp_path):
 @pytest.mark.parametrize(
     "bad, where",
     [({"hp": {"fn": lambda x: x}}, "['hp']['fn']"), ({"cls": [int]}, "['cls'][0]"), ({"o": object()}, "['o']"),
-     ({"dd": collections.defaultdict(list)}, "['dd']"), ({"sparse": torch.eye(2).to_sparse()}, "['sparse']")],
+     ({"dd": collections.defaultdict(list)}, "['dd']"), ({"sparse": torch.eye(2).to_sparse()}, "['sparse']"),
+     ({"enum": [StrEnum.A]}, "['enum'][0]"), ({"np": {"x": 1, "y": IntEnum.B}}, "['np']['y']")],
 )  # fmt: skip
 def test_unrepresentable_values_raise_naming_the_key_path(tmp_path, bad, where):
     target = tmp_path / "x.sft"

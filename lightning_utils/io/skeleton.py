@@ -69,10 +69,9 @@ class _Encoder:
 
     # -- tree walk -------------------------------------------------------------------------
     def node(self, obj: Any, path: tuple[Any, ...]) -> Any:
-        if obj is None or isinstance(obj, (bool, str)):
-            return obj
         t = type(obj)
-        if t is int:
+        # Exact types only: a str/int subclass (an Enum, say) would come back as its base type.
+        if obj is None or t is bool or t is str or t is int:
             return obj
         if t is float:
             return _float_node(obj)
