@@ -10,6 +10,8 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_utils.io import SafetensorsCheckpointIO, load_state
+
 from lightning_utils.callbacks.activation_offload import ActivationOffload
 from lightning_utils.offload import (
     apply_activation_offload,
@@ -351,9 +353,10 @@ class TinyLM(pl.LightningModule):
         return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=4)
 
 
-def _trainer(tmp_path, callbacks, max_steps):
+def _trainer(tmp_path, callbacks, max_steps, suffix=".ckpt"):
     return pl.Trainer(
         default_root_dir=tmp_path,
+        plugins=[SafetensorsCheckpointIO()] if suffix == ".sft" else None,
         accelerator="cpu",
         max_steps=max_steps,
         callbacks=callbacks,
@@ -372,8 +375,8 @@ class _CheckOptimizer(pl.Callback):
         self.ok = True
 
 
-@pytest.mark.parametrize("late", [False, True], ids=["init", "configure_model"])
-def test_lightning_fit_matches_plain_and_resumes(tmp_path, late):
+@pytest.mark.parametrize(("late", "suffix"), [(False, ".ckpt"), (True, ".sft")], ids=["init-ckpt", "configure_model-sft"])
+def test_lightning_fit_matches_plain_and_resumes(tmp_path, late, suffix):
     pl.seed_everything(0)
     plain = TinyLM(late)
     _trainer(tmp_path / "a", [], 3).fit(plain)
@@ -382,23 +385,23 @@ def test_lightning_fit_matches_plain_and_resumes(tmp_path, late):
     model = TinyLM(late)
     cb = ActivationOffload(target=Block)
     check = _CheckOptimizer()
-    trainer = _trainer(tmp_path / "b", [cb, check], 3)
+    trainer = _trainer(tmp_path / "b", [cb, check], 3, suffix)
     trainer.fit(model)
     assert cb.wrapped == ["blocks.0", "blocks.1"] and check.ok
     assert all(is_offloaded(b) for b in model.blocks)
     for (n, a), b in zip(plain.state_dict().items(), model.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=n)
 
-    ckpt = tmp_path / "offload.ckpt"
+    ckpt = tmp_path / f"offload{suffix}"
     trainer.save_checkpoint(ckpt)
     resumed = TinyLM(late)
     cb2, check2 = ActivationOffload(target=Block), _CheckOptimizer()
-    trainer2 = _trainer(tmp_path / "c", [cb2, check2], 5)
+    trainer2 = _trainer(tmp_path / "c", [cb2, check2], 5, suffix)
     trainer2.fit(resumed, ckpt_path=ckpt)  # strict load (Lightning's default)
     assert trainer2.global_step == 5 and check2.ok
     assert all(is_offloaded(b) for b in resumed.blocks)
     # the checkpoint also loads into a model without the callback (same keys)
-    TinyLM(False).load_state_dict(torch.load(ckpt, weights_only=False)["state_dict"], strict=True)
+    TinyLM(False).load_state_dict(load_state(ckpt)["state_dict"], strict=True)
 
 
 def test_callback_warns_when_nothing_matches(tmp_path):

@@ -13,6 +13,8 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_utils.io import SafetensorsCheckpointIO, load_state
+
 from lightning_utils.callbacks.compile_modules import CompileModules
 
 
@@ -123,9 +125,10 @@ class _CheckOptimizer(pl.Callback):
         self.ok = True
 
 
-def _trainer(root, callbacks, max_steps):
+def _trainer(root, callbacks, max_steps, suffix=".ckpt"):
     return pl.Trainer(
         default_root_dir=root,
+        plugins=[SafetensorsCheckpointIO()] if suffix == ".sft" else None,
         accelerator="cpu",
         max_steps=max_steps,
         callbacks=callbacks,
@@ -136,24 +139,24 @@ def _trainer(root, callbacks, max_steps):
     )
 
 
-@pytest.mark.parametrize("target", [None, Block], ids=["whole", "blocks"])
-def test_lightning_fit_and_strict_resume(tmp_path, target):
+@pytest.mark.parametrize(("target", "suffix"), [(None, ".ckpt"), (Block, ".sft")], ids=["whole-ckpt", "blocks-sft"])
+def test_lightning_fit_and_strict_resume(tmp_path, target, suffix):
     backend = CountingBackend()
     pl.seed_everything(0)
     model = LM()
     cb, check = CompileModules(target=target, backend=backend), _CheckOptimizer()
-    trainer = _trainer(tmp_path / "a", [cb, check], 2)
+    trainer = _trainer(tmp_path / "a", [cb, check], 2, suffix)
     trainer.fit(model)
     assert check.ok and backend.graphs >= 1
-    ckpt = tmp_path / "compiled.ckpt"
+    ckpt = tmp_path / f"compiled{suffix}"
     trainer.save_checkpoint(ckpt)
-    keys = set(torch.load(ckpt, weights_only=False)["state_dict"])
+    keys = set(load_state(ckpt)["state_dict"])
     assert keys == {"model.0.fc.weight", "model.0.fc.bias", "model.1.fc.weight", "model.1.fc.bias"}
 
     resumed = LM()
     cb2, check2 = CompileModules(target=target, backend="aot_eager"), _CheckOptimizer()
-    trainer2 = _trainer(tmp_path / "b", [cb2, check2], 4)
+    trainer2 = _trainer(tmp_path / "b", [cb2, check2], 4, suffix)
     trainer2.fit(resumed, ckpt_path=ckpt)
     assert trainer2.global_step == 4 and check2.ok and cb2.compiled
     # an uncompiled model loads the same checkpoint strictly
-    LM().load_state_dict(torch.load(ckpt, weights_only=False)["state_dict"], strict=True)
+    LM().load_state_dict(load_state(ckpt)["state_dict"], strict=True)

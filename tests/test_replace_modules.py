@@ -9,6 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_utils.io import SafetensorsCheckpointIO, load_state
+
 from lightning_utils.callbacks.replace_modules import ReplaceModules
 from lightning_utils.module_swap import build_like, replace_modules
 from lightning_utils.module_targets import find_targets, passes_policy
@@ -292,9 +294,10 @@ class _CheckOptimizer(pl.Callback):
         self.ok = True
 
 
-def _trainer(root, callbacks, max_steps):
+def _trainer(root, callbacks, max_steps, suffix=".ckpt"):
     return pl.Trainer(
         default_root_dir=root,
+        plugins=[SafetensorsCheckpointIO()] if suffix == ".sft" else None,
         accelerator="cpu",
         max_steps=max_steps,
         callbacks=callbacks,
@@ -313,7 +316,8 @@ def _to_float64(name, old):
     return FreshLinear(old.in_features, old.out_features, dtype=torch.float64)
 
 
-def test_lightning_fit_and_strict_resume(tmp_path):
+@pytest.mark.parametrize("suffix", [".ckpt", ".sft"])
+def test_lightning_fit_and_strict_resume(tmp_path, suffix):
     pl.seed_everything(0)
     model = LM()
     check = _CheckOptimizer()
@@ -321,19 +325,19 @@ def test_lightning_fit_and_strict_resume(tmp_path):
     # optimizer must hold these, not the old ones
     cb = ReplaceModules(nn.Linear, _to_float64)
     old_ids = {id(p) for p in model.parameters()}
-    trainer = _trainer(tmp_path / "a", [cb, check], 2)
+    trainer = _trainer(tmp_path / "a", [cb, check], 2, suffix)
     trainer.fit(model)
     assert check.ok and model.seen_types[0] is FreshLinear
     assert not ({id(p) for p in model.parameters()} & old_ids)
-    ckpt = tmp_path / "replaced.ckpt"
+    ckpt = tmp_path / f"replaced{suffix}"
     trainer.save_checkpoint(ckpt)
-    state = torch.load(ckpt, weights_only=False)
+    state = load_state(ckpt)
     assert set(state["state_dict"]) == {"model.0.weight", "model.0.bias", "model.2.weight", "model.2.bias"}
 
     resumed = LM()
     check2 = _CheckOptimizer()
     cb2 = ReplaceModules(nn.Linear, _to_float64)
-    trainer2 = _trainer(tmp_path / "b", [cb2, check2], 4)
+    trainer2 = _trainer(tmp_path / "b", [cb2, check2], 4, suffix)
     trainer2.fit(resumed, ckpt_path=ckpt)
     assert trainer2.global_step == 4 and check2.ok
     assert resumed.seen_types[0] is FreshLinear
