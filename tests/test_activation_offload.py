@@ -518,3 +518,35 @@ def test_offload_min_bytes_and_in_place_detection_with_fake_streams(fake_ops):
     h.add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
+
+
+@pytest.mark.ddp
+def test_ddp_two_ranks_same_result_as_plain(tmp_path):
+    """Under DDP (gloo, 2 CPU ranks) the offloaded run trains exactly like the plain one: the
+    parameter gradients come out of the autograd function, so DDP's reducer sees them normally."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent / "modules_scripts" / "ddp_offload.py"
+    results = {}
+    for mode in ("plain", "offload"):
+        out = tmp_path / mode
+        out.mkdir()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        proc = subprocess.run(
+            [sys.executable, str(script), str(out), mode],
+            env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=240,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[mode] = [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
+    for mode in results:
+        for k, v in results[mode][0].items():
+            torch.testing.assert_close(results[mode][1][k], v, atol=0, rtol=0)  # ranks in sync
+    for k, v in results["plain"][0].items():
+        torch.testing.assert_close(results["offload"][0][k], v, atol=1e-6, rtol=0, msg=k)
