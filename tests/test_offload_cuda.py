@@ -225,9 +225,11 @@ def test_lightning_bf16_fit_with_activation_offload(tmp_path):
             self.blocks = nn.Sequential(*[AttnBlock() for _ in range(2)])
             self.head = nn.Linear(D, 64)
             self.losses = []
+            self.devices_seen = set()
 
         def training_step(self, batch, batch_idx):
             (tokens,) = batch
+            self.devices_seen.add(tokens.device.type)
             logits = self.head(self.blocks(self.embed(tokens[:, :-1])))
             loss = F.cross_entropy(logits.float().reshape(-1, 64), tokens[:, 1:].reshape(-1))
             self.losses.append(loss.item())
@@ -262,7 +264,7 @@ def test_lightning_bf16_fit_with_activation_offload(tmp_path):
     plain = fit([])
     off = fit([ActivationOffload(target=AttnBlock)])
     assert all(is_offloaded(b) for b in off.blocks)
-    assert next(off.parameters()).device.type == "cuda"
+    assert off.devices_seen == {"cuda"}  # (Lightning moves the model back to the CPU at teardown)
     torch.testing.assert_close(torch.tensor(off.losses), torch.tensor(plain.losses), atol=2e-2, rtol=2e-2)
 
 
