@@ -21,9 +21,20 @@ How the CUDA path stays correct:
 * An event recorded after the copy is waited on by the backward stream before the reload, so
   the host buffer is never read before it is complete.
 
+* In backward the block's inputs are reloaded on the compute stream after that event; the
+  backward of each block also starts the reload of the previous block's inputs on the side
+  stream, so the host-to-device copy overlaps computation.
+
 Gradients for the block's parameters are returned by the autograd function itself (the
 parameters are passed as its inputs), so ``torch.autograd.grad``, DDP hooks and gradient
-accumulation behave as without checkpointing. What it must never do: offload parameters or
+accumulation behave as without checkpointing.
+
+Limits: the first forward runs under ``no_grad``, so an op whose kernel choice depends on grad
+mode (the eval-mode fast paths of ``nn.MultiheadAttention``/``nn.TransformerEncoderLayer``,
+rare SDPA back-end corner cases) may be computed by a different kernel in the recompute;
+parameters a block uses must be registered in it or passed to it (checked once, with a clear
+error); tensors inside objects other than tuples, lists and dicts are treated as constants;
+double backward (``create_graph=True``) is refused. What it must never do: offload parameters or
 buffers, change a module's state dict, recompute when nothing needs a gradient, or keep a
 reference to a block's intermediate activations.
 """
