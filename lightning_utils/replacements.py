@@ -173,9 +173,9 @@ class bnb_stable_embedding(_Preset):  # noqa: N801
             norm_type=old.norm_type,
             scale_grad_by_freq=old.scale_grad_by_freq,
             sparse=old.sparse,
-            dtype=old.weight.dtype,
-        )
-        new.weight = old.weight
+        )  # (no dtype=: bitsandbytes 0.50 passes it to nn.Embedding in the device slot)
+        new.weight = old.weight  # its LayerNorm stays float32: StableEmbedding normalises in fp32
+
         return new
 
 

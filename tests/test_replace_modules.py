@@ -353,3 +353,17 @@ def test_callback_refuses_to_replace_the_lightning_module(tmp_path):
     cb = ReplaceModules(pl.LightningModule, MyLinear)
     with pytest.raises(ValueError, match="root module itself"):
         _trainer(tmp_path, [cb], 1).fit(LM())
+
+
+def test_bnb_stable_embedding_on_cpu():
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes not installed (extra `bnb`)")
+    emb = nn.Sequential(nn.Embedding(10, 8, padding_idx=0)).to(torch.bfloat16)
+    weight = emb[0].weight
+    ReplaceModules(nn.Embedding, bnb_stable_embedding()).apply(emb)
+    assert type(emb[0]).__name__ == "StableEmbedding" and emb[0].weight is weight
+    assert list(emb.state_dict()) == ["0.weight", "0.norm.weight", "0.norm.bias"]
+    assert emb[0].norm.weight.dtype == torch.float32 and emb[0].padding_idx == 0
+    out = emb(torch.tensor([[1, 2, 0]]))
+    assert out.shape == (1, 3, 8) and out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert weight.grad is not None
