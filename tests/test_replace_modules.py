@@ -367,3 +367,21 @@ def test_bnb_stable_embedding_on_cpu():
     assert out.shape == (1, 3, 8) and out.dtype == torch.bfloat16
     out.float().sum().backward()
     assert weight.grad is not None
+
+
+def test_torchao_float8_construction_path(monkeypatch):
+    """Builds Float8Linear modules (their forward needs a float8-capable GPU: see
+    tests/test_offload_cuda.py); keys and Parameter objects stay the same."""
+    pytest.importorskip("torchao", reason="torchao not installed (extra `lowp`)")
+    import lightning_utils.replacements as replacements
+
+    monkeypatch.setattr(replacements, "float8_supported", lambda: True)
+    net = Net()
+    params = dict(net.named_parameters())
+    keys = list(net.state_dict())
+    preset = torchao_linear()
+    assert preset.resolved_mode() == "float8"
+    ReplaceModules(nn.Linear, preset, exclude=["head"]).apply(net)
+    assert type(net.model[0]).__name__ == "Float8Linear" and type(net.head) is nn.Linear
+    assert list(net.state_dict()) == keys
+    assert all(p is params[n] for n, p in net.named_parameters())
