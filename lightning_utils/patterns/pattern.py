@@ -86,6 +86,26 @@ def _int_vector(name: str, values: Any) -> Tensor:
     return tensor.to(device="cpu", dtype=torch.long).contiguous()
 
 
+class _IndexTable(NamedTuple):
+    """One cached conversion: the public ``indexes``/``mask`` and the flat forms the gather uses."""
+
+    indexes: Tensor  # [K, N]; the value n_sources means "the special token"
+    mask: Tensor  # [K, N]; True where a real value is read
+    gather: Optional[Tensor]  # [K * N] in-range indexes (None when there is nothing to read)
+    fill: Tensor  # [K * N]; True where the special token goes
+    any_fill: bool
+
+    @classmethod
+    def make(cls, indexes: Tensor, mask: Tensor, n_sources: int) -> _IndexTable:
+        gather = indexes.clamp(max=n_sources - 1).reshape(-1) if n_sources > 0 else None
+        fill = (~mask).reshape(-1)
+        return cls(indexes, mask, gather, fill, bool(fill.any()))
+
+    def to(self, device: torch.device) -> _IndexTable:
+        gather = None if self.gather is None else self.gather.to(device)
+        return _IndexTable(self.indexes.to(device), self.mask.to(device), gather, self.fill.to(device), self.any_fill)
+
+
 class Pattern:
     """A layout of ``(t, q)`` coordinates over ``num_steps`` sequence steps, for ``n_q`` codebooks.
 
@@ -275,9 +295,9 @@ class Pattern:
     def _steps_in_use(self, keep_only_valid_steps: bool) -> int:
         return self.num_valid_steps if keep_only_valid_steps else self.num_steps
 
-    def _make_sequence_tables(self, timesteps: int, keep_only_valid_steps: bool) -> tuple[Tensor, Tensor]:
+    def _make_sequence_tables(self, timesteps: int, keep_only_valid_steps: bool) -> _IndexTable:
         """``indexes[q, s]``: where step ``s`` of codebook ``q`` reads from the flattened codes
-        ``[K * T]`` with the special token appended at ``K * T``; ``mask``: it reads a real code."""
+        ``[K * T]``, ``K * T`` meaning the special token; ``mask``: it reads a real code."""
         n_q, n_steps = self.n_q, self._steps_in_use(keep_only_valid_steps)
         use = (self._steps < n_steps) & (self._times < timesteps)
         q, s, t = self._codebooks[use], self._steps[use], self._times[use]
@@ -286,13 +306,11 @@ class Pattern:
         # A step never holds a codebook twice (checked), so these writes never collide.
         indexes[q, s] = q * timesteps + t
         mask[q, s] = True
-        return indexes, mask
+        return _IndexTable.make(indexes, mask, n_q * timesteps)
 
-    def _make_timeline_tables(
-        self, sequence_steps: int, keep_only_valid_steps: bool, is_model_output: bool
-    ) -> tuple[Tensor, Tensor]:
+    def _make_timeline_tables(self, sequence_steps: int, keep_only_valid_steps: bool, is_model_output: bool) -> _IndexTable:
         """``indexes[q, t]``: where code ``(t, q)`` is read from the flattened sequence
-        ``[K * S]`` with the special token appended at ``K * S``; ``mask``: the code was found."""
+        ``[K * S]``, ``K * S`` meaning the special token; ``mask``: the code was found."""
         n_q, timesteps = self.n_q, self.timesteps
         n_steps = self._steps_in_use(keep_only_valid_steps)
         # A model's output at step s predicts the input at step s + 1, so when the pattern
@@ -306,26 +324,22 @@ class Pattern:
         flat.scatter_reduce_(0, q * timesteps + t, q * sequence_steps + position, reduce="amax")
         mask = flat >= 0
         flat[~mask] = n_q * sequence_steps
-        return flat.view(n_q, timesteps), mask.view(n_q, timesteps)
+        return _IndexTable.make(flat.view(n_q, timesteps), mask.view(n_q, timesteps), n_q * sequence_steps)
 
-    def _sequence_tables_on(self, timesteps: int, keep: bool, device: torch.device) -> tuple[Tensor, Tensor]:
+    def _sequence_tables_on(self, timesteps: int, keep: bool, device: torch.device) -> _IndexTable:
         cpu = self._sequence_tables.get((timesteps, keep, None), lambda: self._make_sequence_tables(timesteps, keep))
         if device.type == "cpu":
             return cpu
-        return self._sequence_tables.get(
-            (timesteps, keep, device), lambda: tuple(x.to(device) for x in cpu)  # type: ignore[return-value]
-        )
+        return self._sequence_tables.get((timesteps, keep, device), lambda: cpu.to(device))
 
     def _timeline_tables_on(
         self, sequence_steps: int, keep: bool, is_model_output: bool, device: torch.device
-    ) -> tuple[Tensor, Tensor]:
+    ) -> _IndexTable:
         key = (sequence_steps, keep, is_model_output)
         cpu = self._timeline_tables.get((*key, None), lambda: self._make_timeline_tables(*key))
         if device.type == "cpu":
             return cpu
-        return self._timeline_tables.get(
-            (*key, device), lambda: tuple(x.to(device) for x in cpu)  # type: ignore[return-value]
-        )
+        return self._timeline_tables.get((*key, device), lambda: cpu.to(device))
 
     # ------------------------------------------------------------------ conversions
 
@@ -347,16 +361,21 @@ class Pattern:
             raise ValueError(f"{name} has {steps} sequence steps but the pattern has only {limit} {which}")
 
     @staticmethod
-    def _gather_with_special(flat: Tensor, indexes: Tensor, special_token: Any) -> Tensor:
-        """``flat[..., indexes]`` where index ``flat.shape[-1]`` reads ``special_token``.
+    def _gather_with_special(flat: Tensor, table: _IndexTable, special_token: Any) -> Tensor:
+        """``flat[..., table.indexes]``, where the index ``flat.shape[-1]`` reads ``special_token``.
 
         The result's dtype follows torch's promotion of ``flat`` with ``special_token`` (a float
         token such as ``nan`` over integer codes gives floats), so the token is never truncated.
         """
         dtype = torch.result_type(flat, special_token)
-        special = torch.full((*flat.shape[:-1], 1), special_token, dtype=dtype, device=flat.device)
-        padded = torch.cat([flat.to(dtype), special], dim=-1)
-        return padded.index_select(-1, indexes.reshape(-1))
+        if table.gather is None:  # nothing to read from: every cell is special
+            return torch.full((*flat.shape[:-1], table.fill.numel()), special_token, dtype=dtype, device=flat.device)
+        # Gather with in-range indexes, then overwrite the special cells: cheaper than
+        # appending the token to a copy of the whole input.
+        values = flat.index_select(-1, table.gather).to(dtype)
+        if table.any_fill:
+            values.masked_fill_(table.fill, special_token)
+        return values
 
     def build_pattern_sequence(
         self, z: Tensor, special_token: Any, keep_only_valid_steps: bool = False
@@ -377,9 +396,9 @@ class Pattern:
         batch, n_q, timesteps = z.shape
         if timesteps > self.timesteps:
             raise ValueError(f"z has {timesteps} timesteps, more than the pattern's timesteps={self.timesteps}")
-        indexes, mask = self._sequence_tables_on(timesteps, bool(keep_only_valid_steps), z.device)
-        values = self._gather_with_special(z.reshape(batch, n_q * timesteps), indexes, special_token)
-        return values.view(batch, n_q, indexes.shape[-1]), indexes.clone(), mask.clone()
+        table = self._sequence_tables_on(timesteps, bool(keep_only_valid_steps), z.device)
+        values = self._gather_with_special(z.reshape(batch, n_q * timesteps), table, special_token)
+        return values.view(batch, n_q, table.indexes.shape[-1]), table.indexes.clone(), table.mask.clone()
 
     def revert_pattern_sequence(
         self, s: Tensor, special_token: Any, keep_only_valid_steps: bool = False
@@ -399,9 +418,9 @@ class Pattern:
         self._check_codebooks("s", s, "[B, K, S]", ndim=3, dim=1)
         batch, n_q, steps = s.shape
         self._check_sequence_steps("s", steps, bool(keep_only_valid_steps))
-        indexes, mask = self._timeline_tables_on(steps, bool(keep_only_valid_steps), False, s.device)
-        values = self._gather_with_special(s.reshape(batch, n_q * steps), indexes, special_token)
-        return values.view(batch, n_q, self.timesteps), indexes.clone(), mask.clone()
+        table = self._timeline_tables_on(steps, bool(keep_only_valid_steps), False, s.device)
+        values = self._gather_with_special(s.reshape(batch, n_q * steps), table, special_token)
+        return values.view(batch, n_q, self.timesteps), table.indexes.clone(), table.mask.clone()
 
     def revert_pattern_logits(
         self, logits: Tensor, special_token: Any, keep_only_valid_steps: bool = False
@@ -423,6 +442,6 @@ class Pattern:
         self._check_codebooks("logits", logits, "[B, card, K, S]", ndim=4, dim=2)
         batch, card, n_q, steps = logits.shape
         self._check_sequence_steps("logits", steps, bool(keep_only_valid_steps))
-        indexes, mask = self._timeline_tables_on(steps, bool(keep_only_valid_steps), True, logits.device)
-        values = self._gather_with_special(logits.reshape(batch, card, n_q * steps), indexes, special_token)
-        return values.view(batch, card, n_q, self.timesteps), indexes.clone(), mask.clone()
+        table = self._timeline_tables_on(steps, bool(keep_only_valid_steps), True, logits.device)
+        values = self._gather_with_special(logits.reshape(batch, card, n_q * steps), table, special_token)
+        return values.view(batch, card, n_q, self.timesteps), table.indexes.clone(), table.mask.clone()
