@@ -475,3 +475,17 @@ def test_bad_shapes_raise_value_error_naming_the_argument(call, name):
     pattern = DelayedPatternProvider(3).get_pattern(4)  # 7 steps, 5 valid
     with pytest.raises(ValueError, match=rf"^{name} "):
         call(pattern)
+
+
+def test_providers_are_chosen_by_class_path_in_a_config():
+    """A LightningModule argument typed as a provider takes any provider from a YAML class path."""
+    jsonargparse = pytest.importorskip("jsonargparse", reason="class paths are parsed by jsonargparse (cli extra)")
+    parser = jsonargparse.ArgumentParser(exit_on_error=False)
+    parser.add_argument("--pattern", type=CodebooksPatternProvider)
+    config = parser.parse_args(
+        ['--pattern={"class_path": "lightning_utils.patterns.UnrolledPatternProvider",'
+         ' "init_args": {"n_q": 3, "flattening": [0, 1, 1], "delays": [0, 2, 2]}}']
+    )  # fmt: skip
+    provider = parser.instantiate_classes(config).pattern
+    assert isinstance(provider, UnrolledPatternProvider)
+    assert provider.flattening == [0, 1, 1] and provider.delays == [0, 2, 2]
