@@ -89,6 +89,35 @@ def row(name: str, loop_s: float, ours_s: float) -> None:
     print(f"{name:<34} loop {loop_s * 1e3:9.2f} ms   ours {ours_s * 1e3:8.3f} ms   ratio {loop_s / ours_s:8.1f}x")
 
 
+def bench_provider(name, provider, z, args, device, logits: bool) -> None:
+    pattern = provider.get_pattern(args.timesteps)
+    steps = [(q.to(device), t.to(device)) for q, t in step_index(pattern.layout)]
+    seq = pattern.build_pattern_sequence(z, 1024)[0]
+    assert torch.equal(seq, loop_build(steps, z, 1024))
+    assert torch.equal(pattern.revert_pattern_sequence(seq, -1)[0], loop_revert(steps, seq, -1, args.timesteps))
+    print(f"-- {name}: S={pattern.num_steps} steps")
+    row(
+        f"{name} build_pattern_sequence",
+        median_time(lambda: loop_build(steps, z, 1024), args.repeats, device),
+        median_time(lambda: pattern.build_pattern_sequence(z, 1024), args.repeats, device),
+    )
+    row(
+        f"{name} revert_pattern_sequence",
+        median_time(lambda: loop_revert(steps, seq, -1, args.timesteps), args.repeats, device),
+        median_time(lambda: pattern.revert_pattern_sequence(seq, -1), args.repeats, device),
+    )
+    if logits:  # logits are card times larger than codes: timed for one provider only
+        out = torch.randn(args.batch, args.card, args.n_q, pattern.num_steps, device=device)
+        nan = float("nan")
+        ours = pattern.revert_pattern_logits(out, nan)[0]
+        assert torch.allclose(ours, loop_revert_logits(steps, out, nan, args.timesteps), equal_nan=True)
+        row(
+            f"{name} revert_pattern_logits",
+            median_time(lambda: loop_revert_logits(steps, out, nan, args.timesteps), args.repeats, device),
+            median_time(lambda: pattern.revert_pattern_logits(out, nan), args.repeats, device),
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=16)
@@ -115,31 +144,7 @@ def main() -> None:
     }
     z = torch.randint(0, 1024, (args.batch, args.n_q, args.timesteps), device=device)
     for name, provider in providers.items():
-        pattern = provider.get_pattern(args.timesteps)
-        steps = [(q.to(device), t.to(device)) for q, t in step_index(pattern.layout)]
-        seq = pattern.build_pattern_sequence(z, 1024)[0]
-        assert torch.equal(seq, loop_build(steps, z, 1024))
-        assert torch.equal(pattern.revert_pattern_sequence(seq, -1)[0], loop_revert(steps, seq, -1, args.timesteps))
-        print(f"-- {name}: S={pattern.num_steps} steps")
-        row(
-            f"{name} build_pattern_sequence",
-            median_time(lambda: loop_build(steps, z, 1024), args.repeats, device),
-            median_time(lambda: pattern.build_pattern_sequence(z, 1024), args.repeats, device),
-        )
-        row(
-            f"{name} revert_pattern_sequence",
-            median_time(lambda: loop_revert(steps, seq, -1, args.timesteps), args.repeats, device),
-            median_time(lambda: pattern.revert_pattern_sequence(seq, -1), args.repeats, device),
-        )
-        if name == "delayed":  # logits are card times larger: time one provider only
-            logits = torch.randn(args.batch, args.card, args.n_q, pattern.num_steps, device=device)
-            ours = pattern.revert_pattern_logits(logits, float("nan"))[0]
-            assert torch.allclose(ours, loop_revert_logits(steps, logits, float("nan"), args.timesteps), equal_nan=True)
-            row(
-                f"{name} revert_pattern_logits",
-                median_time(lambda: loop_revert_logits(steps, logits, float("nan"), args.timesteps), args.repeats, device),
-                median_time(lambda: pattern.revert_pattern_logits(logits, float("nan")), args.repeats, device),
-            )
+        bench_provider(name, provider, z, args, device, logits=name == "delayed")
 
     # Making a new pattern (a new length): nested Python lists vs our tensor arithmetic,
     # plus the first (uncached) call that builds the index table.
@@ -155,8 +160,9 @@ def main() -> None:
 
     row(
         "delayed new length, first build",
-        median_time(lambda: loop_build(step_index(loop_layout_coords(args.n_q, args.timesteps)), z, 1024),
-                    args.repeats, device),
+        median_time(
+            lambda: loop_build(step_index(loop_layout_coords(args.n_q, args.timesteps)), z, 1024), args.repeats, device
+        ),
         median_time(first_call, args.repeats, device),
     )
 

@@ -13,9 +13,9 @@ import pytest
 pytest.importorskip("jsonargparse", reason="LightningCLI needs jsonargparse[signatures] (the cli extra)")
 yaml = pytest.importorskip("yaml")
 
-import lightning_utils.cli.lightning as cli_lightning  # noqa: E402
-from lightning_utils.cli import main  # noqa: E402
-from lightning_utils.cli.lightning import run_lightning_cli  # noqa: E402
+import lightning_utils.cli.lightning as cli_lightning
+from lightning_utils.cli import main
+from lightning_utils.cli.lightning import run_lightning_cli
 
 TESTS_DIR = Path(__file__).resolve().parent
 FIXTURES = "cli_lightning_fixtures"
@@ -44,7 +44,9 @@ def write_config(root: Path, *, max_steps: int = 4, **overrides) -> Path:
             "enable_progress_bar": False,
             "enable_model_summary": False,
             "num_sanity_val_steps": 0,
-            "plugins": [{"class_path": f"{FIXTURES}.CountingCheckpointIO", "init_args": {"log": str(root / "saves.txt")}}],
+            "plugins": [
+                {"class_path": f"{FIXTURES}.CountingCheckpointIO", "init_args": {"log": str(root / "saves.txt")}}
+            ],
             "callbacks": [
                 {"class_path": f"{FIXTURES}.RunRecorder", "init_args": {"path": str(root / "record.json")}},
                 {

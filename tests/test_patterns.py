@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import pickle
 
@@ -230,10 +231,22 @@ def test_unrolled_partial_flattening_with_delays():
 def test_coarse_first_and_musiclm_layouts():
     c = LayoutCoord
     assert CoarseFirstPattern(3).get_pattern(2).layout == [
-        [], [c(0, 0)], [c(1, 0)], [c(0, 1), c(0, 2)], [c(1, 1), c(1, 2)]
+        [],
+        [c(0, 0)],
+        [c(1, 0)],
+        [c(0, 1), c(0, 2)],
+        [c(1, 1), c(1, 2)],
     ]
     assert MusicLMPattern(4, group_by=2).get_pattern(2).layout == [
-        [], [c(0, 0)], [c(0, 1)], [c(1, 0)], [c(1, 1)], [c(0, 2)], [c(0, 3)], [c(1, 2)], [c(1, 3)]
+        [],
+        [c(0, 0)],
+        [c(0, 1)],
+        [c(1, 0)],
+        [c(1, 1)],
+        [c(0, 2)],
+        [c(0, 3)],
+        [c(1, 2)],
+        [c(1, 3)],
     ]
 
 
@@ -482,10 +495,12 @@ def test_providers_are_chosen_by_class_path_in_a_config():
     jsonargparse = pytest.importorskip("jsonargparse", reason="class paths are parsed by jsonargparse (cli extra)")
     parser = jsonargparse.ArgumentParser(exit_on_error=False)
     parser.add_argument("--pattern", type=CodebooksPatternProvider)
-    config = parser.parse_args(
-        ['--pattern={"class_path": "lightning_utils.patterns.UnrolledPatternProvider",'
-         ' "init_args": {"n_q": 3, "flattening": [0, 1, 1], "delays": [0, 2, 2]}}']
-    )  # fmt: skip
-    provider = parser.instantiate_classes(config).pattern
+    value = {
+        "class_path": "lightning_utils.patterns.UnrolledPatternProvider",
+        "init_args": {"n_q": 3, "flattening": [0, 1, 1], "delays": [0, 2, 2]},
+    }
+    config = parser.parse_args([f"--pattern={json.dumps(value)}"])
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in 4.49
+    provider = instantiate(config).pattern
     assert isinstance(provider, UnrolledPatternProvider)
     assert provider.flattening == [0, 1, 1] and provider.delays == [0, 2, 2]

@@ -82,7 +82,9 @@ class _BoundedCache:
 def _int_vector(name: str, values: Any) -> Tensor:
     tensor = torch.as_tensor(values)
     if tensor.dim() != 1 or tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
-        raise ValueError(f"{name} must be a 1-D integer tensor, got dtype {tensor.dtype} and shape {tuple(tensor.shape)}")
+        raise ValueError(
+            f"{name} must be a 1-D integer tensor, got dtype {tensor.dtype} and shape {tuple(tensor.shape)}"
+        )
     return tensor.to(device="cpu", dtype=torch.long).contiguous()
 
 
@@ -168,7 +170,9 @@ class Pattern:
         )
         return pattern
 
-    def _setup(self, steps: Tensor, codebooks: Tensor, times: Tensor, *, num_steps: int, timesteps: int, n_q: int) -> None:
+    def _setup(
+        self, steps: Tensor, codebooks: Tensor, times: Tensor, *, num_steps: int, timesteps: int, n_q: int
+    ) -> None:
         self.timesteps = _as_int("timesteps", timesteps, minimum=1)
         self.n_q = _as_int("n_q", n_q, minimum=1)
         self.num_steps = _as_int("num_steps", num_steps, minimum=1)
@@ -308,7 +312,9 @@ class Pattern:
         mask[q, s] = True
         return _IndexTable.make(indexes, mask, n_q * timesteps)
 
-    def _make_timeline_tables(self, sequence_steps: int, keep_only_valid_steps: bool, is_model_output: bool) -> _IndexTable:
+    def _make_timeline_tables(
+        self, sequence_steps: int, keep_only_valid_steps: bool, is_model_output: bool
+    ) -> _IndexTable:
         """``indexes[q, t]``: where code ``(t, q)`` is read from the flattened sequence
         ``[K * S]``, ``K * S`` meaning the special token; ``mask``: the code was found."""
         n_q, timesteps = self.n_q, self.timesteps
@@ -374,7 +380,9 @@ class Pattern:
         # appending the token to a copy of the whole input.
         values = flat.index_select(-1, table.gather).to(dtype)
         if table.any_fill:
-            values.masked_fill_(table.fill, special_token)
+            # torch.where, not masked_fill_: same result, and it stays fast when the CPU is
+            # shared (masked_fill_'s parallel loop was ~100x slower on a busy 2-core machine).
+            values = torch.where(table.fill, torch.tensor(special_token, dtype=dtype, device=values.device), values)
         return values
 
     def build_pattern_sequence(

@@ -33,8 +33,8 @@ from torch import Tensor
 from lightning_utils.patterns.pattern import Pattern, _as_int, _BoundedCache
 
 __all__ = [
-    "CodebooksPatternProvider",
     "CoarseFirstPattern",
+    "CodebooksPatternProvider",
     "DelayedPatternProvider",
     "MusicLMPattern",
     "ParallelPatternProvider",
@@ -200,9 +200,7 @@ class UnrolledPatternProvider(CodebooksPatternProvider):
 
     def __init__(self, n_q: int, flattening: Optional[list[int]] = None, delays: Optional[list[int]] = None) -> None:
         super().__init__(n_q)
-        self.flattening = _int_list(
-            "flattening", list(range(self.n_q)) if flattening is None else flattening, self.n_q
-        )
+        self.flattening = _int_list("flattening", list(range(self.n_q)) if flattening is None else flattening, self.n_q)
         self.delays = _int_list("delays", [0] * self.n_q if delays is None else delays, self.n_q)
         for q in range(1, self.n_q):
             if self.flattening[q] == self.flattening[q - 1] and self.delays[q] != self.delays[q - 1]:
@@ -259,7 +257,9 @@ class CoarseFirstPattern(CodebooksPatternProvider):
     def __init__(self, n_q: int, delays: Optional[list[int]] = None) -> None:
         super().__init__(n_q)
         if self.n_q < 2:
-            raise ValueError(f"n_q must be >= 2 for a coarse-first pattern (one coarse, then fine codebooks), got {n_q}")
+            raise ValueError(
+                f"n_q must be >= 2 for a coarse-first pattern (one coarse, then fine codebooks), got {n_q}"
+            )
         self.delays = _int_list("delays", [0] * (self.n_q - 1) if delays is None else delays, self.n_q - 1)
 
     def make_pattern(self, timesteps: int) -> Pattern:
