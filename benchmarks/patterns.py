@@ -8,13 +8,13 @@ the same result before timing.
     python benchmarks/patterns.py                       # B=16, K=8, T=1500 (30 s at 50 Hz)
     python benchmarks/patterns.py --timesteps 500 --repeats 5 --device cuda
 
-Prints the median time per call of each and the speed ratio (loop / ours).
+Prints the best time per call over --repeats runs (the least disturbed by other load) and
+the speed ratio (loop / ours).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections.abc import Callable
 
@@ -71,7 +71,7 @@ def loop_layout(n_q, timesteps):
 
 
 # ----------------------------------------------------------------------------- timing
-def median_time(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
+def best_time(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
     fn()  # warm-up (and table build for ours)
     times = []
     for _ in range(repeats):
@@ -82,7 +82,7 @@ def median_time(fn: Callable[[], object], repeats: int, device: torch.device) ->
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)  # best of the repeats: the least disturbed by other processes
 
 
 def row(name: str, loop_s: float, ours_s: float) -> None:
@@ -98,13 +98,13 @@ def bench_provider(name, provider, z, args, device, logits: bool) -> None:
     print(f"-- {name}: S={pattern.num_steps} steps")
     row(
         f"{name} build_pattern_sequence",
-        median_time(lambda: loop_build(steps, z, 1024), args.repeats, device),
-        median_time(lambda: pattern.build_pattern_sequence(z, 1024), args.repeats, device),
+        best_time(lambda: loop_build(steps, z, 1024), args.repeats, device),
+        best_time(lambda: pattern.build_pattern_sequence(z, 1024), args.repeats, device),
     )
     row(
         f"{name} revert_pattern_sequence",
-        median_time(lambda: loop_revert(steps, seq, -1, args.timesteps), args.repeats, device),
-        median_time(lambda: pattern.revert_pattern_sequence(seq, -1), args.repeats, device),
+        best_time(lambda: loop_revert(steps, seq, -1, args.timesteps), args.repeats, device),
+        best_time(lambda: pattern.revert_pattern_sequence(seq, -1), args.repeats, device),
     )
     if logits:  # logits are card times larger than codes: timed for one provider only
         out = torch.randn(args.batch, args.card, args.n_q, pattern.num_steps, device=device)
@@ -113,8 +113,8 @@ def bench_provider(name, provider, z, args, device, logits: bool) -> None:
         assert torch.allclose(ours, loop_revert_logits(steps, out, nan, args.timesteps), equal_nan=True)
         row(
             f"{name} revert_pattern_logits",
-            median_time(lambda: loop_revert_logits(steps, out, nan, args.timesteps), args.repeats, device),
-            median_time(lambda: pattern.revert_pattern_logits(out, nan), args.repeats, device),
+            best_time(lambda: loop_revert_logits(steps, out, nan, args.timesteps), args.repeats, device),
+            best_time(lambda: pattern.revert_pattern_logits(out, nan), args.repeats, device),
         )
 
 
@@ -151,8 +151,8 @@ def main() -> None:
     delayed = providers["delayed"]
     row(
         "delayed make layout",
-        median_time(lambda: loop_layout(args.n_q, args.timesteps), args.repeats, torch.device("cpu")),
-        median_time(lambda: delayed.make_pattern(args.timesteps), args.repeats, torch.device("cpu")),
+        best_time(lambda: loop_layout(args.n_q, args.timesteps), args.repeats, torch.device("cpu")),
+        best_time(lambda: delayed.make_pattern(args.timesteps), args.repeats, torch.device("cpu")),
     )
 
     def first_call():
@@ -160,10 +160,10 @@ def main() -> None:
 
     row(
         "delayed new length, first build",
-        median_time(
+        best_time(
             lambda: loop_build(step_index(loop_layout_coords(args.n_q, args.timesteps)), z, 1024), args.repeats, device
         ),
-        median_time(first_call, args.repeats, device),
+        best_time(first_call, args.repeats, device),
     )
 
 
