@@ -194,3 +194,34 @@ def test_missing_jsonargparse_gives_a_clear_message(monkeypatch, capsys):
     assert run_lightning_cli(["fit", "--config", "run.yaml"]) == 2
     err = capsys.readouterr().err
     assert "jsonargparse[signatures]" in err and "pip install 'lightning-utils[cli]'" in err
+
+
+def test_safetensors_checkpoints_resume_and_reload_by_class_path(tmp_path):
+    """``.sft`` checkpoints through the plugin and callback chosen in YAML; ``--ckpt_path x.sft`` resumes."""
+    config = write_config(
+        tmp_path,
+        max_steps=2,
+        trainer__plugins=[{"class_path": "lightning_utils.io.SafetensorsCheckpointIO"}],
+        trainer__callbacks=[
+            {"class_path": f"{FIXTURES}.RunRecorder", "init_args": {"path": str(tmp_path / "record.json")}},
+            {
+                "class_path": "lightning_utils.callbacks.safetensors_model_checkpoint.SafetensorsModelCheckpoint",
+                "init_args": {"dirpath": str(tmp_path / "ckpts"), "save_last": True},
+            },
+        ],
+    )
+    assert run_lightning_cli(["fit", "--config", str(config)]) == 0
+    last = tmp_path / "ckpts" / "last.sft"
+    assert last.is_file() and record(tmp_path)["fit"]["checkpoint_io"] == "SafetensorsCheckpointIO"
+    from lightning_utils.io import load_state
+
+    saved = load_state(last)
+    assert saved["global_step"] == 2 and saved["hyper_parameters"]["hidden"] == 6
+    # LightningCLI re-reads the model's hyperparameters from ckpt_path (torch.load cannot read
+    # a .sft); then the trainer resumes from it: 2 more steps to reach max_steps=4.
+    argv = ["fit", "--config", str(config), "--ckpt_path", str(last), "--trainer.max_steps", "4"]
+    assert run_lightning_cli(argv) == 0
+    assert record(tmp_path)["fit"]["global_step"] == 4
+    assert load_state(last)["global_step"] == 4
+    assert run_lightning_cli(["test", "--config", str(config), "--ckpt_path", str(last)]) == 0
+    assert "test_loss" in record(tmp_path)["test"]["metrics"]

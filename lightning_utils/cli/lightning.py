@@ -35,7 +35,6 @@ __all__ = ["run_lightning_cli"]
 
 # The same requirement Lightning checks before it builds a LightningCLI parser.
 _CLI_REQUIREMENT = RequirementCache("jsonargparse[signatures]>=4.27.7")
-_SAFETENSORS_SUFFIXES = (".sft", ".safetensors")
 _PROG = "lightning-utils"
 
 
@@ -73,13 +72,13 @@ def _cli_class() -> type:
             # LightningCLI re-parses the model's saved hyperparameters from ``ckpt_path`` with
             # ``torch.load``, which cannot read a safetensors checkpoint; read those through
             # lightning_utils.io and apply them the same way. Other suffixes: Lightning's code.
+            from lightning_utils.io import SAFETENSORS_SUFFIXES, load_state
+
             subcommand = self.config.get("subcommand")
             ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-            if not (ckpt_path and str(ckpt_path).endswith(_SAFETENSORS_SUFFIXES) and Path(ckpt_path).is_file()):
+            if not (ckpt_path and Path(ckpt_path).suffix.lower() in SAFETENSORS_SUFFIXES and Path(ckpt_path).is_file()):
                 return super()._parse_ckpt_path()
-            from lightning_utils.io import load_state
-
-            hparams: dict[str, Any] = dict(load_state(ckpt_path).get("hyper_parameters") or {})
+            hparams: dict[str, Any] = dict(load_state(ckpt_path, map_location="cpu").get("hyper_parameters") or {})
             hparams.pop("_instantiator", None)
             if not hparams:
                 return None
