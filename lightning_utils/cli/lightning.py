@@ -17,13 +17,14 @@ The defaults chosen here, and why:
   config unless ``seed_everything`` is set; optimizers are auto-configured).
 
 What it must never do: import jsonargparse (an optional dependency, the ``cli`` extra) before a
-Lightning subcommand runs, swallow a training error, or call ``sys.exit`` itself (it returns the
-exit code, so it can run inside another program or a test).
+Lightning subcommand runs, swallow a training error, change ``sys.argv``, or call ``sys.exit``
+itself (it returns the exit code, so it can run inside another program or a test).
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,20 +48,12 @@ def _missing_requirement_message() -> str:
 
 
 @contextmanager
-def _argv(argv: list[str]) -> Iterator[None]:
-    """Make ``sys.argv`` say ``<program> <argv...>`` while LightningCLI runs.
-
-    LightningCLI reads the command line from ``sys.argv`` and Lightning's DDP launcher starts
-    the other ranks by re-running ``sys.argv``, so both must see the arguments being run.
-    (Passing ``args=`` instead would leave ``sys.argv`` as the caller's, and rank 1 would run
-    something else.)
-    """
-    saved = sys.argv
-    sys.argv = [saved[0] if saved else _PROG, *argv]
-    try:
+def _quiet_args_warning() -> Iterator[None]:
+    # LightningCLI warns whenever ``args=`` is given while ``sys.argv`` has arguments; here that
+    # is intended (the caller picked the arguments), so that one warning is silenced.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
         yield
-    finally:
-        sys.argv = saved
 
 
 def _cli_class() -> type:
@@ -101,6 +94,10 @@ def run_lightning_cli(argv: Sequence[str]) -> int:
     errors print LightningCLI's message and give 2, ``--help`` gives 0; errors raised while
     training propagate with their traceback.
 
+    Multi-process strategies (``--trainer.strategy ddp``) start ranks 1.. by re-running the
+    current command line (``sys.argv``), so call this from a program whose command line leads
+    back to the same call, as ``python -m lightning_utils.cli fit ...`` does.
+
     A minimal ``run.yaml``::
 
         seed_everything: 0
@@ -127,13 +124,17 @@ def run_lightning_cli(argv: Sequence[str]) -> int:
         sys.stderr.write(_missing_requirement_message())
         return 2
     cli_class = _cli_class()
-    with _argv(argv):
+    # ``sys.argv`` is left alone: for DDP, Lightning starts the other ranks by re-running this
+    # process's own command line, which must lead back here with the same arguments.
+    args = None if argv == sys.argv[1:] else argv
+    with _quiet_args_warning():
         try:
             cli_class(
                 model_class=None,  # any LightningModule, by class path
                 datamodule_class=None,  # any LightningDataModule, by class path, or none
                 save_config_kwargs={"overwrite": True},
                 parser_kwargs={"prog": _PROG},
+                args=args,
             )
         except SystemExit as exit_:  # jsonargparse exits on --help and on argument errors
             code = exit_.code
