@@ -95,17 +95,26 @@ class _IndexTable(NamedTuple):
     mask: Tensor  # [K, N]; True where a real value is read
     gather: Optional[Tensor]  # [K * N] in-range indexes (None when there is nothing to read)
     fill: Tensor  # [K * N]; True where the special token goes
+    fill_index: Optional[Tensor]  # positions of ``fill`` when they are few (None: use ``fill``)
     any_fill: bool
 
     @classmethod
     def make(cls, indexes: Tensor, mask: Tensor, n_sources: int) -> _IndexTable:
         gather = indexes.clamp(max=n_sources - 1).reshape(-1) if n_sources > 0 else None
         fill = (~mask).reshape(-1)
-        return cls(indexes, mask, gather, fill, bool(fill.any()))
+        positions = fill.nonzero().squeeze(1)
+        # Few special cells (delay patterns: K * max_delay of them): write just those.
+        fill_index = positions if positions.numel() * 8 <= fill.numel() else None
+        return cls(indexes, mask, gather, fill, fill_index, positions.numel() > 0)
 
     def to(self, device: torch.device) -> _IndexTable:
-        gather = None if self.gather is None else self.gather.to(device)
-        return _IndexTable(self.indexes.to(device), self.mask.to(device), gather, self.fill.to(device), self.any_fill)
+        def move(x: Optional[Tensor]) -> Optional[Tensor]:
+            return None if x is None else x.to(device)
+
+        return _IndexTable(
+            self.indexes.to(device), self.mask.to(device), move(self.gather), self.fill.to(device),
+            move(self.fill_index), self.any_fill,
+        )  # fmt: skip
 
 
 class Pattern:
@@ -379,11 +388,13 @@ class Pattern:
         # Gather with in-range indexes, then overwrite the special cells: cheaper than
         # appending the token to a copy of the whole input.
         values = flat.index_select(-1, table.gather).to(dtype)
-        if table.any_fill:
-            # torch.where, not masked_fill_: same result, and it stays fast when the CPU is
-            # shared (masked_fill_'s parallel loop was ~100x slower on a busy 2-core machine).
-            values = torch.where(table.fill, torch.tensor(special_token, dtype=dtype, device=values.device), values)
-        return values
+        if not table.any_fill:
+            return values
+        if table.fill_index is not None:
+            return values.index_fill_(-1, table.fill_index, special_token)
+        # Mostly special cells: one select over all of them. torch.where rather than
+        # masked_fill_, whose parallel loop was ~100x slower on a busy 2-core machine.
+        return torch.where(table.fill, torch.tensor(special_token, dtype=dtype, device=values.device), values)
 
     def build_pattern_sequence(
         self, z: Tensor, special_token: Any, keep_only_valid_steps: bool = False
