@@ -18,6 +18,7 @@ _LAZY = {
     "save_state": "lightning_utils.io",
     "load_state": "lightning_utils.io",
     "SafetensorsCheckpointIO": "lightning_utils.io",
+    "DelayedPatternProvider": "lightning_utils.patterns",
 }
 
 __all__ = ["__version__", *_LAZY]
