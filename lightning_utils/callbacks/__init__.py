@@ -11,6 +11,9 @@ from typing import Any
 
 _LAZY = {
     "SafetensorsModelCheckpoint": "lightning_utils.callbacks.safetensors_model_checkpoint",
+    "ActivationOffload": "lightning_utils.callbacks.activation_offload",
+    "ReplaceModules": "lightning_utils.callbacks.replace_modules",
+    "CompileModules": "lightning_utils.callbacks.compile_modules",
 }
 
 __all__ = list(_LAZY)
