@@ -39,6 +39,10 @@ def test_ddp_command_reaches_both_ranks_at_the_same_step_and_quit_ends_both(tmp_
     assert r0["evals"] == r1["evals"] and len(r0["evals"]) == 1
     # the quit save is collective and written once, by rank 0
     assert r0["checkpoints"] == [f"step={r0['global_step']}.ckpt"]
+    # MetricsPrinter: rank 0 alone wrote one line per step, and its local running means did not hang
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, r0["global_step"] + 1))
+    assert "loss_mean" in rows[-1]
     # lightning_utils.distributed before and after the process group existed
     assert [r["before_init"]["global_rank"] for r in (r0, r1)] == [0, 1]
     assert [r["before_init"]["initialized"] for r in (r0, r1)] == [False, False]

@@ -23,6 +23,7 @@ class TinyModule(LightningModule):
         self.lr_trace: list[tuple[int, float]] = []
         self.evals: list[int] = []
         self.val_steps: list[int] = []
+        self.losses: list[float] = []
         g = torch.Generator().manual_seed(0)
         self.x = torch.randn(n, 4, generator=g)
         self.y = self.x.sum(dim=1, keepdim=True)
@@ -33,6 +34,7 @@ class TinyModule(LightningModule):
         x, y = batch
         loss = torch.nn.functional.mse_loss(self.layer(x), y)
         self.log("loss", loss, on_step=True, prog_bar=False)
+        self.losses.append(float(loss))
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
