@@ -385,3 +385,48 @@ def test_fit_signal_only_sets_a_flag_and_saves_at_the_next_boundary(tmp_path):
     assert seen["files_in_handler"] == []
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step=3.ckpt"]
     assert signal.getsignal(signal.SIGUSR1) == before  # the previous handler is back
+
+
+# ---------------------------------------------------------------------------------------------
+# .sft checkpoints through lightning_utils.io
+# ---------------------------------------------------------------------------------------------
+def test_sft_save_through_checkpoint_io_and_resume_keeps_schedules(tmp_path):
+    from lightning_utils.io import SafetensorsCheckpointIO, load_state
+
+    holder = {}
+    control = TrainingControl(source=StepScript(lambda: holder["t"].global_step, {1: ["export@9", "save"]}),
+                              signal=None, save_on_train_end=False)
+    trainer = Trainer(callbacks=[control], default_root_dir=tmp_path, max_steps=3, plugins=[SafetensorsCheckpointIO()],
+                      enable_progress_bar=False, enable_model_summary=False, logger=False)
+    holder["t"] = trainer
+    trainer.fit(TinyModule())
+    path = tmp_path / "checkpoints" / "step=1.sft"  # the default ModelCheckpoint is .ckpt; the plugin picks .sft
+    assert path.is_file()
+    with open(path, "rb") as f:
+        assert not f.read(16).startswith(b"PK")  # safetensors, not a torch zip
+    state = load_state(path)
+    assert state["callbacks"][control.state_key]["events"] == [["export", 9]]
+    assert state["global_step"] == 1
+
+    resumed = TrainingControl(source=None, signal=None, save_on_train_end=False)
+    trainer = Trainer(callbacks=[resumed], default_root_dir=tmp_path, max_steps=5, plugins=[SafetensorsCheckpointIO()],
+                      enable_progress_bar=False, enable_model_summary=False, logger=False, enable_checkpointing=False)
+    trainer.fit(TinyModule(), ckpt_path=path)
+    assert [str(c) for c, w in resumed.events] == ["export"] and resumed.events[0][1] == 9
+
+
+def test_sft_extension_from_safetensors_model_checkpoint_and_explicit(tmp_path):
+    from lightning_utils.callbacks.safetensors_model_checkpoint import SafetensorsModelCheckpoint
+    from lightning_utils.io import load_state
+
+    control = TrainingControl(source=None, signal=None)
+    fit(tmp_path / "a", control, callbacks=[SafetensorsModelCheckpoint(dirpath=tmp_path / "a" / "ck", save_top_k=0)],
+        enable_checkpointing=True, max_steps=2)
+    assert load_state(tmp_path / "a" / "ck" / "step=2.sft")["global_step"] == 2
+    # an explicit ".sft" installs SafetensorsCheckpointIO, so the name never holds a pickle
+    control = TrainingControl(source=None, signal=None, file_extension=".sft")
+    fit(tmp_path / "b", control, max_steps=2)
+    path = tmp_path / "b" / "checkpoints" / "step=2.sft"
+    assert load_state(path)["global_step"] == 2
+    with open(path, "rb") as f:
+        assert not f.read(16).startswith(b"PK")

@@ -118,8 +118,9 @@ class TrainingControl(Callback):
         dirpath: checkpoint folder. Default: the ``ModelCheckpoint``'s folder if there is one,
             else ``<default_root_dir>/checkpoints``.
         filename: checkpoint name template (``{step}``, ``{epoch}``). Default ``"step={step}"``.
-        file_extension: e.g. ``".sft"``. Default: the ``ModelCheckpoint``'s ``FILE_EXTENSION``,
-            else ``".sft"`` when the trainer uses ``SafetensorsCheckpointIO``, else ``".ckpt"``.
+        file_extension: e.g. ``".sft"``. Default: the ``ModelCheckpoint``'s ``FILE_EXTENSION`` when
+            it is not ``".ckpt"`` (``SafetensorsModelCheckpoint``: ``".sft"``), else ``".sft"`` when
+            the trainer uses ``SafetensorsCheckpointIO``, else ``".ckpt"``.
         eval_fn: ``eval_fn(trainer, pl_module)`` runs the evaluation on **every** rank (wrap it
             in :func:`lightning_utils.distributed.global_leader_only` for rank 0 only). Default:
             one pass of the model's own validation loop, like ``val_check_interval`` would.
@@ -214,6 +215,14 @@ class TrainingControl(Callback):
             return
         self._is_leader = trainer.is_global_zero
         _make_log_visible()
+        if self.file_extension is not None and self.file_extension.lower() in (".sft", ".safetensors"):
+            # A '.sft' name must hold a safetensors file, never a torch pickle: make the trainer
+            # write through SafetensorsCheckpointIO (as SafetensorsModelCheckpoint does).
+            from lightning_utils.io.checkpoint_io import ensure_safetensors_checkpoint_io
+            from lightning_utils.io.module_loading import check_strategy_writes_through_checkpoint_io
+
+            check_strategy_writes_through_checkpoint_io(trainer.strategy, self.file_extension)
+            ensure_safetensors_checkpoint_io(trainer.strategy)
         # Every rank gets the handler: a signal sent to the whole job must not kill rank 1 with
         # SIGUSR1's default action. Only rank 0's flag is broadcast. Installed before Lightning's
         # own signal set-up, which then leaves an existing SIGUSR1 handler alone.
@@ -439,12 +448,15 @@ class TrainingControl(Callback):
         if self.file_extension is not None:
             return self.file_extension
         ckpt = trainer.checkpoint_callback
-        if ckpt is not None and getattr(ckpt, "FILE_EXTENSION", None):
-            return str(ckpt.FILE_EXTENSION)
+        chosen = getattr(ckpt, "FILE_EXTENSION", None) if ckpt is not None else None
+        if chosen and chosen != ".ckpt":  # e.g. SafetensorsModelCheckpoint's ".sft"
+            return str(chosen)
+        from lightning_utils.io import SafetensorsCheckpointIO
+
         io = getattr(trainer.strategy, "checkpoint_io", None)
-        if type(io).__name__ == "SafetensorsCheckpointIO":  # by name: don't import io for this check
-            return ".sft"
-        return ".ckpt"
+        while io is not None and not isinstance(io, SafetensorsCheckpointIO):
+            io = getattr(io, "checkpoint_io", None)  # unwrap AsyncCheckpointIO and friends
+        return ".sft" if io is not None else ".ckpt"
 
     def checkpoint_path(self, trainer: Trainer) -> Path:
         """Where a save at the trainer's current step goes."""

@@ -34,7 +34,7 @@ class TinyModule(LightningModule):
         x, y = batch
         loss = torch.nn.functional.mse_loss(self.layer(x), y)
         self.log("loss", loss, on_step=True, prog_bar=False)
-        self.losses.append(float(loss))
+        self.losses.append(float(loss.detach()))
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
