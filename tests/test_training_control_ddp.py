@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from control_scripts.proc import Driven, child_env, free_port  # noqa: E402
@@ -39,6 +40,12 @@ def test_ddp_command_reaches_both_ranks_at_the_same_step_and_quit_ends_both(tmp_
     assert r0["evals"] == r1["evals"] and len(r0["evals"]) == 1
     # the quit save is collective and written once, by rank 0
     assert r0["checkpoints"] == [f"step={r0['global_step']}.ckpt"]
+    # ExportWeights at train end: one file, written by rank 0, readable by plain safetensors
+    from safetensors.torch import load_file
+
+    exported = sorted((tmp_path / "export").iterdir())
+    assert [p.name for p in exported] == [f"weights-step={r0['global_step']}.sft"]
+    assert load_file(exported[0])["layer.weight"].dtype == torch.bfloat16
     # MetricsPrinter: rank 0 alone wrote one line per step, and its local running means did not hang
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, r0["global_step"] + 1))

@@ -167,6 +167,9 @@ class ExportWeights(Callback):
         return path
 
     # hooks ------------------------------------------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._last_export_step = None  # a new fit may reach the same step numbers again
+
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.export_on_train_end:
             self.export(trainer, pl_module)

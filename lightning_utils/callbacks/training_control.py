@@ -250,6 +250,7 @@ class TrainingControl(Callback):
         self.last_save_step = self.last_eval_step = self.last_export_step = step
         self._boundary_step = step
         self.quit_requested = False
+        self._exporter = None  # found again: the trainer's callbacks may differ from the last fit
         self._last_boundary_time = time.monotonic()
         self._ckpt_dir = trainer.strategy.broadcast(self._default_dir(trainer), src=0)
         self._drop_passed_events(step)

@@ -22,6 +22,7 @@ BEFORE_INIT = {"global_rank": distributed.global_rank(), "world_size": distribut
 from lightning.pytorch import Callback, Trainer  # noqa: E402
 
 from control_scripts.tiny_model import TinyModule  # noqa: E402
+from lightning_utils.callbacks.export_weights import ExportWeights  # noqa: E402
 from lightning_utils.callbacks.metrics_printer import MetricsPrinter  # noqa: E402
 from lightning_utils.callbacks.training_control import TrainingControl  # noqa: E402
 
@@ -66,7 +67,8 @@ def main() -> None:
     trainer = Trainer(
         accelerator="cpu", **ddp, max_steps=args.max_steps, default_root_dir=root, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[control, Dump(root / "out"), MetricsPrinter(path=root / "metrics.jsonl", window=5)],
+        callbacks=[control, Dump(root / "out"), MetricsPrinter(path=root / "metrics.jsonl", window=5),
+                   ExportWeights(dirpath=root / "export", dtype="bf16")],
     )
     trainer.fit(model)
     if trainer.is_global_zero:
