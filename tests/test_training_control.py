@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -430,3 +431,26 @@ def test_sft_extension_from_safetensors_model_checkpoint_and_explicit(tmp_path):
     assert load_state(path)["global_step"] == 2
     with open(path, "rb") as f:
         assert not f.read(16).startswith(b"PK")
+
+
+def test_callbacks_build_from_lightning_cli_class_paths(tmp_path):
+    jsonargparse = pytest.importorskip("jsonargparse", reason="LightningCLI's parser (the 'cli' extra)")
+    from lightning.pytorch.callbacks import Callback
+
+    from lightning_utils.callbacks.export_weights import ExportWeights
+    from lightning_utils.callbacks.metrics_printer import MetricsPrinter
+    from lightning_utils.command_sources import FileSource
+
+    parser = jsonargparse.ArgumentParser()
+    parser.add_argument("--callbacks", type=list[Callback])
+    cfg = parser.parse_args(["--callbacks", json.dumps([
+        {"class_path": "lightning_utils.callbacks.training_control.TrainingControl",
+         "init_args": {"source": str(tmp_path / "cmds.txt"), "save_every_n_steps": 100, "file_extension": ".sft"}},
+        {"class_path": "lightning_utils.callbacks.export_weights.ExportWeights", "init_args": {"dtype": "bf16"}},
+        {"class_path": "lightning_utils.callbacks.metrics_printer.MetricsPrinter", "init_args": {"window": 50}},
+    ])])
+    control, exporter, printer = parser.instantiate(cfg).callbacks
+    assert isinstance(control, TrainingControl) and isinstance(control.source, FileSource)
+    assert control.save_every_n_steps == 100 and control.file_extension == ".sft"
+    assert isinstance(exporter, ExportWeights) and exporter.dtype == torch.bfloat16
+    assert isinstance(printer, MetricsPrinter) and printer.window == 50
