@@ -454,3 +454,16 @@ def test_callbacks_build_from_lightning_cli_class_paths(tmp_path):
     assert control.save_every_n_steps == 100 and control.file_extension == ".sft"
     assert isinstance(exporter, ExportWeights) and exporter.dtype == torch.bfloat16
     assert isinstance(printer, MetricsPrinter) and printer.window == 50
+
+
+def test_configured_commands_schedule_without_duplicates_after_resume(tmp_path):
+    control, trainer = make(tmp_path, commands=["quit@4", "export@6", "save"], save_on_train_end=False)
+    assert drive(control, trainer, 12) == [("save", 4), ("quit", 4)]
+    assert [(str(c), w) for c, w in control.events] == [("export", 6)]
+    state = control.state_dict()
+    resumed, trainer2 = make(tmp_path, commands=["export@6"], save_on_train_end=False)
+    resumed.load_state_dict(state)
+    trainer2.global_step = 4
+    assert drive(resumed, trainer2, 7) == [("save", 6), ("export", 6)]  # once, though given twice
+    with pytest.raises(ValueError, match=r"commands\[1\]"):
+        TrainingControl(source=None, commands=["save", "sav"])

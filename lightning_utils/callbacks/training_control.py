@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +132,9 @@ class TrainingControl(Callback):
         check_every_n_steps: read and broadcast commands every N steps (a broadcast is a
             collective; raise this when steps are very short). Schedules and periodic work
             still happen at their exact steps.
+        commands: lines run as if typed before the first step, e.g. ``["export@5000",
+            "quit@20000"]`` (checked at construction; a schedule restored from a checkpoint is
+            not added twice).
 
     Steps are optimizer steps (``trainer.global_step``): with gradient accumulation, commands
     run once per step, not once per micro-batch. Pending schedules and the last save/eval/export
@@ -157,6 +160,7 @@ class TrainingControl(Callback):
         signal: str | int | None = "SIGUSR1",
         signal_command: str = "save",
         check_every_n_steps: int = 1,
+        commands: Sequence[str] = (),
     ) -> None:
         super().__init__()
         self._source_arg = source
@@ -190,6 +194,14 @@ class TrainingControl(Callback):
         if not isinstance(check_every_n_steps, int) or check_every_n_steps < 1:
             raise ValueError(f"check_every_n_steps must be an integer >= 1, got {check_every_n_steps!r}")
         self.check_every_n_steps = check_every_n_steps
+        if isinstance(commands, str):
+            commands = [commands]
+        for i, line in enumerate(commands):
+            try:
+                parse_command(line)
+            except CommandError as err:
+                raise ValueError(f"commands[{i}]: {err}") from None
+        self.commands = list(commands)
 
         # state (saved in checkpoints)
         self.events: list[tuple[Command, int]] = []
@@ -254,7 +266,8 @@ class TrainingControl(Callback):
         self._last_boundary_time = time.monotonic()
         self._ckpt_dir = trainer.strategy.broadcast(self._default_dir(trainer), src=0)
         self._drop_passed_events(step)
-        self._run_pre_loop(trainer, pl_module, self._receive(trainer))
+        # Configured commands are the same on every rank, so they need no broadcast.
+        self._run_pre_loop(trainer, pl_module, [*self.commands, *self._receive(trainer)])
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -393,6 +406,8 @@ class TrainingControl(Callback):
                 self._warn(f"ignored '{cmd}': step {cmd.step} has already passed (now at step {step})")
             elif cmd.step == step:
                 due.append(cmd.command)
+            elif (cmd.command, cmd.step) in self.events:  # e.g. configured again after a resume
+                self._info(f"'{cmd}' is already scheduled")
             else:
                 self.events.append((cmd.command, cmd.step))
                 self._info(f"scheduled '{cmd.command}' for step {cmd.step}")
