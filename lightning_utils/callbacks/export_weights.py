@@ -154,6 +154,9 @@ class ExportWeights(Callback):
         if state_dict is None:
             state_dict = trainer.strategy.lightning_module_state_dict()
         self._last_export_step = step
+        # Read on every rank: Lightning computes callback_metrics on access, and for epoch-level
+        # sync_dist metrics that is an all-reduce every rank must join.
+        metrics = self._metrics(trainer)
         if not trainer.is_global_zero:
             return None
         tensors = self._prepare(state_dict)
@@ -161,7 +164,7 @@ class ExportWeights(Callback):
         path.parent.mkdir(parents=True, exist_ok=True)
         from lightning_utils.io import save_weights
 
-        save_weights(tensors, path, self._metadata(trainer, pl_module))
+        save_weights(tensors, path, self._metadata(trainer, pl_module, metrics))
         self.last_path = path
         log.info("exported %d tensors (%s) to %s", len(tensors), self._dtype_name, path)
         return path
@@ -213,11 +216,15 @@ class ExportWeights(Callback):
             raise ValueError(f"ExportWeights: the model state has no tensors{where} to export")
         return tensors
 
-    def _metadata(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, str]:
-        metrics = {}
-        for key, value in trainer.callback_metrics.items():
-            if isinstance(value, torch.Tensor) and value.numel() == 1:
-                metrics[key] = _jsonable(value)
+    @staticmethod
+    def _metrics(trainer: Trainer) -> dict[str, Any]:
+        return {
+            key: _jsonable(value)
+            for key, value in trainer.callback_metrics.items()
+            if isinstance(value, torch.Tensor) and value.numel() == 1
+        }
+
+    def _metadata(self, trainer: Trainer, pl_module: LightningModule, metrics: dict[str, Any]) -> dict[str, str]:
         meta: dict[str, Any] = {
             "format": "pt",  # what HF's safetensors loaders look for
             "step": trainer.global_step,

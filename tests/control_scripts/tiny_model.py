@@ -34,6 +34,8 @@ class TinyModule(LightningModule):
         x, y = batch
         loss = torch.nn.functional.mse_loss(self.layer(x), y)
         self.log("loss", loss, on_step=True, prog_bar=False)
+        # an epoch-level synced metric: reading callback_metrics is then a collective under DDP
+        self.log("loss_epoch_synced", loss, on_step=False, on_epoch=True, sync_dist=True)
         self.losses.append(float(loss.detach()))
         return loss
 
