@@ -467,3 +467,22 @@ def test_configured_commands_schedule_without_duplicates_after_resume(tmp_path):
     assert drive(resumed, trainer2, 7) == [("save", 6), ("export", 6)]  # once, though given twice
     with pytest.raises(ValueError, match=r"commands\[1\]"):
         TrainingControl(source=None, commands=["save", "sav"])
+
+
+def test_eval_without_eval_fn_or_validation_step_warns_and_goes_on(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    trainer = FakeTrainer(tmp_path)
+    control = TrainingControl(source=StepScript(lambda: trainer.global_step, {1: ["eval"]}), signal=None)
+    drive(control, trainer, 3, pl_module=TinyModule())
+    assert "no eval_fn was given and the model has no validation_step" in caplog.text
+    assert trainer.global_step == 3
+
+
+def test_failing_eval_fn_is_reported_and_training_goes_on(tmp_path, caplog):
+    def broken(trainer, module):
+        raise RuntimeError("eval exploded")
+
+    control, trainer = make(tmp_path, {1: ["eval"]}, eval_fn=broken)
+    drive(control, trainer, 3)
+    assert "eval_fn failed at step 1" in caplog.text and "eval exploded" in caplog.text
+    assert trainer.global_step == 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -65,3 +66,43 @@ def test_stdin_lines_typed_before_training_act_before_the_first_step(tmp_path):
     assert "'save' before the first step is ignored" in out
     res = result(tmp_path)
     assert res["global_step"] == 0 and res["checkpoints"] == []
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="SIGUSR1 does not exist on this platform")
+def test_sigusr1_from_outside_saves_at_a_step_boundary_and_training_goes_on(tmp_path):
+    run = Driven(["--root", str(tmp_path), "--max-steps", "400", "--sleep", "0.02", "--print-steps"])
+    try:
+        run.wait_for("STEP 3")
+        run.proc.send_signal(signal.SIGUSR1)  # what `kill -USR1 <pid>` does
+        saved = run.wait_for("saved checkpoint")
+        step = int(saved.rsplit("step ", 1)[1].rstrip(")"))
+        run.wait_for(f"STEP {step + 2}")  # the run goes on after the save
+        run.send("quit\n")
+        out = run.finish(timeout=90)
+    finally:
+        run.kill()
+    assert run.proc.returncode == 0, out
+    assert "received SIGUSR1" in out
+    res = result(tmp_path)
+    assert res["checkpoints"] == sorted([f"step={step}.ckpt", f"step={res['global_step']}.ckpt"])
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="pseudo-terminals are POSIX-only")
+def test_terminal_stdin(tmp_path):
+    import pty
+
+    master, slave = pty.openpty()
+    try:
+        run = Driven(["--root", str(tmp_path), "--max-steps", "400", "--sleep", "0.02", "--print-steps"], stdin=slave)
+        os.close(slave)
+        try:
+            run.wait_for("STEP 2")
+            os.write(master, b"lr 0.5\nquit\n")  # typed at the terminal
+            out = run.finish(timeout=90)
+        finally:
+            run.kill()
+    finally:
+        os.close(master)
+    assert run.proc.returncode == 0, out
+    res = result(tmp_path)
+    assert res["global_step"] < 400 and res["lr_trace"][-1][1] == 0.5
