@@ -486,3 +486,22 @@ def test_failing_eval_fn_is_reported_and_training_goes_on(tmp_path, caplog):
     drive(control, trainer, 3)
     assert "eval_fn failed at step 1" in caplog.text and "eval exploded" in caplog.text
     assert trainer.global_step == 3
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="SIGUSR1 does not exist on this platform")
+def test_slurm_auto_requeue_keeps_its_signal(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    trainer = FakeTrainer(tmp_path)
+    trainer.strategy.cluster_environment = SimpleNamespace(auto_requeue=True, requeue_signal=signal.SIGUSR1)
+    before = signal.getsignal(signal.SIGUSR1)
+    control = TrainingControl(source=None)
+    control.setup(trainer, None, "fit")
+    assert signal.getsignal(signal.SIGUSR1) == before  # Lightning installs its requeue handler instead
+    assert "SLURM auto-requeue signal" in caplog.text
+    control.teardown(trainer, None, "fit")
+    other = TrainingControl(source=None, signal="SIGUSR2")
+    other.setup(trainer, None, "fit")
+    assert signal.getsignal(signal.SIGUSR2) == other._signal._handler
+    other.teardown(trainer, None, "fit")

@@ -238,11 +238,26 @@ class TrainingControl(Callback):
         # Every rank gets the handler: a signal sent to the whole job must not kill rank 1 with
         # SIGUSR1's default action. Only rank 0's flag is broadcast. Installed before Lightning's
         # own signal set-up, which then leaves an existing SIGUSR1 handler alone.
-        if self._signal is not None:
+        if self._signal is not None and not self._is_slurm_requeue_signal(trainer):
             self._signal.install()
         if self._is_leader and self.source is not None:
             self.source.start()
             self._reader_started = True
+
+    def _is_slurm_requeue_signal(self, trainer: Trainer) -> bool:
+        """Lightning's SLURM auto-requeue owns its requeue signal (SIGUSR1 by default): leave it."""
+        assert self._signal is not None
+        env = getattr(trainer.strategy, "cluster_environment", None)
+        if not getattr(env, "auto_requeue", False):
+            return False
+        requeue = getattr(env, "requeue_signal", None)
+        if requeue is None or int(requeue) != self._signal.signum:
+            return False
+        self._warn(
+            f"{self._signal.name} is Lightning's SLURM auto-requeue signal, so TrainingControl does not "
+            "handle it; pass TrainingControl(signal='SIGUSR2') (or another free signal) for on-demand saves"
+        )
+        return True
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
