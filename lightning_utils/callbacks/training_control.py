@@ -248,6 +248,8 @@ class TrainingControl(Callback):
         """Lightning's SLURM auto-requeue owns its requeue signal (SIGUSR1 by default): leave it."""
         assert self._signal is not None
         env = getattr(trainer.strategy, "cluster_environment", None)
+        if env is None:  # single-device strategies keep it on the accelerator connector (as Lightning reads it)
+            env = getattr(getattr(trainer, "_accelerator_connector", None), "cluster_environment", None)
         if not getattr(env, "auto_requeue", False):
             return False
         requeue = getattr(env, "requeue_signal", None)
