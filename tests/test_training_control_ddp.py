@@ -18,7 +18,7 @@ pytestmark = pytest.mark.ddp
 def test_ddp_command_reaches_both_ranks_at_the_same_step_and_quit_ends_both(tmp_path):
     env = child_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     run = Driven(["--root", str(tmp_path), "--devices", "2", "--max-steps", "500", "--sleep", "0.02",
-                  "--print-steps"], env=env)
+                  "--print-steps", "--lightning-val"], env=env)
     try:
         run.wait_for("STEP 3", timeout=120)
         run.send("lr 0.5\neval\nsave@1000000\n")
@@ -36,8 +36,11 @@ def test_ddp_command_reaches_both_ranks_at_the_same_step_and_quit_ends_both(tmp_
     first = [min(s for s, lr in r["lr_trace"] if lr == 0.5) for r in (r0, r1)]
     assert first[0] == first[1]
     assert r0["lr_trace"] == r1["lr_trace"]
-    # eval_fn ran on every rank at the same step
-    assert r0["evals"] == r1["evals"] and len(r0["evals"]) == 1
+    # 'eval' ran the model's validation loop on both ranks at the same step (then Lightning's own
+    # validation when should_stop is set, at the quit step)
+    assert r0["val_steps"] == r1["val_steps"]
+    assert len(r0["val_steps"]) == 2 and r0["val_steps"][0] < r0["val_steps"][1] == r0["global_step"]
+    assert r0["val_steps"][0] >= first[0]  # the eval came with or after the lr command
     # the quit save is collective and written once, by rank 0
     assert r0["checkpoints"] == [f"step={r0['global_step']}.ckpt"]
     # ExportWeights at train end: one file, written by rank 0, readable by plain safetensors

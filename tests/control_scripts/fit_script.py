@@ -21,7 +21,7 @@ BEFORE_INIT = {"global_rank": distributed.global_rank(), "world_size": distribut
 
 from lightning.pytorch import Callback, Trainer  # noqa: E402
 
-from control_scripts.tiny_model import TinyModule  # noqa: E402
+from control_scripts.tiny_model import TinyModule, TinyModuleWithVal  # noqa: E402
 from lightning_utils.callbacks.export_weights import ExportWeights  # noqa: E402
 from lightning_utils.callbacks.metrics_printer import MetricsPrinter  # noqa: E402
 from lightning_utils.callbacks.training_control import TrainingControl  # noqa: E402
@@ -41,7 +41,7 @@ class Dump(Callback):
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps({
             "rank": trainer.global_rank, "global_step": trainer.global_step, "lr_trace": pl_module.lr_trace,
-            "evals": pl_module.evals, "before_init": BEFORE_INIT, "after_init": self.after_init,
+            "evals": pl_module.evals, "val_steps": pl_module.val_steps, "before_init": BEFORE_INIT, "after_init": self.after_init,
             "checkpoints": sorted(p.name for p in (Path(trainer.default_root_dir) / "checkpoints").glob("*")),
         }))
 
@@ -55,17 +55,20 @@ def main() -> None:
     p.add_argument("--source", default="stdin")
     p.add_argument("--print-steps", action="store_true")
     p.add_argument("--save-every", type=int, default=None)
+    p.add_argument("--lightning-val", action="store_true", help="'eval' runs the model's validation loop")
     args = p.parse_args()
     root = Path(args.root)
-    model = TinyModule(sleep=args.sleep, print_steps=args.print_steps)
+    model = (TinyModuleWithVal if args.lightning_val else TinyModule)(sleep=args.sleep, print_steps=args.print_steps)
     control = TrainingControl(
         source=None if args.source == "none" else args.source,
         save_every_n_steps=args.save_every,
-        eval_fn=lambda trainer, module: module.evals.append(trainer.global_step),
+        eval_fn=None if args.lightning_val else (lambda trainer, module: module.evals.append(trainer.global_step)),
     )
     ddp = {"strategy": "ddp", "devices": 2} if args.devices == 2 else {"devices": 1}
+    val = {"limit_val_batches": 2, "val_check_interval": 10_000, "check_val_every_n_epoch": None,
+           "num_sanity_val_steps": 0}
     trainer = Trainer(
-        accelerator="cpu", **ddp, max_steps=args.max_steps, default_root_dir=root, logger=False,
+        accelerator="cpu", **ddp, **val, max_steps=args.max_steps, default_root_dir=root, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=[control, Dump(root / "out"), MetricsPrinter(path=root / "metrics.jsonl", window=5),
                    ExportWeights(dirpath=root / "export", dtype="bf16")],
