@@ -104,6 +104,8 @@ class _ThreadedSource(CommandSource):
         self._stop.clear()
         if not self._open():
             return
+        if not self._read_available():
+            return  # the input already ended (e.g. a pipe closed after its lines): no thread needed
         if hasattr(os, "pipe") and _HAVE_POLL:
             # A self-pipe lets close() wake a reader sleeping in poll() without a timeout.
             self._wake_r, self._wake_w = os.pipe()
@@ -145,6 +147,10 @@ class _ThreadedSource(CommandSource):
     # subclass hooks ---------------------------------------------------------------------------
     def _open(self) -> bool:
         """Acquire the input; return False when there is none (then no thread starts)."""
+        return True
+
+    def _read_available(self) -> bool:
+        """Read, without blocking, what is already there; return False if the input ended."""
         return True
 
     def _close_input(self) -> None:
@@ -216,6 +222,29 @@ class StdinSource(_ThreadedSource):
             log.debug("standard input (fd %s) is closed: no commands will be read", fd)
             return False
         self._fd = fd
+        return True
+
+    def _read_available(self) -> bool:
+        # Lines typed (or piped) before training started are read here, in the calling thread,
+        # so that they are deterministically "before the first step" rather than racing the
+        # reader thread's first wake-up.
+        if not _HAVE_POLL or self._fd is None:
+            return True
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN | select.POLLPRI)
+        budget = 1 << 20  # an endless input (stdin from /dev/zero) must not stall the start
+        while budget > 0 and poller.poll(0):
+            budget -= _READ_CHUNK
+            try:
+                data = os.read(self._fd, _READ_CHUNK)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            if not data:
+                self._lines.extend(self._buffer.flush())
+                return False
+            self._lines.extend(self._buffer.feed(data))
         return True
 
     def _run(self) -> None:

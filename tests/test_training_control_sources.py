@@ -225,3 +225,21 @@ def test_fit_driven_by_a_command_file(tmp_path):
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [f"step={stop}.ckpt"]
     assert model.lr_trace[-1] == (stop, 0.25)
     assert not source.is_reading  # closed at teardown
+
+
+@posix_only
+def test_lines_already_waiting_are_read_at_start():
+    r, w = os.pipe()
+    os.write(w, b"eval_quit\n")
+    os.close(w)
+    source = StdinSource(fd=r)
+    source.start()  # synchronously: no race with the reader thread for pre-loop commands
+    assert source.poll() == ["eval_quit"] and not source.is_reading
+    source.close()
+    os.close(r)
+    with open("/dev/zero", "rb") as zero:  # an endless input does not stall the start
+        t0 = time.monotonic()
+        endless = StdinSource(fd=zero.fileno())
+        endless.start()
+        endless.close()
+        assert time.monotonic() - t0 < 5
