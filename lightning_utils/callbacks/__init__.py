@@ -14,6 +14,9 @@ _LAZY = {
     "ActivationOffload": "lightning_utils.callbacks.activation_offload",
     "ReplaceModules": "lightning_utils.callbacks.replace_modules",
     "CompileModules": "lightning_utils.callbacks.compile_modules",
+    "TrainingControl": "lightning_utils.callbacks.training_control",
+    "ExportWeights": "lightning_utils.callbacks.export_weights",
+    "MetricsPrinter": "lightning_utils.callbacks.metrics_printer",
 }
 
 __all__ = list(_LAZY)
