@@ -78,8 +78,14 @@ def build_batches(
             longest = max(longest, duration)
             total += duration
             index += 1
-    if batch and not drop_last:
-        batches.append(batch)
+    if batch:
+        # The trailing batch is partial unless a cap closed it exactly; drop_last drops partial ones.
+        final_cost = longest * len(batch) if cost == "padded" else total
+        full = (max_batch_size is not None and len(batch) == max_batch_size) or (
+            max_duration is not None and final_cost >= max_duration
+        )
+        if full or not drop_last:
+            batches.append(batch)
     return batches
 
 
@@ -100,7 +106,8 @@ class BatchedOrderedSampler(ResumableSampler):
         max_duration: cap on a batch's cost; ``None`` or negative disables it, ``0`` is an error.
         max_batch_size: cap on a batch's size; ``None`` or negative disables it, ``0`` is an error.
         shuffle: visit the batches in a new keyed permutation each epoch.
-        drop_last: drop the trailing partial batch; with several ranks also drop the batches
+        drop_last: drop the trailing batch unless a cap filled it (its size is max_batch_size or
+            its cost reaches max_duration); with several ranks also drop the batches
             that do not divide evenly among them (otherwise they are padded by repeating the
             epoch's first batches).
         seed: selects the shuffles; ``None`` uses Lightning's ``PL_GLOBAL_SEED`` if set, else 0.
