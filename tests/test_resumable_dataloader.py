@@ -141,14 +141,21 @@ def test_rejected_configurations():
 # -- Lightning end to end -------------------------------------------------------------------------
 
 CASES = [
-    ("ordered", 0),
-    ("random", 0),
-    ("pool", 0),
-    ("batched", 0),
-    ("default_shuffle", 0),
-    ("random_nolen", 0),  # no length: Lightning prefetches one batch (V5)
-    ("random", 2),
-    ("batched", 2),
+    ("ordered", 0, "ckpt"),
+    ("random", 0, "ckpt"),
+    ("pool", 0, "ckpt"),
+    ("batched", 0, "ckpt"),
+    ("default_shuffle", 0, "ckpt"),
+    ("random_nolen", 0, "ckpt"),  # no length: Lightning prefetches one batch (V5)
+    ("random", 2, "ckpt"),
+    ("batched", 2, "ckpt"),
+    # whole-state safetensors checkpoints through SafetensorsCheckpointIO
+    ("ordered", 0, "sft"),
+    ("random", 0, "sft"),
+    ("pool", 0, "sft"),
+    ("batched", 0, "sft"),
+    ("random_nolen", 0, "sft"),
+    ("random", 2, "sft"),
 ]
 
 
@@ -157,16 +164,17 @@ def uninterrupted(tmp_path_factory):
     """One full 2-epoch run per case, checkpointing every step; cached for the module."""
     cache = {}
 
-    def get(kind, num_workers):
-        key = (kind, num_workers)
+    def get(kind, num_workers, fmt="ckpt"):
+        key = (kind, num_workers, fmt)
         if key not in cache:
-            root = str(tmp_path_factory.mktemp(f"{kind}-{num_workers}"))
+            root = str(tmp_path_factory.mktemp(f"{kind}-{num_workers}-{fmt}"))
             ckpt_dir = os.path.join(root, "ckpt")
             _, seen = H.fit(
                 lambda: H.make_loader(kind, num_workers),
                 root,
-                callbacks=[H.every_n_steps_checkpoint(ckpt_dir, 1)],
+                callbacks=[H.every_n_steps_checkpoint(ckpt_dir, 1, fmt)],
                 max_epochs=2,
+                plugins=H.plugins_for(fmt),
             )
             cache[key] = (root, ckpt_dir, seen)
         return cache[key]
@@ -174,34 +182,40 @@ def uninterrupted(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("kind,num_workers", CASES, ids=[f"{k}-w{w}" for k, w in CASES])
-def test_lightning_resume_matches_uninterrupted(uninterrupted, kind, num_workers):
-    root, ckpt_dir, full = uninterrupted(kind, num_workers)
+@pytest.mark.parametrize("kind,num_workers,fmt", CASES, ids=[f"{k}-w{w}-{f}" for k, w, f in CASES])
+def test_lightning_resume_matches_uninterrupted(uninterrupted, kind, num_workers, fmt):
+    root, ckpt_dir, full = uninterrupted(kind, num_workers, fmt)
     steps_per_epoch = len(full) // 2
     resume_steps = [3, steps_per_epoch] if num_workers else [3, steps_per_epoch, steps_per_epoch + 2]
     assert steps_per_epoch in resume_steps and 3 < steps_per_epoch  # a mid-epoch and the boundary
     for step in resume_steps:
-        ckpt = torch.load(H.ckpt_for_step(ckpt_dir, step), weights_only=False)
-        saved = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+        path = H.ckpt_for_step(ckpt_dir, step, fmt)
+        saved = H.load_checkpoint_file(path)["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
         assert saved["loader"] == "ResumableDataLoader"
-        _, rest = H.fit(lambda: H.make_loader(kind, num_workers), root, ckpt_path=H.ckpt_for_step(ckpt_dir, step), max_epochs=2)
+        assert isinstance(saved["sampler"]["position"], int)
+        _, rest = H.fit(
+            lambda: H.make_loader(kind, num_workers), root, ckpt_path=path, max_epochs=2, plugins=H.plugins_for(fmt)
+        )
         assert rest == full[step:], f"resume from step {step}"
 
 
-@pytest.mark.parametrize("kind", ["random", "batched"])
-def test_lightning_resume_twice_in_one_epoch(uninterrupted, tmp_path, kind):
-    root, ckpt_dir, full = uninterrupted(kind, 0)
+@pytest.mark.parametrize("kind,fmt", [("random", "ckpt"), ("batched", "ckpt"), ("random", "sft")])
+def test_lightning_resume_twice_in_one_epoch(uninterrupted, tmp_path, kind, fmt):
+    root, ckpt_dir, full = uninterrupted(kind, 0, fmt)
     second_dir = str(tmp_path / "second")
     _, part = H.fit(
         lambda: H.make_loader(kind),
         root,
-        ckpt_path=H.ckpt_for_step(ckpt_dir, 3),
-        callbacks=[H.every_n_steps_checkpoint(second_dir, 2)],
+        ckpt_path=H.ckpt_for_step(ckpt_dir, 3, fmt),
+        callbacks=[H.every_n_steps_checkpoint(second_dir, 2, fmt)],
         max_epochs=2,
         max_steps=5,
+        plugins=H.plugins_for(fmt),
     )
     assert part == full[3:5]
-    _, rest = H.fit(lambda: H.make_loader(kind), root, ckpt_path=H.ckpt_for_step(second_dir, 4), max_epochs=2)
+    _, rest = H.fit(
+        lambda: H.make_loader(kind), root, ckpt_path=H.ckpt_for_step(second_dir, 4, fmt), max_epochs=2, plugins=H.plugins_for(fmt)
+    )
     assert full[3:4] + rest == full[3:]
 
 

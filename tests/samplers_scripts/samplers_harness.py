@@ -108,13 +108,30 @@ def fit(loader_factory: Callable[[], ResumableDataLoader], root: str, ckpt_path:
     return trainer, model.seen
 
 
-def every_n_steps_checkpoint(dirpath: str, n: int) -> L.pytorch.callbacks.ModelCheckpoint:
-    return L.pytorch.callbacks.ModelCheckpoint(
-        dirpath=dirpath, every_n_train_steps=n, save_top_k=-1, filename="{step}", save_on_train_epoch_end=False
-    )
+def every_n_steps_checkpoint(dirpath: str, n: int, fmt: str = "ckpt") -> L.pytorch.callbacks.ModelCheckpoint:
+    if fmt == "sft":
+        from lightning_utils.callbacks.safetensors_model_checkpoint import SafetensorsModelCheckpoint as cls
+    else:
+        cls = L.pytorch.callbacks.ModelCheckpoint
+    return cls(dirpath=dirpath, every_n_train_steps=n, save_top_k=-1, filename="{step}", save_on_train_epoch_end=False)
 
 
-def ckpt_for_step(dirpath: str, step: int) -> str:
-    path = os.path.join(dirpath, f"step={step}.ckpt")
+def plugins_for(fmt: str) -> list:
+    """Trainer plugins for a checkpoint format: ``.sft`` goes through SafetensorsCheckpointIO."""
+    if fmt == "sft":
+        from lightning_utils.io import SafetensorsCheckpointIO
+
+        return [SafetensorsCheckpointIO()]
+    return []
+
+
+def load_checkpoint_file(path: str) -> dict:
+    from lightning_utils.io import load_state
+
+    return load_state(path, weights_only=False) if path.endswith(".ckpt") else load_state(path)
+
+
+def ckpt_for_step(dirpath: str, step: int, fmt: str = "ckpt") -> str:
+    path = os.path.join(dirpath, f"step={step}.{fmt}")
     assert os.path.exists(path), sorted(os.listdir(dirpath))
     return path
