@@ -17,6 +17,8 @@ Behaviour worth knowing:
 - The iterator is lazy: the sampler's pass starts at the first ``next()``, so Lightning's
   ``set_epoch`` (called after ``iter()``) is honoured and a restored position of the same epoch
   is kept (#21938).
+- If Lightning built the loader early and never restored it (``estimated_stepping_batches`` in
+  ``configure_optimizers``, #20550), the first ``next()`` applies the stashed state itself.
 - The position survives ``Trainer.fit`` returning: ``trainer.save_checkpoint`` afterwards
   records where training stopped (V6).
 - The samplers subclass ``DistributedSampler``, and with ``batch_sampler=`` ``loader.sampler``
@@ -30,6 +32,7 @@ running worker iterator, and never accept a sampler it cannot resume (it raises 
 from __future__ import annotations
 
 import sys
+import warnings
 import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any, Callable, Optional
@@ -66,6 +69,37 @@ def _find_prefetcher() -> Optional["weakref.ReferenceType[Any]"]:
             return weakref.ref(candidate)
         frame = frame.f_back
     return None
+
+
+def _apply_skipped_lightning_restore() -> None:
+    """Load loader states that Lightning stashed but never applied (#20550), once, at the first batch.
+
+    When ``configure_optimizers`` reads ``trainer.estimated_stepping_batches``, Lightning builds the
+    train loader before restoring the checkpoint and later skips ``_load_combined_loader_states``,
+    so a resumed run would silently restart the epoch. Our iterator is lazy, so at the first
+    ``next()`` it is still in time: if the fit loop still holds states to load, load them now.
+    """
+    module = sys.modules.get("lightning.pytorch.loops.training_epoch_loop")
+    cls = getattr(module, "_TrainingEpochLoop", None) if module is not None else None
+    if cls is None:
+        return
+    frame = sys._getframe(2)
+    for _ in range(16):
+        if frame is None:
+            return
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, cls):
+            fit_loop = getattr(candidate.trainer, "fit_loop", None)
+            if fit_loop is not None and fit_loop.restarting and getattr(fit_loop, "_combined_loader_states_to_load", None):
+                warnings.warn(
+                    "ResumableDataLoader: Lightning skipped restoring the train loader's position (it built the "
+                    "loader early, e.g. for `trainer.estimated_stepping_batches`, Lightning #20550); restoring it "
+                    "now, before the first batch.",
+                    stacklevel=2,
+                )
+                fit_loop._load_combined_loader_states()
+            return
+        frame = frame.f_back
 
 
 class _PassTracker:
@@ -111,6 +145,7 @@ class _ResumableIterator(Iterator[Any]):
         return len(self._loader)
 
     def _start(self) -> _PassTracker:
+        _apply_skipped_lightning_restore()
         loader = self._loader
         sampler = loader._resumable
         previous = loader._tracker

@@ -234,3 +234,33 @@ def test_save_checkpoint_after_fit_keeps_the_position_and_lightning_starts_the_n
     assert ckpt["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"] == 1  # Lightning: epoch done
     _, rest = H.fit(lambda: H.make_loader("random"), str(tmp_path), ckpt_path=path, max_epochs=2)
     assert rest == full[len(full) // 2 :]
+
+
+@pytest.mark.parametrize("kind", ["random", "pool"])
+def test_lightning_resume_with_limit_train_batches(tmp_path, kind):
+    """Truncated epochs: RandomSampler starts each Lightning epoch afresh (set_epoch), the endless
+    PoolSampler continues its bag; either way a resume matches the uninterrupted run."""
+    ckpt_dir = str(tmp_path / "ckpt")
+    kw = dict(max_epochs=3, limit_train_batches=3)
+    _, full = H.fit(lambda: H.make_loader(kind), str(tmp_path), callbacks=[H.every_n_steps_checkpoint(ckpt_dir, 1)], **kw)
+    for step in (2, 3, 4):
+        _, rest = H.fit(lambda: H.make_loader(kind), str(tmp_path), ckpt_path=H.ckpt_for_step(ckpt_dir, step), **kw)
+        assert rest == full[step:], f"resume from step {step}"
+
+
+class _EstimatingModel(H.RecordingModel):
+    def configure_optimizers(self):
+        assert self.trainer.estimated_stepping_batches > 0  # makes Lightning build the loader early
+        return super().configure_optimizers()
+
+
+def test_lightning_resume_survives_estimated_stepping_batches(uninterrupted, tmp_path):
+    """Lightning #20550: the stashed loader state is never loaded; the lazy iterator loads it."""
+    root, ckpt_dir, _ = uninterrupted("random", 0)
+    full_model = _EstimatingModel()
+    H.make_trainer(str(tmp_path), max_epochs=2).fit(full_model, train_dataloaders=H.make_loader("random"))
+    model = _EstimatingModel()
+    trainer = H.make_trainer(str(tmp_path), max_epochs=2)
+    with pytest.warns(UserWarning, match="#20550"):
+        trainer.fit(model, train_dataloaders=H.make_loader("random"), ckpt_path=H.ckpt_for_step(ckpt_dir, 3))
+    assert model.seen == full_model.seen[3:]
