@@ -60,12 +60,20 @@ def test_resume_in_a_plain_loop_counts_consumed_batches_not_prefetched(num_worke
     assert head + batches(resumed) + batches(resumed) == full
 
 
-def test_new_pass_continues_after_an_abandoned_one():
-    loader = ResumableDataLoader(H.IndexDataset(), batch_size=4, sampler=PoolSampler(range(22), seed=1))
-    reference = ResumableDataLoader(H.IndexDataset(), batch_size=4, sampler=PoolSampler(range(22), seed=1))
-    expected = batches(reference, 9)
+@pytest.mark.parametrize("num_workers,persistent", [(0, False), (2, True)])
+def test_new_pass_continues_after_an_abandoned_one(num_workers, persistent):
+    def make():
+        return ResumableDataLoader(
+            H.IndexDataset(), batch_size=4, sampler=PoolSampler(range(22), seed=1),
+            num_workers=num_workers, persistent_workers=persistent,
+        )  # fmt: skip
+
+    expected = batches(make(), 12)
+    loader = make()
     got = batches(loader, 3) + batches(loader, 3) + batches(loader, 3)  # three loops, each breaking early
-    assert got == expected  # no marble lost between passes
+    resumed = make()
+    resumed.load_state_dict(loader.state_dict())
+    assert got + batches(resumed, 3) == expected  # no marble lost between passes or across a restore
 
 
 def test_batch_sampler_forms_and_loader_drop_last():
