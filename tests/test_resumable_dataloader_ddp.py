@@ -64,11 +64,14 @@ def _read(out: Path, kind: str, phase: str, rank: int) -> dict:
 
 
 @pytest.mark.ddp
-@pytest.mark.parametrize("use_distributed_sampler", [True, False], ids=["uds-true", "uds-false"])
-def test_ddp_resume_parity_per_rank(tmp_path, use_distributed_sampler):
-    kinds = ["random", "batched"] if use_distributed_sampler else ["random"]
-    _launch(tmp_path, use_distributed_sampler, kinds)
-    for kind in kinds:
+@pytest.mark.parametrize(
+    "use_distributed_sampler,specs",
+    [(True, ["random:ckpt", "batched:ckpt"]), (False, ["random:sft"])],
+    ids=["uds-true-ckpt", "uds-false-sft"],
+)
+def test_ddp_resume_parity_per_rank(tmp_path, use_distributed_sampler, specs):
+    _launch(tmp_path, use_distributed_sampler, specs)
+    for kind in (spec.split(":")[0] for spec in specs):
         full = [_read(tmp_path, kind, "full", r) for r in range(2)]
         for record in full:
             assert record["world_size"] == 2
