@@ -222,11 +222,13 @@ class ResumableDataLoader(DataLoader):
         batch_units = 1
         loader_drop_last = False
         if batch_sampler is not None:
-            if isinstance(batch_sampler, ResumableSampler):
-                resumable = batch_sampler
-            elif isinstance(batch_sampler, BatchSampler) and isinstance(batch_sampler.sampler, ResumableSampler):
-                resumable = batch_sampler.sampler
-                batch_units, loader_drop_last = batch_sampler.batch_size, batch_sampler.drop_last
+            # Lightning's predict loop wraps the batch sampler to record indices; look inside.
+            inner = getattr(batch_sampler, "_batch_sampler", batch_sampler)
+            if isinstance(inner, ResumableSampler):
+                resumable = inner
+            elif isinstance(inner, BatchSampler) and isinstance(inner.sampler, ResumableSampler):
+                resumable = inner.sampler
+                batch_units, loader_drop_last = inner.batch_size, inner.drop_last
             else:
                 raise TypeError(
                     "ResumableDataLoader: `batch_sampler` must be a lightning_utils.samplers sampler (e.g. "

@@ -272,3 +272,18 @@ def test_lightning_resume_survives_estimated_stepping_batches(uninterrupted, tmp
     with pytest.warns(UserWarning, match="#20550"):
         trainer.fit(model, train_dataloaders=H.make_loader("random"), ckpt_path=H.ckpt_for_step(ckpt_dir, 3))
     assert model.seen == full_model.seen[3:]
+
+
+class _PredictingModel(H.RecordingModel):
+    def predict_step(self, batch, batch_idx):
+        return batch
+
+
+@pytest.mark.parametrize("kind", ["ordered", "batched"])
+def test_lightning_predict_reinstantiates_the_loader(tmp_path, kind):
+    """Lightning rebuilds every predict loader (``_update_dataloader``); ours survives that."""
+    trainer = H.make_trainer(str(tmp_path))
+    out = trainer.predict(_PredictingModel(), dataloaders=H.make_loader(kind))
+    assert isinstance(trainer.predict_dataloaders, ResumableDataLoader)
+    flat = sorted(i for b in out for i in b.tolist())
+    assert flat == list(range(22))
