@@ -20,7 +20,10 @@ Behaviour worth knowing:
 - If Lightning built the loader early and never restored it (``estimated_stepping_batches`` in
   ``configure_optimizers``, #20550), the first ``next()`` applies the stashed state itself.
 - The position survives ``Trainer.fit`` returning: ``trainer.save_checkpoint`` afterwards
-  records where training stopped (V6).
+  records where training stopped (V6). Lightning itself, however, counts an epoch stopped by
+  ``max_steps`` as completed and calls ``set_epoch(next)`` on resume, so a run resumed from
+  such a checkpoint starts the next epoch; checkpoints written during ``fit`` (e.g.
+  ``ModelCheckpoint(every_n_train_steps=...)``) resume mid-epoch exactly.
 - The samplers subclass ``DistributedSampler``, and with ``batch_sampler=`` ``loader.sampler``
   is that batch sampler, so Lightning's ``use_distributed_sampler=True`` leaves the loader as
   it is (V7); the samplers shard themselves.
