@@ -18,7 +18,8 @@ Behaviour worth knowing:
   ``set_epoch`` (called after ``iter()``) is honoured and a restored position of the same epoch
   is kept (#21938).
 - If Lightning built the loader early and never restored it (``estimated_stepping_batches`` in
-  ``configure_optimizers``, #20550), the first ``next()`` applies the stashed state itself.
+  ``configure_optimizers``, #20550), the first ``next()`` applies the stashed state itself (a
+  loader without a length, whose first batch Lightning prefetched too early, raises instead).
 - The position survives ``Trainer.fit`` returning: ``trainer.save_checkpoint`` afterwards
   records where training stopped (V6). Lightning itself, however, counts an epoch stopped by
   ``max_steps`` as completed and calls ``set_epoch(next)`` on resume, so a run resumed from
@@ -74,13 +75,15 @@ def _find_prefetcher() -> Optional["weakref.ReferenceType[Any]"]:
     return None
 
 
-def _apply_skipped_lightning_restore() -> None:
-    """Load loader states that Lightning stashed but never applied (#20550), once, at the first batch.
+def _apply_skipped_lightning_restore(can_apply: bool) -> None:
+    """Load loader states that Lightning stashed but never applied (#20550).
 
     When ``configure_optimizers`` reads ``trainer.estimated_stepping_batches``, Lightning builds the
     train loader before restoring the checkpoint and later skips ``_load_combined_loader_states``,
     so a resumed run would silently restart the epoch. Our iterator is lazy, so at the first
-    ``next()`` it is still in time: if the fit loop still holds states to load, load them now.
+    ``next()`` of a pass it is still in time (``can_apply``): load the stashed states now. Later
+    (a loader without a length had its first batch prefetched before the restore) it is too
+    late, and this raises instead of training on the wrong samples.
     """
     module = sys.modules.get("lightning.pytorch.loops.training_epoch_loop")
     cls = getattr(module, "_TrainingEpochLoop", None) if module is not None else None
@@ -93,14 +96,23 @@ def _apply_skipped_lightning_restore() -> None:
         candidate = frame.f_locals.get("self")
         if isinstance(candidate, cls):
             fit_loop = getattr(candidate.trainer, "fit_loop", None)
-            if fit_loop is not None and fit_loop.restarting and getattr(fit_loop, "_combined_loader_states_to_load", None):
-                warnings.warn(
-                    "ResumableDataLoader: Lightning skipped restoring the train loader's position (it built the "
-                    "loader early, e.g. for `trainer.estimated_stepping_batches`, Lightning #20550); restoring it "
-                    "now, before the first batch.",
-                    stacklevel=2,
+            if fit_loop is None or not fit_loop.restarting or not getattr(fit_loop, "_combined_loader_states_to_load", None):
+                return
+            if not can_apply:
+                raise RuntimeError(
+                    "ResumableDataLoader: Lightning never restored the train loader's position (it built the loader "
+                    "before loading the checkpoint, e.g. for `trainer.estimated_stepping_batches` in "
+                    "`configure_optimizers`, Lightning #20550) and, the loader having no length, already drew a "
+                    "batch from the start of the epoch. Give the sampler a length or compute the schedule "
+                    "without `estimated_stepping_batches`."
                 )
-                fit_loop._load_combined_loader_states()
+            warnings.warn(
+                "ResumableDataLoader: Lightning skipped restoring the train loader's position (it built the "
+                "loader early, e.g. for `trainer.estimated_stepping_batches`, Lightning #20550); restoring it "
+                "now, before the first batch.",
+                stacklevel=2,
+            )
+            fit_loop._load_combined_loader_states()
             return
         frame = frame.f_back
 
@@ -148,7 +160,7 @@ class _ResumableIterator(Iterator[Any]):
         return len(self._loader)
 
     def _start(self) -> _PassTracker:
-        _apply_skipped_lightning_restore()
+        _apply_skipped_lightning_restore(can_apply=True)
         loader = self._loader
         sampler = loader._resumable
         previous = loader._tracker
@@ -174,6 +186,8 @@ class _ResumableIterator(Iterator[Any]):
         tracker.yielded += 1
         if tracker.fetcher is not None:
             tracker.note_fetcher(returned=True)
+            if tracker.yielded == 2:  # the first batch may have been prefetched before a skipped restore
+                _apply_skipped_lightning_restore(can_apply=False)
         return batch
 
 

@@ -258,7 +258,7 @@ def test_lightning_resume_with_limit_train_batches(tmp_path, kind):
 
 class _EstimatingModel(H.RecordingModel):
     def configure_optimizers(self):
-        assert self.trainer.estimated_stepping_batches > 0  # makes Lightning build the loader early
+        self.trainer.estimated_stepping_batches  # noqa: B018 -- makes Lightning build the loader early
         return super().configure_optimizers()
 
 
@@ -287,3 +287,11 @@ def test_lightning_predict_reinstantiates_the_loader(tmp_path, kind):
     assert isinstance(trainer.predict_dataloaders, ResumableDataLoader)
     flat = sorted(i for b in out for i in b.tolist())
     assert flat == list(range(22))
+
+
+def test_estimated_stepping_batches_with_a_lengthless_loader_fails_loudly(uninterrupted, tmp_path):
+    """#20550 with no length: Lightning prefetched a batch before the (skipped) restore; too late."""
+    _, ckpt_dir, _ = uninterrupted("random_nolen", 0)
+    trainer = H.make_trainer(str(tmp_path), max_epochs=2)
+    with pytest.raises(RuntimeError, match="20550"):
+        trainer.fit(_EstimatingModel(), train_dataloaders=H.make_loader("random_nolen"), ckpt_path=H.ckpt_for_step(ckpt_dir, 3))
