@@ -63,10 +63,26 @@ class ResumableSampler(DistributedSampler):
         self._drop_last = bool(drop_last)
         self._seed = operator.index(seed)
         self._epoch = 0
-        self._position = 0
+        self._pos = 0  # committed position; a running pass adds what its cursor has yielded
+        self._cursor: Optional[tuple[Any, int, int, int, int]] = None
         self._requested_epoch: Optional[int] = None
         self._token = object()  # identifies the pass allowed to advance ``_position``
         self._last_num_replicas: Optional[int] = None
+
+    # -- position ------------------------------------------------------------------------------
+    @property
+    def _position(self) -> int:
+        """Global position reached: exact even in the middle of a block of units."""
+        cursor = self._cursor
+        if cursor is None:
+            return self._pos
+        block_iter, done_before, block_len, start, stride = cursor
+        return start + stride * (done_before + block_len - block_iter.__length_hint__())
+
+    @_position.setter
+    def _position(self, value: int) -> None:
+        self._pos = value
+        self._cursor = None
 
     # -- subclass interface ----------------------------------------------------------------
     def _epoch_size(self) -> int:
@@ -169,11 +185,13 @@ class ResumableSampler(DistributedSampler):
         done, block = 0, _FIRST_BLOCK
         while total is None or done < total:
             count = block if total is None else min(block, total - done)
-            for unit in self._units(plan.epoch, start + plan.rank + stride * done, stride, count):
-                done += 1
-                if self._token is token:  # a newer pass or a load_state_dict takes over
-                    self._position = start + stride * done
-                yield unit
+            units = self._units(plan.epoch, start + plan.rank + stride * done, stride, count)
+            block_iter = iter(units)
+            if self._token is token:  # unless a newer pass or a load_state_dict took over
+                # The position is read off the list iterator's remaining length: no per-item work.
+                self._cursor = (block_iter, done, len(units), start, stride)
+            yield from block_iter
+            done += len(units)
             block = min(block * 2, _MAX_BLOCK)
 
     def __len__(self) -> int:

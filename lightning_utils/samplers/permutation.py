@@ -101,15 +101,22 @@ class KeyedPermutation:
 
     # -- vectorised path ---------------------------------------------------------------------
     def _feistel_t(self, x: torch.Tensor) -> torch.Tensor:
+        # Same arithmetic as _feistel, in place on a few buffers (allocation dominates otherwise).
         half, hmask = self._half, self._hmask
         left, right = x >> half, x & hmask
+        v = torch.empty_like(x)
+        w = torch.empty_like(x)
         for k in self._keys:
-            v = ((right ^ k) * _MUL1) & _MASK31
-            v = v ^ (v >> 16)
-            v = (v * _MUL2) & _MASK31
-            v = v ^ (v >> 15)
-            left, right = right, left ^ (v & hmask)
-        return (left << half) | right
+            torch.bitwise_xor(right, k, out=v)
+            v.mul_(_MUL1).bitwise_and_(_MASK31)
+            torch.bitwise_right_shift(v, 16, out=w)
+            v.bitwise_xor_(w)
+            v.mul_(_MUL2).bitwise_and_(_MASK31)
+            torch.bitwise_right_shift(v, 15, out=w)
+            v.bitwise_xor_(w).bitwise_and_(hmask)
+            left.bitwise_xor_(v)
+            left, right = right, left
+        return left.bitwise_left_shift_(half).bitwise_or_(right)
 
     def take(self, positions: torch.Tensor) -> torch.Tensor:
         """``perm[p]`` for every ``p`` in an int64 tensor of positions in ``[0, n)``."""
