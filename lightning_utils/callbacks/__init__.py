@@ -17,6 +17,7 @@ _LAZY = {
     "TrainingControl": "lightning_utils.callbacks.training_control",
     "ExportWeights": "lightning_utils.callbacks.export_weights",
     "MetricsPrinter": "lightning_utils.callbacks.metrics_printer",
+    "RNGStateCheckpoint": "lightning_utils.callbacks.rng_state_checkpoint",
 }
 
 __all__ = list(_LAZY)
