@@ -55,6 +55,8 @@ PROJ_TYPES = ("std", "reverse_std", "left", "right")
 NORM_GROWTH_LIMIT = 1.01
 # Keeps the scale and limiter ratios finite for all-zero gradients.
 _NORM_EPS = 1e-8
+# Row-block size (elements) for column norms of large gradients: cache-sized temporaries.
+_CHUNK_ELEMENTS = 1 << 16
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, torch.Tensor]]
 
@@ -103,6 +105,25 @@ def _validate(options: dict[str, Any], where: str) -> None:
     if isinstance(dims, (str, bytes)) or not isinstance(dims, Sequence) or not all(_is_int(d) for d in dims):
         raise ValueError(f"{where}: invalid exclude_dims={dims!r}; expected a list of ints")
     options["exclude_dims"] = tuple(int(d) for d in dims)
+
+
+def _channel_norms(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """L2 norms of the rows (``dim=1``) or columns (``dim=0``) of a 2-D tensor, keepdim."""
+    if dim == 1:
+        return torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    # On CPU, torch's vector_norm over dim 0 is ~10x slower than this (torch 2.13).
+    return x.square().sum(dim=0, keepdim=True).sqrt_()
+
+
+def _column_norms_chunked(x: torch.Tensor) -> torch.Tensor:
+    """Column norms of a possibly large matrix in row blocks: no full-size temporary."""
+    rows = max(1, _CHUNK_ELEMENTS // max(1, x.shape[1]))
+    if rows >= x.shape[0]:
+        return _channel_norms(x, 0)
+    squares = torch.zeros((1, x.shape[1]), dtype=torch.float32, device=x.device)
+    for block in x.split(rows):
+        squares.add_(block.float().square().sum(dim=0, keepdim=True))
+    return squares.sqrt_().to(x.dtype)
 
 
 def _side(m: int, n: int, proj_type: str) -> Side:
@@ -314,10 +335,11 @@ class Apollo(Optimizer):
         if group["scale_type"] == "channel":
             # One factor per kept channel: rows for a right projection, columns for a left one.
             dim = 1 if side == "right" else 0
-            factor = torch.linalg.vector_norm(normed, dim=dim, keepdim=True)
-            factor.div_(torch.linalg.vector_norm(low_rank, dim=dim, keepdim=True).add_(_NORM_EPS))
+            factor = _channel_norms(normed, dim)
+            factor.div_(_channel_norms(low_rank, dim).add_(_NORM_EPS))
             # ||G * s|| from per-channel gradient norms: no full-size temporary.
-            update_norm = torch.linalg.vector_norm(factor * torch.linalg.vector_norm(grad, dim=dim, keepdim=True))
+            grad_norms = _channel_norms(grad, 1) if side == "right" else _column_norms_chunked(grad)
+            update_norm = torch.linalg.vector_norm(factor * grad_norms)
         else:
             factor = torch.linalg.vector_norm(normed) / (torch.linalg.vector_norm(low_rank) + _NORM_EPS)
             update_norm = factor * torch.linalg.vector_norm(grad)
