@@ -213,3 +213,48 @@ def test_resume_in_fresh_process_is_bit_identical(tmp_path, suffix):
     for step in (6, 7, 8):
         for name, value in full[step].items():
             assert torch.equal(value, resumed[step][name]), (step, name)
+
+
+def test_lightning_cli_dependency_injection_with_named_groups(tmp_path):
+    """The name-based rule from YAML: OptimizerCallable + apollo_param_groups, per-step warmup."""
+    pytest.importorskip("jsonargparse", reason="LightningCLI needs jsonargparse (the test/cli extra)")
+    from lightning.pytorch.cli import LightningCLI
+    from optim_lm import InjectedTinyLM
+
+    config = tmp_path / "injected.yaml"
+    config.write_text(
+        """
+model:
+  apollo_include: ["block.*"]
+  apollo_exclude: ["*.bias"]
+  optimizer:
+    class_path: lightning_utils.optim.ApolloMini
+    init_args: {lr: 0.02, update_proj_gap: 100}
+  scheduler:
+    class_path: lightning_utils.optim.WarmupLR
+    init_args: {warmup_steps: 10}
+trainer:
+  accelerator: cpu
+  devices: 1
+  max_steps: 3
+  logger: false
+  enable_checkpointing: false
+  enable_progress_bar: false
+  enable_model_summary: false
+"""
+    )
+    cli = LightningCLI(
+        InjectedTinyLM,
+        TokenData,
+        run=False,
+        auto_configure_optimizers=False,
+        save_config_callback=None,
+        args=[f"--config={config}", f"--trainer.default_root_dir={tmp_path}"],
+    )
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    optimizer = cli.trainer.optimizers[0]
+    assert isinstance(optimizer, ApolloMini)
+    assert optimizer.param_groups[0]["param_names"] == ["block.0.weight", "block.2.weight"]
+    assert optimizer.param_groups[1]["rank"] == 0
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.02 * 4 / 10)  # stepped per step
+    assert optimizer.state[cli.model.block[0].weight]["exp_avg"].shape == (64, 1)

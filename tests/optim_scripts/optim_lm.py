@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -69,3 +70,24 @@ class TinyLM(TinyLMBase):
         optimizer = ApolloMini(groups, lr=self.lr, weight_decay=0.01)
         scheduler = WarmupLR(optimizer, warmup_steps=self.warmup_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class InjectedTinyLM(TinyLMBase):
+    """LightningCLI dependency injection: the optimizer and scheduler come from YAML as callables,
+    the module picks the APOLLO parameters by name and steps the scheduler every step."""
+
+    def __init__(
+        self,
+        optimizer: OptimizerCallable,
+        scheduler: LRSchedulerCallable,
+        apollo_include: tuple[str, ...] = ("block.*",),
+        apollo_exclude: tuple[str, ...] = ("*.bias",),
+    ) -> None:
+        super().__init__()
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.apollo_include, self.apollo_exclude = list(apollo_include), list(apollo_exclude)
+
+    def configure_optimizers(self):
+        groups = apollo_param_groups(self, include=self.apollo_include, exclude=self.apollo_exclude)
+        optimizer = self.optimizer(groups)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler(optimizer), "interval": "step"}}
