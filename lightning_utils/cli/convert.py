@@ -1,0 +1,54 @@
+"""``lightning-utils convert SRC DST``: convert a checkpoint between ``.ckpt``/``.pt`` and ``.sft``.
+
+The suffix of each path names its format. Pickle sources are read with ``weights_only=True``
+unless ``--unsafe`` is given (only for files you trust). An existing DST is kept unless
+``--overwrite``; the write is atomic either way. Exit codes: 0 success, 1 unreadable source or
+an object the destination format cannot hold, 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", help="checkpoint to read (.ckpt/.pt/.pth/.bin or .sft/.safetensors)")
+    parser.add_argument("dst", help="checkpoint to write; its suffix picks the format")
+    parser.add_argument("--unsafe", action="store_true", help="allow arbitrary pickled objects in SRC (runs code from the file)")
+    parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+
+
+def run(args: argparse.Namespace) -> int:
+    from lightning_utils.io.errors import CheckpointFormatError, UnsafeCheckpointError
+    from lightning_utils.io.state import checkpoint_format, load_state, save_state
+
+    prog = "lightning-utils convert"
+    try:
+        checkpoint_format(args.src)
+        checkpoint_format(args.dst)
+    except ValueError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    if os.path.exists(args.dst) and not args.overwrite:
+        print(f"{prog}: error: {args.dst} exists; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    if os.path.abspath(args.src) == os.path.abspath(args.dst):
+        print(f"{prog}: error: SRC and DST are the same file", file=sys.stderr)
+        return 2
+    try:
+        obj = load_state(args.src, map_location="cpu", weights_only=False if args.unsafe else None)
+    except UnsafeCheckpointError as exc:
+        print(f"{prog}: error: {exc}\n(re-run with --unsafe only if you trust {args.src})", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, CheckpointFormatError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        save_state(obj, args.dst)
+    except TypeError as exc:
+        print(f"{prog}: error: cannot write {args.dst}: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.dst} ({os.path.getsize(args.dst)} bytes) from {args.src}")
+    return 0

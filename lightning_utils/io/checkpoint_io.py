@@ -1,0 +1,126 @@
+"""``SafetensorsCheckpointIO``: a Lightning ``CheckpointIO`` plugin for ``.sft`` and ``.ckpt``.
+
+``Trainer(plugins=[SafetensorsCheckpointIO()])`` makes every checkpoint the trainer writes or
+reads go through :func:`~lightning_utils.io.save_state` / :func:`~lightning_utils.io.load_state`:
+the suffix picks the format, so ``.ckpt`` files keep working while ``.sft`` files hold the whole
+training state with no pickle. Writes are atomic (temp file beside the target, fsync,
+``os.replace``, directory fsync), unlike fsspec's ``$TMPDIR`` staging (Lightning #21253).
+
+:class:`AsyncCheckpointIO` is Lightning's asynchronous wrapper with one fix: removals are queued
+on the same single worker as saves, so ``ModelCheckpoint``'s top-k removal can never run before
+(or during) the save of the file it removes (Lightning #14035).
+
+This plugin never writes to remote storage and never pickles a ``.sft`` file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.plugins.io import AsyncCheckpointIO as _LightningAsyncCheckpointIO
+from lightning.pytorch.plugins.io import CheckpointIO
+
+from lightning_utils.io.state import load_state, save_state
+
+
+class SafetensorsCheckpointIO(CheckpointIO):
+    """Save and load Lightning checkpoints as ``.sft`` (safetensors) or ``.ckpt`` (torch).
+
+    Thread-safe: a removal of a path waits for an in-progress save of that same path.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Condition()
+        self._saving: dict[str, int] = {}
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(
+                f"{type(self).__name__}.save_checkpoint got storage_options={storage_options!r}, but it takes none; "
+                "subclass it if you need per-save options"
+            )
+        key = os.path.abspath(path)
+        with self._lock:
+            self._saving[key] = self._saving.get(key, 0) + 1
+        try:
+            save_state(checkpoint, path)
+        finally:
+            with self._lock:
+                self._saving[key] -= 1
+                if not self._saving[key]:
+                    del self._saving[key]
+                self._lock.notify_all()
+
+    def load_checkpoint(self, path: str | os.PathLike, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+        if map_location is None:
+            # Lightning's own default: keep every storage on CPU; the strategy moves state later.
+            map_location = _keep_on_cpu
+        return load_state(path, map_location=map_location, weights_only=weights_only)
+
+    def remove_checkpoint(self, path: str | os.PathLike) -> None:
+        key = os.path.abspath(path)
+        with self._lock:
+            self._lock.wait_for(lambda: key not in self._saving)
+            p = Path(path)
+            if p.is_symlink() or p.is_file():
+                p.unlink()
+            elif p.is_dir():
+                shutil.rmtree(p)
+
+
+def _keep_on_cpu(storage: Any, location: str) -> Any:
+    return storage
+
+
+class AsyncCheckpointIO(_LightningAsyncCheckpointIO):
+    """Lightning's ``AsyncCheckpointIO`` with removals ordered after pending saves.
+
+    Use it exactly like Lightning's: ``Trainer(plugins=[AsyncCheckpointIO(SafetensorsCheckpointIO())])``.
+    """
+
+    def remove_checkpoint(self, path: str | os.PathLike) -> None:
+        self._ensure_setup()
+        assert self._executor is not None and self.checkpoint_io is not None
+        base = self.checkpoint_io
+
+        def _remove() -> None:
+            try:
+                base.remove_checkpoint(path)
+            except BaseException as ex:  # surfaced on the next save or at teardown, as saves are
+                self._error = ex
+
+        self._executor.submit(_remove)
+
+
+def ensure_safetensors_checkpoint_io(strategy: Any) -> SafetensorsCheckpointIO:
+    """Make ``strategy`` write checkpoints through a :class:`SafetensorsCheckpointIO`.
+
+    Lightning's default ``TorchCheckpointIO`` (bare or inside a wrapper such as
+    ``AsyncCheckpointIO``) is swapped for ours, which writes ``.ckpt`` identically and adds
+    ``.sft``. Any other custom plugin is left alone and raises, since silently writing a torch
+    zip under a ``.sft`` name is exactly what this must prevent.
+    """
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+    from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
+
+    parent, inner = None, strategy.checkpoint_io
+    while isinstance(inner, _WrappingCheckpointIO):
+        parent, inner = inner, inner.checkpoint_io
+    if isinstance(inner, SafetensorsCheckpointIO):
+        return inner
+    if type(inner) is not TorchCheckpointIO:
+        raise RuntimeError(
+            f"the trainer's checkpoint plugin is {type(inner).__qualname__}, which cannot write '.sft' files; "
+            "pass Trainer(plugins=[SafetensorsCheckpointIO()]) (optionally wrapped in AsyncCheckpointIO)"
+        )
+    ours = SafetensorsCheckpointIO()
+    if parent is None:
+        strategy.checkpoint_io = ours
+    else:
+        parent._checkpoint_io = ours  # the wrapper's setter refuses to replace a configured base
+    return ours

@@ -1,0 +1,83 @@
+"""Loading a ``LightningModule`` from a ``.sft`` checkpoint, and refusing strategies that bypass IO.
+
+``LightningModule.load_from_checkpoint`` calls ``torch.load`` directly and never sees a
+``CheckpointIO`` plugin, so it cannot read ``.sft`` files. :func:`load_from_checkpoint` does the
+same job for every suffix: it reads the file with :func:`~lightning_utils.io.load_state`, runs
+Lightning's checkpoint migration, and hands the dict to Lightning's own module-restoring code, so
+hparams, ``on_load_checkpoint`` and ``strict`` behave exactly as in Lightning.
+
+FSDP (sharded) and DeepSpeed strategies write their own checkpoint formats without calling the
+plugin; :func:`check_strategy_writes_through_checkpoint_io` turns a silent ``.ckpt`` where the
+user asked for ``.sft`` into a clear error.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, TypeVar
+
+import torch
+
+from lightning_utils.io.state import checkpoint_format, load_state
+
+M = TypeVar("M")
+
+
+def load_from_checkpoint(
+    cls: type[M],
+    path: str | os.PathLike,
+    map_location: Any = None,
+    strict: bool | None = None,
+    weights_only: bool | None = None,
+    **kwargs: Any,
+) -> M:
+    """``cls.load_from_checkpoint(path, ...)`` that also reads ``.sft`` checkpoints.
+
+    ``kwargs`` override saved hyperparameters, as in Lightning. With a ``str``/``torch.device``
+    ``map_location`` the module is moved there; otherwise it stays on CPU.
+    """
+    from lightning.pytorch.core.saving import _load_state
+    from lightning.pytorch.utilities.migration import pl_legacy_patch
+    from lightning.pytorch.utilities.migration.utils import _pl_migrate_checkpoint
+
+    checkpoint = load_state(path, map_location=map_location if map_location is not None else "cpu", weights_only=weights_only)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"{os.fspath(path)}: not a Lightning checkpoint (no 'state_dict' key)")
+    with pl_legacy_patch():
+        checkpoint = _pl_migrate_checkpoint(checkpoint, checkpoint_path=path)
+    model = _load_state(cls, checkpoint, strict=strict, **kwargs)  # type: ignore[arg-type]
+    if isinstance(map_location, (str, torch.device)):
+        model = model.to(map_location)  # type: ignore[attr-defined]
+    return model  # type: ignore[return-value]
+
+
+def check_strategy_writes_through_checkpoint_io(strategy: Any, path_or_suffix: str) -> None:
+    """Raise if ``strategy`` would not write ``path_or_suffix`` through the CheckpointIO plugin.
+
+    Only safetensors targets are checked: a ``.ckpt`` under DeepSpeed is what the user gets
+    from Lightning anyway.
+    """
+    suffix = path_or_suffix if path_or_suffix.startswith(".") and os.sep not in path_or_suffix else os.path.splitext(path_or_suffix)[1]
+    try:
+        if checkpoint_format("x" + suffix) != "safetensors":
+            return
+    except ValueError:
+        return
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    name = type(strategy).__name__
+    bypass = None
+    if isinstance(strategy, DeepSpeedStrategy):
+        bypass = "DeepSpeed writes its own checkpoint directories"
+    elif isinstance(strategy, FSDPStrategy):
+        kind = getattr(strategy, "_state_dict_type", None)
+        bypass = f"FSDP (state_dict_type={kind!r}) loads checkpoints with torch directly" + (
+            " and saves sharded ones without the plugin" if kind == "sharded" else ""
+        )
+    elif isinstance(strategy, ModelParallelStrategy):
+        bypass = "ModelParallelStrategy loads checkpoints with torch directly"
+    if bypass:
+        raise RuntimeError(
+            f"{name} bypasses the CheckpointIO plugin ({bypass}), so it cannot write or resume "
+            f"'{suffix}' checkpoints; use '.ckpt' with this strategy"
+        )

@@ -1,0 +1,205 @@
+"""Reading and writing the safetensors file format, byte for byte.
+
+Layout (https://github.com/huggingface/safetensors, "Format"): an 8-byte little-endian header
+length ``N``, ``N`` bytes of JSON header (``{"__metadata__": {str: str}, name: {"dtype",
+"shape", "data_offsets": [begin, end]}}``, padded with spaces), then the data buffer. Files
+written here are read by ``safetensors.safe_open``/``load_file`` and vice versa.
+
+Why our own code rather than ``safetensors.torch.save_file``: we write each tensor straight from
+its memory into the file (no serialised copy of the checkpoint in RAM), inside
+:func:`~lightning_utils.io.atomic.atomic_write`, and we read each entry with one ``readinto`` into
+its own tensor. The reader validates the header completely *before* allocating anything, so a
+garbage, truncated or lying file raises :class:`CheckpointFormatError` and never makes a huge
+allocation. Loaded tensors can be copy-on-write views of a memory map of the file, so loading
+costs no copy; writers must therefore replace files by rename (as ours do), never truncate them. This module never unpickles and never executes anything from a file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import torch
+
+from lightning_utils.io.atomic import write_all
+from lightning_utils.io.errors import CheckpointFormatError
+
+MAX_HEADER_BYTES = 100_000_000  # the limit the reference implementation enforces
+METADATA_KEY = "__metadata__"
+
+# safetensors dtype names <-> torch dtypes (only those this torch build has).
+_DTYPE_NAMES: dict[str, str] = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz",
+    "F8_E8M0": "float8_e8m0fnu", "C64": "complex64",
+}  # fmt: skip
+DTYPE_FROM_NAME: dict[str, torch.dtype] = {
+    k: getattr(torch, v) for k, v in _DTYPE_NAMES.items() if hasattr(torch, v)
+}
+NAME_FROM_DTYPE: dict[torch.dtype, str] = {v: k for k, v in DTYPE_FROM_NAME.items()}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor's record in a safetensors header."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int  # offset into the data buffer
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass(frozen=True)
+class Header:
+    entries: list[Entry]  # in header (file text) order
+    metadata: dict[str, str] | None
+    data_start: int  # absolute file offset of the data buffer
+
+
+def _bytes_view(t: torch.Tensor) -> memoryview:
+    """A zero-copy byte view of a contiguous CPU tensor."""
+    flat = t.reshape(-1).view(torch.uint8)
+    return memoryview(flat.numpy()).cast("B")
+
+
+def write_file(f: BinaryIO, tensors: Sequence[tuple[str, torch.Tensor]], metadata: dict[str, str] | None) -> None:
+    """Write a safetensors file to the binary file object ``f``.
+
+    ``tensors`` are contiguous CPU tensors with unique names; they are laid out by decreasing
+    element size so that every entry is aligned to its dtype.
+    """
+    for name, t in tensors:
+        if t.dtype not in NAME_FROM_DTYPE:
+            raise TypeError(f"tensor {name!r}: dtype {t.dtype} cannot be stored in safetensors")
+        if t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError(f"tensor {name!r}: expected a contiguous CPU tensor")
+    order = sorted(range(len(tensors)), key=lambda i: -tensors[i][1].element_size())
+    header: dict[str, object] = {}
+    if metadata is not None:
+        header[METADATA_KEY] = metadata
+    offset = 0
+    for i in order:
+        name, t = tensors[i]
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": NAME_FROM_DTYPE[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-(8 + len(raw)) % 8)  # pad so the data buffer starts 8-byte aligned
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ValueError(f"safetensors header would be {len(raw)} bytes, over the {MAX_HEADER_BYTES}-byte limit")
+    f.write(struct.pack("<Q", len(raw)))
+    f.write(raw)
+    f.flush()
+    fd = f.fileno()
+    for i in order:
+        t = tensors[i][1]
+        if t.numel():
+            write_all(fd, _bytes_view(t))
+
+
+def _fail(path: str, reason: str) -> CheckpointFormatError:
+    return CheckpointFormatError(path, f"not a valid safetensors file: {reason}")
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def read_header(f: BinaryIO, path: str) -> Header:
+    """Parse and fully validate the header of the safetensors file open as ``f``."""
+    size = os.fstat(f.fileno()).st_size
+    prefix = f.read(8)
+    if len(prefix) < 8:
+        raise _fail(path, f"file is {size} bytes, shorter than the 8-byte header length")
+    (n,) = struct.unpack("<Q", prefix)
+    if n > MAX_HEADER_BYTES:
+        raise _fail(path, f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+    if 8 + n > size:
+        raise _fail(path, f"header length {n} runs past the end of the {size}-byte file (truncated?)")
+    raw = f.read(n)
+    if len(raw) != n:
+        raise _fail(path, "file shrank while reading the header")
+    try:
+        text = raw.decode("utf-8")
+        if not text.startswith("{"):
+            raise ValueError("header does not start with '{'")
+        doc = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise _fail(path, f"header is not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if not isinstance(doc, dict):
+        raise _fail(path, "header is not a JSON object")
+    metadata = doc.pop(METADATA_KEY, None)
+    if metadata is not None:
+        if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise _fail(path, "__metadata__ must map strings to strings")
+    data_len = size - 8 - n
+    entries: list[Entry] = []
+    for name, info in doc.items():
+        if not isinstance(info, dict):
+            raise _fail(path, f"entry {name!r} is not an object")
+        dtype_name, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype_name, str) or dtype_name not in DTYPE_FROM_NAME:
+            raise _fail(path, f"entry {name!r} has an unsupported dtype {dtype_name!r}")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise _fail(path, f"entry {name!r} has an invalid shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+            raise _fail(path, f"entry {name!r} has invalid data_offsets {offsets!r}")
+        begin, end = offsets
+        if not 0 <= begin <= end <= data_len:
+            raise _fail(path, f"entry {name!r} data_offsets {offsets} fall outside the {data_len}-byte data buffer")
+        dtype = DTYPE_FROM_NAME[dtype_name]
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if math.prod(shape) * itemsize != end - begin:
+            raise _fail(path, f"entry {name!r}: shape {shape} of {dtype_name} needs {math.prod(shape) * itemsize} bytes, offsets give {end - begin}")
+        entries.append(Entry(name, dtype, tuple(shape), begin, end))
+    # The entries must tile the data buffer exactly, as the reference implementation requires.
+    cursor = 0
+    for e in sorted(entries, key=lambda e: (e.begin, e.end)):
+        if e.begin != cursor:
+            raise _fail(path, f"entry {e.name!r} starts at {e.begin}, expected {cursor} (overlap or gap)")
+        cursor = e.end
+    if cursor != data_len:
+        raise _fail(path, f"entries cover {cursor} bytes but the data buffer holds {data_len} (truncated or trailing bytes)")
+    return Header(entries, metadata, 8 + n)
+
+
+def read_entry(f: BinaryIO, header: Header, entry: Entry, path: str, mapped: mmap.mmap | None = None) -> torch.Tensor:
+    """One entry as a CPU tensor with a storage of its own.
+
+    With ``mapped`` (a copy-on-write ``mmap`` of the file) the tensor is a zero-copy view of the
+    page cache: writes to it stay private to this process and never reach the file. Otherwise
+    the bytes are read with one ``readinto`` into fresh memory.
+    """
+    start = header.data_start + entry.begin
+    itemsize = torch.empty((), dtype=entry.dtype).element_size()
+    if entry.nbytes == 0:
+        return torch.empty(entry.shape, dtype=entry.dtype)
+    if mapped is not None and start % itemsize == 0:
+        buf = torch.frombuffer(mapped, dtype=torch.uint8, count=entry.nbytes, offset=start)
+    else:
+        buf = torch.empty(entry.nbytes, dtype=torch.uint8)
+        view = memoryview(buf.numpy()).cast("B")
+        f.seek(start)
+        done = 0
+        while done < entry.nbytes:
+            got = f.readinto(view[done:])
+            if not got:
+                raise _fail(path, f"entry {entry.name!r} is truncated")
+            done += got
+    if entry.dtype == torch.bool and bool((buf > 1).any()):
+        raise _fail(path, f"entry {entry.name!r} is BOOL but holds bytes other than 0 and 1")
+    return buf.view(entry.dtype).reshape(entry.shape)

@@ -1,0 +1,202 @@
+"""``save_state`` / ``load_state`` / ``save_weights``: one format-neutral API, picked by suffix.
+
+* ``.sft``, ``.safetensors``, ``.safetensor`` -> safetensors. ``save_state`` stores the *whole*
+  object (a Lightning checkpoint with optimizer, schedulers, loops, callbacks, hparams) in one
+  file: tensors as entries, the rest as a JSON skeleton in the header metadata
+  (:mod:`lightning_utils.io.skeleton`). No pickle, no sidecar file.
+* ``.ckpt``, ``.pt``, ``.pth``, ``.bin`` -> ``torch.save``/``torch.load``
+  (:mod:`lightning_utils.io.torch_file`).
+
+Every write is atomic and durable (:mod:`lightning_utils.io.atomic`). ``load_state`` of a
+``.sft`` written by ``save_state`` gives the same object as ``torch.load`` of the ``.pt`` of the
+same data. Plain safetensors files from other tools load as a flat tensor dict, or as
+``{"module": tensors, **metadata}`` with JSON metadata decoded when they carry metadata beyond
+``format`` (the original utilities' export layout).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap as mmap_module
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from lightning_utils.io import safetensors_file as sft
+from lightning_utils.io.atomic import atomic_write
+from lightning_utils.io.errors import CheckpointFormatError
+from lightning_utils.io.jsonio import json_dumps
+from lightning_utils.io.map_location import check_map_location, place
+from lightning_utils.io.skeleton import SkeletonError, decode, encode
+from lightning_utils.io.torch_file import load_torch, save_torch
+
+SAFETENSORS_SUFFIXES = (".sft", ".safetensors", ".safetensor")
+TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+SKELETON_KEY = "lightning_utils.skeleton"
+
+Format = Literal["safetensors", "torch"]
+
+
+def checkpoint_format(path: str | os.PathLike) -> Format:
+    """The format the suffix of ``path`` selects; ``ValueError`` for any other suffix."""
+    suffix = Path(path).suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        return "safetensors"
+    if suffix in TORCH_SUFFIXES:
+        return "torch"
+    raise ValueError(
+        f"{os.fspath(path)}: cannot tell the checkpoint format from the suffix {suffix or '(none)'!r}; "
+        f"use one of {', '.join(SAFETENSORS_SUFFIXES)} (safetensors) or {', '.join(TORCH_SUFFIXES)} (torch)"
+    )
+
+
+def _check_local(path: str | os.PathLike) -> None:
+    if "://" in os.fspath(path):
+        raise ValueError(f"{os.fspath(path)}: remote paths are not supported; save locally (or use Lightning's TorchCheckpointIO with fsspec)")
+
+
+def save_state(obj: Any, path: str | os.PathLike) -> None:
+    """Save ``obj`` to ``path`` in the format its suffix names, atomically and durably.
+
+    For safetensors, a value that cannot be represented without pickle raises ``TypeError``
+    naming its key path, before anything is written.
+    """
+    _check_local(path)
+    if checkpoint_format(path) == "torch":
+        save_torch(obj, path)
+        return
+    entries, skeleton = encode(obj)
+    metadata = {"format": "pt", SKELETON_KEY: json.dumps(skeleton, separators=(",", ":"), allow_nan=False, ensure_ascii=False)}
+    with atomic_write(path) as f:
+        sft.write_file(f, list(entries.items()), metadata)
+
+
+def save_weights(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> None:
+    """Write a plain safetensors weights file that any safetensors/HF tool loads.
+
+    ``metadata`` values that are ``str`` are stored as they are, ``None`` values are dropped and
+    anything else is stored as JSON. ``load_state`` returns ``{"module": tensors, **metadata}``.
+    """
+    _check_local(path)
+    if checkpoint_format(path) != "safetensors":
+        raise ValueError(f"{os.fspath(path)}: save_weights writes safetensors; use a {'/'.join(SAFETENSORS_SUFFIXES)} suffix")
+    items: list[tuple[str, torch.Tensor]] = []
+    for name, t in tensors.items():
+        if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+            raise TypeError(f"save_weights needs a mapping of str to tensors; got {name!r}: {type(t).__qualname__}")
+        items.append((name, t.detach().cpu().contiguous()))
+    meta = {"format": "pt"}
+    for k, v in (metadata or {}).items():
+        if v is not None:
+            meta[str(k)] = v if isinstance(v, str) else json_dumps(v)
+    with atomic_write(path) as f:
+        sft.write_file(f, items, meta)
+
+
+def load_state(path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None, *, mmap: bool = True) -> Any:
+    """Load what :func:`save_state` saved (or any ``.pt``/safetensors file).
+
+    ``map_location`` takes every form ``torch.load`` accepts. ``weights_only`` applies to torch
+    files (see :mod:`lightning_utils.io.torch_file`); safetensors files never unpickle anything,
+    so it has no effect there. A damaged file raises :class:`CheckpointFormatError`.
+
+    ``mmap=True`` (safetensors only): CPU tensors are copy-on-write views of a memory map of the
+    file, so loading copies nothing and pages are read on first touch; in-place updates stay
+    private to the process. The file may be replaced or deleted meanwhile (our writers rename),
+    but must not be truncated in place. ``mmap=False`` reads every tensor into fresh memory.
+    """
+    _check_local(path)
+    fmt = checkpoint_format(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{os.fspath(path)}: no such checkpoint file")
+    if fmt == "torch":
+        return load_torch(path, map_location=map_location, weights_only=weights_only)
+    check_map_location(map_location)
+    return _load_safetensors(os.fspath(path), map_location, use_mmap=mmap)
+
+
+def _load_safetensors(path: str, map_location: Any, use_mmap: bool) -> Any:
+    with open(path, "rb", buffering=0) as f:
+        header = sft.read_header(f, path)
+        by_name = {e.name: e for e in header.entries}
+        metadata = header.metadata or {}
+        has_data = any(e.nbytes for e in header.entries)
+        mapped = mmap_module.mmap(f.fileno(), 0, access=mmap_module.ACCESS_COPY) if use_mmap and has_data else None
+
+        def entry(name: str, location: str) -> torch.Tensor:
+            if name not in by_name:
+                raise SkeletonError(f"skeleton refers to missing tensor entry {name!r}")
+            return place(sft.read_entry(f, header, by_name[name], path, mapped), location, map_location)
+
+        if SKELETON_KEY in metadata:
+            try:
+                skeleton = json.loads(metadata[SKELETON_KEY])
+                return decode(skeleton, entry)
+            except (SkeletonError, ValueError, RecursionError) as exc:
+                raise CheckpointFormatError(path, f"corrupted lightning-utils skeleton: {exc}") from None
+        tensors = {e.name: entry(e.name, "cpu") for e in header.entries}
+    return _plain_file_object(tensors, metadata)
+
+
+def _plain_file_object(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Any:
+    """A safetensors file without our skeleton: flat tensors, or wrapped with decoded metadata."""
+    extra = {k: v for k, v in metadata.items() if k != "format"}
+    if not extra:
+        return tensors
+    out: dict[str, Any] = {"module": tensors}
+    for k, v in extra.items():
+        try:
+            out[k] = json.loads(v)
+        except ValueError:
+            out[k] = v  # a plain string (e.g. a name), kept as it is
+    return out
+
+
+def read_safetensors_header(path: str | os.PathLike) -> sft.Header:
+    """The validated header of a safetensors file (for inspection tools)."""
+    with open(path, "rb", buffering=0) as f:
+        return sft.read_header(f, os.fspath(path))
+
+
+def load_structure(path: str | os.PathLike, weights_only: bool | None = None) -> Any:
+    """The object :func:`load_state` would return, with every tensor on the ``meta`` device.
+
+    For safetensors files no tensor data is read (only the header), so inspecting a huge
+    checkpoint is instant. Torch files are memory-mapped and their tensors replaced by meta ones.
+    """
+    _check_local(path)
+    fmt = checkpoint_format(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{os.fspath(path)}: no such checkpoint file")
+    if fmt == "torch":
+        return load_torch(path, map_location="meta", weights_only=weights_only)
+    path = os.fspath(path)
+    header = read_safetensors_header(path)
+    by_name = {e.name: e for e in header.entries}
+    metadata = header.metadata or {}
+
+    def entry(name: str, location: str) -> torch.Tensor:
+        if name not in by_name:
+            raise SkeletonError(f"skeleton refers to missing tensor entry {name!r}")
+        e = by_name[name]
+        return torch.empty(e.shape, dtype=e.dtype, device="meta")
+
+    if SKELETON_KEY in metadata:
+        try:
+            return decode(json.loads(metadata[SKELETON_KEY]), entry)
+        except (SkeletonError, ValueError, RecursionError) as exc:
+            raise CheckpointFormatError(path, f"corrupted lightning-utils skeleton: {exc}") from None
+    return _plain_file_object({e.name: entry(e.name, "cpu") for e in header.entries}, metadata)
+
+
+def pick_path(path: str | os.PathLike, *suffixes: str) -> Path:
+    """The first ``path.with_suffix(s)`` that exists, in the order given; else ``path`` itself."""
+    path = Path(path)
+    for suffix in suffixes:
+        candidate = path.with_suffix(suffix)
+        if candidate.exists():
+            return candidate
+    return path
