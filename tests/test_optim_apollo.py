@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lightning_utils.io import load_state, save_state
 from lightning_utils.optim import Apollo, ApolloMini, apollo_param_groups, uses_apollo
 from lightning_utils.optim.projection import projection_seed, random_projection
 
@@ -289,8 +290,9 @@ def _assert_plain_state(state_dict):
             assert torch.is_tensor(value) or isinstance(value, (int, float)), (key, type(value))
 
 
+@pytest.mark.parametrize("suffix", [".pt", ".sft"])
 @pytest.mark.parametrize("proj", ["random", "svd"])
-def test_state_dict_roundtrips_weights_only_and_resumes_bit_identically(proj):
+def test_state_dict_roundtrips_weights_only_and_resumes_bit_identically(proj, suffix, tmp_path):
     def build():
         params = [_param(40, 24, seed=1), _param(24, 40, seed=2), _param(24, seed=3), _param(3, 4, 5, seed=4)]
         return params, Apollo(params, lr=1e-2, rank=4, update_proj_gap=3, proj=proj, weight_decay=0.01)
@@ -308,12 +310,11 @@ def test_state_dict_roundtrips_weights_only_and_resumes_bit_identically(proj):
 
     params, opt = build()
     run(params, opt, range(4))  # stop mid-gap: the cached projection must be rebuilt on resume
-    buffer = io.BytesIO()
-    torch.save({"opt": opt.state_dict(), "params": [p.detach() for p in params]}, buffer)
     _assert_plain_state(opt.state_dict())
-
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
+    path = tmp_path / f"state{suffix}"
+    save_state({"opt": opt.state_dict(), "params": [p.detach() for p in params]}, path)
+    # .pt: torch.load(weights_only=True); .sft: safetensors + JSON skeleton, no pickle at all
+    saved = torch.load(path, weights_only=True) if suffix == ".pt" else load_state(path)
     torch.manual_seed(987654)  # any global RNG state
     new_params, new_opt = build()
     with torch.no_grad():

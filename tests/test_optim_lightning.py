@@ -196,7 +196,7 @@ def _run_script(*args: str) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("suffix", [".ckpt"])
+@pytest.mark.parametrize("suffix", [".ckpt", ".sft"])
 def test_resume_in_fresh_process_is_bit_identical(tmp_path, suffix):
     _run_script("--out", str(tmp_path / "full.pt"), "--save-dir", str(tmp_path), "--suffix", suffix)
     ckpt = tmp_path / f"epoch0{suffix}"
@@ -206,6 +206,12 @@ def test_resume_in_fresh_process_is_bit_identical(tmp_path, suffix):
         state = checkpoint["optimizer_states"][0]["state"]
         assert all(torch.is_tensor(v) or isinstance(v, (int, float)) for s in state.values() for v in s.values())
         assert checkpoint["global_step"] == 5
+    else:
+        from lightning_utils.io import load_state
+
+        checkpoint = load_state(ckpt)  # the whole Lightning checkpoint, optimizer state included
+        assert checkpoint["global_step"] == 5
+        assert checkpoint["optimizer_states"][0]["state"][0]["seed"] == 1
     _run_script("--out", str(tmp_path / "resumed.pt"), "--resume", str(ckpt), "--seed", "1234", "--suffix", suffix)
     full = torch.load(tmp_path / "full.pt", weights_only=True)
     resumed = torch.load(tmp_path / "resumed.pt", weights_only=True)
