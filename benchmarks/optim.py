@@ -155,11 +155,15 @@ def optimizers(rank: int, gap: int, lr: float | None = None) -> dict[str, Optimi
     }
     if APOLLOAdamW is not None:
         table[f"upstream Apollo(r={rank})"] = lambda g: APOLLOAdamW(
-            upstream_groups(g, rank=rank, proj="random", scale_type="channel", scale=1, update_proj_gap=gap, proj_type="std"),
+            upstream_groups(
+                g, rank=rank, proj="random", scale_type="channel", scale=1, update_proj_gap=gap, proj_type="std"
+            ),
             **kw(1e-3),
         )
         table["upstream Mini"] = lambda g: APOLLOAdamW(
-            upstream_groups(g, rank=1, proj="random", scale_type="tensor", scale=128, update_proj_gap=gap, proj_type="std"),
+            upstream_groups(
+                g, rank=1, proj="random", scale_type="tensor", scale=128, update_proj_gap=gap, proj_type="std"
+            ),
             **kw(1e-3),
         )
     return table
@@ -201,12 +205,20 @@ def time_steps(built: dict[str, torch.optim.Optimizer], steps: int, rounds: int)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def report(title: str, built: dict[str, torch.optim.Optimizer], times: dict[str, float], projected: list[torch.Tensor]) -> None:
+def report(
+    title: str,
+    built: dict[str, torch.optim.Optimizer],
+    times: dict[str, float],
+    projected: list[torch.Tensor],
+) -> None:
     base_name = "AdamW(foreach)"
     base_state = state_bytes(built[base_name], projected)
     base_time = times[base_name]
     print(f"\n## {title}")
-    print(f"{'optimizer':<26}{'state MiB (all)':>16}{'on projected':>14}{'vs AdamW':>10}{'proj cache MiB':>16}{'step ms':>10}{'vs AdamW':>10}")
+    print(
+        f"{'optimizer':<26}{'state MiB (all)':>16}{'on projected':>14}{'vs AdamW':>10}"
+        f"{'proj cache MiB':>16}{'step ms':>10}{'vs AdamW':>10}"
+    )
     for name, optimizer in built.items():
         projected_bytes = state_bytes(optimizer, projected)
         print(
@@ -228,14 +240,16 @@ def report(title: str, built: dict[str, torch.optim.Optimizer], times: dict[str,
 
 def bench_matrices(args: argparse.Namespace) -> None:
     gen = torch.Generator().manual_seed(0)
-    params = [nn.Parameter(torch.randn(args.matrix_size, args.matrix_size, generator=gen)) for _ in range(args.matrices)]
+    size = args.matrix_size
+    params = [nn.Parameter(torch.randn(size, size, generator=gen)) for _ in range(args.matrices)]
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen) * 1e-2
     built = {name: make([{"params": params}]) for name, make in optimizers(args.rank, args.gap).items()}
     for optimizer in built.values():
         optimizer.step()  # allocate state and draw the projections (refresh cost not timed)
     times = time_steps(built, args.time_steps, args.rounds)
-    report(f"{args.matrices} x {args.matrix_size}x{args.matrix_size} matrices (fp32, update_proj_gap={args.gap})", built, times, params)
+    title = f"{args.matrices} x {size}x{size} matrices (fp32, update_proj_gap={args.gap})"
+    report(title, built, times, params)
 
 
 def bench_lm_step(args: argparse.Namespace) -> None:
@@ -273,7 +287,8 @@ def bench_loss(args: argparse.Namespace) -> None:
     }
     print(
         f"\n## loss after {args.loss_steps} steps (d_model {d_model}, {layers} layers, vocab {args.loss_vocab}, "
-        f"seq {args.loss_seq_len}, batch {args.batch_size}; WarmupLR {args.loss_steps // 10}; entropy floor {floor:.3f})"
+        f"seq {args.loss_seq_len}, batch {args.batch_size}; WarmupLR {args.loss_steps // 10}; "
+        f"entropy floor {floor:.3f})"
     )
     best: dict[str, tuple[float, float]] = {}
     for name, lrs in grid.items():
@@ -319,8 +334,8 @@ def main() -> None:
     parser.add_argument("--loss-vocab", type=int, default=256)
     parser.add_argument("--loss-seq-len", type=int, default=64)
     parser.add_argument("--adamw-lrs", default="1e-3,3e-3,1e-2")
-    parser.add_argument("--apollo-lrs", default="3e-3,1e-2,3e-2")
-    parser.add_argument("--mini-lrs", default="3e-3,1e-2,3e-2")
+    parser.add_argument("--apollo-lrs", default="1e-3,3e-3,1e-2")
+    parser.add_argument("--mini-lrs", default="1e-3,3e-3,1e-2")
     parser.add_argument("--sections", default="matrices,lm,loss", help="comma list of matrices,lm,loss")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: stable CPU times)")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")

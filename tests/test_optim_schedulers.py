@@ -41,7 +41,10 @@ def test_noam_values():
     )
 
 
-@pytest.mark.parametrize("scheduler_cls,kwargs", [(WarmupLR, {"warmup_steps": 3, "decay_factor": 0.2}), (NoamLR, {"warmup_steps": 3, "d_model": 64})])
+@pytest.mark.parametrize(
+    "scheduler_cls,kwargs",
+    [(WarmupLR, {"warmup_steps": 3, "decay_factor": 0.2}), (NoamLR, {"warmup_steps": 3, "d_model": 64})],
+)
 def test_state_dict_resume_continues_the_schedule(scheduler_cls, kwargs):
     full = _lrs(scheduler_cls, 8, **kwargs)
     opt = _optimizer()
@@ -63,7 +66,10 @@ def test_state_dict_resume_continues_the_schedule(scheduler_cls, kwargs):
 
 def test_multiple_groups_scale_their_own_base_lr():
     opt = torch.optim.SGD(
-        [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1.0}, {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.1}]
+        [
+            {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1.0},
+            {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.1},
+        ]
     )
     WarmupLR(opt, warmup_steps=2)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.5, 0.05])
