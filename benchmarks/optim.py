@@ -328,7 +328,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--time-steps", type=int, default=5, help="steps per timing round")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median)")
-    parser.add_argument("--loss-steps", type=int, default=150, help="0 skips the loss section")
+    parser.add_argument("--loss-steps", type=int, default=None, help="default 150 (40 with --quick); 0 skips")
     parser.add_argument("--loss-d-model", type=int, default=128)
     parser.add_argument("--loss-layers", type=int, default=2)
     parser.add_argument("--loss-vocab", type=int, default=256)
@@ -342,7 +342,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.matrix_size, args.matrices, args.d_model, args.layers = 1024, 1, 128, 2
-        args.loss_steps, args.rounds, args.time_steps = 40, 3, 3
+        args.rounds, args.time_steps = 3, 3
+    if args.loss_steps is None:
+        args.loss_steps = 40 if args.quick else 150
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); step times are CPU ms (median)")
     sections = set(args.sections.split(","))
