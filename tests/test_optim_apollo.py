@@ -388,6 +388,8 @@ def test_exclude_dims_and_min_numel_route_matrices_to_adamw():
     assert opt.state[small]["exp_avg"].shape == (4, 4)
     assert opt.state[hidden]["exp_avg"].shape == (2, 64)
     assert not opt.uses_projection(embedding) and opt.uses_projection(hidden)
+    with pytest.raises(ValueError, match="not a parameter"):
+        opt.uses_projection(torch.zeros(3, 3))
     assert uses_apollo((16, 64), rank=2) and not uses_apollo((16,), rank=2)
 
 

@@ -236,7 +236,9 @@ class Apollo(Optimizer):
     def uses_projection(self, param: torch.Tensor, group: dict[str, Any] | None = None) -> bool:
         """Whether ``param`` gets the APOLLO update (else AdamW) under its group's options."""
         if group is None:
-            group = next(g for g in self.param_groups if any(p is param for p in g["params"]))
+            group = next((g for g in self.param_groups if any(p is param for p in g["params"])), None)
+            if group is None:
+                raise ValueError("uses_projection: the tensor is not a parameter of this optimizer")
         return uses_apollo(
             param.shape, rank=group["rank"], min_numel=group["min_numel"], exclude_dims=group["exclude_dims"]
         )
