@@ -18,6 +18,12 @@ _LAZY = {
     "save_state": "lightning_utils.io",
     "load_state": "lightning_utils.io",
     "SafetensorsCheckpointIO": "lightning_utils.io",
+    "DelayedPatternProvider": "lightning_utils.patterns",
+    "PoolSampler": "lightning_utils.samplers",
+    "OrderedSampler": "lightning_utils.samplers",
+    "BatchedOrderedSampler": "lightning_utils.samplers",
+    "RandomSampler": "lightning_utils.samplers",
+    "ResumableDataLoader": "lightning_utils.dataloader",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -11,6 +11,12 @@ from typing import Any
 
 _LAZY = {
     "SafetensorsModelCheckpoint": "lightning_utils.callbacks.safetensors_model_checkpoint",
+    "ActivationOffload": "lightning_utils.callbacks.activation_offload",
+    "ReplaceModules": "lightning_utils.callbacks.replace_modules",
+    "CompileModules": "lightning_utils.callbacks.compile_modules",
+    "TrainingControl": "lightning_utils.callbacks.training_control",
+    "ExportWeights": "lightning_utils.callbacks.export_weights",
+    "MetricsPrinter": "lightning_utils.callbacks.metrics_printer",
 }
 
 __all__ = list(_LAZY)

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("lightning_utils.cli.inspect", "show the tree of a .sft/.ckpt checkpoint"),
     "convert": ("lightning_utils.cli.convert", "convert a checkpoint between .ckpt/.pt and .sft"),
+    "plot": ("lightning_utils.cli.plot", "draw metrics from a MetricsPrinter JSON-lines file against step"),
 }
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 

@@ -1,0 +1,174 @@
+"""Resumable data position: ours (ResumableDataLoader + RandomSampler) vs torchdata's StatefulDataLoader.
+
+    .venv/bin/pip install torchdata        # only for this benchmark; not a dependency
+    python benchmarks/samplers.py [--sizes 1e6 1e8] [--batch-size 32] [--batches 3000]
+
+In one run it prints:
+
+* for each dataset size: the size of the loader state (``torch.save`` bytes) after a few
+  batches, the time to save it, restore it into a new loader and get the first batch, and the
+  peak extra RSS during that restore, for ours and for ``StatefulDataLoader(shuffle=True)``;
+* the per-batch time of ``ResumableDataLoader`` vs a plain ``DataLoader`` over the same
+  sampler (the loader's own overhead, goal <= 1.05x), and vs a plain ``DataLoader(shuffle=True)``
+  with torch's ``RandomSampler`` (the whole cost of switching, sampler included).
+
+Single process (num_workers=0) so the numbers measure the loaders, not worker start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import io
+import os
+import statistics
+import threading
+import time
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_utils.dataloader import ResumableDataLoader
+from lightning_utils.samplers import RandomSampler
+
+
+class IndexDataset(Dataset):
+    """A map-style dataset of ``n`` items that returns the index (no data cost)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Samples RSS every millisecond on a thread; ``extra`` is the peak above the starting RSS."""
+
+    def __enter__(self) -> "PeakRSS":
+        gc.collect()
+        self.start = self.peak = rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+        self.extra = self.peak - self.start
+
+
+def state_roundtrip(make_loader, warmup_batches: int = 5) -> dict:
+    """Consume a few batches, then time save -> bytes -> new loader -> load -> first batch."""
+    reference = iter(make_loader())  # the uninterrupted run: what must come after the warm-up
+    for _ in range(warmup_batches):
+        next(reference)
+    expected = next(reference)
+    del reference
+    loader = make_loader()
+    it = iter(loader)
+    for _ in range(warmup_batches):
+        next(it)
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        buf = io.BytesIO()
+        torch.save(loader.state_dict(), buf)
+        size = buf.tell()
+        buf.seek(0)
+        restored = make_loader()
+        restored.load_state_dict(torch.load(buf, weights_only=False))
+        first = next(iter(restored))
+        elapsed = time.perf_counter() - t0
+    assert torch.equal(torch.as_tensor(first), torch.as_tensor(expected)), "restore did not continue exactly"
+    del it, loader, restored
+    gc.collect()
+    return {"bytes": size, "seconds": elapsed, "rss": mem.extra}
+
+
+def per_batch_seconds(make_loader, batches: int, repeat: int = 5) -> float:
+    times = []
+    for _ in range(repeat):
+        loader = make_loader()
+        it = iter(loader)
+        next(it)  # exclude iterator start-up
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            next(it)
+        times.append((time.perf_counter() - t0) / batches)
+    return statistics.median(times)
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=float, nargs="+", default=[1e6, 1e8], help="dataset sizes")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batches", type=int, default=3000, help="batches timed for the per-batch overhead")
+    args = parser.parse_args()
+    try:
+        from torchdata.stateful_dataloader import StatefulDataLoader
+    except ImportError:
+        raise SystemExit("this benchmark compares against torchdata: .venv/bin/pip install torchdata") from None
+
+    bs = args.batch_size
+    print(f"torch {torch.__version__}, batch_size={bs}, num_workers=0\n")
+    print("save + restore + first batch (state after 5 batches)")
+    print(f"{'items':>12} {'loader':<22} {'state':>10} {'time':>10} {'peak extra RSS':>15}")
+    for size in args.sizes:
+        n = int(size)
+        ds = IndexDataset(n)
+        rows = {
+            "ours": lambda: ResumableDataLoader(ds, batch_size=bs, sampler=RandomSampler(n, seed=0)),
+            "torchdata Stateful": lambda: StatefulDataLoader(
+                ds, batch_size=bs, shuffle=True, generator=torch.Generator().manual_seed(0)
+            ),
+        }
+        results = {}
+        for name, make in rows.items():
+            r = results[name] = state_roundtrip(make)
+            print(f"{n:>12.0e} {name:<22} {fmt_bytes(r['bytes']):>10} {r['seconds'] * 1e3:>8.2f}ms {fmt_bytes(r['rss']):>15}")
+        ours, theirs = results["ours"], results["torchdata Stateful"]
+        print(
+            f"{'':>12} {'ratio torchdata/ours':<22} {theirs['bytes'] / ours['bytes']:>9.1f}x "
+            f"{theirs['seconds'] / ours['seconds']:>9.0f}x"
+        )
+
+    n = 1_000_000
+    ds = IndexDataset(n)
+    print(f"\nper-batch time over {args.batches} batches of {bs} ({n:.0e} items, median of 5)")
+    plain_same = per_batch_seconds(lambda: DataLoader(ds, batch_size=bs, sampler=RandomSampler(n, seed=0)), args.batches)
+    ours = per_batch_seconds(lambda: ResumableDataLoader(ds, batch_size=bs, sampler=RandomSampler(n, seed=0)), args.batches)
+    plain_torch = per_batch_seconds(lambda: DataLoader(ds, batch_size=bs, shuffle=True), args.batches)
+    stateful = per_batch_seconds(
+        lambda: StatefulDataLoader(ds, batch_size=bs, shuffle=True, generator=torch.Generator().manual_seed(0)), args.batches
+    )
+    print(f"  DataLoader(sampler=our RandomSampler)      {plain_same * 1e6:8.1f} us")
+    print(f"  ResumableDataLoader(our RandomSampler)     {ours * 1e6:8.1f} us   {ours / plain_same:.3f}x the plain loader (goal <= 1.05x)")
+    print(f"  DataLoader(shuffle=True), torch sampler    {plain_torch * 1e6:8.1f} us   ours is {ours / plain_torch:.3f}x")
+    print(f"  torchdata StatefulDataLoader(shuffle=True) {stateful * 1e6:8.1f} us   ours is {ours / stateful:.3f}x")
+
+
+if __name__ == "__main__":
+    main()

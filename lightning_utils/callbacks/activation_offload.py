@@ -1,0 +1,96 @@
+"""``ActivationOffload``: run chosen submodules as offloaded activation checkpoints.
+
+Each matching submodule (say every transformer block) keeps only its inputs during the forward,
+copied to pinned host memory on CUDA, and recomputes its forward in backward on the input's
+original device. Memory for activations drops to about one block's worth plus the (host-side)
+block inputs, for the price of one extra forward per block. On CPU-only runs the inputs are not
+copied anywhere (there is no device memory to save) but the blocks are still checkpointed.
+
+The callback acts in ``setup`` (and right after ``configure_model``), before the checkpoint
+restore and before the optimizers exist; it changes no parameter and no state-dict key, so
+checkpoints with and without it are interchangeable. It must never wrap a module twice or
+offload parameters and buffers. The mechanism lives in ``lightning_utils.offload``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+
+from lightning_utils.model_surgery import check_not_wrapped, transform_before_restore
+from lightning_utils.module_targets import Target, resolve_target
+from lightning_utils.offload import apply_activation_offload
+
+__all__ = ["ActivationOffload"]
+
+
+class ActivationOffload(Callback):
+    """Offloaded activation checkpointing for every submodule matching ``target``.
+
+    Args:
+        target: a module class (e.g. your transformer block), a tuple of classes, an import
+            path such as ``"my_pkg.model.Block"``, or a predicate ``(name, module) -> bool``.
+        pin_memory: copy into page-locked host memory, which makes the copies asynchronous.
+        min_bytes: tensor inputs smaller than this are kept where they are (not copied).
+        offload: ``False`` gives plain recompute checkpointing without the host copies.
+        include / exclude: qualified-name patterns (prefix or glob) limiting where to look;
+            ``exclude`` wins; ``None`` means everywhere.
+        verbose: log the wrapped module names on rank zero.
+
+    Example::
+
+        trainer = Trainer(callbacks=[ActivationOffload(target=TransformerBlock)])
+    """
+
+    def __init__(
+        self,
+        target: Target,
+        pin_memory: bool = True,
+        min_bytes: int = 0,
+        offload: bool = True,
+        include: Iterable[str] | None = None,
+        exclude: Iterable[str] | None = None,
+        verbose: bool = False,
+    ) -> None:
+        resolve_target(target)  # fail at construction on a bad target, naming the argument
+        if not isinstance(min_bytes, int) or min_bytes < 0:
+            raise ValueError(f"`min_bytes` must be an int >= 0, got {min_bytes!r}")
+        self.target = target
+        self.pin_memory = pin_memory
+        self.min_bytes = min_bytes
+        self.offload = offload
+        self.include = None if include is None else list(include)
+        self.exclude = None if exclude is None else list(exclude)
+        self.verbose = verbose
+        self.wrapped: list[str] = []
+        """Qualified names of the modules wrapped so far."""
+
+    def apply(self, module: nn.Module) -> nn.Module:
+        """Wrap the matching submodules of a plain ``nn.Module`` (in place) and return it."""
+        check_not_wrapped(module)
+        names = apply_activation_offload(
+            module,
+            self.target,
+            pin_memory=self.pin_memory,
+            min_bytes=self.min_bytes,
+            offload=self.offload,
+            include=self.include,
+            exclude=self.exclude,
+        )
+        self.wrapped.extend(names)
+        if names and self.verbose:
+            rank_zero_info(f"ActivationOffload: wrapped {len(names)} modules: {', '.join(names)}")
+        return module
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        transform_before_restore(pl_module, f"ActivationOffload@{id(self)}", self.apply)
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.wrapped:
+            rank_zero_warn(
+                f"ActivationOffload: no submodule matched target={self.target!r}; nothing is "
+                "checkpointed"
+            )

@@ -1,0 +1,358 @@
+"""``ResumableDataLoader``: a ``DataLoader`` whose position Lightning saves and restores.
+
+Lightning stores ``state_dict()`` of every train loader that has ``state_dict`` and
+``load_state_dict`` under ``checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]``
+and calls ``load_state_dict`` before it creates the iterator. This loader's state is the
+position of its :class:`~lightning_utils.samplers.ResumableSampler` after the batches the
+training loop has **consumed**: the batches handed to the main process, minus the ones
+Lightning's fetcher still holds (its one-batch prefetch for loaders without a length, V5).
+It is never the sampler's own counter, which runs ``num_workers * prefetch_factor`` batches
+ahead (V3). Restoring is O(1): the skip is folded into the sampler's position, no sample is
+fetched or discarded.
+
+Behaviour worth knowing:
+
+- A new pass (``iter()``) starts where the previous pass's *consumption* stopped, so batches
+  that workers prefetched but the loop never used are not lost, with or without a restart.
+- The iterator is lazy: the sampler's pass starts at the first ``next()``, so Lightning's
+  ``set_epoch`` (called after ``iter()``) is honoured and a restored position of the same epoch
+  is kept (#21938).
+- If Lightning built the loader early and never restored it (``estimated_stepping_batches`` in
+  ``configure_optimizers``, #20550), the first ``next()`` applies the stashed state itself (a
+  loader without a length, whose first batch Lightning prefetched too early, raises instead).
+- The position survives ``Trainer.fit`` returning: ``trainer.save_checkpoint`` afterwards
+  records where training stopped (V6). Lightning itself, however, counts an epoch stopped by
+  ``max_steps`` as completed and calls ``set_epoch(next)`` on resume, so a run resumed from
+  such a checkpoint starts the next epoch; checkpoints written during ``fit`` (e.g.
+  ``ModelCheckpoint(every_n_train_steps=...)``) resume mid-epoch exactly.
+- The samplers subclass ``DistributedSampler``, and with ``batch_sampler=`` ``loader.sampler``
+  is that batch sampler, so Lightning's ``use_distributed_sampler=True`` leaves the loader as
+  it is (V7); the samplers shard themselves.
+
+This module must never fast-forward by fetching data, never keep a strong reference to a
+running worker iterator, and never accept a sampler it cannot resume (it raises instead).
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+import weakref
+from collections.abc import Iterator, Mapping
+from typing import Any, Callable, Optional
+
+from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, SequentialSampler
+
+from lightning_utils.samplers.base import Pass, ResumableSampler
+from lightning_utils.samplers.ordered import OrderedSampler
+from lightning_utils.samplers.pool import default_seed
+from lightning_utils.samplers.random import RandomSampler
+
+__all__ = ["ResumableDataLoader"]
+
+_STATE_NAME = "ResumableDataLoader"
+_STATE_VERSION = 1
+
+
+def _find_prefetcher() -> Optional["weakref.ReferenceType[Any]"]:
+    """The Lightning ``_PrefetchDataFetcher`` iterating this loader, if any (looked up once per pass).
+
+    Lightning gives the loader no handle on its fetcher, so we look for it among our callers:
+    ``iter(loader)`` is called from inside the fetcher's ``__iter__`` / ``__next__``.
+    """
+    module = sys.modules.get("lightning.pytorch.loops.fetchers")
+    cls = getattr(module, "_PrefetchDataFetcher", None) if module is not None else None
+    if cls is None:
+        return None
+    frame = sys._getframe(2)
+    for _ in range(16):
+        if frame is None:
+            return None
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, cls):
+            return weakref.ref(candidate)
+        frame = frame.f_back
+    return None
+
+
+def _apply_skipped_lightning_restore(can_apply: bool) -> None:
+    """Load loader states that Lightning stashed but never applied (#20550).
+
+    When ``configure_optimizers`` reads ``trainer.estimated_stepping_batches``, Lightning builds the
+    train loader before restoring the checkpoint and later skips ``_load_combined_loader_states``,
+    so a resumed run would silently restart the epoch. Our iterator is lazy, so at the first
+    ``next()`` of a pass it is still in time (``can_apply``): load the stashed states now. Later
+    (a loader without a length had its first batch prefetched before the restore) it is too
+    late, and this raises instead of training on the wrong samples.
+    """
+    module = sys.modules.get("lightning.pytorch.loops.training_epoch_loop")
+    cls = getattr(module, "_TrainingEpochLoop", None) if module is not None else None
+    if cls is None:
+        return
+    frame = sys._getframe(2)
+    for _ in range(16):
+        if frame is None:
+            return
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, cls):
+            fit_loop = getattr(candidate.trainer, "fit_loop", None)
+            if fit_loop is None or not fit_loop.restarting or not getattr(fit_loop, "_combined_loader_states_to_load", None):
+                return
+            if not can_apply:
+                raise RuntimeError(
+                    "ResumableDataLoader: Lightning never restored the train loader's position (it built the loader "
+                    "before loading the checkpoint, e.g. for `trainer.estimated_stepping_batches` in "
+                    "`configure_optimizers`, Lightning #20550) and, the loader having no length, already drew a "
+                    "batch from the start of the epoch. Give the sampler a length or compute the schedule "
+                    "without `estimated_stepping_batches`."
+                )
+            warnings.warn(
+                "ResumableDataLoader: Lightning skipped restoring the train loader's position (it built the "
+                "loader early, e.g. for `trainer.estimated_stepping_batches`, Lightning #20550); restoring it "
+                "now, before the first batch.",
+                stacklevel=2,
+            )
+            fit_loop._load_combined_loader_states()
+            return
+        frame = frame.f_back
+
+
+class _PassTracker:
+    """What the loader knows about one pass: its plan and the batches handed out."""
+
+    __slots__ = ("plan", "yielded", "fetcher", "held_after")
+
+    def __init__(self, plan: Pass, fetcher: Optional["weakref.ReferenceType[Any]"]) -> None:
+        self.plan = plan
+        self.yielded = 0
+        self.fetcher = fetcher
+        self.held_after = 0  # batches the fetcher held after our last next(), for after teardown
+
+    def note_fetcher(self, returned: bool) -> None:
+        fetcher = self.fetcher() if self.fetcher is not None else None
+        if fetcher is None:
+            return
+        buffered = returned and fetcher.length is None and fetcher.prefetch_batches > 0
+        self.held_after = len(fetcher.batches) + (1 if buffered else 0)
+
+    def consumed(self) -> int:
+        held = 0
+        fetcher = self.fetcher() if self.fetcher is not None else None
+        if fetcher is not None:
+            # A torn-down fetcher (fit returned) has dropped its buffer: use what we recorded.
+            held = len(fetcher.batches) if fetcher.iterator is not None else self.held_after
+        return max(0, self.yielded - held)
+
+
+class _ResumableIterator(Iterator[Any]):
+    """Lazy iterator: starts the sampler's pass and the DataLoader iterator at the first ``next()``."""
+
+    def __init__(self, loader: "ResumableDataLoader", fetcher: Optional["weakref.ReferenceType[Any]"]) -> None:
+        self._loader = loader
+        self._fetcher = fetcher
+        self._inner: Optional[Iterator[Any]] = None
+        self._tracker: Optional[_PassTracker] = None
+
+    def __iter__(self) -> "_ResumableIterator":
+        return self
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def _start(self) -> _PassTracker:
+        _apply_skipped_lightning_restore(can_apply=True)
+        loader = self._loader
+        sampler = loader._resumable
+        previous = loader._tracker
+        if previous is not None:
+            # Continue where the loop stopped consuming, not where prefetching stopped.
+            state = loader._sampler_state(previous)
+            sampler._rewind(state["epoch"], state["position"])
+        tracker = _PassTracker(sampler._plan_pass(), self._fetcher)
+        loader._tracker = tracker
+        self._inner = DataLoader.__iter__(loader)
+        return tracker
+
+    def __next__(self) -> Any:
+        tracker = self._tracker
+        if tracker is None:
+            tracker = self._tracker = self._start()
+        assert self._inner is not None
+        try:
+            batch = next(self._inner)
+        except StopIteration:
+            tracker.note_fetcher(returned=False)
+            raise
+        tracker.yielded += 1
+        if tracker.fetcher is not None:
+            tracker.note_fetcher(returned=True)
+            if tracker.yielded == 2:  # the first batch may have been prefetched before a skipped restore
+                _apply_skipped_lightning_restore(can_apply=False)
+        return batch
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` with ``state_dict`` / ``load_state_dict`` for exact mid-epoch resume.
+
+    Takes the arguments of ``torch.utils.data.DataLoader``. The index order must come from a
+    sampler of :mod:`lightning_utils.samplers`:
+
+    - ``sampler=`` one of them (with ``batch_size``), or
+    - ``batch_sampler=`` a :class:`~lightning_utils.samplers.BatchedOrderedSampler` (or a
+      ``torch.utils.data.BatchSampler`` over one of them), or
+    - neither: ``shuffle=True`` builds a ``RandomSampler(len(dataset))`` seeded from
+      ``generator`` (else ``PL_GLOBAL_SEED``, else 0) and ``shuffle=False`` an ``OrderedSampler``.
+
+    Any other sampler raises ``TypeError``; ``in_order=False`` raises ``ValueError`` (batches
+    would arrive out of order and no position could describe what was consumed). Iterate one
+    iterator at a time.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset[Any],
+        batch_size: Optional[int] = 1,
+        shuffle: Optional[bool] = None,
+        sampler: Any = None,
+        batch_sampler: Any = None,
+        num_workers: int = 0,
+        collate_fn: Optional[Callable[[list[Any]], Any]] = None,
+        pin_memory: bool = False,
+        drop_last: bool = False,
+        timeout: float = 0,
+        worker_init_fn: Optional[Callable[[int], None]] = None,
+        multiprocessing_context: Any = None,
+        generator: Any = None,
+        *,
+        prefetch_factor: Optional[int] = None,
+        persistent_workers: bool = False,
+        pin_memory_device: str = "",
+        in_order: bool = True,
+    ) -> None:
+        if isinstance(dataset, IterableDataset):
+            raise TypeError(
+                "ResumableDataLoader: `dataset` is an IterableDataset; its position lives in the dataset, "
+                "not in a sampler. Use a map-style dataset with a lightning_utils sampler."
+            )
+        if not in_order:
+            raise ValueError("ResumableDataLoader: `in_order=False` cannot be resumed exactly; use in_order=True")
+        batch_units = 1
+        loader_drop_last = False
+        if batch_sampler is not None:
+            # Lightning's predict loop wraps the batch sampler to record indices; look inside.
+            inner = getattr(batch_sampler, "_batch_sampler", batch_sampler)
+            if isinstance(inner, ResumableSampler):
+                resumable = inner
+            elif isinstance(inner, BatchSampler) and isinstance(inner.sampler, ResumableSampler):
+                resumable = inner.sampler
+                batch_units, loader_drop_last = inner.batch_size, inner.drop_last
+            else:
+                raise TypeError(
+                    "ResumableDataLoader: `batch_sampler` must be a lightning_utils.samplers sampler (e.g. "
+                    "BatchedOrderedSampler) or a torch BatchSampler over one, got "
+                    f"{type(batch_sampler).__name__}"
+                )
+        else:
+            if sampler is None:
+                if shuffle:
+                    seed = generator.initial_seed() if generator is not None else default_seed()
+                    sampler = RandomSampler(len(dataset), seed=seed)  # type: ignore[arg-type]
+                else:
+                    sampler = OrderedSampler(len(dataset))  # type: ignore[arg-type]
+                shuffle = None
+            elif isinstance(sampler, SequentialSampler) and not shuffle:
+                # Lightning swaps in a SequentialSampler for `overfit_batches`; same order, resumable.
+                sampler = OrderedSampler(len(sampler))
+            if not isinstance(sampler, ResumableSampler):
+                raise TypeError(
+                    "ResumableDataLoader: `sampler` must be a lightning_utils.samplers sampler "
+                    f"(OrderedSampler, RandomSampler, PoolSampler), got {type(sampler).__name__}"
+                )
+            resumable = sampler
+            if batch_size is not None:
+                batch_units, loader_drop_last = batch_size, drop_last
+        # Set before DataLoader.__init__ (which forbids setting `sampler` afterwards).
+        self._resumable: ResumableSampler = resumable
+        self._batch_units = int(batch_units)
+        self._loader_drop_last = bool(loader_drop_last)
+        self._tracker: Optional[_PassTracker] = None
+        super().__init__(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            sampler=sampler,
+            batch_sampler=batch_sampler,
+            num_workers=num_workers,
+            collate_fn=collate_fn,
+            pin_memory=pin_memory,
+            drop_last=drop_last,
+            timeout=timeout,
+            worker_init_fn=worker_init_fn,
+            multiprocessing_context=multiprocessing_context,
+            generator=generator,
+            prefetch_factor=prefetch_factor,
+            persistent_workers=persistent_workers,
+            pin_memory_device=pin_memory_device,
+            in_order=in_order,
+        )
+
+    # ``loader.sampler`` is always the resumable sampler, also with ``batch_sampler=``: Lightning
+    # then sees a DistributedSampler (no re-wrapping, V7) and calls its ``set_epoch``.
+    @property  # type: ignore[override]
+    def sampler(self) -> ResumableSampler:
+        return self._resumable
+
+    @sampler.setter
+    def sampler(self, value: Any) -> None:
+        self.__dict__["_dataloader_sampler"] = value  # what DataLoader.__init__ assigned
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        return _ResumableIterator(self, _find_prefetcher())
+
+    # -- state -------------------------------------------------------------------------------
+    def _batches_in_pass(self, units: int) -> int:
+        if self._batch_units == 1:
+            return units
+        if self._loader_drop_last:
+            return units // self._batch_units
+        return -(-units // self._batch_units)
+
+    def _sampler_state(self, tracker: _PassTracker) -> dict[str, Any]:
+        plan = tracker.plan
+        consumed = tracker.consumed()
+        if plan.length is None:  # endless sampler
+            return self._resumable._state_after(plan, consumed * self._batch_units, finished=False)
+        units = min(consumed * self._batch_units, plan.length)
+        finished = consumed >= self._batches_in_pass(plan.length)
+        return self._resumable._state_after(plan, units, finished)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sampler position after the batches the training loop consumed (a few integers)."""
+        tracker = self._tracker
+        if tracker is None:
+            sampler_state, consumed = self._resumable.state_dict(), 0
+        else:
+            sampler_state, consumed = self._sampler_state(tracker), tracker.consumed()
+        return {
+            "loader": _STATE_NAME,
+            "version": _STATE_VERSION,
+            "sampler": sampler_state,
+            "batches_consumed_in_pass": consumed,
+            "units_per_batch": self._batch_units,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from ``state``; the next iterator starts exactly after the consumed batches.
+
+        The position is counted in sampler units (indices or batches), so a different
+        ``batch_size`` or world size continues the same epoch without repeats or gaps.
+        """
+        if not isinstance(state, Mapping):
+            raise ValueError(f"ResumableDataLoader.load_state_dict expects a dict, got {type(state).__name__}")
+        if state.get("loader") != _STATE_NAME or "sampler" not in state:
+            raise ValueError(
+                "ResumableDataLoader.load_state_dict: not a ResumableDataLoader state (needs keys "
+                f"'loader' == {_STATE_NAME!r} and 'sampler'), got keys {sorted(state)}"
+            )
+        self._resumable.load_state_dict(state["sampler"])
+        self._tracker = None

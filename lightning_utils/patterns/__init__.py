@@ -1,0 +1,38 @@
+"""Codebook interleaving patterns for multi-codebook audio-token language models.
+
+A codec gives ``K`` codebooks per frame; a pattern decides which code sits at which step of the
+sequence a transformer reads. Pick a provider, get the pattern for a length, then build the
+sequence for the model and revert its logits for the loss::
+
+    from lightning_utils.patterns import DelayedPatternProvider
+
+    pattern = DelayedPatternProvider(n_q=4).get_pattern(timesteps=codes.shape[-1])
+    seq, _, seq_mask = pattern.build_pattern_sequence(codes, special_token=card, keep_only_valid_steps=True)
+    logits = model(seq)                                        # [B, card, K, S]
+    logits, _, mask = pattern.revert_pattern_logits(logits, float("nan"), keep_only_valid_steps=True)
+
+Everything is vectorised (index tables and gathers, cached per shape and device). This package
+only lays tokens out; it never owns a model, a loss or a tokenizer.
+"""
+
+from lightning_utils.patterns.pattern import LayoutCoord, Pattern, PatternLayout
+from lightning_utils.patterns.providers import (
+    CoarseFirstPattern,
+    CodebooksPatternProvider,
+    DelayedPatternProvider,
+    MusicLMPattern,
+    ParallelPatternProvider,
+    UnrolledPatternProvider,
+)
+
+__all__ = [
+    "CoarseFirstPattern",
+    "CodebooksPatternProvider",
+    "DelayedPatternProvider",
+    "LayoutCoord",
+    "MusicLMPattern",
+    "ParallelPatternProvider",
+    "Pattern",
+    "PatternLayout",
+    "UnrolledPatternProvider",
+]

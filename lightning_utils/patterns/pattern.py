@@ -1,0 +1,466 @@
+"""A codebook interleaving pattern: which (timestep, codebook) entries each sequence step holds.
+
+What it is for: a language model over multi-codebook audio tokens (RVQ codecs such as EnCodec,
+DAC or Mimi give ``K`` codebooks per frame) reads one *sequence step* at a time, and a
+:class:`Pattern` decides which code ``(t, q)`` sits at which step, e.g. MusicGen's delay
+pattern puts codebook ``q`` of frame ``t`` at step ``t + q + 1``. ``Pattern`` turns codes
+``[B, K, T]`` into the pattern's sequence ``[B, K, S]`` (empty cells hold a special token),
+turns such a sequence back into codes, and maps model logits ``[B, card, K, S]`` back onto the
+codes' timeline so that a loss can be taken against the original codes.
+
+How: the layout is kept as three flat integer tensors (step, codebook, timestep) of all its
+coordinates, and every conversion is one gather (``index_select``) through an index table
+built from those tensors with scatter operations. The tables are cached per pattern, shape,
+``keep_only_valid_steps`` and device.
+
+What it must never do: loop in Python over sequence steps or timesteps while converting,
+mutate its inputs, or hand out its cached tables (callers get copies, so changing a returned
+``mask`` in place cannot corrupt later calls).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, NamedTuple, Optional, TypeVar
+
+import torch
+from torch import Tensor
+
+__all__ = ["LayoutCoord", "Pattern", "PatternLayout"]
+
+_V = TypeVar("_V")
+
+
+class LayoutCoord(NamedTuple):
+    """One entry of a layout: timestep ``t`` of codebook ``q``."""
+
+    t: int
+    q: int
+
+
+#: A layout written out as Python lists: ``layout[s]`` is the list of coordinates at step ``s``.
+PatternLayout = list[list[LayoutCoord]]
+
+
+def _as_int(name: str, value: Any, minimum: Optional[int] = None) -> int:
+    """``value`` as a Python int, or a ValueError naming ``name`` (bools are not integers here)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    try:
+        out = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+    if minimum is not None and out < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {out}")
+    return out
+
+
+class _BoundedCache:
+    """A small least-recently-used cache; plain data so that its owner stays picklable."""
+
+    def __init__(self, maxsize: int = 100) -> None:
+        self.maxsize = maxsize
+        self._items: OrderedDict[Hashable, Any] = OrderedDict()
+
+    def get(self, key: Hashable, make: Callable[[], _V]) -> _V:
+        try:
+            self._items.move_to_end(key)
+            return self._items[key]
+        except KeyError:
+            value = make()
+            self._items[key] = value
+            if len(self._items) > self.maxsize:
+                self._items.popitem(last=False)
+            return value
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def _int_vector(name: str, values: Any) -> Tensor:
+    tensor = torch.as_tensor(values)
+    if tensor.dim() != 1 or tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+        raise ValueError(
+            f"{name} must be a 1-D integer tensor, got dtype {tensor.dtype} and shape {tuple(tensor.shape)}"
+        )
+    return tensor.to(device="cpu", dtype=torch.long).contiguous()
+
+
+class _IndexTable(NamedTuple):
+    """One cached conversion: the public ``indexes``/``mask`` and the flat forms the gather uses."""
+
+    indexes: Tensor  # [K, N]; the value n_sources means "the special token"
+    mask: Tensor  # [K, N]; True where a real value is read
+    gather: Optional[Tensor]  # [K * N] in-range indexes (None when there is nothing to read)
+    fill: Tensor  # [K * N]; True where the special token goes
+    fill_index: Optional[Tensor]  # positions of ``fill`` when they are few (None: use ``fill``)
+    any_fill: bool
+
+    @classmethod
+    def make(cls, indexes: Tensor, mask: Tensor, n_sources: int) -> _IndexTable:
+        gather = indexes.clamp(max=n_sources - 1).reshape(-1) if n_sources > 0 else None
+        fill = (~mask).reshape(-1)
+        positions = fill.nonzero().squeeze(1)
+        # Few special cells (delay patterns: K * max_delay of them): write just those.
+        fill_index = positions if positions.numel() * 8 <= fill.numel() else None
+        return cls(indexes, mask, gather, fill, fill_index, positions.numel() > 0)
+
+    def to(self, device: torch.device) -> _IndexTable:
+        def move(x: Optional[Tensor]) -> Optional[Tensor]:
+            return None if x is None else x.to(device)
+
+        return _IndexTable(
+            self.indexes.to(device), self.mask.to(device), move(self.gather), self.fill.to(device),
+            move(self.fill_index), self.any_fill,
+        )  # fmt: skip
+
+
+class Pattern:
+    """A layout of ``(t, q)`` coordinates over ``num_steps`` sequence steps, for ``n_q`` codebooks.
+
+    Args:
+        layout: ``layout[s]`` lists the :class:`LayoutCoord` (or ``(t, q)`` pairs) at sequence
+            step ``s``. Within one codebook, timesteps must never decrease from step to step,
+            and no step may hold the same codebook twice. A layout whose first step is empty
+            starts with the special token (see :meth:`starts_with_special_token`).
+        timesteps: the number of code timesteps ``T`` the pattern was made for.
+        n_q: the number of codebooks ``K``.
+
+    Coordinates with ``t >= timesteps`` are allowed (delay patterns run past the last frame);
+    they hold the special token in built sequences. Providers build patterns through the
+    faster :meth:`from_coordinates`.
+    """
+
+    def __init__(self, layout: Sequence[Sequence[Any]], timesteps: int, n_q: int) -> None:
+        if len(layout) == 0:
+            raise ValueError("layout must hold at least one sequence step")
+        steps: list[int] = []
+        codebooks: list[int] = []
+        times: list[int] = []
+        # Walking the definition once is fine: conversions never look at these lists again.
+        for s, coords in enumerate(layout):
+            for coord in coords:
+                try:
+                    t, q = coord
+                except (TypeError, ValueError):
+                    raise ValueError(f"layout[{s}] holds {coord!r}, not a (t, q) coordinate") from None
+                steps.append(s)
+                times.append(_as_int(f"layout[{s}] timestep", t))
+                codebooks.append(_as_int(f"layout[{s}] codebook", q))
+        self._setup(
+            torch.tensor(steps, dtype=torch.long),
+            torch.tensor(codebooks, dtype=torch.long),
+            torch.tensor(times, dtype=torch.long),
+            num_steps=len(layout),
+            timesteps=timesteps,
+            n_q=n_q,
+        )
+
+    @classmethod
+    def from_coordinates(
+        cls, steps: Any, codebooks: Any, times: Any, *, num_steps: int, timesteps: int, n_q: int
+    ) -> Pattern:
+        """A pattern from three parallel 1-D integer tensors: coordinate ``i`` is
+        ``LayoutCoord(t=times[i], q=codebooks[i])`` at sequence step ``steps[i]``.
+
+        Coordinates of one step keep their given order in :attr:`layout`. Validated like the
+        list form.
+        """
+        pattern = cls.__new__(cls)
+        pattern._setup(
+            _int_vector("steps", steps),
+            _int_vector("codebooks", codebooks),
+            _int_vector("times", times),
+            num_steps=num_steps,
+            timesteps=timesteps,
+            n_q=n_q,
+        )
+        return pattern
+
+    def _setup(
+        self, steps: Tensor, codebooks: Tensor, times: Tensor, *, num_steps: int, timesteps: int, n_q: int
+    ) -> None:
+        self.timesteps = _as_int("timesteps", timesteps, minimum=1)
+        self.n_q = _as_int("n_q", n_q, minimum=1)
+        self.num_steps = _as_int("num_steps", num_steps, minimum=1)
+        if not (steps.shape == codebooks.shape == times.shape):
+            raise ValueError(
+                f"steps, codebooks and times must have the same length, got {steps.numel()}, "
+                f"{codebooks.numel()} and {times.numel()}"
+            )
+        self._check_layout(steps, codebooks, times)
+        # A stable sort by step keeps each step's coordinates in their given order.
+        order = torch.argsort(steps, stable=True)
+        self._steps = steps[order].contiguous()
+        self._codebooks = codebooks[order].contiguous()
+        self._times = times[order].contiguous()
+        # Like the reference: the largest t + 1 over all steps but the first, minus timesteps.
+        later = self._steps >= 1
+        max_t = int((self._times[later] + 1).max()) if bool(later.any()) else 0
+        self.max_delay = max_t - self.timesteps
+        self.num_valid_steps = max(0, min(self.num_steps, self.num_steps - self.max_delay))
+        self._init_caches()
+
+    def _check_layout(self, steps: Tensor, codebooks: Tensor, times: Tensor) -> None:
+        if steps.numel() == 0:
+            return
+        bad = (steps < 0) | (steps >= self.num_steps)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            raise ValueError(f"layout: step {int(steps[i])} is outside [0, num_steps={self.num_steps})")
+        bad = (codebooks < 0) | (codebooks >= self.n_q)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            raise ValueError(
+                f"layout: step {int(steps[i])} holds codebook {int(codebooks[i])}, outside [0, n_q={self.n_q})"
+            )
+        bad = times < 0
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            raise ValueError(f"layout: step {int(steps[i])} holds a negative timestep {int(times[i])}")
+        # Sorted by (codebook, step), each codebook's entries are contiguous and in step order.
+        order = torch.argsort(codebooks * self.num_steps + steps, stable=True)
+        q, s, t = codebooks[order], steps[order], times[order]
+        same_q = q[1:] == q[:-1]
+        twice = same_q & (s[1:] == s[:-1])
+        if bool(twice.any()):
+            i = int(twice.nonzero()[0])
+            raise ValueError(f"layout: step {int(s[i])} holds codebook {int(q[i])} more than once")
+        back = same_q & (t[1:] < t[:-1])
+        if bool(back.any()):
+            i = int(back.nonzero()[0])
+            raise ValueError(
+                f"layout: codebook {int(q[i])} goes back in time at step {int(s[i + 1])} "
+                f"(timestep {int(t[i + 1])} after {int(t[i])})"
+            )
+
+    def _init_caches(self) -> None:
+        self._sequence_tables = _BoundedCache(100)
+        self._timeline_tables = _BoundedCache(100)
+        self._layout: Optional[PatternLayout] = None
+
+    # Caches are rebuilt on demand; pickles (e.g. in saved hyperparameters) carry only the layout.
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        for key in ("_sequence_tables", "_timeline_tables", "_layout"):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_caches()
+
+    # ------------------------------------------------------------------ inspection
+
+    @property
+    def layout(self) -> PatternLayout:
+        """The layout as lists: ``layout[s]`` is the list of coordinates at sequence step ``s``."""
+        if self._layout is None:
+            out: PatternLayout = [[] for _ in range(self.num_steps)]
+            for s, t, q in zip(self._steps.tolist(), self._times.tolist(), self._codebooks.tolist()):
+                out[s].append(LayoutCoord(t, q))
+            self._layout = out
+        return [list(coords) for coords in self._layout]
+
+    @property
+    def valid_layout(self) -> PatternLayout:
+        """The leading steps that hold no coordinate past the end (``len == num_valid_steps``)."""
+        return self.layout[: self.num_valid_steps]
+
+    @property
+    def num_sequence_steps(self) -> int:
+        """``num_steps - 1``: the steps after the leading one (the reference's definition)."""
+        return self.num_steps - 1
+
+    def starts_with_special_token(self) -> bool:
+        """Whether step 0 is empty, i.e. every built sequence starts with the special token."""
+        return self._steps.numel() == 0 or int(self._steps[0]) != 0
+
+    def get_sequence_coords_with_timestep(self, t: int, q: Optional[int] = None) -> list[tuple[int, LayoutCoord]]:
+        """``(step, coord)`` for every coordinate at timestep ``t`` (of codebook ``q`` if given), in step order."""
+        hit = self._times == t
+        if q is not None:
+            hit &= self._codebooks == q
+        return [
+            (s, LayoutCoord(tt, qq))
+            for s, tt, qq in zip(self._steps[hit].tolist(), self._times[hit].tolist(), self._codebooks[hit].tolist())
+        ]
+
+    def get_steps_with_timestep(self, t: int, q: Optional[int] = None) -> list[int]:
+        """The step of every coordinate at timestep ``t`` (of codebook ``q`` if given), in step order."""
+        return [s for s, _ in self.get_sequence_coords_with_timestep(t, q)]
+
+    def get_first_step_with_timesteps(self, t: int, q: Optional[int] = None) -> Optional[int]:
+        """The first step holding timestep ``t`` (of codebook ``q`` if given), or None."""
+        steps = self.get_steps_with_timestep(t, q)
+        return steps[0] if steps else None
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(n_q={self.n_q}, timesteps={self.timesteps}, num_steps={self.num_steps}, "
+            f"max_delay={self.max_delay})"
+        )
+
+    # ------------------------------------------------------------------ index tables
+
+    def _steps_in_use(self, keep_only_valid_steps: bool) -> int:
+        return self.num_valid_steps if keep_only_valid_steps else self.num_steps
+
+    def _make_sequence_tables(self, timesteps: int, keep_only_valid_steps: bool) -> _IndexTable:
+        """``indexes[q, s]``: where step ``s`` of codebook ``q`` reads from the flattened codes
+        ``[K * T]``, ``K * T`` meaning the special token; ``mask``: it reads a real code."""
+        n_q, n_steps = self.n_q, self._steps_in_use(keep_only_valid_steps)
+        use = (self._steps < n_steps) & (self._times < timesteps)
+        q, s, t = self._codebooks[use], self._steps[use], self._times[use]
+        indexes = torch.full((n_q, n_steps), n_q * timesteps, dtype=torch.long)
+        mask = torch.zeros((n_q, n_steps), dtype=torch.bool)
+        # A step never holds a codebook twice (checked), so these writes never collide.
+        indexes[q, s] = q * timesteps + t
+        mask[q, s] = True
+        return _IndexTable.make(indexes, mask, n_q * timesteps)
+
+    def _make_timeline_tables(
+        self, sequence_steps: int, keep_only_valid_steps: bool, is_model_output: bool
+    ) -> _IndexTable:
+        """``indexes[q, t]``: where code ``(t, q)`` is read from the flattened sequence
+        ``[K * S]``, ``K * S`` meaning the special token; ``mask``: the code was found."""
+        n_q, timesteps = self.n_q, self.timesteps
+        n_steps = self._steps_in_use(keep_only_valid_steps)
+        # A model's output at step s predicts the input at step s + 1, so when the pattern
+        # starts with the special token, step s + 1 of the layout is read from output s.
+        shift = 1 if is_model_output and self.starts_with_special_token() else 0
+        position = self._steps - shift
+        use = (position >= 0) & (self._steps < n_steps) & (position < sequence_steps) & (self._times < timesteps)
+        q, t, position = self._codebooks[use], self._times[use], position[use]
+        flat = torch.full((n_q * timesteps,), -1, dtype=torch.long)
+        # A code may sit at several steps (timesteps may repeat); the last step holding it wins.
+        flat.scatter_reduce_(0, q * timesteps + t, q * sequence_steps + position, reduce="amax")
+        mask = flat >= 0
+        flat[~mask] = n_q * sequence_steps
+        return _IndexTable.make(flat.view(n_q, timesteps), mask.view(n_q, timesteps), n_q * sequence_steps)
+
+    def _sequence_tables_on(self, timesteps: int, keep: bool, device: torch.device) -> _IndexTable:
+        cpu = self._sequence_tables.get((timesteps, keep, None), lambda: self._make_sequence_tables(timesteps, keep))
+        if device.type == "cpu":
+            return cpu
+        return self._sequence_tables.get((timesteps, keep, device), lambda: cpu.to(device))
+
+    def _timeline_tables_on(
+        self, sequence_steps: int, keep: bool, is_model_output: bool, device: torch.device
+    ) -> _IndexTable:
+        key = (sequence_steps, keep, is_model_output)
+        cpu = self._timeline_tables.get((*key, None), lambda: self._make_timeline_tables(*key))
+        if device.type == "cpu":
+            return cpu
+        return self._timeline_tables.get((*key, device), lambda: cpu.to(device))
+
+    # ------------------------------------------------------------------ conversions
+
+    def _check_codebooks(self, name: str, tensor: Tensor, layout: str, ndim: int, dim: int) -> None:
+        """``tensor`` has ``ndim`` dimensions (named in ``layout``) and ``n_q`` codebooks at ``dim``."""
+        if not isinstance(tensor, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor of shape {layout}, got {type(tensor).__name__}")
+        if tensor.dim() != ndim:
+            raise ValueError(f"{name} must have shape {layout}, got shape {tuple(tensor.shape)}")
+        if tensor.shape[dim] != self.n_q:
+            raise ValueError(
+                f"{name} has {tensor.shape[dim]} codebooks (shape {tuple(tensor.shape)}) but the pattern has n_q={self.n_q}"
+            )
+
+    def _check_sequence_steps(self, name: str, steps: int, keep: bool) -> None:
+        limit = self._steps_in_use(keep)
+        if steps > limit:
+            which = "valid steps" if keep else "steps"
+            raise ValueError(f"{name} has {steps} sequence steps but the pattern has only {limit} {which}")
+
+    @staticmethod
+    def _gather_with_special(flat: Tensor, table: _IndexTable, special_token: Any) -> Tensor:
+        """``flat[..., table.indexes]``, where the index ``flat.shape[-1]`` reads ``special_token``.
+
+        The result's dtype follows torch's promotion of ``flat`` with ``special_token`` (a float
+        token such as ``nan`` over integer codes gives floats), so the token is never truncated.
+        """
+        dtype = torch.result_type(flat, special_token)
+        if table.gather is None:  # nothing to read from: every cell is special
+            return torch.full((*flat.shape[:-1], table.fill.numel()), special_token, dtype=dtype, device=flat.device)
+        # Gather with in-range indexes, then overwrite the special cells: cheaper than
+        # appending the token to a copy of the whole input.
+        values = flat.index_select(-1, table.gather).to(dtype)
+        if not table.any_fill:
+            return values
+        if table.fill_index is not None:
+            return values.index_fill_(-1, table.fill_index, special_token)
+        # Mostly special cells: one select over all of them. torch.where rather than
+        # masked_fill_, whose parallel loop was ~100x slower on a busy 2-core machine.
+        return torch.where(table.fill, torch.tensor(special_token, dtype=dtype, device=values.device), values)
+
+    def build_pattern_sequence(
+        self, z: Tensor, special_token: Any, keep_only_valid_steps: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Lay codes out along the pattern.
+
+        Args:
+            z: codes ``[B, K, T]`` with ``K == n_q`` and ``T <= timesteps`` (any layout in memory).
+            special_token: the value for cells that hold no code.
+            keep_only_valid_steps: keep only the first :attr:`num_valid_steps` steps.
+
+        Returns:
+            ``(values [B, K, S], indexes [K, S], mask [K, S])``: ``indexes`` point into ``z``
+            flattened to ``[B, K * T]`` (``K * T`` means the special token) and ``mask`` is true
+            where a cell holds a code.
+        """
+        self._check_codebooks("z", z, "[B, K, T]", ndim=3, dim=1)
+        batch, n_q, timesteps = z.shape
+        if timesteps > self.timesteps:
+            raise ValueError(f"z has {timesteps} timesteps, more than the pattern's timesteps={self.timesteps}")
+        table = self._sequence_tables_on(timesteps, bool(keep_only_valid_steps), z.device)
+        values = self._gather_with_special(z.reshape(batch, n_q * timesteps), table, special_token)
+        return values.view(batch, n_q, table.indexes.shape[-1]), table.indexes.clone(), table.mask.clone()
+
+    def revert_pattern_sequence(
+        self, s: Tensor, special_token: Any, keep_only_valid_steps: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Read codes back from a pattern sequence (the inverse of :meth:`build_pattern_sequence`).
+
+        Args:
+            s: a sequence ``[B, K, S]`` laid out along this pattern, ``S`` at most the number of
+                steps in use (fewer for a partly generated sequence).
+            special_token: the value for codes the sequence does not hold.
+            keep_only_valid_steps: the sequence was built with ``keep_only_valid_steps=True``.
+
+        Returns:
+            ``(values [B, K, timesteps], indexes [K, timesteps], mask [K, timesteps])``, with
+            ``mask`` true where the code was found in ``s``.
+        """
+        self._check_codebooks("s", s, "[B, K, S]", ndim=3, dim=1)
+        batch, n_q, steps = s.shape
+        self._check_sequence_steps("s", steps, bool(keep_only_valid_steps))
+        table = self._timeline_tables_on(steps, bool(keep_only_valid_steps), False, s.device)
+        values = self._gather_with_special(s.reshape(batch, n_q * steps), table, special_token)
+        return values.view(batch, n_q, self.timesteps), table.indexes.clone(), table.mask.clone()
+
+    def revert_pattern_logits(
+        self, logits: Tensor, special_token: Any, keep_only_valid_steps: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Map a model's output logits back onto the codes' timeline.
+
+        The output at step ``s`` is the model's prediction for the input at step ``s + 1`` when
+        the pattern starts with the special token, so this reads code ``(t, q)`` from the step
+        before the one that holds it.
+
+        Args:
+            logits: ``[B, card, K, S]`` (``card`` classes per code).
+            special_token: the value for codes without a prediction (e.g. ``float("nan")``).
+            keep_only_valid_steps: the input sequence was built with ``keep_only_valid_steps=True``.
+
+        Returns:
+            ``(values [B, card, K, timesteps], indexes [K, timesteps], mask [K, timesteps])``.
+        """
+        self._check_codebooks("logits", logits, "[B, card, K, S]", ndim=4, dim=2)
+        batch, card, n_q, steps = logits.shape
+        self._check_sequence_steps("logits", steps, bool(keep_only_valid_steps))
+        table = self._timeline_tables_on(steps, bool(keep_only_valid_steps), True, logits.device)
+        values = self._gather_with_special(logits.reshape(batch, card, n_q * steps), table, special_token)
+        return values.view(batch, card, n_q, self.timesteps), table.indexes.clone(), table.mask.clone()

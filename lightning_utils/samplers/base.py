@@ -1,0 +1,277 @@
+"""The resumable, rank-sharded sampler protocol shared by every sampler in this package.
+
+Model: each epoch defines a *global sequence* of units (indices, or index lists for batch
+samplers) that is a pure function of the sampler's arguments and the epoch number. Rank ``r``
+of ``R`` takes the units at global positions ``start + r, start + r + R, ...``. The sampler's
+state is the epoch and the *global* position reached (``start + R * units_yielded_per_rank``),
+a couple of integers that are the same on every rank, so rank 0's checkpoint restores all
+ranks, and a different world size continues the same epoch without repeating or skipping.
+
+Lightning compatibility: :class:`ResumableSampler` subclasses ``DistributedSampler`` so that
+``Trainer(use_distributed_sampler=True)`` (the default) leaves it in place instead of wrapping
+it in ``DistributedSamplerWrapper``, which would hide its state (V7). It never calls
+``DistributedSampler.__init__``, which would need a dataset and a live process group.
+
+This module must never materialise an epoch's order, never read ``torch.distributed`` before
+iteration starts, and never let ``set_epoch`` discard a restored position of the same epoch.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
+
+from torch.utils.data.distributed import DistributedSampler
+
+from lightning_utils.samplers.rank import check_replica_args, resolve_replicas
+
+__all__ = ["Pass", "ResumableSampler"]
+
+_STATE_VERSION = 1
+_FIRST_BLOCK = 64
+_MAX_BLOCK = 8192
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One iteration over (the rest of) an epoch, as seen by one rank."""
+
+    epoch: int
+    start: int  # global position the pass starts at
+    num_replicas: int
+    rank: int
+    length: Optional[int]  # units this rank yields; None for an endless sampler
+
+
+class ResumableSampler(DistributedSampler):
+    """Base class: O(1) resumable state, lazy rank resolution, ``set_epoch`` that keeps positions.
+
+    Subclasses define :meth:`_epoch_size`, :meth:`_units` and :meth:`_identity`, and set
+    ``_STATE_NAME`` (the ``"sampler"`` entry of the state) and ``_REQUIRED_KEYS``.
+    """
+
+    _STATE_NAME: ClassVar[str] = "ResumableSampler"
+    _REQUIRED_KEYS: ClassVar[frozenset[str]] = frozenset({"position"})
+    _ENDLESS: ClassVar[bool] = False
+    _SHUFFLES: ClassVar[bool] = False
+
+    def __init__(self, *, num_replicas: Optional[int], rank: Optional[int], drop_last: bool, seed: int) -> None:
+        # Deliberately no DistributedSampler.__init__: see the module docstring.
+        self._num_replicas_arg, self._rank_arg = check_replica_args(num_replicas, rank)
+        self._drop_last = bool(drop_last)
+        self._seed = operator.index(seed)
+        self._epoch = 0
+        self._pos = 0  # committed position; a running pass adds what its cursor has yielded
+        self._cursor: Optional[tuple[Any, int, int, int, int]] = None
+        self._requested_epoch: Optional[int] = None
+        self._token = object()  # identifies the pass allowed to advance ``_position``
+        self._last_num_replicas: Optional[int] = None
+
+    # -- position ------------------------------------------------------------------------------
+    @property
+    def _position(self) -> int:
+        """Global position reached: exact even in the middle of a block of units."""
+        cursor = self._cursor
+        if cursor is None:
+            return self._pos
+        block_iter, done_before, block_len, start, stride = cursor
+        return start + stride * (done_before + block_len - block_iter.__length_hint__())
+
+    @_position.setter
+    def _position(self, value: int) -> None:
+        self._pos = value
+        self._cursor = None
+
+    # -- subclass interface ----------------------------------------------------------------
+    def _epoch_size(self) -> int:
+        """Number of units in one epoch's global sequence (the pool size for endless samplers)."""
+        raise NotImplementedError
+
+    def _units(self, epoch: int, first: int, stride: int, count: int) -> list[Any]:
+        """The units at global positions ``first + stride * k`` for ``k < count``."""
+        raise NotImplementedError
+
+    def _identity(self) -> dict[str, Any]:
+        """Construction arguments a state must agree with (also written into the state)."""
+        raise NotImplementedError
+
+    # -- DistributedSampler-compatible attributes -------------------------------------------
+    @property
+    def num_replicas(self) -> int:  # type: ignore[override]
+        return resolve_replicas(self._num_replicas_arg, self._rank_arg)[0]
+
+    @property
+    def rank(self) -> int:  # type: ignore[override]
+        return resolve_replicas(self._num_replicas_arg, self._rank_arg)[1]
+
+    @property
+    def epoch(self) -> int:  # type: ignore[override]
+        return self._effective()[0]
+
+    @property
+    def seed(self) -> int:  # type: ignore[override]
+        return self._seed
+
+    @property
+    def drop_last(self) -> bool:  # type: ignore[override]
+        return self._drop_last
+
+    @property
+    def shuffle(self) -> bool:  # type: ignore[override]
+        return self._SHUFFLES
+
+    @property
+    def num_samples(self) -> int:  # type: ignore[override]
+        return len(self)
+
+    @property
+    def total_size(self) -> int:  # type: ignore[override]
+        return len(self) * self.num_replicas
+
+    @property
+    def dataset(self) -> None:  # type: ignore[override]
+        return None
+
+    # -- epochs and passes --------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch of the next pass.
+
+        A different epoch starts that epoch from its beginning when the next iteration starts;
+        the same epoch changes nothing, so a restored or partly consumed position is kept
+        (Lightning calls ``set_epoch`` after restoring a mid-epoch checkpoint, #21938). An
+        iterator that is already running is not affected.
+        """
+        epoch = operator.index(epoch)
+        if epoch < 0:
+            raise ValueError(f"{type(self).__name__}.set_epoch: epoch must be >= 0, got {epoch}")
+        self._requested_epoch = epoch
+
+    def _effective(self) -> tuple[int, int]:
+        requested = self._requested_epoch
+        if requested is not None and requested != self._epoch:
+            return requested, 0
+        return self._epoch, self._position
+
+    def _pass_length(self, start: int, num_replicas: int) -> int:
+        remaining = max(0, self._epoch_size() - start)
+        return remaining // num_replicas if self._drop_last else -(-remaining // num_replicas)
+
+    def _plan_pass(self) -> Pass:
+        """The pass the next ``iter()`` will run (pure: changes nothing)."""
+        num_replicas, rank = resolve_replicas(self._num_replicas_arg, self._rank_arg)
+        epoch, start = self._effective()
+        if self._ENDLESS:
+            return Pass(epoch, start, num_replicas, rank, None)
+        if self._pass_length(start, num_replicas) == 0 and start > 0:
+            epoch, start = epoch + 1, 0  # the epoch is used up: roll over
+        return Pass(epoch, start, num_replicas, rank, self._pass_length(start, num_replicas))
+
+    def _rewind(self, epoch: int, position: int) -> None:
+        """Move to ``(epoch, position)``, keeping a pending ``set_epoch`` request."""
+        self._epoch, self._position = epoch, position
+        self._token = object()
+
+    def __iter__(self) -> Iterator[Any]:
+        plan = self._plan_pass()
+        self._epoch, self._position, self._requested_epoch = plan.epoch, plan.start, None
+        self._last_num_replicas = plan.num_replicas
+        token = self._token = object()
+        return self._generate(plan, token)
+
+    def _generate(self, plan: Pass, token: object) -> Iterator[Any]:
+        stride, start, total = plan.num_replicas, plan.start, plan.length
+        done, block = 0, _FIRST_BLOCK
+        while total is None or done < total:
+            count = block if total is None else min(block, total - done)
+            units = self._units(plan.epoch, start + plan.rank + stride * done, stride, count)
+            block_iter = iter(units)
+            if self._token is token:  # unless a newer pass or a load_state_dict took over
+                # The position is read off the list iterator's remaining length: no per-item work.
+                self._cursor = (block_iter, done, len(units), start, stride)
+            yield from block_iter
+            done += len(units)
+            block = min(block * 2, _MAX_BLOCK)
+
+    def __len__(self) -> int:
+        """Units this rank yields in one whole epoch (constant, also after a mid-epoch restore)."""
+        num_replicas = self.num_replicas
+        size = self._epoch_size()
+        if self._ENDLESS or not self._drop_last:
+            return -(-size // num_replicas)
+        return size // num_replicas
+
+    def index(self) -> int:
+        """Global position reached in the current epoch (all ranks together)."""
+        return self._effective()[1]
+
+    # -- state ---------------------------------------------------------------------------------
+    def _make_state(self, epoch: int, position: int, num_replicas: Optional[int]) -> dict[str, Any]:
+        state: dict[str, Any] = {"sampler": self._STATE_NAME, "version": _STATE_VERSION}
+        state.update(self._identity())
+        state.update({"epoch": epoch, "position": position, "num_replicas": num_replicas})
+        return state
+
+    def state_dict(self) -> dict[str, Any]:
+        """This sampler's own position: what it has yielded so far (a few integers)."""
+        epoch, position = self._effective()
+        return self._make_state(epoch, position, self._last_num_replicas)
+
+    def _state_after(self, plan: Pass, units: int, finished: bool) -> dict[str, Any]:
+        """The state after this rank consumed ``units`` units of ``plan`` (used by the loader)."""
+        position = plan.start + plan.num_replicas * units
+        if finished and plan.length is not None:
+            position = max(position, plan.start + plan.num_replicas * plan.length)
+        return self._make_state(plan.epoch, position, plan.num_replicas)
+
+    def _check_state(self, state: Any) -> tuple[int, int]:
+        name = self._STATE_NAME
+        if not isinstance(state, Mapping):
+            raise ValueError(f"{name}.load_state_dict expects a dict, got {type(state).__name__}")
+        other = state.get("sampler")
+        if other is not None and other != name:
+            raise ValueError(f"{name}.load_state_dict: the state is from a {other}, not a {name}")
+        missing = sorted(self._REQUIRED_KEYS - set(state))
+        if missing:
+            raise ValueError(f"{name}.load_state_dict: the state is missing keys {missing}")
+        for key, mine in self._identity().items():
+            if key in state and state[key] != mine:
+                raise ValueError(
+                    f"{name}.load_state_dict: the state has {key}={state[key]!r} but this sampler "
+                    f"was built with {key}={mine!r}"
+                )
+        values = []
+        for key, default in (("epoch", 0), ("position", None)):
+            value = state.get(key, default)
+            try:
+                value = operator.index(value)
+            except TypeError:
+                raise ValueError(f"{name}.load_state_dict: {key} must be an int, got {value!r}") from None
+            if value < 0:
+                raise ValueError(f"{name}.load_state_dict: {key} must be >= 0, got {value}")
+            values.append(value)
+        return values[0], values[1]
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from ``state``: the remainder of its epoch, then the following epochs.
+
+        Raises ``ValueError`` naming what differs if the state belongs to another sampler
+        type, another length / seed / batch layout, or lacks a key.
+        """
+        epoch, position = self._check_state(state)
+        self._epoch, self._position, self._requested_epoch = epoch, position, None
+        self._last_num_replicas = state.get("num_replicas")
+        self._token = object()
+
+    # Aliases kept from the original samplers' API.
+    def get_state(self) -> dict[str, Any]:
+        return self.state_dict()
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        self.load_state_dict(state)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self._identity().items())
+        epoch, position = self._effective()
+        return f"{type(self).__name__}({args}, epoch={epoch}, position={position})"

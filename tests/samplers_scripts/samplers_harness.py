@@ -1,0 +1,137 @@
+"""Shared pieces for the samplers' end-to-end tests: a dataset that returns its index, a tiny
+model that records the indices it trains on, and loader factories for every sampler."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, Callable, Optional
+
+import lightning as L
+import torch
+from torch.utils.data import Dataset
+
+from lightning_utils.dataloader import ResumableDataLoader
+from lightning_utils.samplers import BatchedOrderedSampler, OrderedSampler, PoolSampler, RandomSampler
+
+N_ITEMS = 22
+BATCH_SIZE = 4
+
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*number of training batches.*")
+warnings.filterwarnings("ignore", ".*GPU available but not used.*")
+warnings.filterwarnings("ignore", ".*`isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+
+
+class IndexDataset(Dataset):
+    def __init__(self, n: int = N_ITEMS) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.tensor(i, dtype=torch.int64)
+
+
+class RecordingModel(L.LightningModule):
+    """Records every batch of indices it is trained on, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(1, 1)
+        self.seen: list[list[int]] = []
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        self.seen.append(batch.tolist())
+        return self.layer(batch.float().view(-1, 1)).pow(2).mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+
+class NoLenRandomSampler(RandomSampler):
+    """A sampler without a length: Lightning then prefetches one batch (V5)."""
+
+    def __len__(self) -> int:
+        raise TypeError("this sampler has no length")
+
+
+def _buckets() -> dict[int, list[tuple[str, float]]]:
+    durations = [1.0, 1.0, 1.5, 2.0, 2.0, 2.5, 3.0, 3.0, 3.5, 4.0, 4.0, 4.5, 5.0, 5.0, 6.0, 6.0, 7.0, 8.0, 8.0, 9.0, 9.5, 10.0]
+    buckets: dict[int, list[tuple[str, float]]] = {}
+    for i, d in enumerate(durations):
+        buckets.setdefault(int(round(d)), []).append((f"item{i}", d))
+    return buckets
+
+
+def make_loader(kind: str, num_workers: int = 0, **replicas: Any) -> ResumableDataLoader:
+    ds = IndexDataset()
+    kw: dict[str, Any] = {"num_workers": num_workers, "persistent_workers": False}
+    if kind == "ordered":
+        return ResumableDataLoader(ds, batch_size=BATCH_SIZE, sampler=OrderedSampler(len(ds), **replicas), **kw)
+    if kind == "random":
+        return ResumableDataLoader(ds, batch_size=BATCH_SIZE, sampler=RandomSampler(len(ds), seed=7, **replicas), **kw)
+    if kind == "random_nolen":
+        return ResumableDataLoader(ds, batch_size=BATCH_SIZE, sampler=NoLenRandomSampler(len(ds), seed=7, **replicas), **kw)
+    if kind == "pool":
+        return ResumableDataLoader(ds, batch_size=BATCH_SIZE, sampler=PoolSampler(range(len(ds)), seed=5, **replicas), **kw)
+    if kind == "batched":
+        sampler = BatchedOrderedSampler(_buckets(), max_duration=12, max_batch_size=4, shuffle=True, drop_last=False, seed=3, **replicas)
+        return ResumableDataLoader(ds, batch_sampler=sampler, **kw)
+    if kind == "default_shuffle":
+        return ResumableDataLoader(ds, batch_size=BATCH_SIZE, shuffle=True, drop_last=True, **kw)
+    raise ValueError(kind)
+
+
+def make_trainer(root: str, *, max_epochs: int = 2, max_steps: int = -1, callbacks: Optional[list] = None, **kw: Any) -> L.Trainer:
+    kw.setdefault("accelerator", "cpu")
+    kw.setdefault("devices", 1)
+    return L.Trainer(
+        default_root_dir=root,
+        max_epochs=max_epochs,
+        max_steps=max_steps,
+        callbacks=callbacks or [],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=bool(callbacks),
+        num_sanity_val_steps=0,
+        **kw,
+    )
+
+
+def fit(loader_factory: Callable[[], ResumableDataLoader], root: str, ckpt_path: Optional[str] = None, **trainer_kw: Any):
+    model = RecordingModel()
+    trainer = make_trainer(root, **trainer_kw)
+    trainer.fit(model, train_dataloaders=loader_factory(), ckpt_path=ckpt_path)
+    return trainer, model.seen
+
+
+def every_n_steps_checkpoint(dirpath: str, n: int, fmt: str = "ckpt") -> L.pytorch.callbacks.ModelCheckpoint:
+    if fmt == "sft":
+        from lightning_utils.callbacks.safetensors_model_checkpoint import SafetensorsModelCheckpoint as cls
+    else:
+        cls = L.pytorch.callbacks.ModelCheckpoint
+    return cls(dirpath=dirpath, every_n_train_steps=n, save_top_k=-1, filename="{step}", save_on_train_epoch_end=False)
+
+
+def plugins_for(fmt: str) -> list:
+    """Trainer plugins for a checkpoint format: ``.sft`` goes through SafetensorsCheckpointIO."""
+    if fmt == "sft":
+        from lightning_utils.io import SafetensorsCheckpointIO
+
+        return [SafetensorsCheckpointIO()]
+    return []
+
+
+def load_checkpoint_file(path: str) -> dict:
+    from lightning_utils.io import load_state
+
+    return load_state(path, weights_only=False) if path.endswith(".ckpt") else load_state(path)
+
+
+def ckpt_for_step(dirpath: str, step: int, fmt: str = "ckpt") -> str:
+    path = os.path.join(dirpath, f"step={step}.{fmt}")
+    assert os.path.exists(path), sorted(os.listdir(dirpath))
+    return path

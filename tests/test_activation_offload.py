@@ -1,0 +1,552 @@
+"""ActivationOffload / lightning_utils.offload on CPU: gradient parity, structure, Lightning resume."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+
+from lightning_utils.io import SafetensorsCheckpointIO, load_state
+
+from lightning_utils.callbacks.activation_offload import ActivationOffload
+from lightning_utils.offload import (
+    apply_activation_offload,
+    is_offloaded,
+    offloaded_checkpoint,
+    remove_activation_offload,
+)
+
+D = 16
+
+
+class Block(nn.Module):
+    def __init__(self, d: int = D, p: float = 0.3):
+        super().__init__()
+        self.fc1 = nn.Linear(d, 2 * d)
+        self.fc2 = nn.Linear(2 * d, d)
+        self.drop = nn.Dropout(p)
+        self.calls = 0
+
+    def forward(self, x, scale=1.0):
+        self.calls += 1
+        return x + self.drop(self.fc2(torch.relu(self.fc1(x)))) * scale
+
+
+class TupleBlock(nn.Module):
+    """Keyword tensor argument, tuple output with a non-tensor and an integer tensor."""
+
+    def __init__(self, d: int = D):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+        self.drop = nn.Dropout(0.2)
+
+    def forward(self, x, *, gate=None, extra=None):
+        y = self.drop(torch.tanh(self.fc(x)))
+        if gate is not None:
+            y = y * gate
+        aux = {"sum": y.sum(dim=-1), "argmax": y.argmax(dim=-1), "tag": "ok"}
+        if extra is not None:
+            y = y + extra[0] * extra[1]
+        return y, aux, None
+
+
+def _grads(model: nn.Module):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same(a: dict, b: dict, atol: float = 1e-6):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
+
+
+def _stack(n: int = 3, p: float = 0.3) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(*[Block(p=p) for _ in range(n)])
+
+
+def _run(model, x, seed=1):
+    torch.manual_seed(seed)
+    out = model(x)
+    loss = (out**2).mean()
+    loss.backward()
+    return out.detach(), loss.detach()
+
+
+def test_gradients_match_plain_run_with_dropout():
+    plain = _stack()
+    off = copy.deepcopy(plain)
+    wrapped = apply_activation_offload(off, Block)
+    assert wrapped == ["0", "1", "2"]
+    x = torch.randn(5, D, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    out_a, loss_a = _run(plain, x)
+    out_b, loss_b = _run(off, x2)
+    torch.testing.assert_close(out_a, out_b, atol=1e-6, rtol=0)
+    _assert_same(_grads(plain), _grads(off))
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-6, rtol=0)
+    # each block ran twice: the no-grad forward and the recompute in backward
+    assert [b.calls for b in off] == [2, 2, 2]
+    assert [b.calls for b in plain] == [1, 1, 1]
+
+
+def test_rng_stream_after_step_is_unchanged():
+    plain, off = _stack(), _stack()
+    apply_activation_offload(off, Block)
+    x = torch.randn(4, D)
+    _run(plain, x)
+    after_plain = torch.rand(3)
+    _run(off, x)
+    after_off = torch.rand(3)
+    torch.testing.assert_close(after_plain, after_off)
+
+
+def test_state_dict_keys_and_values_unchanged():
+    plain = _stack()
+    off = copy.deepcopy(plain)
+    apply_activation_offload(off, Block)
+    assert list(plain.state_dict()) == list(off.state_dict())
+    off.load_state_dict(plain.state_dict(), strict=True)
+    plain.load_state_dict(off.state_dict(), strict=True)
+
+
+def test_only_inputs_are_saved_and_cpu_offload_is_a_no_op():
+    """The autograd graph of an offloaded block holds only its input (by reference on CPU)."""
+    saved: list[torch.Tensor] = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    plain, off = _stack(p=0.0), _stack(p=0.0)
+    apply_activation_offload(off, Block)
+    x = torch.randn(8, D, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        plain(x).sum()
+    n_plain = len(saved)
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        off(x).sum()
+    # one saved tensor per block (its input); the plain stack saves several per block
+    assert len(saved) == 3 < n_plain
+    assert saved[0].data_ptr() == x.data_ptr()  # CPU: kept by reference, no copy
+
+
+def test_torch_autograd_grad_and_no_grad_requiring_input():
+    """Parameters get gradients even when no input requires grad (e.g. after a frozen embedding),
+    and torch.autograd.grad works (gradients flow through the autograd function itself)."""
+    plain, off = _stack(), _stack()
+    apply_activation_offload(off, Block)
+    x = torch.randn(4, D)  # requires_grad=False
+    _run(plain, x)
+    _run(off, x)
+    _assert_same(_grads(plain), _grads(off))
+
+    torch.manual_seed(3)
+    ga = torch.autograd.grad(plain(x).pow(2).sum(), list(plain.parameters()))
+    torch.manual_seed(3)
+    gb = torch.autograd.grad(off(x).pow(2).sum(), list(off.parameters()))
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_kwargs_tuple_outputs_and_nested_structures():
+    torch.manual_seed(0)
+    plain = TupleBlock()
+    off = copy.deepcopy(plain)
+    apply_activation_offload(off, TupleBlock)
+    x = torch.randn(3, D, requires_grad=True)
+    gate = torch.rand(3, D, requires_grad=True)
+    e0, e1 = torch.randn(3, D, requires_grad=True), torch.randn(D, requires_grad=True)
+    results = []
+    for model in (plain, off):
+        ins = [t.detach().clone().requires_grad_(True) for t in (x, gate, e0, e1)]
+        torch.manual_seed(5)
+        y, aux, none = model(ins[0], gate=ins[1], extra=(ins[2], ins[3]))
+        assert none is None and aux["tag"] == "ok" and aux["argmax"].dtype == torch.int64
+        assert not aux["argmax"].requires_grad
+        (y.sum() + (aux["sum"] ** 2).sum()).backward()
+        results.append(([t.grad for t in ins], _grads(model), y.detach()))
+    for a, b in zip(results[0][0], results[1][0]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    _assert_same(results[0][1], results[1][1])
+    torch.testing.assert_close(results[0][2], results[1][2])
+
+
+def test_nested_targets_checkpoint_once():
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = Block()
+            self.fc = nn.Linear(D, D)
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            return self.fc(self.inner(x))
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(Outer(), Outer())
+    off = copy.deepcopy(plain)
+    wrapped = apply_activation_offload(off, (Outer, Block))
+    assert wrapped == ["0", "1"]  # the inner Blocks are covered by their Outer
+    assert not is_offloaded(off[0].inner)
+    # wrapping the inner ones afterwards is harmless: they run plainly inside the outer block
+    assert apply_activation_offload(off, Block) == []
+    apply_activation_offload(off[0].inner, Block)
+    assert is_offloaded(off[0].inner)
+    x = torch.randn(4, D, requires_grad=True)
+    _run(plain, x)
+    _run(off, x)
+    _assert_same(_grads(plain), _grads(off))
+    assert [o.calls for o in off] == [2, 2]
+    assert [o.inner.calls for o in off] == [2, 2]  # not 3: no double checkpoint
+
+
+def test_no_grad_and_eval_do_not_recompute():
+    off = _stack()
+    apply_activation_offload(off, Block)
+    x = torch.randn(4, D, requires_grad=True)
+    with torch.no_grad():
+        y = off(x)
+    assert not y.requires_grad and y.grad_fn is None
+    with torch.inference_mode():
+        off(x)
+    off.eval()
+    with torch.no_grad():
+        off(x)
+    assert [b.calls for b in off] == [3, 3, 3]
+    # eval mode with grad enabled still checkpoints and gives plain gradients
+    plain = _stack()
+    plain.eval()
+    _run(plain, x.detach())
+    for b in off:
+        b.calls = 0
+    _run(off, x.detach())
+    _assert_same(_grads(plain), _grads(off))
+    assert [b.calls for b in off] == [2, 2, 2]
+
+
+def test_frozen_block_with_frozen_input_runs_plainly():
+    off = _stack()
+    apply_activation_offload(off, Block)
+    off.requires_grad_(False)
+    y = off(torch.randn(2, D))
+    assert not y.requires_grad
+    assert [b.calls for b in off] == [1, 1, 1]
+
+
+def test_cpu_autocast_is_replayed():
+    plain, off = _stack(), _stack()
+    apply_activation_offload(off, Block)
+    x = torch.randn(4, D)
+    fp32 = _stack()
+    _run(fp32, x)
+    for model in (plain, off):
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().pow(2).mean().backward()
+    _assert_same(_grads(plain), _grads(off))
+    # autocast really changed the numbers, so a recompute in fp32 would have been caught
+    assert not torch.allclose(_grads(plain)["0.fc1.weight"], _grads(fp32)["0.fc1.weight"], atol=1e-6)
+
+
+def test_unregistered_parameter_is_reported():
+    hidden = nn.Parameter(torch.randn(D))
+
+    class UsesClosure(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(D, D)
+
+        def forward(self, x):
+            return self.fc(x) * hidden
+
+    m = UsesClosure()
+    apply_activation_offload(m, UsesClosure)
+    with pytest.raises(RuntimeError, match="neither one of its inputs nor one of its registered parameters"):
+        m(torch.randn(2, D)).sum().backward()
+
+
+def test_in_place_change_of_saved_input_is_caught():
+    off = _stack(p=0.0)
+    apply_activation_offload(off, Block)
+    x = torch.randn(2, D, requires_grad=True)
+    h = x * 2
+    y = off(h)
+    h.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_copy_pickle_and_remove():
+    off = _stack()
+    apply_activation_offload(off, Block)
+    for clone in (copy.deepcopy(off), pickle.loads(pickle.dumps(off))):
+        assert all(is_offloaded(b) for b in clone)
+        assert clone[0].forward.module is clone[0]
+        for b in clone:
+            b.calls = 0
+        _run(clone, torch.randn(2, D))
+        assert [b.calls for b in clone] == [2, 2, 2]
+    assert remove_activation_offload(off) == ["0", "1", "2"]
+    assert not any(is_offloaded(b) for b in off)
+
+
+def test_functional_form_with_explicit_params():
+    w = torch.randn(D, D, requires_grad=True)
+    x = torch.randn(3, D, requires_grad=True)
+
+    def fn(a, *, scale):
+        return torch.tanh(a @ w) * scale
+
+    ref = torch.autograd.grad(fn(x, scale=2.0).sum(), (x, w))
+    got = torch.autograd.grad(offloaded_checkpoint(fn, x, scale=2.0, params=[w]).sum(), (x, w))
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_predicate_target_include_exclude_and_bad_arguments():
+    off = _stack()
+    names = apply_activation_offload(off, lambda name, m: isinstance(m, Block), exclude=["2"])
+    assert names == ["0", "1"]
+    with pytest.raises(TypeError, match="`target`"):
+        ActivationOffload(target=42)
+    with pytest.raises(ValueError, match="`min_bytes`"):
+        ActivationOffload(target=Block, min_bytes=-1)
+    cb = ActivationOffload(target="torch.nn.Linear")
+    m = cb.apply(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+    assert cb.wrapped == ["0"] and is_offloaded(m[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Lightning: fit with the callback gives the same training as without; resume loads strictly.
+class TinyLM(pl.LightningModule):
+    def __init__(self, build_in_configure_model: bool = False):
+        super().__init__()
+        self.build_late = build_in_configure_model
+        self.embed = nn.Embedding(32, D)
+        self.blocks = None if build_in_configure_model else nn.Sequential(Block(), Block())
+        self.head = nn.Linear(D, 32)
+
+    def configure_model(self):
+        if self.blocks is None:
+            self.blocks = nn.Sequential(Block(), Block())
+
+    def training_step(self, batch, batch_idx):
+        tokens = batch[0]
+        h = self.blocks(self.embed(tokens[:, :-1]))
+        logits = self.head(h)
+        return nn.functional.cross_entropy(logits.reshape(-1, 32), tokens[:, 1:].reshape(-1))
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(0)
+        data = torch.randint(0, 32, (16, 9), generator=g)
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=4)
+
+
+def _trainer(tmp_path, callbacks, max_steps, suffix=".ckpt"):
+    return pl.Trainer(
+        default_root_dir=tmp_path,
+        plugins=[SafetensorsCheckpointIO()] if suffix == ".sft" else None,
+        accelerator="cpu",
+        max_steps=max_steps,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+
+
+class _CheckOptimizer(pl.Callback):
+    def on_train_start(self, trainer, pl_module):
+        opt_ids = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+        assert opt_ids == {id(p) for p in pl_module.parameters()}
+        self.ok = True
+
+
+@pytest.mark.parametrize(("late", "suffix"), [(False, ".ckpt"), (True, ".sft")], ids=["init-ckpt", "configure_model-sft"])
+def test_lightning_fit_matches_plain_and_resumes(tmp_path, late, suffix):
+    pl.seed_everything(0)
+    plain = TinyLM(late)
+    _trainer(tmp_path / "a", [], 3).fit(plain)
+
+    pl.seed_everything(0)
+    model = TinyLM(late)
+    cb = ActivationOffload(target=Block)
+    check = _CheckOptimizer()
+    trainer = _trainer(tmp_path / "b", [cb, check], 3, suffix)
+    trainer.fit(model)
+    assert cb.wrapped == ["blocks.0", "blocks.1"] and check.ok
+    assert all(is_offloaded(b) for b in model.blocks)
+    for (n, a), b in zip(plain.state_dict().items(), model.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=n)
+
+    ckpt = tmp_path / f"offload{suffix}"
+    trainer.save_checkpoint(ckpt)
+    resumed = TinyLM(late)
+    cb2, check2 = ActivationOffload(target=Block), _CheckOptimizer()
+    trainer2 = _trainer(tmp_path / "c", [cb2, check2], 5, suffix)
+    trainer2.fit(resumed, ckpt_path=ckpt)  # strict load (Lightning's default)
+    assert trainer2.global_step == 5 and check2.ok
+    assert all(is_offloaded(b) for b in resumed.blocks)
+    # the checkpoint also loads into a model without the callback (same keys)
+    TinyLM(False).load_state_dict(load_state(ckpt)["state_dict"], strict=True)
+
+
+def test_callback_warns_when_nothing_matches(tmp_path):
+    with pytest.warns(UserWarning, match="no submodule matched"):
+        _trainer(tmp_path, [ActivationOffload(target=nn.GRU)], 1).fit(TinyLM())
+
+
+# ---------------------------------------------------------------------------------------------
+# The offload bookkeeping (copies, events, prefetch order) with a recording fake of the CUDA
+# stream API, treating CPU tensors as offloadable. The real CUDA path: tests/test_offload_cuda.py.
+class _FakeStream:
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def wait_stream(self, other):
+        self.log.append(("wait_stream", self.name, other.name))
+
+    def wait_event(self, event):
+        self.log.append(("wait_event", self.name, event))
+
+
+class _FakeOps:
+    device_types = ("cpu",)
+
+    def __init__(self):
+        self.log = []
+        self.compute = _FakeStream("compute", self.log)
+        self.side = _FakeStream("side", self.log)
+        self.events = 0
+
+    def current_stream(self, device):
+        return self.compute
+
+    def side_stream(self, device):
+        return self.side
+
+    def use_stream(self, stream):
+        import contextlib
+
+        self.log.append(("use", stream.name))
+        return contextlib.nullcontext()
+
+    def record_event(self, stream):
+        self.events += 1
+        self.log.append(("event", stream.name, self.events))
+        return self.events
+
+    def record_stream(self, t, stream):
+        self.log.append(("record_stream", stream.name))
+
+    def host_buffer(self, t, pin_memory):
+        return torch.empty(t.shape, dtype=t.dtype)
+
+
+@pytest.fixture
+def fake_ops(monkeypatch):
+    import lightning_utils.offload as offload_mod
+
+    ops = _FakeOps()
+    monkeypatch.setattr(offload_mod, "_ops", ops)
+    yield ops
+    assert offload_mod._order == [] or all(r() is None for r in offload_mod._order)
+
+
+def test_offload_bookkeeping_with_fake_streams(fake_ops):
+    import weakref
+
+    plain, off = _stack(), _stack()
+    apply_activation_offload(off, Block)
+    x = torch.randn(4, D, requires_grad=True)
+    _run(plain, x)
+    x2 = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(1)
+    h = x2 * 1.0
+    source = weakref.ref(h)
+    out = off(h)
+    del h
+    assert source() is None  # the offloaded input is not kept alive by the graph
+    log = fake_ops.log
+    # three blocks: each copy waits for compute, runs on the side stream, records an event,
+    # and protects its source from reuse with record_stream(side)
+    assert log.count(("wait_stream", "side", "compute")) == 3
+    assert log.count(("record_stream", "side")) == 3
+    assert [e for e in log if e[0] == "event"] == [("event", "side", i) for i in (1, 2, 3)]
+    log.clear()
+    (out**2).mean().backward()
+    _assert_same(_grads(plain), _grads(off))
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-6, rtol=0)
+    # last block: plain reload after its copy event (3); then it prefetches block 1's input
+    # (waits for event 2 on the side stream, new event 4); block 1 uses that prefetch and
+    # prefetches block 0's (event 1 -> 5); block 0 uses its prefetch; nothing left to prefetch.
+    assert [e for e in log if e[0] in ("wait_event", "event")] == [
+        ("wait_event", "compute", 3),
+        ("wait_event", "side", 2),
+        ("event", "side", 4),
+        ("wait_event", "compute", 4),
+        ("wait_event", "side", 1),
+        ("event", "side", 5),
+        ("wait_event", "compute", 5),
+    ]
+    assert log.count(("record_stream", "compute")) == 2  # prefetched tensors used on compute
+
+
+def test_offload_min_bytes_and_in_place_detection_with_fake_streams(fake_ops):
+    off = _stack(p=0.0)
+    apply_activation_offload(off, Block, min_bytes=10_000)
+    off(torch.randn(2, D, requires_grad=True)).sum().backward()
+    assert not any(e[0] == "event" for e in fake_ops.log)  # 128-byte inputs stay by reference
+
+    off = _stack(p=0.0)
+    apply_activation_offload(off, Block)
+    h = torch.randn(2, D, requires_grad=True) * 2
+    y = off(h)
+    h.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+@pytest.mark.ddp
+def test_ddp_two_ranks_same_result_as_plain(tmp_path):
+    """Under DDP (gloo, 2 CPU ranks) the offloaded run trains exactly like the plain one: the
+    parameter gradients come out of the autograd function, so DDP's reducer sees them normally."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent / "modules_scripts" / "ddp_offload.py"
+    results = {}
+    for mode in ("plain", "offload"):
+        out = tmp_path / mode
+        out.mkdir()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        proc = subprocess.run(
+            [sys.executable, str(script), str(out), mode],
+            env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=240,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[mode] = [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
+    for mode in results:
+        for k, v in results[mode][0].items():
+            torch.testing.assert_close(results[mode][1][k], v, atol=0, rtol=0)  # ranks in sync
+    for k, v in results["plain"][0].items():
+        torch.testing.assert_close(results["offload"][0][k], v, atol=1e-6, rtol=0, msg=k)

@@ -1,0 +1,141 @@
+"""ExportWeights: plain safetensors weights (dtype, metadata, tied weights, prefix), hooks, commands."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+from control_scripts.fakes import StepScript  # noqa: E402
+from control_scripts.tiny_model import TinyModule  # noqa: E402
+
+from lightning_utils.callbacks.export_weights import ExportWeights  # noqa: E402
+from lightning_utils.callbacks.training_control import TrainingControl  # noqa: E402
+
+
+class Tied(TinyModule):
+    def __init__(self):
+        super().__init__()
+        self.model = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 5, bias=False))
+        self.model[1].weight = self.model[0].weight  # tied, like an LM head
+        self.register_buffer("counter", torch.tensor(7, dtype=torch.int64))
+
+
+def fit(tmp_path, callbacks, model=None, **kwargs):
+    trainer = Trainer(callbacks=callbacks, default_root_dir=tmp_path, enable_progress_bar=False,
+                      enable_model_summary=False, logger=False, enable_checkpointing=False, **kwargs)
+    model = model or TinyModule()
+    trainer.fit(model)
+    return trainer, model
+
+
+def metadata(path):
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()
+
+
+def test_export_on_train_end_bf16_with_metadata(tmp_path):
+    exporter = ExportWeights(dtype="bf16")
+    trainer, model = fit(tmp_path, [exporter], model=Tied(), max_steps=3)
+    path = tmp_path / "export" / "weights-step=3.sft"
+    assert exporter.last_path == path
+    tensors = load_file(path)  # plain safetensors: no lightning_utils needed to read it
+    sd = model.state_dict()
+    assert set(tensors) == set(sd)
+    assert tensors["layer.weight"].dtype == torch.bfloat16
+    assert tensors["counter"].dtype == torch.int64 and int(tensors["counter"]) == 7  # ints never cast
+    assert torch.equal(tensors["model.1.weight"], tensors["model.0.weight"])  # tied: written under both names
+    fresh = Tied()
+    fresh.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, strict=True)
+    assert torch.allclose(fresh.layer.weight, model.layer.weight.detach(), atol=1e-2)
+    meta = metadata(path)
+    assert meta["format"] == "pt" and json.loads(meta["step"]) == 3 and meta["dtype"] == "bfloat16"
+    assert json.loads(meta["hparams"])["lr"] == 0.1
+    assert "loss" in json.loads(meta["metrics"])
+
+
+def test_strip_prefix_dtype_none_extra_metadata_and_name(tmp_path):
+    exporter = ExportWeights(dirpath=tmp_path / "hf", filename="model-{epoch}-{step}.safetensors", dtype=None,
+                             strip_prefix="model.", metadata=lambda t, m: {"symmap": {"a": 1}, "note": "hi"})
+    trainer, _ = fit(tmp_path, [exporter], model=Tied(), max_steps=2)
+    path = tmp_path / "hf" / f"model-{trainer.current_epoch}-2.safetensors"  # Lightning's epoch at train end
+    tensors = load_file(path)
+    assert set(tensors) == {"0.weight", "1.weight"} and tensors["0.weight"].dtype == torch.float32
+    meta = metadata(path)
+    assert json.loads(meta["symmap"]) == {"a": 1} and meta["note"] == "hi"
+
+
+def test_export_on_every_checkpoint(tmp_path):
+    exporter = ExportWeights(export_on_checkpoint=True, export_on_train_end=False)
+    control = TrainingControl(source=None, signal=None, save_every_n_steps=2)
+    fit(tmp_path, [control, exporter], max_steps=4)
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["weights-step=2.sft", "weights-step=4.sft"]
+
+
+def test_training_control_export_command_uses_the_callback_in_trainer(tmp_path):
+    holder = {}
+    exporter = ExportWeights(dtype="fp16", export_on_train_end=True)
+    control = TrainingControl(source=StepScript(lambda: holder["t"].global_step, {2: ["export"], 3: ["quit"]}),
+                              signal=None, save_on_export=False, export_on_quit=True, save_on_quit=False)
+    trainer = Trainer(callbacks=[control, exporter], default_root_dir=tmp_path, max_steps=50, enable_progress_bar=False,
+                      enable_model_summary=False, logger=False, enable_checkpointing=False)
+    holder["t"] = trainer
+    trainer.fit(TinyModule())
+    # export at 2 (command), at 3 (quit); the train-end export of step 3 is not written twice
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["weights-step=2.sft", "weights-step=3.sft"]
+    assert load_file(tmp_path / "export" / "weights-step=2.sft")["layer.weight"].dtype == torch.float16
+    assert not (tmp_path / "checkpoints").exists()  # no save_on_export, no save_on_quit
+
+
+def test_training_control_default_exporter(tmp_path):
+    holder = {}
+    control = TrainingControl(source=StepScript(lambda: holder["t"].global_step, {1: ["export"]}), signal=None,
+                              save_on_train_end=False)
+    trainer = Trainer(callbacks=[control], default_root_dir=tmp_path, max_steps=2, enable_progress_bar=False,
+                      enable_model_summary=False, logger=False, enable_checkpointing=False)
+    holder["t"] = trainer
+    trainer.fit(TinyModule())
+    assert load_file(tmp_path / "export" / "weights-step=1.sft")["layer.weight"].dtype == torch.float32
+    assert (tmp_path / "checkpoints" / "step=1.ckpt").is_file()  # save_on_export (the original's behaviour)
+
+
+def test_only_global_rank_zero_writes(tmp_path):
+    exporter = ExportWeights(dirpath=tmp_path)
+    module = TinyModule()
+    trainer = SimpleNamespace(global_step=4, current_epoch=0, is_global_zero=False, default_root_dir=str(tmp_path),
+                              strategy=SimpleNamespace(lightning_module_state_dict=module.state_dict),
+                              callback_metrics={})
+    assert exporter.export(trainer, module) is None
+    assert list(tmp_path.iterdir()) == []
+    trainer.is_global_zero = True
+    assert exporter.export(trainer, module) == tmp_path / "weights-step=4.sft"
+    assert exporter.export(trainer, module) == tmp_path / "weights-step=4.sft"  # same step: not rewritten
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="dtype 'int8'"):
+        ExportWeights(dtype="int8")
+    with pytest.raises(ValueError, match="floating"):
+        ExportWeights(dtype=torch.int32)
+    with pytest.raises(ValueError, match="safetensors only"):
+        ExportWeights(filename="weights.pt")
+    with pytest.raises(ValueError, match="only {step} and {epoch}"):
+        ExportWeights(filename="w-{loss}")
+
+
+def test_nothing_under_prefix_is_a_clear_error(tmp_path):
+    exporter = ExportWeights(dirpath=tmp_path, strip_prefix="nothing.")
+    module = TinyModule()
+    trainer = SimpleNamespace(global_step=1, current_epoch=0, is_global_zero=True, default_root_dir=str(tmp_path),
+                              strategy=SimpleNamespace(lightning_module_state_dict=module.state_dict),
+                              callback_metrics={})
+    with pytest.raises(ValueError, match="no tensors under prefix 'nothing.'"):
+        exporter.export(trainer, module)

@@ -1,0 +1,95 @@
+"""2-rank gloo DDP: exact per-rank resume parity, disjoint covering shards, and Lightning keeping
+our samplers (no DistributedSamplerWrapper) with both values of ``use_distributed_sampler``."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parent / "samplers_scripts" / "ddp_resume.py"
+RESUME_STEPS = {"random": [2, 4], "batched": [3]}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(out: Path, use_distributed_sampler: bool, kinds: list[str]) -> None:
+    # Both ranks are started here (LOCAL_RANK set), so Lightning does not re-launch the script and
+    # each process can run several Trainers one after the other.
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(
+            os.environ,
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            LOCAL_RANK=str(rank),
+            NODE_RANK="0",
+            WORLD_SIZE="2",
+            PYTHONWARNINGS="ignore",
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(SCRIPT), str(out), str(int(use_distributed_sampler)), ",".join(kinds)],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=240)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, text in zip(procs, outputs):
+        assert p.returncode == 0, text[-4000:]
+
+
+def _read(out: Path, kind: str, phase: str, rank: int) -> dict:
+    return json.loads((out / f"{kind}-{phase}-rank{rank}.json").read_text())
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize(
+    "use_distributed_sampler,specs",
+    [(True, ["random:ckpt", "batched:ckpt"]), (False, ["random:sft"])],
+    ids=["uds-true-ckpt", "uds-false-sft"],
+)
+def test_ddp_resume_parity_per_rank(tmp_path, use_distributed_sampler, specs):
+    _launch(tmp_path, use_distributed_sampler, specs)
+    for kind in (spec.split(":")[0] for spec in specs):
+        full = [_read(tmp_path, kind, "full", r) for r in range(2)]
+        for record in full:
+            assert record["world_size"] == 2
+            assert record["loader_type"] == "ResumableDataLoader"
+            # Lightning kept our sampler: no DistributedSamplerWrapper / fresh DistributedSampler (V7)
+            assert record["sampler_type"] == {"random": "RandomSampler", "batched": "BatchedOrderedSampler"}[kind]
+        seen = [record["seen"] for record in full]
+        assert len(seen[0]) == len(seen[1])
+        steps_per_epoch = len(seen[0]) // 2
+        for epoch in range(2):
+            shard = [
+                [i for batch in seen[r][epoch * steps_per_epoch : (epoch + 1) * steps_per_epoch] for i in batch]
+                for r in range(2)
+            ]
+            assert not set(shard[0]) & set(shard[1]), "ranks' shards overlap"
+            assert sorted(shard[0] + shard[1]) == list(range(22)), "shards do not cover the dataset"
+        assert seen[0][:steps_per_epoch] != seen[0][steps_per_epoch:]  # a new shuffle per epoch
+        for step in RESUME_STEPS[kind]:
+            for rank in range(2):
+                resumed = _read(tmp_path, kind, f"resume{step}", rank)["seen"]
+                assert resumed == seen[rank][step:], f"{kind}: rank {rank} after resuming from step {step}"

@@ -1,0 +1,507 @@
+"""TrainingControl: the command/cadence rules (acceptance cases 25-31) and in-process fits."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+sys.path.insert(0, str(Path(__file__).parent))
+from control_scripts.fakes import FakeTrainer, RecordingExporter, StepScript, drive  # noqa: E402
+from control_scripts.tiny_model import TinyModule, TinyModuleWithVal  # noqa: E402
+
+from lightning_utils.callbacks.training_control import TrainingControl  # noqa: E402
+
+LOGGER = "lightning_utils.callbacks.training_control"
+
+
+def make(tmp_path, script=None, **kwargs):
+    trainer = FakeTrainer(tmp_path)
+    kwargs.setdefault("signal", None)
+    eval_fn = kwargs.pop("eval_fn", lambda t, m: t.trace.append(("eval", t.global_step)))
+    control = TrainingControl(
+        source=StepScript(lambda: trainer.global_step, script or {}),
+        eval_fn=eval_fn,
+        exporter=RecordingExporter(trainer.trace),
+        **kwargs,
+    )
+    return control, trainer
+
+
+# ---------------------------------------------------------------------------------------------
+# acceptance cases 25-31 (the original's stub run: iterations=12, save 5, eval 4)
+# ---------------------------------------------------------------------------------------------
+def test_case25_no_input_periodic_save_and_eval_then_final_save(tmp_path):
+    control, trainer = make(tmp_path, save_every_n_steps=5, eval_every_n_steps=4)
+    trace = drive(control, trainer, 12)
+    # the original stops after eval@12 without saving; we add the final save at the end
+    assert trace == [("eval", 4), ("save", 5), ("eval", 8), ("save", 10), ("eval", 12), ("save", 12)]
+    assert [p.name for p in trainer.saved_paths] == ["step=5.ckpt", "step=10.ckpt", "step=12.ckpt"]
+    assert all(p.parent == tmp_path / "checkpoints" for p in trainer.saved_paths)
+
+
+def test_case26_save_then_quit(tmp_path):
+    control, trainer = make(tmp_path, {2: ["save"], 3: ["quit"]}, save_every_n_steps=5, eval_every_n_steps=4)
+    trace = drive(control, trainer, 12)
+    assert trace == [("save", 2), ("save", 3), ("quit", 3)]
+    assert trainer.should_stop and control.quit_requested
+
+
+def test_case27_quit_without_save_still_exports(tmp_path):
+    control, trainer = make(tmp_path, {3: ["quit"]}, save_on_quit=False, export_on_quit=True)
+    trace = drive(control, trainer, 12)
+    # the original exports only inside its save branch, so it exported nothing here
+    assert trace == [("export", 3), ("quit", 3)]
+
+
+def test_case28_events(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    control, trainer = make(tmp_path, {1: ["export@3"], 3: ["save@2", "save"]}, save_every_n_steps=5, eval_every_n_steps=4)
+    trace = drive(control, trainer, 6)
+    # export@3 -> one checkpoint and one export at step 3 (the typed 'save' adds no second save);
+    # save@2 typed at step 3 is in the past: reported and never fires.
+    assert trace == [("save", 3), ("export", 3), ("eval", 4), ("save", 5), ("save", 6)]
+    assert "step 2 has already passed" in caplog.text
+    assert control.events == []
+
+
+def test_case28_event_show_and_clear(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    control, trainer = make(tmp_path, {1: ["save@9", "eval @ 7", "lr 0.01@8", "event show"], 2: ["event clear", "event"]})
+    drive(control, trainer, 12)
+    assert "eval@7\n  lr 0.01@8\n  save@9" in caplog.text
+    assert "cleared 3 scheduled command(s)" in caplog.text
+    assert ("save", 9) not in trainer.trace and ("eval", 7) not in trainer.trace
+    assert trainer.optimizers[0].param_groups[0]["lr"] == 0.1
+
+
+def test_case28_scheduled_command_fires_at_its_step(tmp_path):
+    control, trainer = make(tmp_path, {1: ["lr 0.01@4", "save@3", "eval_quit@6"]}, save_on_train_end=False)
+    lrs = []
+    orig = control.on_train_batch_end
+
+    def spy(t, m, o, b, i):
+        orig(t, m, o, b, i)
+        lrs.append((t.global_step, t.optimizers[0].param_groups[0]["lr"]))
+
+    control.on_train_batch_end = spy
+    trace = drive(control, trainer, 12)
+    assert trace == [("save", 3), ("save", 6), ("eval", 6), ("quit", 6)]  # save, then eval, then stop
+    assert lrs[2] == (3, 0.1) and lrs[3] == (4, 0.01)
+
+
+def test_case29_lr_on_every_group_of_every_optimizer_and_bad_values(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    p = [torch.nn.Parameter(torch.zeros(2)) for _ in range(4)]
+    opts = [
+        torch.optim.SGD([{"params": [p[0]]}, {"params": [p[1]], "lr": 0.5}], lr=0.1),
+        torch.optim.AdamW([{"params": [p[2]]}, {"params": [p[3]], "lr": torch.tensor(0.3)}], lr=0.2),
+    ]
+    trainer = FakeTrainer(tmp_path, optimizers=opts)
+    control = TrainingControl(
+        source=StepScript(lambda: trainer.global_step, {2: ["lr 1e-3"], 3: ["lr abc", "lr", "lr -1", "lr nan"]}),
+        signal=None,
+    )
+    trace = drive(control, trainer, 5)
+    lrs = [float(g["lr"]) for o in opts for g in o.param_groups]
+    assert lrs == pytest.approx([0.001] * 4)  # the tensor lr is float32
+    assert trainer.global_step == 5 and not trainer.should_stop  # the original crashed on 'lr abc'
+    for bad in ("'lr abc'", "'lr'", "'lr -1'", "'lr nan'"):
+        assert f"ignored bad command: {bad}" in caplog.text
+    assert trace == [("save", 5)]
+
+
+def test_case29_lr_rebases_lr_schedulers(tmp_path):
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)
+    trainer = FakeTrainer(tmp_path, optimizers=[opt])
+    from types import SimpleNamespace
+
+    trainer.lr_scheduler_configs = [SimpleNamespace(scheduler=sched)]
+    control = TrainingControl(source=StepScript(lambda: trainer.global_step, {1: ["lr 0.2"]}), signal=None)
+    drive(control, trainer, 1)
+    assert opt.param_groups[0]["lr"] == 0.2
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)  # the schedule continues from the new base
+
+
+def test_case30_eval_quit_before_the_first_step(tmp_path):
+    control, trainer = make(tmp_path, {0: ["eval_quit"]}, save_every_n_steps=5, eval_every_n_steps=4)
+    trace = drive(control, trainer, 12)
+    assert trace == [("eval", 0), ("quit", 0)]
+    assert trainer.global_step == 0
+
+
+def test_case30_save_before_the_loop_is_ignored(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    control, trainer = make(tmp_path, {0: ["save", "export", "lr 0.05"]}, save_on_train_end=False)
+    trace = drive(control, trainer, 3)
+    assert trace == []
+    assert "'save' before the first step is ignored" in caplog.text
+    assert trainer.optimizers[0].param_groups[0]["lr"] == 0.05  # harmless commands still apply
+
+
+def test_case30_quit_before_the_loop_saves_nothing(tmp_path):
+    control, trainer = make(tmp_path, {0: ["quit"]})
+    assert drive(control, trainer, 12) == [("quit", 0)]
+
+
+@pytest.mark.parametrize("save_every", [None, 0])
+def test_case31_save_frequency_falls_back_to_eval_frequency(tmp_path, save_every):
+    control, trainer = make(tmp_path, save_every_n_steps=save_every, eval_every_n_steps=4)
+    trace = drive(control, trainer, 10)
+    assert trace == [("save", 4), ("eval", 4), ("save", 8), ("eval", 8), ("save", 10)]
+
+
+def test_export_command_and_export_on_save(tmp_path):
+    control, trainer = make(tmp_path, {2: ["export"], 4: ["save"]}, export_on_save=True, save_on_export=False)
+    trace = drive(control, trainer, 5)
+    assert trace == [("export", 2), ("save", 4), ("export", 4), ("save", 5), ("export", 5)]
+
+
+def test_periodic_export_without_checkpoint(tmp_path):
+    control, trainer = make(tmp_path, export_every_n_steps=3, save_on_train_end=False)
+    assert drive(control, trainer, 7) == [("export", 3), ("export", 6)]
+
+
+def test_time_command_reports_eta(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    control, trainer = make(tmp_path, {0: ["time"], 3: ["time", "time to 100", "time to x"]})
+    drive(control, trainer, 4)
+    assert "no step timed yet" in caplog.text
+    assert "step 3/12" in caplog.text and "step 3/100" in caplog.text
+    assert "expected 'time' or 'time to N'" in caplog.text
+
+
+def test_help_and_loss_scale_without_scaler(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    control, trainer = make(tmp_path, {1: ["help", "loss_scale 1024"]})
+    drive(control, trainer, 2)
+    assert "CMD@STEP" in caplog.text
+    assert "no AMP grad scaler in use" in caplog.text
+
+
+def test_loss_scale_sets_grad_scaler(tmp_path):
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    control, trainer = make(tmp_path, {0: ["loss_scale 256"], 2: ["loss_scale 1024"]})
+    from types import SimpleNamespace
+
+    trainer.precision_plugin = SimpleNamespace(scaler=scaler)
+    control.setup(trainer, None, "fit")
+    control.on_train_start(trainer, None)
+    assert scaler._init_scale == 256.0  # not created yet: the first scale starts from it
+    scaler.scale(torch.tensor(1.0))
+    trainer.global_step = 2
+    control.on_train_batch_end(trainer, None, None, None, 1)
+    assert scaler.get_scale() == 1024.0
+
+
+def test_gradient_accumulation_micro_batches_are_not_boundaries(tmp_path):
+    control, trainer = make(tmp_path, {1: ["save@2"]}, save_on_train_end=False)
+    control.setup(trainer, None, "fit")
+    control.on_train_start(trainer, None)
+    for step in (0, 1, 1, 2, 2, 3):  # global_step seen at each micro-batch end with GA=2
+        trainer.global_step = step
+        control.on_train_batch_end(trainer, None, None, None, 0)
+    assert trainer.trace == [("save", 2)]
+
+
+def test_check_every_n_steps_still_fires_schedules_on_time(tmp_path):
+    control, trainer = make(tmp_path, {2: ["save@3"], 3: ["quit"]}, check_every_n_steps=2)
+    source = control.source
+    trace = drive(control, trainer, 8)
+    # polls at steps 0 (pre-loop), 2, 4: the 'quit' queued for step 3 is read at step 4
+    assert trace == [("save", 3), ("save", 4), ("quit", 4)]
+    assert source.polls == 3
+
+
+def test_invalid_arguments_name_the_argument():
+    with pytest.raises(ValueError, match="save_every_n_steps"):
+        TrainingControl(source=None, save_every_n_steps=-1)
+    with pytest.raises(ValueError, match="check_every_n_steps"):
+        TrainingControl(source=None, check_every_n_steps=0)
+    with pytest.raises(ValueError, match="signal_command"):
+        TrainingControl(source=None, signal_command="sav")
+    with pytest.raises(ValueError, match="filename"):
+        TrainingControl(source=None, filename="{nope}")
+    with pytest.raises(ValueError, match="file_extension"):
+        TrainingControl(source=None, file_extension="sft")
+    with pytest.raises(ValueError, match="signal"):
+        TrainingControl(source=None, signal="SIGNOPE")
+    with pytest.raises(TypeError, match="source"):
+        TrainingControl(source=3.5)
+
+
+def test_state_dict_round_trip_restores_events(tmp_path):
+    control, trainer = make(tmp_path, {1: ["export@7", "lr 0.5@9"]})
+    control.setup(trainer, None, "fit")
+    control.on_train_start(trainer, None)
+    trainer.global_step = 1
+    control.on_train_batch_end(trainer, None, None, None, 0)
+    state = control.state_dict()
+    assert state == {"events": [["export", 7], ["lr 0.5", 9]], "last_save_step": 0, "last_eval_step": 0,
+                     "last_export_step": 0}
+    fresh, trainer2 = make(tmp_path)
+    fresh.load_state_dict(state)
+    trainer2.global_step = 5  # resumed at step 5
+    trace = drive(fresh, trainer2, 9)
+    assert trace == [("save", 7), ("export", 7), ("save", 9)]  # no save at the resumed step 5
+    assert trainer2.optimizers[0].param_groups[0]["lr"] == 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# real fits, in process
+# ---------------------------------------------------------------------------------------------
+def fit(tmp_path, control, model=None, **kwargs):
+    model = model or TinyModule()
+    kwargs.setdefault("max_steps", 6)
+    trainer = Trainer(
+        callbacks=[control, *kwargs.pop("callbacks", [])],
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        enable_checkpointing=kwargs.pop("enable_checkpointing", False),
+        **kwargs,
+    )
+    trainer.fit(model, ckpt_path=kwargs.pop("ckpt_path", None))
+    return trainer, model
+
+
+def test_fit_commands_save_and_quit_with_real_trainer(tmp_path):
+    holder = {}
+    control = TrainingControl(
+        source=StepScript(lambda: holder["t"].global_step, {2: ["lr 0.5", "garbage", "save"], 4: ["quit"]}),
+        signal=None,
+    )
+    model = TinyModule()
+    trainer = Trainer(callbacks=[control], default_root_dir=tmp_path, max_steps=50, enable_progress_bar=False,
+                      enable_model_summary=False, logger=False, enable_checkpointing=False)
+    holder["t"] = trainer
+    trainer.fit(model)
+    assert trainer.global_step == 4  # fit returned normally after quit
+    assert [s for s, lr in model.lr_trace if lr == 0.5] == [2, 3, 4]
+    files = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert files == ["step=2.ckpt", "step=4.ckpt"]
+    ckpt = torch.load(tmp_path / "checkpoints" / "step=4.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 4
+    state = ckpt["callbacks"][control.state_key]
+    assert state["last_save_step"] == 4
+    assert control.source.closed == 1  # the reader is released at teardown
+
+
+def test_fit_final_save_resume_and_no_save_at_resumed_step(tmp_path):
+    control = TrainingControl(source=None, signal=None, save_every_n_steps=3)
+    trainer, _ = fit(tmp_path, control, max_steps=4)
+    files = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert files == ["step=3.ckpt", "step=4.ckpt"]  # periodic + final
+    os.remove(tmp_path / "checkpoints" / "step=4.ckpt")
+    resumed = TrainingControl(source=None, signal=None, save_every_n_steps=3)
+    trainer = Trainer(callbacks=[resumed], default_root_dir=tmp_path, max_steps=7, enable_progress_bar=False,
+                      enable_model_summary=False, logger=False, enable_checkpointing=False)
+    trainer.fit(TinyModule(), ckpt_path=tmp_path / "checkpoints" / "step=3.ckpt")
+    files = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert files == ["step=3.ckpt", "step=6.ckpt", "step=7.ckpt"]
+
+
+def test_fit_uses_model_checkpoint_dir_and_extension(tmp_path):
+    class Sft(ModelCheckpoint):
+        FILE_EXTENSION = ".ckpt2"
+
+    control = TrainingControl(source=None, signal=None)
+    ckpt = Sft(dirpath=tmp_path / "mine", save_top_k=0)
+    fit(tmp_path, control, callbacks=[ckpt], enable_checkpointing=True, max_steps=2)
+    assert (tmp_path / "mine" / "step=2.ckpt2").is_file()
+
+
+def test_fit_eval_command_runs_the_validation_loop(tmp_path):
+    holder = {}
+    control = TrainingControl(source=StepScript(lambda: holder["t"].global_step, {2: ["eval"]}), signal=None,
+                              eval_every_n_steps=5, save_on_train_end=False)
+    model = TinyModuleWithVal()
+    trainer = Trainer(callbacks=[control], default_root_dir=tmp_path, max_steps=6, enable_progress_bar=False,
+                      enable_model_summary=False, logger=False, enable_checkpointing=False, limit_val_batches=2,
+                      val_check_interval=1000, check_val_every_n_epoch=None, num_sanity_val_steps=0)
+    holder["t"] = trainer
+    trainer.fit(model)
+    assert model.val_steps == [2, 5]
+    assert "val_loss" in trainer.callback_metrics
+    assert trainer.global_step == 6 and model.training
+
+
+def test_fit_eval_quit_before_first_step(tmp_path):
+    holder = {}
+    control = TrainingControl(source=StepScript(lambda: holder["t"].global_step, {0: ["eval_quit"]}), signal=None)
+    model = TinyModuleWithVal()
+    trainer = Trainer(callbacks=[control], default_root_dir=tmp_path, max_steps=6, enable_progress_bar=False,
+                      enable_model_summary=False, logger=False, enable_checkpointing=False, limit_val_batches=2,
+                      num_sanity_val_steps=0)
+    holder["t"] = trainer
+    trainer.fit(model)
+    assert trainer.global_step == 0 and model.lr_trace == []
+    assert model.val_steps == [0]
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_fit_gradient_accumulation_commands_once_per_step(tmp_path):
+    holder = {}
+    evals = []
+    control = TrainingControl(
+        source=StepScript(lambda: holder["t"].global_step, {1: ["eval@2", "save"]}),
+        eval_fn=lambda t, m: evals.append(t.global_step), signal=None, save_on_train_end=False,
+    )
+    trainer = Trainer(callbacks=[control], default_root_dir=tmp_path, max_steps=3, accumulate_grad_batches=2,
+                      enable_progress_bar=False, enable_model_summary=False, logger=False, enable_checkpointing=False)
+    holder["t"] = trainer
+    trainer.fit(TinyModule())
+    assert evals == [2]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step=1.ckpt"]
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="SIGUSR1 does not exist on this platform")
+def test_fit_signal_only_sets_a_flag_and_saves_at_the_next_boundary(tmp_path):
+    seen = {}
+
+    class Signalling(TinyModule):
+        def training_step(self, batch, batch_idx):
+            if self.trainer.global_step == 2:  # inside step 3, before its backward pass
+                os.kill(os.getpid(), signal.SIGUSR1)
+                # the handler has run by now; nothing may have been saved from inside it
+                seen["files_in_handler"] = list((tmp_path / "checkpoints").glob("*")) if (tmp_path / "checkpoints").exists() else []
+            return super().training_step(batch, batch_idx)
+
+    before = signal.getsignal(signal.SIGUSR1)
+    control = TrainingControl(source=None, save_on_train_end=False)
+    fit(tmp_path, control, model=Signalling(), max_steps=5)
+    assert seen["files_in_handler"] == []
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step=3.ckpt"]
+    assert signal.getsignal(signal.SIGUSR1) == before  # the previous handler is back
+
+
+# ---------------------------------------------------------------------------------------------
+# .sft checkpoints through lightning_utils.io
+# ---------------------------------------------------------------------------------------------
+def test_sft_save_through_checkpoint_io_and_resume_keeps_schedules(tmp_path):
+    from lightning_utils.io import SafetensorsCheckpointIO, load_state
+
+    holder = {}
+    control = TrainingControl(source=StepScript(lambda: holder["t"].global_step, {1: ["export@9", "save"]}),
+                              signal=None, save_on_train_end=False)
+    trainer = Trainer(callbacks=[control], default_root_dir=tmp_path, max_steps=3, plugins=[SafetensorsCheckpointIO()],
+                      enable_progress_bar=False, enable_model_summary=False, logger=False)
+    holder["t"] = trainer
+    trainer.fit(TinyModule())
+    path = tmp_path / "checkpoints" / "step=1.sft"  # the default ModelCheckpoint is .ckpt; the plugin picks .sft
+    assert path.is_file()
+    with open(path, "rb") as f:
+        assert not f.read(16).startswith(b"PK")  # safetensors, not a torch zip
+    state = load_state(path)
+    assert state["callbacks"][control.state_key]["events"] == [["export", 9]]
+    assert state["global_step"] == 1
+
+    resumed = TrainingControl(source=None, signal=None, save_on_train_end=False)
+    trainer = Trainer(callbacks=[resumed], default_root_dir=tmp_path, max_steps=5, plugins=[SafetensorsCheckpointIO()],
+                      enable_progress_bar=False, enable_model_summary=False, logger=False, enable_checkpointing=False)
+    trainer.fit(TinyModule(), ckpt_path=path)
+    assert [str(c) for c, w in resumed.events] == ["export"] and resumed.events[0][1] == 9
+
+
+def test_sft_extension_from_safetensors_model_checkpoint_and_explicit(tmp_path):
+    from lightning_utils.callbacks.safetensors_model_checkpoint import SafetensorsModelCheckpoint
+    from lightning_utils.io import load_state
+
+    control = TrainingControl(source=None, signal=None)
+    fit(tmp_path / "a", control, callbacks=[SafetensorsModelCheckpoint(dirpath=tmp_path / "a" / "ck", save_top_k=0)],
+        enable_checkpointing=True, max_steps=2)
+    assert load_state(tmp_path / "a" / "ck" / "step=2.sft")["global_step"] == 2
+    # an explicit ".sft" installs SafetensorsCheckpointIO, so the name never holds a pickle
+    control = TrainingControl(source=None, signal=None, file_extension=".sft")
+    fit(tmp_path / "b", control, max_steps=2)
+    path = tmp_path / "b" / "checkpoints" / "step=2.sft"
+    assert load_state(path)["global_step"] == 2
+    with open(path, "rb") as f:
+        assert not f.read(16).startswith(b"PK")
+
+
+def test_callbacks_build_from_lightning_cli_class_paths(tmp_path):
+    jsonargparse = pytest.importorskip("jsonargparse", reason="LightningCLI's parser (the 'cli' extra)")
+    from lightning.pytorch.callbacks import Callback
+
+    from lightning_utils.callbacks.export_weights import ExportWeights
+    from lightning_utils.callbacks.metrics_printer import MetricsPrinter
+    from lightning_utils.command_sources import FileSource
+
+    parser = jsonargparse.ArgumentParser()
+    parser.add_argument("--callbacks", type=list[Callback])
+    cfg = parser.parse_args(["--callbacks", json.dumps([
+        {"class_path": "lightning_utils.callbacks.training_control.TrainingControl",
+         "init_args": {"source": str(tmp_path / "cmds.txt"), "save_every_n_steps": 100, "file_extension": ".sft"}},
+        {"class_path": "lightning_utils.callbacks.export_weights.ExportWeights", "init_args": {"dtype": "bf16"}},
+        {"class_path": "lightning_utils.callbacks.metrics_printer.MetricsPrinter", "init_args": {"window": 50}},
+    ])])
+    control, exporter, printer = parser.instantiate(cfg).callbacks
+    assert isinstance(control, TrainingControl) and isinstance(control.source, FileSource)
+    assert control.save_every_n_steps == 100 and control.file_extension == ".sft"
+    assert isinstance(exporter, ExportWeights) and exporter.dtype == torch.bfloat16
+    assert isinstance(printer, MetricsPrinter) and printer.window == 50
+
+
+def test_configured_commands_schedule_without_duplicates_after_resume(tmp_path):
+    control, trainer = make(tmp_path, commands=["quit@4", "export@6", "save"], save_on_train_end=False)
+    assert drive(control, trainer, 12) == [("save", 4), ("quit", 4)]
+    assert [(str(c), w) for c, w in control.events] == [("export", 6)]
+    state = control.state_dict()
+    resumed, trainer2 = make(tmp_path, commands=["export@6"], save_on_train_end=False)
+    resumed.load_state_dict(state)
+    trainer2.global_step = 4
+    assert drive(resumed, trainer2, 7) == [("save", 6), ("export", 6)]  # once, though given twice
+    with pytest.raises(ValueError, match=r"commands\[1\]"):
+        TrainingControl(source=None, commands=["save", "sav"])
+
+
+def test_eval_without_eval_fn_or_validation_step_warns_and_goes_on(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    trainer = FakeTrainer(tmp_path)
+    control = TrainingControl(source=StepScript(lambda: trainer.global_step, {1: ["eval"]}), signal=None)
+    drive(control, trainer, 3, pl_module=TinyModule())
+    assert "no eval_fn was given and the model has no validation_step" in caplog.text
+    assert trainer.global_step == 3
+
+
+def test_failing_eval_fn_is_reported_and_training_goes_on(tmp_path, caplog):
+    def broken(trainer, module):
+        raise RuntimeError("eval exploded")
+
+    control, trainer = make(tmp_path, {1: ["eval"]}, eval_fn=broken)
+    drive(control, trainer, 3)
+    assert "eval_fn failed at step 1" in caplog.text and "eval exploded" in caplog.text
+    assert trainer.global_step == 3
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="SIGUSR1 does not exist on this platform")
+def test_slurm_auto_requeue_keeps_its_signal(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    trainer = FakeTrainer(tmp_path)
+    trainer.strategy.cluster_environment = SimpleNamespace(auto_requeue=True, requeue_signal=signal.SIGUSR1)
+    before = signal.getsignal(signal.SIGUSR1)
+    control = TrainingControl(source=None)
+    control.setup(trainer, None, "fit")
+    assert signal.getsignal(signal.SIGUSR1) == before  # Lightning installs its requeue handler instead
+    assert "SLURM auto-requeue signal" in caplog.text
+    control.teardown(trainer, None, "fit")
+    other = TrainingControl(source=None, signal="SIGUSR2")
+    other.setup(trainer, None, "fit")
+    assert signal.getsignal(signal.SIGUSR2) == other._signal._handler
+    other.teardown(trainer, None, "fit")
