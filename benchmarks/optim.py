@@ -1,0 +1,360 @@
+"""Benchmark: APOLLO / APOLLO-Mini vs torch AdamW (and the upstream apollo-torch package).
+
+Measures, in one run, on this machine's CPU:
+
+1. optimizer state bytes and ``step()`` time on large square matrices (default 2 x 4096x4096);
+2. the same on a small transformer LM (default ~3.7M parameters: d_model 256, 4 layers,
+   vocab 1024), APOLLO on the block matrices, AdamW on embeddings, head, norms and biases;
+3. held-out loss after N training steps on synthetic codec-token data (a sparse bigram chain),
+   best of a small lr grid for each optimizer.
+
+Goals (issue 4): Mini state < 5% of AdamW on projected matrices; step time <= 1.3x
+``torch.optim.AdamW(foreach=True)``; <= 1.0x the upstream package; loss within 5% of AdamW.
+
+The upstream comparison is optional and **never** a dependency of lightning-utils (its code is
+CC BY-NC 4.0). To include it, install it into the benchmark environment yourself:
+
+    .venv/bin/pip install apollo-torch      # pulls transformers and bitsandbytes
+
+then run the benchmark; without it the upstream columns are skipped with a message.
+
+Usage (about 3 minutes on a 2-core CPU with the defaults; ``--quick`` takes well under one):
+
+    .venv/bin/python benchmarks/optim.py
+    .venv/bin/python benchmarks/optim.py --quick
+    .venv/bin/python benchmarks/optim.py --matrix-size 2048 --matrices 1 --loss-steps 0
+
+Timings are CPU time with one intra-op thread by default (``--threads``), interleaving the
+optimizers over several rounds and reporting the median, because the machine may be shared;
+ratios are always taken within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lightning_utils.optim import Apollo, ApolloMini, WarmupLR, apollo_param_groups  # noqa: E402
+
+try:  # optional, benchmark only; see the module docstring
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from apollo_torch import APOLLOAdamW  # type: ignore[import-not-found]
+except Exception as error:  # noqa: BLE001 - any import failure means "not available"
+    APOLLOAdamW = None
+    UPSTREAM_MISSING = f"{type(error).__name__}: {error}"
+else:
+    UPSTREAM_MISSING = ""
+
+OptimizerFactory = Callable[[list[dict]], torch.optim.Optimizer]
+
+
+# --- models and data --------------------------------------------------------------------------
+
+
+class Block(nn.Module):
+    def __init__(self, d_model: int, n_heads: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.attn_norm = nn.LayerNorm(d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+        self.mlp_norm = nn.LayerNorm(d_model)
+        self.up = nn.Linear(d_model, 4 * d_model)
+        self.down = nn.Linear(4 * d_model, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.attn_norm(x)).view(b, t, 3, self.n_heads, d // self.n_heads).unbind(2)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        x = x + self.out(y.transpose(1, 2).reshape(b, t, d))
+        return x + self.down(F.gelu(self.up(self.mlp_norm(x))))
+
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab: int, d_model: int, n_layers: int, n_heads: int, seq_len: int) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d_model)
+        self.pos = nn.Embedding(seq_len, d_model)
+        self.blocks = nn.ModuleList(Block(d_model, n_heads) for _ in range(n_layers))
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.tok(tokens) + self.pos.weight[: tokens.shape[1]]
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
+class BigramCodecData:
+    """Codec-like token streams from a fixed sparse bigram chain (4 likely successors per token)."""
+
+    def __init__(self, vocab: int, seq_len: int, batch_size: int, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.successors = torch.randint(0, vocab, (vocab, 4), generator=gen)
+        self.vocab, self.seq_len, self.batch_size = vocab, seq_len, batch_size
+
+    def batch(self, index: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(10_000 + index)
+        tokens = torch.empty(self.batch_size, self.seq_len + 1, dtype=torch.long)
+        tokens[:, 0] = torch.randint(0, self.vocab, (self.batch_size,), generator=gen)
+        choice = torch.randint(0, 4, (self.batch_size, self.seq_len), generator=gen)
+        for t in range(self.seq_len):
+            tokens[:, t + 1] = self.successors[tokens[:, t], choice[:, t]]
+        return tokens
+
+
+def lm_loss(model: TinyLM, tokens: torch.Tensor) -> torch.Tensor:
+    logits = model(tokens[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+
+def lm_groups(model: TinyLM) -> list[dict]:
+    # APOLLO on the attention and MLP matrices, AdamW elsewhere (as in the APOLLO paper).
+    return apollo_param_groups(model, include=["blocks.*"], exclude=["*.bias", "*norm*"])
+
+
+# --- optimizers -------------------------------------------------------------------------------
+
+
+def upstream_groups(groups: list[dict], **options) -> list[dict]:
+    """The upstream package marks low-rank groups by their keys; AdamW groups carry none."""
+    out = []
+    for group in groups:
+        params = {"params": group["params"]}
+        if group.get("rank", None) != 0:
+            params.update(options)
+        out.append(params)
+    return out
+
+
+def optimizers(rank: int, gap: int, lr: float | None = None) -> dict[str, OptimizerFactory]:
+    def kw(default: float) -> dict:
+        return {"lr": lr if lr is not None else default}
+
+    table: dict[str, OptimizerFactory] = {
+        "AdamW(foreach)": lambda g: torch.optim.AdamW(
+            [{"params": x["params"]} for x in g], foreach=True, **kw(1e-3)
+        ),
+        f"Apollo(r={rank})": lambda g: Apollo(g, rank=rank, update_proj_gap=gap, **kw(1e-3)),
+        "ApolloMini": lambda g: ApolloMini(g, update_proj_gap=gap, **kw(1e-3)),
+    }
+    if APOLLOAdamW is not None:
+        table[f"upstream Apollo(r={rank})"] = lambda g: APOLLOAdamW(
+            upstream_groups(
+                g, rank=rank, proj="random", scale_type="channel", scale=1, update_proj_gap=gap, proj_type="std"
+            ),
+            **kw(1e-3),
+        )
+        table["upstream Mini"] = lambda g: APOLLOAdamW(
+            upstream_groups(
+                g, rank=1, proj="random", scale_type="tensor", scale=128, update_proj_gap=gap, proj_type="std"
+            ),
+            **kw(1e-3),
+        )
+    return table
+
+
+def state_bytes(optimizer: torch.optim.Optimizer, params: list[torch.Tensor] | None = None) -> int:
+    keep = None if params is None else {id(p) for p in params}
+    total = 0
+    for param, state in optimizer.state.items():
+        if keep is not None and id(param) not in keep:
+            continue
+        for value in state.values():
+            if torch.is_tensor(value):
+                total += value.numel() * value.element_size()
+            elif hasattr(value, "ortho_matrix") and torch.is_tensor(getattr(value, "ortho_matrix", None)):
+                total += value.ortho_matrix.numel() * value.ortho_matrix.element_size()  # upstream projector
+    return total
+
+
+def cache_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Our cached random projections (not state; rebuilt from seeds after a load)."""
+    cache = getattr(optimizer, "_projections", {})
+    return sum(m.numel() * m.element_size() for _, m in cache.values())
+
+
+def time_steps(built: dict[str, torch.optim.Optimizer], steps: int, rounds: int) -> dict[str, float]:
+    """Median CPU seconds per ``step()``, optimizers interleaved round by round.
+
+    CPU time of this process (not wall time): with one intra-op thread it is insensitive to
+    other load on a shared machine.
+    """
+    samples: dict[str, list[float]] = {name: [] for name in built}
+    for _ in range(rounds):
+        for name, optimizer in built.items():
+            start = time.process_time()
+            for _ in range(steps):
+                optimizer.step()
+            samples[name].append((time.process_time() - start) / steps)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def report(
+    title: str,
+    built: dict[str, torch.optim.Optimizer],
+    times: dict[str, float],
+    projected: list[torch.Tensor],
+) -> None:
+    base_name = "AdamW(foreach)"
+    base_state = state_bytes(built[base_name], projected)
+    base_time = times[base_name]
+    print(f"\n## {title}")
+    print(
+        f"{'optimizer':<26}{'state MiB (all)':>16}{'on projected':>14}{'vs AdamW':>10}"
+        f"{'proj cache MiB':>16}{'step ms':>10}{'vs AdamW':>10}"
+    )
+    for name, optimizer in built.items():
+        projected_bytes = state_bytes(optimizer, projected)
+        print(
+            f"{name:<26}{state_bytes(optimizer) / 2**20:>16.2f}{projected_bytes / 2**20:>14.2f}"
+            f"{projected_bytes / base_state:>9.1%} {cache_bytes(optimizer) / 2**20:>15.2f}"
+            f"{times[name] * 1e3:>10.1f}{times[name] / base_time:>9.2f}x"
+        )
+    for ours, theirs in (("Apollo(r=", "upstream Apollo(r="), ("ApolloMini", "upstream Mini")):
+        mine = next((n for n in times if n.startswith(ours)), None)
+        other = next((n for n in times if n.startswith(theirs)), None)
+        if mine and other:
+            print(f"{mine} vs {other}: {times[mine] / times[other]:.2f}x step time")
+    if APOLLOAdamW is None:
+        print(f"(upstream apollo-torch not installed, columns skipped: {UPSTREAM_MISSING})")
+
+
+# --- sections ---------------------------------------------------------------------------------
+
+
+def bench_matrices(args: argparse.Namespace) -> None:
+    gen = torch.Generator().manual_seed(0)
+    size = args.matrix_size
+    params = [nn.Parameter(torch.randn(size, size, generator=gen)) for _ in range(args.matrices)]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen) * 1e-2
+    built = {name: make([{"params": params}]) for name, make in optimizers(args.rank, args.gap).items()}
+    for optimizer in built.values():
+        optimizer.step()  # allocate state and draw the projections (refresh cost not timed)
+    times = time_steps(built, args.time_steps, args.rounds)
+    title = f"{args.matrices} x {size}x{size} matrices (fp32, update_proj_gap={args.gap})"
+    report(title, built, times, params)
+
+
+def bench_lm_step(args: argparse.Namespace) -> None:
+    torch.manual_seed(0)
+    model = TinyLM(args.vocab, args.d_model, args.layers, args.heads, args.seq_len)
+    n_params = sum(p.numel() for p in model.parameters())
+    data = BigramCodecData(args.vocab, args.seq_len, args.batch_size)
+    lm_loss(model, data.batch(0)).backward()
+    groups = lm_groups(model)
+    projected = groups[0]["params"]
+    rank = min(args.rank, args.d_model // 4)
+    built = {name: make([dict(g) for g in groups]) for name, make in optimizers(rank, args.gap).items()}
+    for optimizer in built.values():
+        optimizer.step()
+    times = time_steps(built, args.time_steps, args.rounds)
+    report(
+        f"transformer LM step ({n_params / 1e6:.2f}M params, d_model {args.d_model}, {args.layers} layers, "
+        f"vocab {args.vocab}; {sum(p.numel() for p in projected) / 1e6:.2f}M on APOLLO)",
+        built,
+        times,
+        projected,
+    )
+
+
+def bench_loss(args: argparse.Namespace) -> None:
+    d_model, layers = args.loss_d_model, args.loss_layers
+    data = BigramCodecData(args.loss_vocab, args.loss_seq_len, args.batch_size)
+    held_out = [data.batch(1_000_000 + i) for i in range(4)]
+    floor = math.log(4)
+    rank = max(1, d_model // 4)
+    grid = {
+        "AdamW(foreach)": [float(x) for x in args.adamw_lrs.split(",")],
+        f"Apollo(r={rank})": [float(x) for x in args.apollo_lrs.split(",")],
+        "ApolloMini": [float(x) for x in args.mini_lrs.split(",")],
+    }
+    print(
+        f"\n## loss after {args.loss_steps} steps (d_model {d_model}, {layers} layers, vocab {args.loss_vocab}, "
+        f"seq {args.loss_seq_len}, batch {args.batch_size}; WarmupLR {args.loss_steps // 10}; "
+        f"entropy floor {floor:.3f})"
+    )
+    best: dict[str, tuple[float, float]] = {}
+    for name, lrs in grid.items():
+        for lr in lrs:
+            torch.manual_seed(0)
+            model = TinyLM(args.loss_vocab, d_model, layers, max(1, d_model // 64), args.loss_seq_len)
+            optimizer = optimizers(rank, args.gap, lr=lr)[name](lm_groups(model))
+            scheduler = WarmupLR(optimizer, warmup_steps=max(1, args.loss_steps // 10))
+            start = time.perf_counter()
+            for step in range(args.loss_steps):
+                optimizer.zero_grad(set_to_none=True)
+                lm_loss(model, data.batch(step)).backward()
+                optimizer.step()
+                scheduler.step()
+            with torch.no_grad():
+                loss = statistics.fmean(lm_loss(model, b).item() for b in held_out)
+            print(f"  {name:<18} lr {lr:<8g} held-out loss {loss:.4f}   ({time.perf_counter() - start:.1f}s)")
+            if name not in best or loss < best[name][0]:
+                best[name] = (loss, lr)
+    base = best["AdamW(foreach)"][0]
+    print(f"{'optimizer':<20}{'best lr':>10}{'loss':>10}{'vs AdamW':>10}")
+    for name, (loss, lr) in best.items():
+        print(f"{name:<20}{lr:>10g}{loss:>10.4f}{loss / base - 1:>+9.1%}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--matrix-size", type=int, default=4096)
+    parser.add_argument("--matrices", type=int, default=2)
+    parser.add_argument("--rank", type=int, default=256, help="APOLLO rank (clamped to d_model/4 for the LM)")
+    parser.add_argument("--gap", type=int, default=200, help="update_proj_gap")
+    parser.add_argument("--vocab", type=int, default=1024)
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--time-steps", type=int, default=5, help="steps per timing round")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median)")
+    parser.add_argument("--loss-steps", type=int, default=None, help="default 150 (40 with --quick); 0 skips")
+    parser.add_argument("--loss-d-model", type=int, default=128)
+    parser.add_argument("--loss-layers", type=int, default=2)
+    parser.add_argument("--loss-vocab", type=int, default=256)
+    parser.add_argument("--loss-seq-len", type=int, default=64)
+    parser.add_argument("--adamw-lrs", default="1e-3,3e-3,1e-2")
+    parser.add_argument("--apollo-lrs", default="1e-3,3e-3,1e-2")
+    parser.add_argument("--mini-lrs", default="1e-3,3e-3,1e-2")
+    parser.add_argument("--sections", default="matrices,lm,loss", help="comma list of matrices,lm,loss")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: stable CPU times)")
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
+    args = parser.parse_args()
+    if args.quick:
+        args.matrix_size, args.matrices, args.d_model, args.layers = 1024, 1, 128, 2
+        args.rounds, args.time_steps = 3, 3
+    if args.loss_steps is None:
+        args.loss_steps = 40 if args.quick else 150
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); step times are CPU ms (median)")
+    sections = set(args.sections.split(","))
+    if "matrices" in sections:
+        bench_matrices(args)
+    if "lm" in sections:
+        bench_lm_step(args)
+    if "loss" in sections and args.loss_steps > 0:
+        bench_loss(args)
+
+
+if __name__ == "__main__":
+    main()

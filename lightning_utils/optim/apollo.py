@@ -1,0 +1,439 @@
+"""APOLLO and APOLLO-Mini: AdamW-quality training with SGD-like optimizer memory.
+
+What it is for: a :class:`torch.optim.Optimizer` implementing APOLLO (Zhu et al., "APOLLO:
+SGD-like Memory, AdamW-level Performance", arXiv 2412.05270, MLSys 2025), written from the paper
+and this project's behaviour reference. For a weight matrix with gradient ``G``, APOLLO keeps
+Adam's two moments only for a random low-rank projection ``R`` of ``G`` and uses them to estimate
+a per-channel (APOLLO) or per-tensor (APOLLO-Mini, rank 1) learning-rate scale ``s``; the update
+is the full-rank gradient times that scale, ``-lr_t * sqrt(scale) * G * s``, with Fira's
+norm-growth limiter (the update norm may grow by at most x1.01 per step) and decoupled weight
+decay. 0-D/1-D tensors, excluded matrices and groups with ``rank=0`` get AdamW.
+
+What it must never do: store anything but tensors and Python numbers in its state (so
+``torch.load(weights_only=True)`` and safetensors checkpoints work), touch the global RNG, make a
+projection depend on the device it is drawn on, or crash on a parameter shape.
+
+Per-parameter state (tensors and ints only):
+
+- ``step`` (int), ``seed`` (int: the parameter's 1-based index across all groups, counting
+  parameters that have no gradient, assigned at its first step);
+- ``exp_avg``, ``exp_avg_sq``: Adam moments, in the projected shape ``(m, r)`` or ``(r, n)`` for
+  APOLLO parameters and in the parameter's shape for AdamW ones;
+- ``scaling_grad`` (0-d tensor): the norm of the last (limited) APOLLO update direction;
+- ``projection`` (tensor, ``proj="svd"`` only): the SVD basis, which depends on the gradient.
+
+The random projection is never stored: refresh ``k = step // update_proj_gap`` of a parameter is
+regenerated from ``(seed, k)`` on a dedicated CPU generator (:mod:`.projection`) and cached
+outside the state until the next refresh, so a resumed run, in a fresh process with any global
+RNG state, makes bit-identical next steps, and CPU and CUDA use identical matrices.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from lightning_utils.optim.projection import (
+    Side,
+    projected_shape,
+    projection_seed,
+    random_projection,
+    svd_projection,
+)
+from lightning_utils.optim.selection import matrix_shape, uses_apollo
+
+__all__ = ["Apollo", "ApolloMini"]
+
+PROJECTIONS = ("random", "svd")
+SCALE_TYPES = ("channel", "tensor")
+PROJ_TYPES = ("std", "reverse_std", "left", "right")
+# Fira's norm-growth limiter: the update norm may grow by at most this factor per step.
+NORM_GROWTH_LIMIT = 1.01
+# Keeps the scale and limiter ratios finite for all-zero gradients.
+_NORM_EPS = 1e-8
+# Row-block size (elements) for column norms of large gradients: cache-sized temporaries.
+_CHUNK_ELEMENTS = 1 << 16
+
+ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, torch.Tensor]]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _validate(options: dict[str, Any], where: str) -> None:
+    """Raise ``ValueError`` naming the first bad option; normalise betas and exclude_dims."""
+    lr = options["lr"]
+    if isinstance(lr, torch.Tensor):
+        lr = float(lr)
+    if not _is_number(lr) or not lr >= 0.0:
+        raise ValueError(f"{where}: invalid lr={options['lr']!r}; it must be a number >= 0")
+    betas = options["betas"]
+    if not isinstance(betas, Sequence) or len(betas) != 2:
+        raise ValueError(f"{where}: invalid betas={betas!r}; expected two numbers in [0, 1)")
+    for i, beta in enumerate(betas):
+        if not _is_number(beta) or not 0.0 <= beta < 1.0:
+            raise ValueError(f"{where}: invalid betas[{i}]={beta!r}; it must be in [0, 1)")
+    options["betas"] = (float(betas[0]), float(betas[1]))
+    for key in ("eps", "weight_decay"):
+        if not _is_number(options[key]) or not options[key] >= 0.0:
+            raise ValueError(f"{where}: invalid {key}={options[key]!r}; it must be a number >= 0")
+    if not isinstance(options["correct_bias"], bool):
+        raise ValueError(f"{where}: invalid correct_bias={options['correct_bias']!r}; expected a bool")
+    if not _is_int(options["rank"]) or options["rank"] < 0:
+        raise ValueError(f"{where}: invalid rank={options['rank']!r}; it must be an int >= 0 (0 means AdamW)")
+    for key, allowed in (("proj", PROJECTIONS), ("scale_type", SCALE_TYPES), ("proj_type", PROJ_TYPES)):
+        if options[key] not in allowed:
+            raise ValueError(f"{where}: unknown {key}={options[key]!r}; expected one of {list(allowed)}")
+    if not _is_number(options["scale"]) or not options["scale"] > 0.0:
+        raise ValueError(f"{where}: invalid scale={options['scale']!r}; it must be a number > 0")
+    if not _is_int(options["update_proj_gap"]) or options["update_proj_gap"] < 1:
+        raise ValueError(
+            f"{where}: invalid update_proj_gap={options['update_proj_gap']!r}; it must be an int >= 1"
+        )
+    if not _is_int(options["min_numel"]) or options["min_numel"] < 0:
+        raise ValueError(f"{where}: invalid min_numel={options['min_numel']!r}; it must be an int >= 0")
+    dims = options["exclude_dims"]
+    if isinstance(dims, (str, bytes)) or not isinstance(dims, Sequence) or not all(_is_int(d) for d in dims):
+        raise ValueError(f"{where}: invalid exclude_dims={dims!r}; expected a list of ints")
+    options["exclude_dims"] = tuple(int(d) for d in dims)
+
+
+def _channel_norms(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """L2 norms of the rows (``dim=1``) or columns (``dim=0``) of a 2-D tensor, keepdim."""
+    if dim == 1:
+        return torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    # On CPU, torch's vector_norm over dim 0 is ~10x slower than this (torch 2.13).
+    return x.square().sum(dim=0, keepdim=True).sqrt_()
+
+
+def _column_norms_chunked(x: torch.Tensor) -> torch.Tensor:
+    """Column norms of a possibly large matrix in row blocks: no full-size temporary."""
+    rows = max(1, _CHUNK_ELEMENTS // max(1, x.shape[1]))
+    if rows >= x.shape[0]:
+        return _channel_norms(x, 0)
+    squares = torch.zeros((1, x.shape[1]), dtype=torch.float32, device=x.device)
+    for block in x.split(rows):
+        squares.add_(block.float().square().sum(dim=0, keepdim=True))
+    return squares.sqrt_().to(x.dtype)
+
+
+def _side(m: int, n: int, proj_type: str) -> Side:
+    """Which side of the (m, n) gradient is projected: "right" keeps rows, "left" keeps columns."""
+    if proj_type == "right" or proj_type == "left":
+        return proj_type
+    tall = m >= n
+    if proj_type == "reverse_std":
+        tall = not tall
+    return "right" if tall else "left"
+
+
+class Apollo(Optimizer):
+    r"""APOLLO (arXiv 2412.05270): structured learning-rate scaling from a low-rank Adam state.
+
+    For each parameter treated as a matrix ``G`` of shape ``(m, n)`` (see
+    :mod:`lightning_utils.optim.selection` for which ones), with ``t`` the step count:
+
+    1. ``R = G @ P.T`` (shape ``(m, r)``, "right") or ``R = P.T @ G`` (``(r, n)``, "left"),
+       ``P`` random N(0, 1/r), redrawn every ``update_proj_gap`` steps (or the top-``r``
+       singular vectors of ``G`` with ``proj="svd"``). ``proj_type="std"`` projects the
+       longer side away: "right" when ``m >= n``; ``"reverse_std"`` swaps; ``"left"``/``"right"``
+       force a side. The rank is clamped to the projected dimension, so no shape is too small.
+    2. Adam on ``R``: ``M = b1 M + (1 - b1) R``, ``V = b2 V + (1 - b2) R**2``,
+       ``N = M / (sqrt(V) + eps)`` (eps after the sqrt, moments not bias-corrected).
+    3. Scale ``s``: ``scale_type="channel"`` gives one factor per kept channel (a row for "right",
+       a column for "left"), ``||N_c|| / (||R_c|| + 1e-8)``; ``"tensor"`` gives one factor,
+       ``||N||_F / (||R||_F + 1e-8)``.
+    4. ``U = G * s``; limiter: from the second step, ``U /= max(||U|| / ||U_prev||, 1.01) / 1.01``.
+    5. ``p -= lr_t * sqrt(scale) * U`` with ``lr_t = lr * sqrt(1 - b2**t) / (1 - b1**t)`` when
+       ``correct_bias`` (else ``lr``); then ``p *= 1 - lr * weight_decay`` (decoupled).
+
+    AdamW parameters use steps 2 and 5 on the full gradient. Every constructor option is also a
+    param-group key, so groups may differ (e.g. ``{"params": norms, "rank": 0}``). Parameters may
+    be given as a flat iterable, as groups, or as ``(name, tensor)`` pairs.
+
+    Args:
+        params: parameters or param groups.
+        lr: learning rate (>= 0).
+        betas: Adam coefficients, each in [0, 1).
+        eps: added to ``sqrt(V)`` (>= 0).
+        weight_decay: decoupled weight decay (>= 0), applied after the update.
+        correct_bias: Adam bias correction folded into the step size.
+        rank: projection rank; 0 makes the group plain AdamW.
+        proj: ``"random"`` (APOLLO) or ``"svd"`` (GaLore-style basis, kept in state).
+        scale_type: ``"channel"`` (APOLLO) or ``"tensor"`` (APOLLO-Mini).
+        scale: update multiplier; enters as ``sqrt(scale)`` (APOLLO-Mini uses 128).
+        update_proj_gap: steps between projection refreshes (the paper uses 200).
+        proj_type: ``"std"``, ``"reverse_std"``, ``"left"`` or ``"right"`` (see step 1).
+        min_numel: matrices with fewer elements use AdamW.
+        exclude_dims: matrices with any of these sizes as a dimension use AdamW (e.g. the
+            vocabulary size, to keep embeddings and the LM head on AdamW from YAML).
+
+    Raises:
+        ValueError: for a bad option, naming it (and the param group, if that is where it is).
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        correct_bias: bool = True,
+        rank: int = 256,
+        proj: str = "random",
+        scale_type: str = "channel",
+        scale: float = 1.0,
+        update_proj_gap: int = 200,
+        proj_type: str = "std",
+        min_numel: int = 0,
+        exclude_dims: Sequence[int] = (),
+    ) -> None:
+        defaults: dict[str, Any] = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            correct_bias=correct_bias,
+            rank=rank,
+            proj=proj,
+            scale_type=scale_type,
+            scale=scale,
+            update_proj_gap=update_proj_gap,
+            proj_type=proj_type,
+            min_numel=min_numel,
+            exclude_dims=exclude_dims,
+        )
+        _validate(defaults, type(self).__name__)
+        # Random projections cached until their next refresh; rebuilt from (seed, step) on demand,
+        # never saved. Keyed by parameter.
+        self._projections: dict[torch.Tensor, tuple[tuple[Any, ...], torch.Tensor]] = {}
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        _validate(self.param_groups[-1], f"{type(self).__name__} param group {len(self.param_groups) - 1}")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._projections = {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        for i, group in enumerate(self.param_groups):
+            _validate(group, f"{type(self).__name__} loaded param group {i}")
+        self._projections.clear()
+
+    def uses_projection(self, param: torch.Tensor, group: dict[str, Any] | None = None) -> bool:
+        """Whether ``param`` gets the APOLLO update (else AdamW) under its group's options."""
+        if group is None:
+            group = next((g for g in self.param_groups if any(p is param for p in g["params"])), None)
+            if group is None:
+                raise ValueError("uses_projection: the tensor is not a parameter of this optimizer")
+        return uses_apollo(
+            param.shape, rank=group["rank"], min_numel=group["min_numel"], exclude_dims=group["exclude_dims"]
+        )
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform one optimisation step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        index = 0  # 1-based across groups, counting gradient-less params (reference case 37)
+        for group in self.param_groups:
+            adamw_params: list[torch.Tensor] = []
+            for param in group["params"]:
+                index += 1
+                if param.grad is None:
+                    continue
+                if param.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                state = self.state[param]
+                if not state:
+                    state["step"] = 0
+                    state["seed"] = index
+                if self.uses_projection(param, group):
+                    self._apollo_update(param, state, group)
+                else:
+                    adamw_params.append(param)
+            if adamw_params:
+                self._adamw_update(adamw_params, group)
+        return loss
+
+    def _step_size(self, group: dict[str, Any], step: int) -> float:
+        lr = float(group["lr"])
+        if not group["correct_bias"]:
+            return lr
+        beta1, beta2 = group["betas"]
+        return lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+
+    def _projection(
+        self,
+        param: torch.Tensor,
+        state: dict[str, Any],
+        group: dict[str, Any],
+        grad: torch.Tensor,
+        side: Side,
+        rank: int,
+    ) -> torch.Tensor:
+        m, n = grad.shape
+        refresh = state["step"] // group["update_proj_gap"]
+        size = (rank, n) if side == "right" else (m, rank)
+        if group["proj"] == "svd":
+            basis = state.get("projection")
+            if basis is None or state["step"] % group["update_proj_gap"] == 0 or tuple(basis.shape) != size:
+                basis = svd_projection(grad, side, rank)
+                state["projection"] = basis
+            return basis
+        key = (state["seed"], refresh, size, grad.device, grad.dtype)
+        cached = self._projections.get(param)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        matrix = random_projection(
+            (m, n), side, rank, projection_seed(state["seed"], refresh), device=grad.device, dtype=grad.dtype
+        )
+        self._projections[param] = (key, matrix)
+        return matrix
+
+    def _apollo_update(self, param: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        shape = matrix_shape(param.shape)
+        assert shape is not None  # uses_apollo() admits only >= 2-D tensors
+        m, n = shape
+        grad = param.grad.reshape(m, n)
+        side = _side(m, n, group["proj_type"])
+        rank = min(group["rank"], n if side == "right" else m)
+        proj = self._projection(param, state, group, grad, side, rank)
+        low_rank = grad @ proj.T if side == "right" else proj.T @ grad
+
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(low_rank, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(low_rank, memory_format=torch.contiguous_format)
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        if exp_avg.shape != low_rank.shape:
+            raise RuntimeError(
+                f"{type(self).__name__}: parameter #{state['seed']} has moments of shape "
+                f"{tuple(exp_avg.shape)} but its group options now project to "
+                f"{projected_shape((m, n), side, rank)}; rank, proj_type or the exclusion rule "
+                "changed after the state was created"
+            )
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        exp_avg.mul_(beta1).add_(low_rank, alpha=1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(low_rank, low_rank, value=1.0 - beta2)
+        normed = exp_avg_sq.sqrt().add_(group["eps"])
+        torch.div(exp_avg, normed, out=normed)
+
+        if group["scale_type"] == "channel":
+            # One factor per kept channel: rows for a right projection, columns for a left one.
+            dim = 1 if side == "right" else 0
+            factor = _channel_norms(normed, dim)
+            factor.div_(_channel_norms(low_rank, dim).add_(_NORM_EPS))
+            # ||G * s|| from per-channel gradient norms: no full-size temporary.
+            grad_norms = _channel_norms(grad, 1) if side == "right" else _column_norms_chunked(grad)
+            update_norm = torch.linalg.vector_norm(factor * grad_norms)
+        else:
+            factor = torch.linalg.vector_norm(normed) / (torch.linalg.vector_norm(low_rank) + _NORM_EPS)
+            update_norm = factor * torch.linalg.vector_norm(grad)
+
+        previous = state.get("scaling_grad")
+        if previous is None:
+            state["scaling_grad"] = update_norm
+        else:
+            limiter = torch.clamp(update_norm / (previous + _NORM_EPS), min=NORM_GROWTH_LIMIT)
+            limiter.div_(NORM_GROWTH_LIMIT)
+            factor = factor / limiter
+            state["scaling_grad"] = update_norm / limiter
+
+        alpha = -self._step_size(group, state["step"]) * math.sqrt(group["scale"])
+        if param.is_contiguous():
+            param.view(m, n).addcmul_(grad, factor, value=alpha)
+        else:
+            param.add_((grad * factor).reshape(param.shape), alpha=alpha)
+        if group["weight_decay"] > 0.0:
+            param.mul_(1.0 - float(group["lr"]) * group["weight_decay"])
+
+    def _adamw_update(self, params: list[torch.Tensor], group: dict[str, Any]) -> None:
+        """AdamW for the non-projected params of one group, batched with foreach ops."""
+        buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        for param in params:
+            state = self.state[param]
+            if "exp_avg" not in state:
+                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            elif state["exp_avg"].shape != param.shape:
+                raise RuntimeError(
+                    f"{type(self).__name__}: parameter #{state['seed']} has projected moments of shape "
+                    f"{tuple(state['exp_avg'].shape)} but its group options now select AdamW; rank or "
+                    "the exclusion rule changed after the state was created"
+                )
+            state["step"] += 1
+            buckets.setdefault((param.device, param.dtype), []).append(param)
+        beta1, beta2 = group["betas"]
+        for bucket in buckets.values():
+            grads = [p.grad for p in bucket]
+            exp_avgs = [self.state[p]["exp_avg"] for p in bucket]
+            exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in bucket]
+            torch._foreach_mul_(exp_avgs, beta1)
+            torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
+            torch._foreach_mul_(exp_avg_sqs, beta2)
+            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+            denoms = torch._foreach_sqrt(exp_avg_sqs)
+            torch._foreach_add_(denoms, group["eps"])
+            step_sizes = [-self._step_size(group, self.state[p]["step"]) for p in bucket]
+            torch._foreach_addcdiv_(bucket, exp_avgs, denoms, step_sizes)
+            if group["weight_decay"] > 0.0:
+                torch._foreach_mul_(bucket, 1.0 - float(group["lr"]) * group["weight_decay"])
+
+
+class ApolloMini(Apollo):
+    """APOLLO-Mini: :class:`Apollo` preset with ``rank=1``, ``scale_type="tensor"``, ``scale=128``.
+
+    One scalar learning-rate scale per matrix from a rank-1 projection: optimizer state is two
+    vectors of length ``max(m, n)`` per matrix, i.e. about SGD's memory. All options of
+    :class:`Apollo` are accepted and may be overridden.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        correct_bias: bool = True,
+        rank: int = 1,
+        proj: str = "random",
+        scale_type: str = "tensor",
+        scale: float = 128.0,
+        update_proj_gap: int = 200,
+        proj_type: str = "std",
+        min_numel: int = 0,
+        exclude_dims: Sequence[int] = (),
+    ) -> None:
+        super().__init__(
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            correct_bias=correct_bias,
+            rank=rank,
+            proj=proj,
+            scale_type=scale_type,
+            scale=scale,
+            update_proj_gap=update_proj_gap,
+            proj_type=proj_type,
+            min_numel=min_numel,
+            exclude_dims=exclude_dims,
+        )
