@@ -24,6 +24,10 @@ _LAZY = {
     "BatchedOrderedSampler": "lightning_utils.samplers",
     "RandomSampler": "lightning_utils.samplers",
     "ResumableDataLoader": "lightning_utils.dataloader",
+    "Apollo": "lightning_utils.optim",
+    "ApolloMini": "lightning_utils.optim",
+    "WarmupLR": "lightning_utils.optim",
+    "NoamLR": "lightning_utils.optim",
 }
 
 __all__ = ["__version__", *_LAZY]
