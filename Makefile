@@ -22,6 +22,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 demo: $(STAMP)
+	$(PY) -m pip install -q -e '.[test,plot]'
 	$(PY) examples/train_codec_lm.py
 
 clean:

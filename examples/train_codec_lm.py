@@ -22,6 +22,11 @@ Every lightning-utils piece takes part:
 * ``ExportWeights`` writes plain safetensors weights at the end; ``MetricsPrinter`` writes
   JSON-lines metrics that ``lightning-utils plot`` draws.
 
+The same model and data run under LightningCLI with every component chosen by class path:
+
+    python examples/train_codec_lm.py fit --config examples/configs/codec_lm.yaml
+    PYTHONPATH=examples python -m lightning_utils.cli fit --config examples/configs/codec_lm.yaml
+
 The demo does three runs and checks them against each other:
   1. a full run;
   2. the same run, stopped mid-epoch by ``quit@N`` (TrainingControl saves a ``.sft`` first);
@@ -43,6 +48,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -56,6 +62,7 @@ from lightning_utils.callbacks import (
 )
 from lightning_utils.dataloader import ResumableDataLoader
 from lightning_utils.io import SafetensorsCheckpointIO, load_state
+from lightning_utils.optim import ApolloMini, WarmupLR, apollo_param_groups
 from lightning_utils.patterns import CodebooksPatternProvider, DelayedPatternProvider
 from lightning_utils.samplers import BatchedOrderedSampler
 
@@ -137,6 +144,17 @@ def make_loader(dataset: SyntheticCodecDataset, batch_size: int, seed: int, work
     return ResumableDataLoader(dataset, batch_sampler=sampler, collate_fn=Collate(dataset.cfg.vocab), num_workers=workers)
 
 
+class CodecData(pl.LightningDataModule):
+    """The synthetic codec data as a LightningDataModule (for LightningCLI configs)."""
+
+    def __init__(self, items: int = 512, batch_size: int = 16, seed: int = 0, workers: int = 0) -> None:
+        super().__init__()
+        self.items, self.batch_size, self.seed, self.workers = items, batch_size, seed, workers
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        return make_loader(SyntheticCodecDataset(DataConfig(items=self.items)), self.batch_size, self.seed, self.workers)
+
+
 # --------------------------------------------------------------------------------------------
 # model
 
@@ -158,13 +176,21 @@ class Block(nn.Module):
 
 
 class CodecLM(pl.LightningModule):
-    """Reads the K codebooks interleaved by ``pattern`` and predicts each one's next code."""
+    """Reads the K codebooks interleaved by ``pattern`` and predicts each one's next code.
+
+    ``optimizer``/``scheduler`` are optional factories (LightningCLI passes them from YAML by class
+    path); parameters are grouped by name either way: APOLLO on ``apollo_include`` matrices, AdamW
+    on the rest.
+    """
 
     def __init__(self, codebooks: int = 4, vocab: int = 64, dim: int = 128, layers: int = 3, heads: int = 4,
-                 dropout: float = 0.1, lr: float = 1e-2, warmup_steps: int = 10,
-                 pattern: CodebooksPatternProvider | None = None) -> None:  # fmt: skip
+                 dropout: float = 0.1, lr: float = 2e-2, warmup_steps: int = 10,
+                 pattern: CodebooksPatternProvider | None = None,
+                 optimizer: OptimizerCallable | None = None, scheduler: LRSchedulerCallable | None = None,
+                 apollo_include: list[str] = ["blocks.*"], apollo_exclude: list[str] = ["*bias"]) -> None:  # noqa: B006  # fmt: skip
         super().__init__()
-        self.save_hyperparameters(ignore=["pattern"])
+        self.save_hyperparameters(ignore=["pattern", "optimizer", "scheduler"])
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.patterns = pattern or DelayedPatternProvider(n_q=codebooks)
         self.empty = vocab
         self.embed = nn.ModuleList(nn.Embedding(vocab + 1, dim) for _ in range(codebooks))
@@ -195,9 +221,18 @@ class CodecLM(pl.LightningModule):
         return loss
 
     def configure_optimizers(self) -> Any:
-        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=0.01)
-        warmup = max(1, self.hparams.warmup_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+        # APOLLO-Mini (rank-1 projection, SGD-like optimizer memory) on the transformer block
+        # matrices; AdamW (rank 0) on embeddings, the output head, norms and biases, as the paper does.
+        groups = apollo_param_groups(self, include=self.hparams.apollo_include, exclude=self.hparams.apollo_exclude,
+                                     adamw_options={"weight_decay": 0.0})  # fmt: skip
+        if self.optimizer_factory is not None:
+            opt = self.optimizer_factory(groups)
+        else:
+            opt = ApolloMini(groups, lr=self.hparams.lr, weight_decay=0.01)
+        if self.scheduler_factory is not None:
+            sched = self.scheduler_factory(opt)
+        else:
+            sched = WarmupLR(opt, warmup_steps=self.hparams.warmup_steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
@@ -242,10 +277,16 @@ def train(args: argparse.Namespace, run_dir: Path, stop_at: int | None = None, r
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("fit", "validate", "test", "predict"):
+        # `python examples/train_codec_lm.py fit --config examples/configs/codec_lm.yaml`
+        from lightning_utils.cli.lightning import run_lightning_cli
+
+        return run_lightning_cli(argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("demo_output"), help="where the runs write (default ./demo_output)")
-    ap.add_argument("--max-steps", type=int, default=120)
-    ap.add_argument("--interrupt-at", type=int, default=70, help="step at which run 2 quits (mid-epoch by default)")
+    ap.add_argument("--max-steps", type=int, default=200)
+    ap.add_argument("--interrupt-at", type=int, default=110, help="step at which run 2 quits (mid-epoch by default)")
     ap.add_argument("--save-every", type=int, default=50, help="SafetensorsModelCheckpoint cadence in steps")
     ap.add_argument("--items", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=16)
@@ -267,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     state = load_state(ckpt)
     loader_state = state["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
     print(f"   {ckpt} holds {', '.join(state)}; no pickle inside")
-    print(f"   the data position saved with it: {loader_state}")
+    sampler_state = loader_state["sampler"]
+    print(f"   data position saved with it: epoch {sampler_state['epoch']}, batch {sampler_state['position']} of {sampler_state['num_batches']}")
     print(f"== run 3: resumed from {ckpt.name}")
     resumed = train(args, out / "resumed", resume=ckpt)
 
