@@ -155,6 +155,32 @@ def test_lightning_async_wrapper_under_sft_model_checkpoint_has_no_remove_race(t
     assert _listing(tmp_path) == ["busy.sft"]
 
 
+def test_state_dict_version_metadata_is_kept(tmp_path):
+    """Finding 3c: ``module.state_dict()`` is an OrderedDict carrying ``_metadata`` (per-module
+    ``version``, which ``_load_from_state_dict`` uses to migrate old layouts). A .pt load keeps
+    it; the .sft "odict" node silently drops it, so every module loads as "version None"."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    sd = model.state_dict()
+    sft, pt = _both({"state_dict": sd}, tmp_path)
+    assert pt["state_dict"]._metadata == sd._metadata
+    assert getattr(sft["state_dict"], "_metadata", None) == sd._metadata
+
+
+def test_tensor_python_attributes_are_not_silently_dropped(tmp_path):
+    """Finding 3d: torch.save keeps Python attributes set on a tensor or Parameter
+    (``p.no_decay = True``); .sft drops them without a word. Keep them (JSON values) or raise
+    TypeError naming the key path: "nothing is ever silently dropped"."""
+    p = torch.nn.Parameter(torch.ones(2))
+    p.no_decay = True
+    target = tmp_path / "attrs.sft"
+    try:
+        save_state({"params": [p]}, target)
+    except TypeError as exc:
+        assert "checkpoint['params'][0]" in str(exc) and not target.exists()
+        return
+    assert load_state(target)["params"][0].no_decay is True
+
+
 def test_cycle_raises_type_error_naming_the_key_path(tmp_path):
     """Finding 4a: a self-referencing container makes save_state die with RecursionError
     instead of the documented TypeError naming the key path."""
@@ -566,3 +592,49 @@ def test_unaligned_foreign_entries_are_read_correctly(tmp_path):
     for mm in (True, False):
         out = load_state(p, mmap=mm)
         assert torch.equal(out["a"], a) and torch.equal(out["b"], b)
+
+
+def test_load_from_checkpoint_follows_lightning_for_hparams_file_and_overrides(tmp_path):
+    """Finding 17: ``load_from_checkpoint`` skips two steps of Lightning's
+    ``_load_from_checkpoint``: ``hparams_file=`` is swallowed by ``**kwargs`` and silently
+    ignored (Lightning replaces the saved hparams with the file), and keyword overrides are not
+    merged into ``checkpoint["hyper_parameters"]`` before ``on_load_checkpoint`` sees it."""
+    from io_fixtures import TinyModule
+
+    from lightning_utils.io import load_from_checkpoint
+
+    class Recording(TinyModule):
+        def on_load_checkpoint(self, checkpoint):
+            self.seen_lr = checkpoint["hyper_parameters"]["lr"]
+
+    model = TinyModule(hidden=8)
+    ckpt = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams), "pytorch-lightning_version": "2.6.6"}
+    save_state(ckpt, tmp_path / "m.sft")
+    (tmp_path / "h.yaml").write_text("hidden: 8\nlr: 0.5\n")
+    loaded = load_from_checkpoint(TinyModule, tmp_path / "m.sft", hparams_file=tmp_path / "h.yaml")
+    assert loaded.hparams.lr == 0.5  # what TinyModule.load_from_checkpoint gives for a .ckpt
+    rec = load_from_checkpoint(Recording, tmp_path / "m.sft", lr=0.7)
+    assert rec.hparams.lr == 0.7 and rec.seen_lr == 0.7
+
+
+@pytest.mark.parametrize("exc", [OSError(28, "No space left on device"), KeyboardInterrupt()], ids=["ENOSPC", "Ctrl-C"])
+def test_write_failure_mid_data_keeps_previous_file_and_no_temp(tmp_path, monkeypatch, exc):
+    import lightning_utils.io.atomic as atomic
+
+    target = tmp_path / "ckpt.sft"
+    save_state({"w": torch.zeros(4)}, target)
+    before = target.read_bytes()
+    calls = {"n": 0}
+    real_write = os.write
+
+    def failing_write(fd, data):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first tensor went out, the second fails
+            raise exc
+        return real_write(fd, data)
+
+    monkeypatch.setattr(atomic.os, "write", failing_write)
+    with pytest.raises(type(exc)):
+        save_state({"a": torch.ones(1000), "b": torch.ones(1000, dtype=torch.float16)}, target)
+    monkeypatch.undo()
+    assert target.read_bytes() == before and _listing(tmp_path) == ["ckpt.sft"]
