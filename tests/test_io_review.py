@@ -282,6 +282,25 @@ def test_garbage_pickle_is_a_format_error_not_unsafe(tmp_path):
         load_state(unsafe)
 
 
+def test_torch_load_keeps_the_users_own_safe_globals(tmp_path):
+    """Finding 7b: load_torch wraps torch.load in ``safe_globals(SAFE_GLOBALS)``, whose exit
+    *removes* those classes from torch's process-wide allowlist, including ones the user had
+    registered with ``add_safe_globals`` before. After one load_state of a .pt, the user's own
+    ``torch.load`` of a checkpoint with paths fails (and two threads loading race the same way).
+    Only add what is not already allowed, or check per call without mutating global state."""
+    original = torch.serialization.get_safe_globals()
+    try:
+        torch.serialization.add_safe_globals([pathlib.PosixPath])
+        p = tmp_path / "paths.pt"
+        torch.save({"root": pathlib.PosixPath("/data")}, p)
+        assert load_state(p)["root"] == pathlib.PosixPath("/data")
+        assert pathlib.PosixPath in torch.serialization.get_safe_globals()
+        assert torch.load(p)["root"] == pathlib.PosixPath("/data")
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(original)
+
+
 @pytest.mark.parametrize("suffix", [".pt", ".sft"])
 def test_bad_map_location_is_not_blamed_on_the_file(tmp_path, suffix):
     """Finding 8: for torch files, a bad map_location (``3``, ``"nonsense"``) is reported as
