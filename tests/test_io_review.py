@@ -326,6 +326,15 @@ def test_convert_to_ckpt_of_what_torch_cannot_pickle_exits_1(tmp_path, capsys):
     assert not (tmp_path / "mixed.ckpt").exists()
 
 
+def test_convert_onto_a_directory_exits_with_a_message(tmp_path, capsys):
+    """Finding 9b: ``convert SRC DST --overwrite`` with DST an existing directory escapes as an
+    IsADirectoryError traceback (any OSError from the write does) instead of exit 1/2 + message."""
+    save_state({"a": torch.ones(1)}, tmp_path / "src.ckpt")
+    (tmp_path / "dst.sft").mkdir()
+    assert main(["convert", str(tmp_path / "src.ckpt"), str(tmp_path / "dst.sft"), "--overwrite"]) in (1, 2)
+    assert "dst.sft" in capsys.readouterr().err
+
+
 def test_save_model_files_load_with_aliases_retied(tmp_path):
     """Finding 10: a file from safetensors.torch.save_model with tied weights records the
     dropped alias in metadata ({"head.weight": "emb.weight"}); load_state returns
