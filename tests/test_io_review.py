@@ -335,6 +335,17 @@ def test_convert_onto_a_directory_exits_with_a_message(tmp_path, capsys):
     assert "dst.sft" in capsys.readouterr().err
 
 
+def test_bool_tensor_with_non_canonical_bytes_loads_back(tmp_path):
+    """Finding 6c: a bool tensor whose bytes are not 0/1 (``uint8.view(torch.bool)``, numpy or
+    ctypes data) is written as is; the reader then rejects our own file ("BOOL but holds bytes
+    other than 0 and 1", wrapped as "corrupted lightning-utils skeleton"). .pt round-trips it.
+    Canonicalise bool entries when writing (or accept them when reading)."""
+    raw = torch.tensor([0, 1, 2, 255], dtype=torch.uint8)
+    save_state({"mask": raw.view(torch.bool)}, tmp_path / "b.sft")
+    out = load_state(tmp_path / "b.sft")["mask"]
+    assert out.dtype == torch.bool and torch.equal(out.view(torch.uint8) != 0, raw != 0)
+
+
 def test_save_model_files_load_with_aliases_retied(tmp_path):
     """Finding 10: a file from safetensors.torch.save_model with tied weights records the
     dropped alias in metadata ({"head.weight": "emb.weight"}); load_state returns
