@@ -102,7 +102,7 @@ def test_distinct_storages_at_the_same_address_both_survive(tmp_path):
 
 
 def test_async_checkpoint_io_keeps_tied_weights_and_views_shared(tmp_path):
-    """Finding 3: our AsyncCheckpointIO inherits Lightning's per-tensor clone, so tied weights
+    """Finding 5: our AsyncCheckpointIO inherits Lightning's per-tensor clone, so tied weights
     and views are written as separate copies (a tied LM embedding is stored twice and comes back
     untied) and one object reached twice becomes two objects."""
     w = torch.randn(6, 4)
@@ -122,7 +122,7 @@ def test_async_checkpoint_io_keeps_tied_weights_and_views_shared(tmp_path):
 
 
 def test_lightning_async_wrapper_under_sft_model_checkpoint_has_no_remove_race(tmp_path, monkeypatch):
-    """Finding 3b: with Lightning's own ``AsyncCheckpointIO`` (what Lightning's docs show),
+    """Finding 6: with Lightning's own ``AsyncCheckpointIO`` (what Lightning's docs show),
     ``ensure_safetensors_checkpoint_io`` (run by SafetensorsModelCheckpoint.setup) swaps only the
     base plugin and keeps Lightning's wrapper, whose synchronous remove_checkpoint runs before a
     queued save of the same file starts (#14035): a top-k "removed" checkpoint reappears."""
@@ -156,7 +156,7 @@ def test_lightning_async_wrapper_under_sft_model_checkpoint_has_no_remove_race(t
 
 
 def test_state_dict_version_metadata_is_kept(tmp_path):
-    """Finding 3c: ``module.state_dict()`` is an OrderedDict carrying ``_metadata`` (per-module
+    """Finding 3: ``module.state_dict()`` is an OrderedDict carrying ``_metadata`` (per-module
     ``version``, which ``_load_from_state_dict`` uses to migrate old layouts). A .pt load keeps
     it; the .sft "odict" node silently drops it, so every module loads as "version None"."""
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
@@ -167,7 +167,7 @@ def test_state_dict_version_metadata_is_kept(tmp_path):
 
 
 def test_tensor_python_attributes_are_not_silently_dropped(tmp_path):
-    """Finding 3d: torch.save keeps Python attributes set on a tensor or Parameter
+    """Finding 8b: torch.save keeps Python attributes set on a tensor or Parameter
     (``p.no_decay = True``); .sft drops them without a word. Keep them (JSON values) or raise
     TypeError naming the key path: "nothing is ever silently dropped"."""
     p = torch.nn.Parameter(torch.ones(2))
@@ -182,7 +182,7 @@ def test_tensor_python_attributes_are_not_silently_dropped(tmp_path):
 
 
 def test_cycle_raises_type_error_naming_the_key_path(tmp_path):
-    """Finding 4a: a self-referencing container makes save_state die with RecursionError
+    """Finding 11a: a self-referencing container makes save_state die with RecursionError
     instead of the documented TypeError naming the key path."""
     loop: list = []
     loop.append(loop)
@@ -194,7 +194,7 @@ def test_cycle_raises_type_error_naming_the_key_path(tmp_path):
 
 
 def test_what_save_state_writes_load_state_reads_deep_nesting(tmp_path):
-    """Finding 4b: the encoder has no depth limit but the decoder refuses depth > 200, so a
+    """Finding 7a: the encoder has no depth limit but the decoder refuses depth > 200, so a
     250-deep list is saved without complaint and the file can never be loaded (data loss).
     Either refuse at save time (naming the key path, writing nothing) or load it."""
     obj: object = 1
@@ -212,7 +212,7 @@ def test_what_save_state_writes_load_state_reads_deep_nesting(tmp_path):
 
 @pytest.mark.parametrize("obj", [{"k\ud800": 1}, {"k": "v\udc80"}, {"state_dict": {"w\udcff": torch.ones(2)}}], ids=["key", "value", "tensor-key"])
 def test_lone_surrogates_round_trip_like_pt(tmp_path, obj):
-    """Finding 5: strings with lone surrogates (torch.save keeps them) make save_state fail with
+    """Finding 11b: strings with lone surrogates (torch.save keeps them) make save_state fail with
     UnicodeEncodeError from the header encoder (ensure_ascii=False), not a TypeError naming the
     key path. The skeleton can escape them (ensure_ascii=True) and entry names can be sanitised."""
     sft, pt = _both(obj, tmp_path)
@@ -220,7 +220,7 @@ def test_lone_surrogates_round_trip_like_pt(tmp_path, obj):
 
 
 def test_huge_int_round_trips_or_names_its_key_path(tmp_path):
-    """Finding 5b: an int above Python's 4300-digit str limit raises a bare ValueError from
+    """Finding 11c: an int above Python's 4300-digit str limit raises a bare ValueError from
     json.dumps with no key path (torch.save stores it fine)."""
     big = 10**5000
     try:
@@ -240,7 +240,7 @@ def _zero_size_overflow_header(path):
     "shape", [[0, 2**64], [0, 2**62, 2**62], [2**63]], ids=["overflow-int64", "overflow-strides", "int64-max-plus"]
 )
 def test_crafted_shapes_raise_checkpoint_format_error(tmp_path, shape):
-    """Finding 6a: a header whose shape has a zero dimension passes the size check
+    """Finding 9a: a header whose shape has a zero dimension passes the size check
     (prod == 0) but holds dims torch cannot represent; load_state/load_structure then raise a
     raw TypeError/RuntimeError from torch.empty instead of CheckpointFormatError naming the file."""
     nbytes = 0 if 0 in shape else 4 * math.prod(shape)
@@ -251,7 +251,7 @@ def test_crafted_shapes_raise_checkpoint_format_error(tmp_path, shape):
 
 
 def test_inspect_of_a_crafted_file_exits_1_with_a_message(tmp_path, capsys):
-    """Finding 6a (CLI): ``inspect`` crashes with a traceback on the same file."""
+    """Finding 9a (CLI): ``inspect`` crashes with a traceback on the same file."""
     p = _zero_size_overflow_header(tmp_path / "crafted.sft")
     assert main(["inspect", str(p)]) == 1
     assert "crafted.sft" in capsys.readouterr().err
@@ -259,7 +259,7 @@ def test_inspect_of_a_crafted_file_exits_1_with_a_message(tmp_path, capsys):
 
 @pytest.mark.parametrize("devices", [["w"], {"w": "nonsense"}, {"w": 5}], ids=["list", "bad-name", "not-str"])
 def test_crafted_skeleton_devices_raise_checkpoint_format_error(tmp_path, devices):
-    """Finding 6b: the skeleton's "devices" map is not validated: a list gives AttributeError,
+    """Finding 9b: the skeleton's "devices" map is not validated: a list gives AttributeError,
     a bad device string RuntimeError (both escape decode's error mapping through _EntryFailure)."""
     skeleton = {"version": 1, "root": {"$": "tensor", "e": "w"}, "devices": devices}
     header = {"__metadata__": {SKELETON_KEY: json.dumps(skeleton)}, "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
@@ -269,7 +269,7 @@ def test_crafted_skeleton_devices_raise_checkpoint_format_error(tmp_path, device
 
 
 def test_garbage_pickle_is_a_format_error_not_unsafe(tmp_path):
-    """Finding 7: every weights-only UnpicklingError is reported as UnsafeCheckpointError
+    """Finding 10: every weights-only UnpicklingError is reported as UnsafeCheckpointError
     ("pass weights_only=False if you trust the file"), even for a damaged pickle that holds no
     globals at all; that tells users to unpickle garbage. Only "Unsupported global" is unsafe."""
     p = tmp_path / "bad.pt"
@@ -283,7 +283,7 @@ def test_garbage_pickle_is_a_format_error_not_unsafe(tmp_path):
 
 
 def test_torch_load_keeps_the_users_own_safe_globals(tmp_path):
-    """Finding 7b: load_torch wraps torch.load in ``safe_globals(SAFE_GLOBALS)``, whose exit
+    """Finding 4: load_torch wraps torch.load in ``safe_globals(SAFE_GLOBALS)``, whose exit
     *removes* those classes from torch's process-wide allowlist, including ones the user had
     registered with ``add_safe_globals`` before. After one load_state of a .pt, the user's own
     ``torch.load`` of a checkpoint with paths fails (and two threads loading race the same way).
@@ -303,7 +303,7 @@ def test_torch_load_keeps_the_users_own_safe_globals(tmp_path):
 
 @pytest.mark.parametrize("suffix", [".pt", ".sft"])
 def test_bad_map_location_is_not_blamed_on_the_file(tmp_path, suffix):
-    """Finding 8: for torch files, a bad map_location (``3``, ``"nonsense"``) is reported as
+    """Finding 11e: for torch files, a bad map_location (``3``, ``"nonsense"``) is reported as
     CheckpointFormatError "not a valid torch checkpoint" (the file is fine), while the same
     argument on a .sft gives TypeError/RuntimeError. The argument should be checked for both."""
     p = tmp_path / f"ok{suffix}"
@@ -316,7 +316,7 @@ def test_bad_map_location_is_not_blamed_on_the_file(tmp_path, suffix):
 
 
 def test_convert_to_ckpt_of_what_torch_cannot_pickle_exits_1(tmp_path, capsys):
-    """Finding 9: ``convert`` documents exit 1 with a message for "an object the destination
+    """Finding 11f: ``convert`` documents exit 1 with a message for "an object the destination
     format cannot hold", but a .sft holding one storage viewed as two dtypes (which .sft keeps
     and torch.save refuses) escapes as a RuntimeError traceback."""
     base = torch.arange(8, dtype=torch.int32)
@@ -327,7 +327,7 @@ def test_convert_to_ckpt_of_what_torch_cannot_pickle_exits_1(tmp_path, capsys):
 
 
 def test_convert_onto_a_directory_exits_with_a_message(tmp_path, capsys):
-    """Finding 9b: ``convert SRC DST --overwrite`` with DST an existing directory escapes as an
+    """Finding 11g: ``convert SRC DST --overwrite`` with DST an existing directory escapes as an
     IsADirectoryError traceback (any OSError from the write does) instead of exit 1/2 + message."""
     save_state({"a": torch.ones(1)}, tmp_path / "src.ckpt")
     (tmp_path / "dst.sft").mkdir()
@@ -336,7 +336,7 @@ def test_convert_onto_a_directory_exits_with_a_message(tmp_path, capsys):
 
 
 def test_bool_tensor_with_non_canonical_bytes_loads_back(tmp_path):
-    """Finding 6c: a bool tensor whose bytes are not 0/1 (``uint8.view(torch.bool)``, numpy or
+    """Finding 7b: a bool tensor whose bytes are not 0/1 (``uint8.view(torch.bool)``, numpy or
     ctypes data) is written as is; the reader then rejects our own file ("BOOL but holds bytes
     other than 0 and 1", wrapped as "corrupted lightning-utils skeleton"). .pt round-trips it.
     Canonicalise bool entries when writing (or accept them when reading)."""
@@ -347,7 +347,7 @@ def test_bool_tensor_with_non_canonical_bytes_loads_back(tmp_path):
 
 
 def test_save_model_files_load_with_aliases_retied(tmp_path):
-    """Finding 10: a file from safetensors.torch.save_model with tied weights records the
+    """Finding 12: a file from safetensors.torch.save_model with tied weights records the
     dropped alias in metadata ({"head.weight": "emb.weight"}); load_state returns
     {"module": {...}, "head.weight": "emb.weight"} so the tied key is missing and a string sits
     where a tensor should be. It should come back as the full flat state dict, aliases re-tied."""
@@ -363,7 +363,7 @@ def test_save_model_files_load_with_aliases_retied(tmp_path):
 
 
 def test_save_weights_metadata_named_module_does_not_drop_the_tensors(tmp_path):
-    """Finding 11a: save_weights(metadata={"module": ...}) is written fine, but load_state then
+    """Finding 8a: save_weights(metadata={"module": ...}) is written fine, but load_state then
     overwrites the tensor dict with the metadata value: the weights silently vanish."""
     target = tmp_path / "w.sft"
     try:
@@ -376,7 +376,7 @@ def test_save_weights_metadata_named_module_does_not_drop_the_tensors(tmp_path):
 
 
 def test_save_weights_refuses_a_tensor_named_metadata(tmp_path):
-    """Finding 11b: a tensor named "__metadata__" replaces the header's metadata object, so
+    """Finding 7c: a tensor named "__metadata__" replaces the header's metadata object, so
     save_weights writes a file that load_state rejects as invalid."""
     target = tmp_path / "w.sft"
     with pytest.raises((TypeError, ValueError), match="__metadata__"):
@@ -385,7 +385,7 @@ def test_save_weights_refuses_a_tensor_named_metadata(tmp_path):
 
 
 def test_save_weights_string_metadata_comes_back_as_strings(tmp_path):
-    """Finding 11c: save_weights stores str values "as they are" and documents that load_state
+    """Finding 15: save_weights stores str values "as they are" and documents that load_state
     returns them, but load_state json-decodes every value, so "123" comes back as int 123,
     "null" as None and "NaN" as float nan. (Needs a marker of which keys save_weights
     JSON-encoded; foreign files can keep the heuristic decoding.)"""
@@ -397,7 +397,7 @@ def test_save_weights_string_metadata_comes_back_as_strings(tmp_path):
 
 
 def test_header_too_large_error_names_the_file(tmp_path, monkeypatch):
-    """Finding 12: an over-limit skeleton (e.g. a long per-step history a callback keeps)
+    """Finding 11d: an over-limit skeleton (e.g. a long per-step history a callback keeps)
     raises ValueError "safetensors header would be N bytes" without naming the file."""
     monkeypatch.setattr(sft_file, "MAX_HEADER_BYTES", 600)
     target = tmp_path / "big-header.sft"
@@ -407,7 +407,7 @@ def test_header_too_large_error_names_the_file(tmp_path, monkeypatch):
 
 
 def test_long_file_names_can_be_saved(tmp_path):
-    """Finding 13: the staged temp name adds 21 characters to the file name, so any name of
+    """Finding 16: the staged temp name adds 21 characters to the file name, so any name of
     235-255 bytes (valid for open()) fails with ENAMETOOLONG in atomic_write."""
     target = tmp_path / ("c" * 246 + ".sft")
     with open(tmp_path / ("d" * 246 + ".sft"), "wb"):
@@ -417,7 +417,7 @@ def test_long_file_names_can_be_saved(tmp_path):
 
 
 def test_non_contiguous_state_dict_weights_read_with_their_shape_by_other_tools(tmp_path):
-    """Finding 14: a state_dict weight that is transposed or channels_last is stored as its raw
+    """Finding 13: a state_dict weight that is transposed or channels_last is stored as its raw
     1-D storage under its own name, so safetensors/HF readers get e.g. ``w`` of shape (12,)
     instead of (4, 3). A tensor that is alone on its storage can be stored as its contiguous
     logical value (and re-strided on load) so its name means what other tools expect."""
@@ -433,7 +433,7 @@ def test_non_contiguous_state_dict_weights_read_with_their_shape_by_other_tools(
 
 
 def test_whole_conj_tensor_keeps_conj_bit_and_sharing_like_pt(tmp_path):
-    """Finding 15 (parity): ``{"c": c, "cc": c.conj()}`` loads from .pt as one storage with
+    """Finding 17a (parity): ``{"c": c, "cc": c.conj()}`` loads from .pt as one storage with
     ``cc.is_conj()``; from .sft as two storages without the bit (values are right)."""
     c = torch.randn(4, dtype=torch.complex64)
     sft, pt = _both({"c": c, "cc": c.conj()}, tmp_path)
@@ -443,7 +443,7 @@ def test_whole_conj_tensor_keeps_conj_bit_and_sharing_like_pt(tmp_path):
 
 
 def test_repeated_containers_keep_their_identity_like_pt(tmp_path):
-    """Finding 16 (parity): the same list/dict object reached twice is one object after a .pt
+    """Finding 17b (parity): the same list/dict object reached twice is one object after a .pt
     load (pickle memo) but two after a .sft load (only tensors get "ref" nodes)."""
     shared = [1, 2]
     cfg = {"lr": 0.1}
@@ -637,7 +637,7 @@ def test_unaligned_foreign_entries_are_read_correctly(tmp_path):
 
 
 def test_load_from_checkpoint_follows_lightning_for_hparams_file_and_overrides(tmp_path):
-    """Finding 17: ``load_from_checkpoint`` skips two steps of Lightning's
+    """Finding 14: ``load_from_checkpoint`` skips two steps of Lightning's
     ``_load_from_checkpoint``: ``hparams_file=`` is swallowed by ``**kwargs`` and silently
     ignored (Lightning replaces the saved hparams with the file), and keyword overrides are not
     merged into ``checkpoint["hyper_parameters"]`` before ``on_load_checkpoint`` sees it."""
