@@ -141,6 +141,10 @@ def test_huge_shape_is_rejected_before_allocating(tmp_path, valid_file):
     header[name]["shape"] = [2**40, 2**40]
     p = tmp_path / "huge.sft"
     p.write_bytes(_with_header(valid_file, header))
+    with pytest.raises(CheckpointFormatError, match="too large for a tensor"):
+        load_state(p)
+    header[name]["shape"] = [2**20, 2**20]  # fits int64, but not the bytes the offsets give
+    p.write_bytes(_with_header(valid_file, header))
     with pytest.raises(CheckpointFormatError, match="needs"):
         load_state(p)
 

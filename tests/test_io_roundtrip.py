@@ -248,9 +248,11 @@ def test_save_weights_is_a_plain_file_with_json_metadata(tmp_path):
     assert torch.equal(flat["w"], sd["w"]) and flat["b"].dtype == torch.bfloat16
     with safe_open(tmp_path / "w.sft", "pt") as f:
         meta = f.metadata()
-    assert meta == {"format": "pt", "stats": '{"global_step":5}', "name": "x", "step": "5"}
+    assert meta == {"format": "pt", "stats": '{"global_step":5}', "name": "x", "step": "5",
+                    "lightning_utils.json_keys": '["stats","step"]'}  # fmt: skip
     out = load_state(tmp_path / "w.sft")
     assert out["stats"] == {"global_step": 5} and out["step"] == 5 and set(out["module"]) == {"w", "b"}
+    assert out["name"] == "x" and "lightning_utils.json_keys" not in out
     with pytest.raises(ValueError, match="safetensors"):
         save_weights(sd, tmp_path / "w.pt")
 

@@ -42,12 +42,14 @@ def run(args: argparse.Namespace) -> int:
     except UnsafeCheckpointError as exc:
         print(f"{prog}: error: {exc}\n(re-run with --unsafe only if you trust {args.src})", file=sys.stderr)
         return 1
-    except (FileNotFoundError, CheckpointFormatError) as exc:
+    except (OSError, CheckpointFormatError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     try:
         save_state(obj, args.dst)
-    except TypeError as exc:
+    except (TypeError, ValueError, RuntimeError, OSError) as exc:
+        # TypeError: a value .sft cannot hold; RuntimeError: what torch.save refuses (e.g. one
+        # storage viewed as two dtypes); OSError: the destination cannot be written.
         print(f"{prog}: error: cannot write {args.dst}: {exc}", file=sys.stderr)
         return 1
     print(f"wrote {args.dst} ({os.path.getsize(args.dst)} bytes) from {args.src}")

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 # Prefix of staged files; a file with this prefix left in a directory is the remains of a writer
-# that was killed before its rename and is safe to delete.
+# that was killed before its rename and is safe to delete once no save is running (this module
+# never deletes them itself: on a shared filesystem another host may be writing one).
 TEMP_PREFIX = ".lu-tmp-"
 
 
@@ -51,16 +52,30 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """Open a binary file that replaces ``path`` atomically and durably when the block exits.
 
     If the block raises, the staged file is removed and ``path`` is untouched. Parent
-    directories are created. The file gets the usual permissions (``0o666`` less the umask).
+    directories are created (and made durable). A new file gets the usual permissions
+    (``0o666`` less the umask); a replaced file keeps its own.
     """
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path}: is a directory, cannot write a checkpoint file there")
     directory = path.parent
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f"{TEMP_PREFIX}{path.name}.{secrets.token_hex(6)}"
+    if not directory.is_dir():
+        missing = directory
+        while not missing.parent.exists():
+            missing = missing.parent
+        directory.mkdir(parents=True, exist_ok=True)
+        fsync_directory(missing.parent)  # the new directories themselves must survive a crash
+    # The temp name keeps the target's name for readability, cut so it fits NAME_MAX (255 bytes).
+    stem = path.name.encode("utf-8", "surrogateescape")[:200].decode("utf-8", "ignore")
+    tmp = directory / f"{TEMP_PREFIX}{secrets.token_hex(6)}.{stem}"
+    try:
+        mode = path.stat().st_mode & 0o777  # replacing a file keeps its permissions
+    except FileNotFoundError:
+        mode = None
     # os.open with an explicit mode lets the umask apply (mkstemp would force 0o600).
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    if mode is not None:
+        os.fchmod(fd, mode)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f

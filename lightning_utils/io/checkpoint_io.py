@@ -18,9 +18,11 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.plugins.io import AsyncCheckpointIO as _LightningAsyncCheckpointIO
 from lightning.pytorch.plugins.io import CheckpointIO
 
@@ -81,7 +83,27 @@ class AsyncCheckpointIO(_LightningAsyncCheckpointIO):
     """Lightning's ``AsyncCheckpointIO`` with removals ordered after pending saves.
 
     Use it exactly like Lightning's: ``Trainer(plugins=[AsyncCheckpointIO(SafetensorsCheckpointIO())])``.
+    Two differences: ``remove_checkpoint`` is queued on the same single worker as the saves (so
+    top-k removal never runs before or during the save of the file it removes, Lightning
+    #14035), and the caller-thread snapshot clones each *storage* once, so tied weights and views
+    stay shared in the saved file (Lightning's clones every tensor separately).
     """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None) -> None:
+        self._ensure_setup()
+        assert self._executor is not None and self.checkpoint_io is not None
+        snapshot = _snapshot(checkpoint)  # on the caller thread: later in-place updates are not saved
+        base = self.checkpoint_io
+
+        def _save() -> None:
+            try:
+                base.save_checkpoint(snapshot, path, storage_options=storage_options)
+            except BaseException as ex:
+                self._error = ex
+
+        self._executor.submit(_save)
+        if self._error:  # raised by an earlier queued save
+            raise self._error
 
     def remove_checkpoint(self, path: str | os.PathLike) -> None:
         self._ensure_setup()
@@ -97,12 +119,64 @@ class AsyncCheckpointIO(_LightningAsyncCheckpointIO):
         self._executor.submit(_remove)
 
 
+def _snapshot(obj: Any) -> Any:
+    """A point-in-time copy of the tensors in ``obj`` that keeps aliasing and object identity."""
+    storages: dict[tuple[Any, int, int], Any] = {}
+    memo: dict[int, Any] = {}
+
+    def copy(value: Any) -> Any:
+        if id(value) in memo:
+            return memo[id(value)]
+        if isinstance(value, torch.Tensor):
+            t = value.detach()
+            conj, neg = t.is_conj(), False
+            if conj:
+                t = t.conj()
+            if t.is_neg():
+                neg, t = True, t._neg_view()
+            storage = t.untyped_storage()
+            key = (t.device, storage.data_ptr(), storage.nbytes())
+            if key not in storages or storage.nbytes() == 0:
+                storages[key] = storage.clone()
+            out = torch.empty(0, dtype=t.dtype, device=t.device).set_(storages[key], t.storage_offset(), t.shape, t.stride())
+            if neg:
+                out = out._neg_view()
+            if conj:
+                out = out.conj()
+            if isinstance(value, torch.nn.Parameter):
+                out = torch.nn.Parameter(out, requires_grad=value.requires_grad)
+            elif value.requires_grad:
+                out.requires_grad_(True)
+            out.__dict__.update(value.__dict__)
+        elif type(value) in (dict, OrderedDict) or isinstance(value, dict) and type(value).__name__ == "AttributeDict":
+            out = type(value)()
+            memo[id(value)] = out
+            for k, v in value.items():
+                out[k] = copy(v)
+            if hasattr(value, "_metadata"):
+                out._metadata = copy(value._metadata)
+            return out
+        elif type(value) is list:
+            out = []
+            memo[id(value)] = out
+            out.extend(copy(v) for v in value)
+            return out
+        elif type(value) is tuple:
+            out = tuple(copy(v) for v in value)
+        else:
+            return value  # scalars, strings, paths...: immutable or not ours to copy
+        memo[id(value)] = out
+        return out
+
+    return copy(obj)
+
+
 def ensure_safetensors_checkpoint_io(strategy: Any) -> SafetensorsCheckpointIO:
     """Make ``strategy`` write checkpoints through a :class:`SafetensorsCheckpointIO`.
 
     Lightning's default ``TorchCheckpointIO`` (bare or inside a wrapper such as
     ``AsyncCheckpointIO``) is swapped for ours, which writes ``.ckpt`` identically and adds
-    ``.sft``. Any other custom plugin is left alone and raises, since silently writing a torch
+    ``.sft``; Lightning's own ``AsyncCheckpointIO`` becomes ours (see :class:`AsyncCheckpointIO`). Any other custom plugin is left alone and raises, since silently writing a torch
     zip under a ``.sft`` name is exactly what this must prevent.
     """
     from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -121,6 +195,12 @@ def ensure_safetensors_checkpoint_io(strategy: Any) -> SafetensorsCheckpointIO:
     ours = SafetensorsCheckpointIO()
     if parent is None:
         strategy.checkpoint_io = ours
+    elif type(parent) is _LightningAsyncCheckpointIO:
+        # Lightning's wrapper removes files synchronously while their saves may still be
+        # queued (#14035): use ours, which orders removals behind saves.
+        if parent._executor is not None:
+            parent.teardown()
+        strategy.checkpoint_io = AsyncCheckpointIO(ours)
     else:
         parent._checkpoint_io = ours  # the wrapper's setter refuses to replace a configured base
     return ours

@@ -13,10 +13,20 @@ import torch
 
 
 def check_map_location(map_location: Any) -> None:
-    """Reject an unsupported ``map_location`` before any data is read."""
-    if map_location is None or isinstance(map_location, (str, torch.device, dict)) or callable(map_location):
+    """Reject an unsupported ``map_location`` before any data is read (so no error is blamed on the file)."""
+    if map_location is None or isinstance(map_location, torch.device) or callable(map_location) and not isinstance(map_location, (str, dict)):
         return
-    raise TypeError(f"map_location must be None, a str, a torch.device, a dict or a callable, got {type(map_location).__qualname__}")
+    if isinstance(map_location, str):
+        targets = [map_location]
+    elif isinstance(map_location, dict):
+        targets = list(map_location.values())
+    else:
+        raise TypeError(f"map_location must be None, a str, a torch.device, a dict or a callable, got {type(map_location).__qualname__}")
+    for target in targets:
+        try:
+            torch.device(target)
+        except (RuntimeError, TypeError, ValueError):
+            raise ValueError(f"map_location {map_location!r}: {target!r} is not a device") from None
 
 
 def place(t: torch.Tensor, location: str, map_location: Any) -> torch.Tensor:

@@ -27,16 +27,19 @@ def load_from_checkpoint(
     cls: type[M],
     path: str | os.PathLike,
     map_location: Any = None,
+    hparams_file: str | os.PathLike | None = None,
     strict: bool | None = None,
     weights_only: bool | None = None,
     **kwargs: Any,
 ) -> M:
     """``cls.load_from_checkpoint(path, ...)`` that also reads ``.sft`` checkpoints.
 
-    ``kwargs`` override saved hyperparameters, as in Lightning. With a ``str``/``torch.device``
-    ``map_location`` the module is moved there; otherwise it stays on CPU.
+    The same steps as Lightning's: ``hparams_file`` (``.yaml``/``.csv``) replaces the saved
+    hyperparameters, ``kwargs`` override them (and ``on_load_checkpoint`` sees the merged
+    values), the state dict is loaded with ``strict``, and the module ends up on the device of
+    the loaded weights (``map_location`` decides that; CPU by default).
     """
-    from lightning.pytorch.core.saving import _load_state
+    from lightning.pytorch.core.saving import _load_state, load_hparams_from_tags_csv, load_hparams_from_yaml
     from lightning.pytorch.utilities.migration import pl_legacy_patch
     from lightning.pytorch.utilities.migration.utils import _pl_migrate_checkpoint
 
@@ -45,9 +48,21 @@ def load_from_checkpoint(
         raise ValueError(f"{os.fspath(path)}: not a Lightning checkpoint (no 'state_dict' key)")
     with pl_legacy_patch():
         checkpoint = _pl_migrate_checkpoint(checkpoint, checkpoint_path=path)
+    key = cls.CHECKPOINT_HYPER_PARAMS_KEY  # type: ignore[attr-defined]
+    if hparams_file is not None:
+        suffix = os.fspath(hparams_file).rsplit(".", 1)[-1].lower()
+        if suffix == "csv":
+            checkpoint[key] = load_hparams_from_tags_csv(hparams_file)
+        elif suffix in ("yml", "yaml"):
+            checkpoint[key] = load_hparams_from_yaml(hparams_file)
+        else:
+            raise ValueError(f"hparams_file={os.fspath(hparams_file)!r}: expected a .csv, .yml or .yaml file")
+    checkpoint.setdefault(key, {})
+    checkpoint[key].update(kwargs)
     model = _load_state(cls, checkpoint, strict=strict, **kwargs)  # type: ignore[arg-type]
-    if isinstance(map_location, (str, torch.device)):
-        model = model.to(map_location)  # type: ignore[attr-defined]
+    device = next((t.device for t in checkpoint["state_dict"].values() if isinstance(t, torch.Tensor)), None)
+    if device is not None:
+        model = model.to(device)  # type: ignore[attr-defined]
     return model  # type: ignore[return-value]
 
 

@@ -31,6 +31,7 @@ from lightning_utils.io.atomic import write_all
 from lightning_utils.io.errors import CheckpointFormatError
 
 MAX_HEADER_BYTES = 100_000_000  # the limit the reference implementation enforces
+_INT64_LIMIT = 2**63
 METADATA_KEY = "__metadata__"
 
 # safetensors dtype names <-> torch dtypes (only those this torch build has).
@@ -83,6 +84,8 @@ def write_file(f: BinaryIO, tensors: Sequence[tuple[str, torch.Tensor]], metadat
     element size so that every entry is aligned to its dtype.
     """
     for name, t in tensors:
+        if name == METADATA_KEY:
+            raise ValueError(f"a tensor cannot be named {METADATA_KEY!r}: safetensors reserves that key for metadata")
         if t.dtype not in NAME_FROM_DTYPE:
             raise TypeError(f"tensor {name!r}: dtype {t.dtype} cannot be stored in safetensors")
         if t.device.type != "cpu" or not t.is_contiguous():
@@ -154,8 +157,10 @@ def read_header(f: BinaryIO, path: str) -> Header:
         dtype_name, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if not isinstance(dtype_name, str) or dtype_name not in DTYPE_FROM_NAME:
             raise _fail(path, f"entry {name!r} has an unsupported dtype {dtype_name!r}")
-        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d < _INT64_LIMIT for d in shape):
             raise _fail(path, f"entry {name!r} has an invalid shape {shape!r}")
+        if math.prod(d for d in shape if d) >= _INT64_LIMIT:  # zero-size tensors too: strides must fit
+            raise _fail(path, f"entry {name!r} has a shape {shape!r} too large for a tensor")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
             raise _fail(path, f"entry {name!r} has invalid data_offsets {offsets!r}")
         begin, end = offsets

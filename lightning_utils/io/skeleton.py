@@ -3,16 +3,18 @@
 A Lightning checkpoint is a tree of dicts, lists and scalars with tensors at the leaves (model
 weights, optimizer moments, callback state). :func:`encode` walks that tree and returns
 
-* the tensors to store, one safetensors entry per distinct *storage*, and
+* the tensors to store, one safetensors entry per distinct (group of overlapping) storage, and
 * a JSON "skeleton": the same tree in which every non-JSON value is a small tagged object
   (``{"$": "tuple", ...}``, ``{"$": "tensor", ...}``) recording exactly what ``torch.load`` of a
-  ``.pt`` would give back: ``dict`` vs ``OrderedDict``, ``tuple`` vs ``list``, non-string keys,
-  NaN and infinities, paths, 0-dim tensors vs Python scalars, ``Parameter``, strides and views.
+  ``.pt`` would give back: ``dict`` vs ``OrderedDict`` (with its ``_metadata``), ``tuple`` vs
+  ``list``, non-string keys, NaN and infinities, paths, 0-dim tensors vs Python scalars,
+  ``Parameter`` and tensor attributes, strides, views, conjugate/negative bits.
 
 :func:`decode` rebuilds the identical object. Tensors that share memory (tied weights, views)
-are stored once and come back sharing storage; the same tensor object reached twice comes back
-as one object. A value the skeleton cannot represent (an arbitrary object, a class, a lambda)
-raises ``TypeError`` naming its key path: nothing is silently dropped, nothing is pickled.
+are stored once and come back sharing storage; the same object (tensor or container) reached
+twice comes back as one object, as with pickle's memo. A value the skeleton cannot represent (an
+arbitrary object, a class, a lambda, a container that contains itself) raises ``TypeError``
+naming its key path: nothing is silently dropped, nothing is pickled.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import torch
 from lightning_utils.io.safetensors_file import NAME_FROM_DTYPE
 
 FORMAT_VERSION = 1
+MAX_DEPTH = 200  # nesting the decoder accepts; the encoder refuses deeper trees
+_BIG_INT_BITS = 8192  # above this, ints are stored as hex (json refuses > 4300 decimal digits)
 # Top-level keys whose tensor leaves are named by their bare key, so a checkpoint's weights read
 # as ordinary safetensors names ("layer.weight") to other tools.
 _BARE_NAME_ROOTS = ("state_dict", "module")
@@ -44,6 +48,7 @@ if _AttributeDict is not None:
 _DICT_TYPES = {v: k for k, v in _DICT_TAGS.items()}
 _PATH_TYPES = {c.__name__: c for c in (pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath, pathlib.PureWindowsPath)}
 _NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+_CONTAINERS = (dict, list, tuple, set, frozenset)
 
 
 def format_key_path(path: tuple[Any, ...]) -> str:
@@ -57,36 +62,88 @@ def _float_node(x: float) -> Any:
     return {"$": "float", "v": "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")}
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 class _Encoder:
     def __init__(self) -> None:
         self.entries: dict[str, torch.Tensor] = {}  # entry name -> contiguous CPU tensor
         self.devices: dict[str, str] = {}  # entry name -> original device, when not CPU
-        self._tensors: list[tuple[torch.Tensor, dict[str, Any], tuple[Any, ...]]] = []
-        self._by_id: dict[int, dict[str, Any]] = {}  # id(tensor object) -> its node
-        self._keepalive: list[torch.Tensor] = []  # keeps ids stable while encoding
+        self._tensors: list[tuple[torch.Tensor, dict[str, Any], tuple[Any, ...]]] = []  # (raw view, node, path)
+        self._tensor_nodes: dict[int, dict[str, Any]] = {}  # id(tensor object) -> its node
+        self._repeated: set[int] = set()  # ids of containers reached more than once
+        self._container_nodes: dict[int, dict[str, Any]] = {}  # id(container) -> its node
         self._names: set[str] = set()
         self._next_id = 0
+
+    # -- pre-pass: shared containers, cycles, depth -----------------------------------------
+    def scan(self, root: Any) -> None:
+        seen: set[int] = set()
+        active: set[int] = set()
+
+        def walk(obj: Any, path: tuple[Any, ...]) -> None:
+            if len(path) > MAX_DEPTH:
+                raise TypeError(f"{format_key_path(path[:3])}...: nesting deeper than {MAX_DEPTH} levels cannot be stored")
+            if isinstance(obj, torch.Tensor):
+                if obj.__dict__:
+                    walk(obj.__dict__, path + ("<attributes>",))
+                return
+            if type(obj) not in _DICT_TAGS and type(obj) not in (list, tuple, set, frozenset):
+                return
+            key = id(obj)
+            if key in active:
+                raise TypeError(f"{format_key_path(path)} contains itself; a cycle cannot be stored in a safetensors checkpoint")
+            if key in seen:
+                self._repeated.add(key)
+                return
+            seen.add(key)
+            active.add(key)
+            if isinstance(obj, dict):
+                meta = getattr(obj, "_metadata", None) if type(obj) is OrderedDict else None
+                if meta is not None:
+                    walk(meta, path + ("_metadata",))
+                for k, v in obj.items():
+                    walk(k, path + (f"<key {k!r}>",))
+                    walk(v, path + (k,))
+            else:
+                for i, v in enumerate(obj):
+                    walk(v, path + (i,))
+            active.discard(key)
+
+        walk(root, ())
+
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id - 1
 
     # -- tree walk -------------------------------------------------------------------------
     def node(self, obj: Any, path: tuple[Any, ...]) -> Any:
         t = type(obj)
         # Exact types only: a str/int subclass (an Enum, say) would come back as its base type.
-        if obj is None or t is bool or t is str or t is int:
+        if obj is None or t is bool or t is str:
             return obj
+        if t is int:
+            return obj if obj.bit_length() <= _BIG_INT_BITS else {"$": "int", "v": format(obj, "x")}
         if t is float:
             return _float_node(obj)
-        if t is list:
-            return [self.node(v, path + (i,)) for i, v in enumerate(obj)]
-        if t in _DICT_TAGS:
-            return self.dict_node(obj, _DICT_TAGS[t], path)
-        if t is tuple:
-            return {"$": "tuple", "v": [self.node(v, path + (i,)) for i, v in enumerate(obj)]}
         if isinstance(obj, torch.Tensor):
             return self.tensor_node(obj, path)
+        if t in _DICT_TAGS or t in (list, tuple, set, frozenset):
+            key = id(obj)
+            if key in self._container_nodes:  # the same object again (pickle's memo, in .pt terms)
+                return {"$": "ref", "id": self._container_nodes[key]["id"]}
+            node = self.container_node(obj, path)
+            if key in self._repeated:
+                if not isinstance(node, dict):  # a list: tag it so it can carry an id
+                    node = {"$": "list", "v": node}
+                node["id"] = self._new_id()
+                self._container_nodes[key] = node
+            return node
         if t is torch.Size:
             return {"$": "size", "v": list(obj)}
         if t is torch.dtype:
-            return {"$": "dtype", "v": str(obj).removeprefix("torch.")}
+            return {"$": "dtype", "v": _dtype_name(obj)}
         if t is torch.device:
             return {"$": "device", "v": str(obj)}
         if t.__name__ in _PATH_TYPES and _PATH_TYPES[t.__name__] is t:
@@ -95,26 +152,34 @@ class _Encoder:
             return {"$": "bytes", "v": base64.b64encode(obj).decode("ascii")}
         if t is complex:
             return {"$": "complex", "re": _float_node(obj.real), "im": _float_node(obj.imag)}
-        if t in (set, frozenset):
-            return {"$": t.__name__, "v": [self.node(v, path + (i,)) for i, v in enumerate(obj)]}
         raise TypeError(
             f"{format_key_path(path)} holds a {t.__module__}.{t.__qualname__}, which a safetensors "
             "checkpoint cannot represent without pickle (supported: tensors, dict/OrderedDict, "
-            "list/tuple, str/int/float/bool/None, bytes, paths, torch dtype/device/Size); "
+            "list/tuple/set, str/int/float/bool/None, bytes, paths, torch dtype/device/Size); "
             "convert it to one of these or save this checkpoint as .ckpt"
         )
 
-    def dict_node(self, obj: dict, tag: str, path: tuple[Any, ...]) -> dict[str, Any]:
+    def container_node(self, obj: Any, path: tuple[Any, ...]) -> Any:
+        t = type(obj)
+        if t is list:
+            return [self.node(v, path + (i,)) for i, v in enumerate(obj)]
+        if t in (tuple, set, frozenset):
+            return {"$": t.__name__, "v": [self.node(v, path + (i,)) for i, v in enumerate(obj)]}
+        tag = _DICT_TAGS[t]
         if all(type(k) is str for k in obj):
-            return {"$": tag, "v": {k: self.node(v, path + (k,)) for k, v in obj.items()}}
-        return {"$": tag, "kv": [[self.node(k, path + (f"<key {k!r}>",)), self.node(v, path + (k,))] for k, v in obj.items()]}
+            node: dict[str, Any] = {"$": tag, "v": {k: self.node(v, path + (k,)) for k, v in obj.items()}}
+        else:
+            node = {"$": tag, "kv": [[self.node(k, path + (f"<key {k!r}>",)), self.node(v, path + (k,))] for k, v in obj.items()]}
+        meta = getattr(obj, "_metadata", None) if t is OrderedDict else None
+        if meta is not None:  # Module.state_dict() records per-module versions here
+            node["meta"] = self.node(meta, path + ("_metadata",))
+        return node
 
     def tensor_node(self, t: torch.Tensor, path: tuple[Any, ...]) -> dict[str, Any]:
-        seen = self._by_id.get(id(t))
-        if seen is not None:  # the same object again (a pickle memo hit, in .pt terms)
+        seen = self._tensor_nodes.get(id(t))
+        if seen is not None:  # the same tensor object again
             if "id" not in seen:
-                seen["id"] = self._next_id
-                self._next_id += 1
+                seen["id"] = self._new_id()
             return {"$": "ref", "id": seen["id"]}
         if type(t) not in (torch.Tensor, torch.nn.Parameter):
             raise TypeError(f"{format_key_path(path)} is a tensor subclass {type(t).__qualname__}; materialise it to a plain tensor first")
@@ -129,9 +194,19 @@ class _Encoder:
             node["param"] = True
         if t.requires_grad:
             node["rg"] = True
-        self._by_id[id(t)] = node
-        self._keepalive.append(t)
-        self._tensors.append((t, node, path))
+        # Lazily conjugated/negated views share memory with their base: store the raw view and
+        # the bits, so values, sharing and the bits themselves all come back.
+        raw = t.detach()
+        if raw.is_conj():
+            node["conj"] = True
+            raw = raw.conj()
+        if raw.is_neg():
+            node["neg"] = True
+            raw = raw._neg_view()
+        self._tensor_nodes[id(t)] = node
+        self._tensors.append((raw, node, path))
+        if t.__dict__:  # Python attributes set on a tensor or Parameter survive .pt; keep them too
+            node["attrs"] = self.node(t.__dict__, path + ("<attributes>",))
         return node
 
     # -- storages -> entries ---------------------------------------------------------------
@@ -139,7 +214,8 @@ class _Encoder:
         parts = [str(k) for k in path]
         if len(parts) >= 2 and parts[0] in _BARE_NAME_ROOTS:
             parts = parts[1:]
-        base = ".".join(parts) or "tensor"
+        # entry names go into the UTF-8 header: escape lone surrogates instead of failing
+        base = (".".join(parts) or "tensor").encode("utf-8", "backslashreplace").decode("utf-8")
         name, n = base, 1
         while name in self._names or name == "__metadata__":
             n += 1
@@ -148,57 +224,114 @@ class _Encoder:
         return name
 
     def assign_entries(self) -> None:
-        groups: dict[Any, list[tuple[torch.Tensor, dict[str, Any], tuple[Any, ...]]]] = {}
-        for item in self._tensors:
-            t = item[0]
-            if t.is_conj() or t.is_neg():  # lazily-negated/conjugated views: store materialised
-                key: Any = ("own", id(t))
-            else:
-                storage = t.untyped_storage()
-                key = ("own", id(t)) if storage.nbytes() == 0 else (t.device, storage.data_ptr())
-            groups.setdefault(key, []).append(item)
-        for items in groups.values():
-            self._store_group(items)
+        # Group tensors whose storages overlap in memory (same device), not merely those whose
+        # storages start at the same address: frombuffer/from_numpy views can nest.
+        by_device: dict[torch.device, list[tuple[int, int, int]]] = {}
+        for i, (raw, _, _) in enumerate(self._tensors):
+            storage = raw.untyped_storage()
+            if storage.nbytes() == 0:
+                self._store_group([i])
+                continue
+            start = storage.data_ptr()
+            by_device.setdefault(raw.device, []).append((start, start + storage.nbytes(), i))
+        for spans in by_device.values():
+            spans.sort()
+            group: list[int] = []
+            end = -1
+            for start, stop, i in spans:
+                if group and start >= end:
+                    self._store_group(group)
+                    group = []
+                group.append(i)
+                end = max(end, stop)
+            if group:
+                self._store_group(group)
 
-    def _store_group(self, items: list[tuple[torch.Tensor, dict[str, Any], tuple[Any, ...]]]) -> None:
+    def _store_group(self, members: list[int]) -> None:
+        items = [self._tensors[i] for i in members]
         first, _, first_path = items[0]
         name = self._name_for(first_path)
         device = first.device
         if device.type != "cpu":
             self.devices[name] = str(device)
-        whole = all(_covers_storage(t) and t.dtype == first.dtype and t.shape == first.shape for t, _, _ in items)
-        if whole:
-            # A tensor that is its whole storage (the common case: weights, moments). Tied
-            # copies of it point at the same entry.
-            data = first.detach()
-            if data.is_conj() or data.is_neg():
-                data = data.resolve_conj().resolve_neg()
-            self.entries[name] = data.cpu().contiguous()
-            for _, node, _ in items:
-                node["e"] = name
-            return
-        # Views into a shared storage: store the storage once, each tensor as (offset, shape, stride).
+        storages = {(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t, _, _ in items}
+        if len(storages) == 1:
+            if all(_covers_storage(t) and t.dtype == first.dtype and t.shape == first.shape for t, _, _ in items):
+                # A tensor that is its whole storage (the common case: weights, moments). Tied
+                # copies of it point at the same entry.
+                self.entries[name] = _canonical(first.cpu())
+                for _, node, _ in items:
+                    node["e"] = name
+                return
+            if len(items) == 1 and _dense_permutation(first):
+                # Transposed / channels_last and alone on its storage: store the logical value
+                # (so other tools read the right shape) and the strides to rebuild it with.
+                self.entries[name] = _canonical(first.contiguous().cpu())
+                items[0][1].update(e=name, st=list(first.stride()))
+                return
+        # Views into shared memory: store the widest storage once, each tensor as a view of it.
+        widest = max((t.untyped_storage() for t, _, _ in items), key=lambda s: s.nbytes())
+        base_ptr, base_end = widest.data_ptr(), widest.data_ptr() + widest.nbytes()
         dtypes = {t.dtype for t, _, _ in items}
-        storage = first.untyped_storage()
         entry_dtype = dtypes.pop() if len(dtypes) == 1 else torch.uint8
         itemsize = torch.empty((), dtype=entry_dtype).element_size()
-        if storage.nbytes() % itemsize:
+        if widest.nbytes() % itemsize:
             entry_dtype, itemsize = torch.uint8, 1
-        raw = torch.empty(0, dtype=torch.uint8, device=device).set_(storage)
-        self.entries[name] = raw.view(entry_dtype).detach().cpu().contiguous()
-        for t, node, _ in items:
-            node.update(e=name, off=t.storage_offset(), sh=list(t.shape), st=list(t.stride()))
+        raw = torch.empty(0, dtype=torch.uint8, device=device).set_(widest)
+        stored = False
+        for t, node, path in items:
+            storage = t.untyped_storage()
+            byte_offset = storage.data_ptr() - base_ptr + t.storage_offset() * t.element_size()
+            if storage.data_ptr() < base_ptr or storage.data_ptr() + storage.nbytes() > base_end or byte_offset % t.element_size():
+                # Partly overlapping foreign buffers (or misaligned views): keep the values,
+                # give up the sharing for this tensor alone.
+                own = self._name_for(path)
+                if device.type != "cpu":
+                    self.devices[own] = str(device)
+                self.entries[own] = _canonical(t.contiguous().cpu())
+                node["e"] = own
+                if not t.is_contiguous():
+                    node["st"] = list(t.stride())
+                continue
+            stored = True
+            node.update(e=name, off=byte_offset // t.element_size(), sh=list(t.shape), st=list(t.stride()))
             if t.dtype != entry_dtype:
-                node["dt"] = str(t.dtype).removeprefix("torch.")
+                node["dt"] = _dtype_name(t.dtype)
+        if stored:
+            self.entries[name] = _canonical(raw.view(entry_dtype).detach().cpu().contiguous())
+        else:
+            self._names.discard(name)
+            self.devices.pop(name, None)
 
 
 def _covers_storage(t: torch.Tensor) -> bool:
     return t.is_contiguous() and t.storage_offset() == 0 and t.numel() * t.element_size() == t.untyped_storage().nbytes()
 
 
+def _dense_permutation(t: torch.Tensor) -> bool:
+    """True for a non-overlapping, dense tensor that is exactly its storage in another order."""
+    if t.storage_offset() != 0 or t.numel() * t.element_size() != t.untyped_storage().nbytes() or t.numel() == 0:
+        return False
+    dims = sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1)
+    expected = 1
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _canonical(t: torch.Tensor) -> torch.Tensor:
+    """Bool tensors may hold bytes other than 0/1 (views of uint8 data); store them as 0/1."""
+    if t.dtype == torch.bool and t.numel() and bool((t.view(torch.uint8) > 1).any()):
+        return t.view(torch.uint8).ne(0)
+    return t
+
+
 def encode(obj: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Split ``obj`` into ``(entries, skeleton)``; see the module docstring."""
     enc = _Encoder()
+    enc.scan(obj)
     root = enc.node(obj, ())
     enc.assign_entries()
     skeleton: dict[str, Any] = {"version": FORMAT_VERSION, "root": root}
@@ -218,6 +351,18 @@ class _EntryFailure(Exception):
         self.exc = exc
 
 
+def _devices(skeleton: dict[str, Any]) -> dict[str, str]:
+    devices = skeleton.get("devices") or {}
+    if not isinstance(devices, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in devices.items()):
+        raise SkeletonError("'devices' must map entry names to device strings")
+    for name, dev in devices.items():
+        try:
+            torch.device(dev)
+        except (RuntimeError, ValueError):
+            raise SkeletonError(f"entry {name!r} has an invalid device {dev!r}") from None
+    return devices
+
+
 def decode(skeleton: Any, entry: Callable[[str, str], torch.Tensor]) -> Any:
     """Rebuild the object described by ``skeleton``.
 
@@ -226,9 +371,9 @@ def decode(skeleton: Any, entry: Callable[[str, str], torch.Tensor]) -> Any:
     """
     if not isinstance(skeleton, dict) or skeleton.get("version") != FORMAT_VERSION or "root" not in skeleton:
         raise SkeletonError(f"unsupported skeleton (expected version {FORMAT_VERSION})")
-    devices = skeleton.get("devices") or {}
+    devices = _devices(skeleton)
     bases: dict[str, torch.Tensor] = {}
-    objects: dict[int, torch.Tensor] = {}
+    objects: dict[int, Any] = {}
 
     def base(name: Any) -> torch.Tensor:
         if not isinstance(name, str):
@@ -242,26 +387,45 @@ def decode(skeleton: Any, entry: Callable[[str, str], torch.Tensor]) -> Any:
                 raise _EntryFailure(exc) from None
         return bases[name]
 
-    def tensor(n: dict[str, Any]) -> torch.Tensor:
+    def remember(n: dict[str, Any], value: Any) -> Any:
+        if "id" in n:
+            objects[n["id"]] = value
+        return value
+
+    def tensor(n: dict[str, Any], depth: int) -> torch.Tensor:
         b = base(n.get("e"))
-        if "off" in n:
-            try:
-                src = b.view(getattr(torch, n["dt"])) if "dt" in n else b
-                t = src.as_strided(n["sh"], n["st"], n["off"])
-            except (RuntimeError, TypeError, AttributeError, ValueError) as exc:
-                raise SkeletonError(f"invalid view of entry {n.get('e')!r}: {exc}") from None
-        else:
-            t = b.detach()  # a new tensor object over the same storage
+        try:
+            if "off" in n:
+                dtype = getattr(torch, n["dt"]) if "dt" in n else b.dtype
+                if not isinstance(dtype, torch.dtype):
+                    raise SkeletonError(f"unknown dtype {n['dt']!r}")
+                t = torch.empty(0, dtype=dtype, device=b.device).set_(b.untyped_storage(), n["off"], n["sh"], n["st"])
+            elif "st" in n:
+                t = torch.empty_strided(b.shape, n["st"], dtype=b.dtype, device=b.device).copy_(b)
+            else:
+                t = b.detach()  # a new tensor object over the same storage
+            if n.get("neg"):
+                t = t._neg_view()
+            if n.get("conj"):
+                t = t.conj()
+        except (RuntimeError, TypeError, AttributeError, ValueError, IndexError, OverflowError) as exc:
+            if isinstance(exc, SkeletonError):
+                raise
+            raise SkeletonError(f"invalid view of entry {n.get('e')!r}: {exc}") from None
         if n.get("param"):
             t = torch.nn.Parameter(t, requires_grad=bool(n.get("rg")))
         elif n.get("rg"):
             t.requires_grad_(True)
-        if "id" in n:
-            objects[n["id"]] = t
+        remember(n, t)  # before the attributes, which may refer back to the tensor
+        if "attrs" in n:
+            attrs = node(n["attrs"], depth + 1)
+            if not isinstance(attrs, dict):
+                raise SkeletonError("tensor attributes must be a dict")
+            t.__dict__.update(attrs)
         return t
 
     def node(n: Any, depth: int = 0) -> Any:
-        if depth > 200:
+        if depth > MAX_DEPTH:
             raise SkeletonError("skeleton nesting is too deep")
         if n is None or isinstance(n, (bool, int, float, str)):
             return n
@@ -273,20 +437,30 @@ def decode(skeleton: Any, entry: Callable[[str, str], torch.Tensor]) -> Any:
         if tag in _DICT_TYPES:
             cls = _DICT_TYPES[tag]
             if "v" in n and isinstance(n["v"], dict):
-                return cls((k, node(v, depth + 1)) for k, v in n["v"].items())
-            if "kv" in n and isinstance(n["kv"], list):
-                return cls((node(k, depth + 1), node(v, depth + 1)) for k, v in n["kv"])
-            raise SkeletonError(f"malformed {tag} node")
+                out = cls((k, node(v, depth + 1)) for k, v in n["v"].items())
+            elif "kv" in n and isinstance(n["kv"], list):
+                out = cls((node(k, depth + 1), node(v, depth + 1)) for k, v in n["kv"])
+            else:
+                raise SkeletonError(f"malformed {tag} node")
+            if "meta" in n and cls is OrderedDict:
+                out._metadata = node(n["meta"], depth + 1)  # type: ignore[attr-defined]
+            return remember(n, out)
         if tag == "tensor":
-            return tensor(n)
+            return tensor(n, depth)
         if tag == "ref":
             if n.get("id") not in objects:
-                raise SkeletonError(f"reference to unknown tensor id {n.get('id')!r}")
+                raise SkeletonError(f"reference to unknown object id {n.get('id')!r}")
             return objects[n["id"]]
+        if tag == "list":
+            return remember(n, [node(v, depth + 1) for v in n["v"]])
         if tag == "tuple":
-            return tuple(node(v, depth + 1) for v in n["v"])
+            return remember(n, tuple(node(v, depth + 1) for v in n["v"]))
+        if tag in ("set", "frozenset"):
+            return remember(n, (set if tag == "set" else frozenset)(node(v, depth + 1) for v in n["v"]))
         if tag == "float":
             return _NONFINITE[n["v"]]
+        if tag == "int":
+            return int(n["v"], 16)
         if tag == "size":
             return torch.Size(n["v"])
         if tag == "dtype":
@@ -302,8 +476,6 @@ def decode(skeleton: Any, entry: Callable[[str, str], torch.Tensor]) -> Any:
             return base64.b64decode(n["v"], validate=True)
         if tag == "complex":
             return complex(node(n["re"]), node(n["im"]))
-        if tag in ("set", "frozenset"):
-            return (set if tag == "set" else frozenset)(node(v, depth + 1) for v in n["v"])
         raise SkeletonError(f"unknown skeleton tag {tag!r}")
 
     try:

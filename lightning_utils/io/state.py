@@ -36,6 +36,10 @@ from lightning_utils.io.torch_file import load_torch, save_torch
 SAFETENSORS_SUFFIXES = (".sft", ".safetensors", ".safetensor")
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SKELETON_KEY = "lightning_utils.skeleton"
+# save_weights lists here the metadata keys whose values it JSON-encoded, so load_state decodes
+# exactly those (a plain string such as "123" stays a string).
+JSON_KEYS_KEY = "lightning_utils.json_keys"
+_RESERVED_METADATA = ("format", "module", SKELETON_KEY, JSON_KEYS_KEY)
 
 Format = Literal["safetensors", "torch"]
 
@@ -69,9 +73,17 @@ def save_state(obj: Any, path: str | os.PathLike) -> None:
         save_torch(obj, path)
         return
     entries, skeleton = encode(obj)
-    metadata = {"format": "pt", SKELETON_KEY: json.dumps(skeleton, separators=(",", ":"), allow_nan=False, ensure_ascii=False)}
-    with atomic_write(path) as f:
-        sft.write_file(f, list(entries.items()), metadata)
+    # ensure_ascii: lone surrogates (which torch.save keeps) survive as escapes
+    metadata = {"format": "pt", SKELETON_KEY: json.dumps(skeleton, separators=(",", ":"), allow_nan=False, ensure_ascii=True)}
+    _write_safetensors(path, list(entries.items()), metadata)
+
+
+def _write_safetensors(path: str | os.PathLike, items: list[tuple[str, torch.Tensor]], metadata: dict[str, str]) -> None:
+    try:
+        with atomic_write(path) as f:
+            sft.write_file(f, items, metadata)
+    except ValueError as exc:  # e.g. a header over the size limit: say which file
+        raise ValueError(f"{os.fspath(path)}: {exc}") from None
 
 
 def save_weights(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> None:
@@ -89,11 +101,22 @@ def save_weights(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, m
             raise TypeError(f"save_weights needs a mapping of str to tensors; got {name!r}: {type(t).__qualname__}")
         items.append((name, t.detach().cpu().contiguous()))
     meta = {"format": "pt"}
+    encoded: list[str] = []
     for k, v in (metadata or {}).items():
-        if v is not None:
-            meta[str(k)] = v if isinstance(v, str) else json_dumps(v)
-    with atomic_write(path) as f:
-        sft.write_file(f, items, meta)
+        if k == "format" and v == "pt":
+            continue  # the HF convention, which we write anyway
+        if k in _RESERVED_METADATA:
+            raise ValueError(f"{os.fspath(path)}: metadata key {k!r} is reserved ({', '.join(_RESERVED_METADATA)})")
+        if v is None:
+            continue
+        if isinstance(v, str):
+            meta[str(k)] = v
+        else:
+            meta[str(k)] = json_dumps(v)
+            encoded.append(str(k))
+    if encoded:
+        meta[JSON_KEYS_KEY] = json_dumps(encoded)
+    _write_safetensors(path, items, meta)
 
 
 def load_state(path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None, *, mmap: bool = True) -> Any:
@@ -112,9 +135,9 @@ def load_state(path: str | os.PathLike, map_location: Any = None, weights_only: 
     fmt = checkpoint_format(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{os.fspath(path)}: no such checkpoint file")
+    check_map_location(map_location)
     if fmt == "torch":
         return load_torch(path, map_location=map_location, weights_only=weights_only)
-    check_map_location(map_location)
     return _load_safetensors(os.fspath(path), map_location, use_mmap=mmap)
 
 
@@ -135,6 +158,8 @@ def _load_safetensors(path: str, map_location: Any, use_mmap: bool) -> Any:
             try:
                 skeleton = json.loads(metadata[SKELETON_KEY])
                 return decode(skeleton, entry)
+            except CheckpointFormatError:
+                raise  # e.g. a damaged tensor entry: already names the file and the problem
             except (SkeletonError, ValueError, RecursionError) as exc:
                 raise CheckpointFormatError(path, f"corrupted lightning-utils skeleton: {exc}") from None
         tensors = {e.name: entry(e.name, "cpu") for e in header.entries}
@@ -142,12 +167,29 @@ def _load_safetensors(path: str, map_location: Any, use_mmap: bool) -> Any:
 
 
 def _plain_file_object(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Any:
-    """A safetensors file without our skeleton: flat tensors, or wrapped with decoded metadata."""
+    """A safetensors file without our skeleton: flat tensors, or wrapped with decoded metadata.
+
+    ``safetensors.torch.save_model`` drops tied duplicates and records ``{dropped: kept}`` in the
+    metadata; those are re-tied here, so the flat dict is the model's whole state dict again.
+    """
     extra = {k: v for k, v in metadata.items() if k != "format"}
+    for alias, target in list(extra.items()):
+        if alias not in tensors and target in tensors:
+            tensors[alias] = tensors[target]
+            del extra[alias]
     if not extra:
         return tensors
+    json_keys: set[str] | None = None
+    if JSON_KEYS_KEY in extra:  # written by save_weights: decode exactly the keys it encoded
+        try:
+            json_keys = set(json.loads(extra.pop(JSON_KEYS_KEY)))
+        except (ValueError, TypeError):
+            json_keys = None
     out: dict[str, Any] = {"module": tensors}
     for k, v in extra.items():
+        if json_keys is not None and k not in json_keys:
+            out[k] = v
+            continue
         try:
             out[k] = json.loads(v)
         except ValueError:
@@ -187,6 +229,8 @@ def load_structure(path: str | os.PathLike, weights_only: bool | None = None) ->
     if SKELETON_KEY in metadata:
         try:
             return decode(json.loads(metadata[SKELETON_KEY]), entry)
+        except CheckpointFormatError:
+            raise
         except (SkeletonError, ValueError, RecursionError) as exc:
             raise CheckpointFormatError(path, f"corrupted lightning-utils skeleton: {exc}") from None
     return _plain_file_object({e.name: entry(e.name, "cpu") for e in header.entries}, metadata)

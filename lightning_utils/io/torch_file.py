@@ -14,6 +14,7 @@ import os
 import pathlib
 import pickle
 import struct
+import threading
 import zipfile
 from typing import Any
 
@@ -27,6 +28,7 @@ from lightning_utils.io.errors import CheckpointFormatError, UnsafeCheckpointErr
 # type its checkpoints need. (torch's restricted unpickler cannot rebuild dict subclasses such as
 # Lightning's AttributeDict at all, so allowlisting those would not help.)
 SAFE_GLOBALS: list[Any] = [pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath, pathlib.PureWindowsPath]
+_ALLOWLIST_LOCK = threading.Lock()
 
 # Exceptions torch.load raises on a damaged or foreign file.
 _PARSE_ERRORS = (
@@ -45,17 +47,31 @@ def load_torch(path: str | os.PathLike, map_location: Any = None, weights_only: 
     """``torch.load`` with the allowlist above and errors that name the file."""
     path = os.fspath(path)
     try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location=map_location, weights_only=weights_only)
+        # safe_globals() removes on exit exactly what it added: add only what the process does
+        # not allow already (so a user's own allowlist is never taken away), one load at a time.
+        with _ALLOWLIST_LOCK:
+            allowed = set(torch.serialization.get_safe_globals())
+            with torch.serialization.safe_globals([g for g in SAFE_GLOBALS if g not in allowed]):
+                return torch.load(path, map_location=map_location, weights_only=weights_only)
     except pickle.UnpicklingError as exc:
-        if "weights only" in str(exc).lower() or "weights_only" in str(exc):
+        if _refused_as_unsafe(path, str(exc)):
             raise UnsafeCheckpointError(path, _unsafe_reason(path)) from None
-        raise CheckpointFormatError(path, f"not a valid torch checkpoint ({exc})") from None
+        raise CheckpointFormatError(path, f"not a valid torch checkpoint ({str(exc)[:300]})") from None
     except _PARSE_ERRORS as exc:
         text = str(exc)
         if "deserialize object on" in text or "CUDA" in text and "available" in text:
             raise  # a map_location/device problem, not a damaged file
         raise CheckpointFormatError(path, f"not a valid torch checkpoint ({type(exc).__name__}: {text[:300]})") from None
+
+
+def _refused_as_unsafe(path: str, message: str) -> bool:
+    """A weights-only refusal of a *well-formed* pickle (not a damaged file)."""
+    if "Unsupported global" in message or "Can only" in message and "for" in message:
+        return True
+    try:
+        return bool(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # noqa: BLE001 - an unreadable file is a format error, not an unsafe one
+        return False
 
 
 def _unsafe_reason(path: str) -> str:
