@@ -43,11 +43,44 @@ class Losses(Callback):
         self.values.append(float(outputs["loss"]))
 
 
-def _run(tmp, max_steps, callbacks, ckpt_path=None):
+class AugmentedData(torch.utils.data.Dataset):
+    """A random "augmentation" drawn in the main process (num_workers=0) for every sample."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.rand(1)
+
+
+class NoisyDataModule(NoisyModule):
+    """The batch itself (random per sample) enters the loss, so batch contents matter too."""
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx) + batch.sum()
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(AugmentedData(), batch_size=1)
+
+
+class UnsizedData(torch.utils.data.IterableDataset):
+    """No ``__len__``: Lightning prefetches one batch ahead; every sample is random."""
+
+    def __iter__(self):
+        while True:
+            yield torch.rand(1)
+
+
+class NoisyUnsizedModule(NoisyDataModule):
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(UnsizedData(), batch_size=1)
+
+
+def _run(tmp, max_steps, callbacks, ckpt_path=None, module=NoisyModule, **kwargs):
     pl.seed_everything(7)
     losses = Losses()
-    t = trainer(tmp, max_steps=max_steps, callbacks=[losses, *callbacks], plugins=[SafetensorsCheckpointIO()])
-    t.fit(NoisyModule(), ckpt_path=ckpt_path)
+    t = trainer(tmp, max_steps=max_steps, callbacks=[losses, *callbacks], plugins=[SafetensorsCheckpointIO()], **kwargs)
+    t.fit(module(), ckpt_path=ckpt_path)
     return losses.values
 
 
@@ -65,6 +98,23 @@ def test_resume_mid_epoch_draws_the_same_noise(tmp_path, with_callback):
         assert resumed != full[5:]  # without it, dropout and the jitter diverge: the callback is needed
 
 
+@pytest.mark.parametrize("module", [NoisyDataModule, NoisyUnsizedModule], ids=["sized", "unsized"])
+def test_resume_with_random_batches_drawn_in_the_main_process(tmp_path, module):
+    """Fetching a batch draws from the global RNG: the state must be back before that fetch,
+    as in the uninterrupted run (where batch 6 was fetched after the step-5 save; or, for an
+    unsized loader that Lightning prefetches, batch 7)."""
+    full = _run(tmp_path / "full", 10, [RNGStateCheckpoint()], module=module)
+    ckpt = SafetensorsModelCheckpoint(dirpath=tmp_path / "part", every_n_train_steps=5)
+    _run(tmp_path / "part", 5, [ckpt, RNGStateCheckpoint()], module=module)
+    resumed = _run(
+        tmp_path / "resumed", 10, [RNGStateCheckpoint()], ckpt_path=tmp_path / "part" / "epoch=0-step=5.sft", module=module
+    )
+    if module is NoisyDataModule:
+        assert resumed == full[5:]
+    else:  # the prefetched first batch was drawn before the restore; everything after it matches
+        assert resumed[1:] == full[6:]
+
+
 def test_state_is_tensors_and_numbers_and_round_trips(tmp_path):
     torch.manual_seed(3)
     random.seed(3)
@@ -80,16 +130,23 @@ def test_state_is_tensors_and_numbers_and_round_trips(tmp_path):
     assert random.random() == expected[1] and np.random.rand() == expected[2]
 
 
-def test_fewer_saved_ranks_warns_instead_of_guessing():
+@pytest.mark.parametrize("saved_ranks, world_size, rank", [(1, 2, 1), (2, 1, 0)])
+def test_other_world_size_warns_instead_of_guessing(saved_ranks, world_size, rank):
+    """More ranks than saved: the extra ones keep their seed; fewer: a warning too (the data split changed)."""
+    torch.manual_seed(0)
+    saved = [_collect() for _ in range(saved_ranks)]
+    expected = torch.rand(3)
     cb = RNGStateCheckpoint()
-    cb.load_state_dict({"ranks": [_collect()]})
+    cb.load_state_dict({"ranks": saved})
 
     class FakeTrainer:
-        global_rank = 1
+        global_rank = rank
 
-    with pytest.warns(UserWarning, match="rank 1 keeps its own seed"):
+    FakeTrainer.world_size = world_size
+    torch.rand(10)
+    with pytest.warns(UserWarning, match=f"states for {saved_ranks} ranks but this run has world_size={world_size}"):
         cb.on_train_start(FakeTrainer(), None)
-    assert cb._pending is None
+    assert torch.equal(torch.rand(3), expected) == (rank < saved_ranks)
 
 
 @pytest.mark.ddp

@@ -6,11 +6,20 @@ the uninterrupted run. This callback records the torch CPU, CUDA, Python ``rando
 states of every rank at each save (gathered, since only rank 0 writes the file) and puts each
 rank's own state back when training resumes.
 
-When it restores matters: the state is applied at the first ``on_train_batch_start`` after the
-restore, once the data iterator exists, because creating an iterator draws from the global RNG
-(the DataLoader's base seed) at a point where the uninterrupted run drew nothing. The saved state
-is what the uninterrupted run had at the end of the saved step, which is also what it had at the
-start of the next one.
+When it restores matters: the state is applied in ``on_train_start``, after Lightning has created
+the train data iterator (creating one draws the DataLoader's base seed from the global RNG, at a
+point where the uninterrupted run drew nothing; the sanity check runs under ``isolate_rng``) and
+before the first batch is fetched (fetching may draw too: random augmentations in a
+``num_workers=0`` dataset, an unsized loader's prefetch). The saved state is what the
+uninterrupted run had at the end of the saved step, right before it fetched the next batch.
+
+Exact for checkpoints saved at the end of a training step (``ModelCheckpoint(every_n_train_steps=N)``,
+``TrainingControl``'s ``save``/``quit``), with or without gradient accumulation. Not replayed:
+random draws the uninterrupted run made between the save and its next batch, i.e. a validation
+run right after the saved step, and, for checkpoints saved at the end of an epoch, the next
+epoch's new data iterator (its base seed; give the DataLoader its own ``generator`` to keep that
+draw off the global RNG). An unsized loader's first batch after the resume was prefetched
+before the restore.
 
 Stored as tensors and ints only, so ``.sft`` checkpoints hold it without pickle. It never seeds
 anything itself and never touches a generator it was not given (samplers keep their own keyed
@@ -68,7 +77,6 @@ class RNGStateCheckpoint(Callback):
     def __init__(self) -> None:
         self._trainer: pl.Trainer | None = None
         self._states: list[dict[str, Any]] | None = None  # per rank, from the checkpoint
-        self._pending: dict[str, Any] | None = None  # this rank's state, to apply at the next batch
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer
@@ -88,19 +96,21 @@ class RNGStateCheckpoint(Callback):
         self._states = state_dict.get("ranks")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._states:
+        # Lightning has created the train data iterator by now (the DataLoader drew its base
+        # seed from the global RNG) and fetches no batch before this hook; the uninterrupted
+        # run fetched its next batch right after the save. So this is the one point where
+        # both runs are about to draw the same numbers (fetching a batch may draw too, e.g.
+        # random augmentations in a num_workers=0 dataset).
+        states, self._states = self._states, None
+        if not states:
             return
-        rank = trainer.global_rank
-        if rank < len(self._states):
-            self._pending = self._states[rank]
-        else:
+        rank, world_size = trainer.global_rank, trainer.world_size
+        if len(states) != world_size:
             rank_zero_warn(
-                f"RNGStateCheckpoint: the checkpoint holds RNG states for {len(self._states)} ranks; "
-                f"rank {rank} keeps its own seed, so its random draws differ from an uninterrupted run"
+                f"RNGStateCheckpoint: the checkpoint holds RNG states for {len(states)} ranks but this run has "
+                f"world_size={world_size}; ranks 0..{min(len(states), world_size) - 1} get their saved state back, "
+                "the others keep their own seed, and the data split differs, so the random draws will not match "
+                "an uninterrupted run"
             )
-        self._states = None
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        if self._pending is not None:
-            _apply(self._pending)
-            self._pending = None
+        if rank < len(states):
+            _apply(states[rank])
