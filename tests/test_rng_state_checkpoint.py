@@ -130,6 +130,20 @@ def test_state_is_tensors_and_numbers_and_round_trips(tmp_path):
     assert random.random() == expected[1] and np.random.rand() == expected[2]
 
 
+def test_cuda_states_fit_the_visible_devices(monkeypatch):
+    """A run saved with 4 visible GPUs resumed where 2 are visible sets those 2, never device 2 or 3
+    (torch would fail at CUDA init); without CUDA nothing is touched and CUDA stays uninitialised."""
+    state = _collect()
+    state["cuda"] = [torch.full((16,), i, dtype=torch.uint8) for i in range(4)]
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": calls.append((int(s[0]), device)))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: calls.extend((int(s[0]), i) for i, s in enumerate(states)))
+    _apply(state)
+    assert calls == [(0, 0), (1, 1)]
+
+
 @pytest.mark.parametrize("saved_ranks, world_size, rank", [(1, 2, 1), (2, 1, 0)])
 def test_other_world_size_warns_instead_of_guessing(saved_ranks, world_size, rank):
     """More ranks than saved: the extra ones keep their seed; fewer: a warning too (the data split changed)."""

@@ -57,7 +57,12 @@ def _collect() -> dict[str, Any]:
 def _apply(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # One state per device visible when saving; a resume may see fewer devices (another
+        # machine, CUDA_VISIBLE_DEVICES), and setting a missing one fails at CUDA init.
+        # set_rng_state is lazy: it never initialises CUDA itself.
+        saved = state["cuda"]
+        for device in range(min(len(saved), torch.cuda.device_count())):
+            torch.cuda.set_rng_state(saved[device], device)
     py = state["python"]
     random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
     if "numpy" in state:
