@@ -115,6 +115,36 @@ def test_resume_with_random_batches_drawn_in_the_main_process(tmp_path, module):
         assert resumed[1:] == full[6:]
 
 
+def test_resume_under_gradient_accumulation(tmp_path):
+    """Saves land after an optimizer step, at the end of an accumulation window; 2 batches per step."""
+    full = _run(tmp_path / "full", 4, [RNGStateCheckpoint()], accumulate_grad_batches=2)
+    ckpt = SafetensorsModelCheckpoint(dirpath=tmp_path / "part", every_n_train_steps=2)
+    _run(tmp_path / "part", 2, [ckpt, RNGStateCheckpoint()], accumulate_grad_batches=2)
+    resumed = _run(
+        tmp_path / "resumed", 4, [RNGStateCheckpoint()], ckpt_path=tmp_path / "part" / "epoch=0-step=2.sft",
+        accumulate_grad_batches=2,
+    )  # fmt: skip
+    assert len(full) == 8 and resumed == full[4:]
+
+
+class ShuffledModule(NoisyModule):
+    def train_dataloader(self):
+        generator = torch.Generator().manual_seed(0)
+        return torch.utils.data.DataLoader(torch.zeros(4, 1), batch_size=1, shuffle=True, generator=generator)
+
+
+def test_resume_at_an_epoch_boundary_with_the_loaders_own_generator(tmp_path):
+    """The docstring's advice: the next epoch's iterator then draws nothing from the global RNG."""
+    full = _run(tmp_path / "full", 8, [RNGStateCheckpoint()], module=ShuffledModule)
+    ckpt = SafetensorsModelCheckpoint(dirpath=tmp_path / "part", every_n_epochs=1)
+    _run(tmp_path / "part", 4, [ckpt, RNGStateCheckpoint()], module=ShuffledModule)
+    resumed = _run(
+        tmp_path / "resumed", 8, [RNGStateCheckpoint()], ckpt_path=tmp_path / "part" / "epoch=0-step=4.sft",
+        module=ShuffledModule,
+    )  # fmt: skip
+    assert resumed == full[4:]
+
+
 def test_state_is_tensors_and_numbers_and_round_trips(tmp_path):
     torch.manual_seed(3)
     random.seed(3)
