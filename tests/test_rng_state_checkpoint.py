@@ -115,6 +115,20 @@ def test_resume_with_random_batches_drawn_in_the_main_process(tmp_path, module):
         assert resumed[1:] == full[6:]
 
 
+def test_resume_from_training_controls_quit_checkpoint(tmp_path):
+    """``quit@5`` saves at the step boundary and stops; the resume carries on as if never stopped."""
+    from lightning_utils.callbacks.training_control import TrainingControl
+
+    full = _run(tmp_path / "full", 10, [RNGStateCheckpoint()], module=NoisyDataModule)
+    control = TrainingControl(source=None, commands=["quit@5"], dirpath=tmp_path / "part", signal=None)
+    part = _run(tmp_path / "part", 10, [control, RNGStateCheckpoint()], module=NoisyDataModule)
+    assert len(part) == 5
+    resumed = _run(
+        tmp_path / "resumed", 10, [RNGStateCheckpoint()], ckpt_path=tmp_path / "part" / "step=5.sft", module=NoisyDataModule
+    )
+    assert resumed == full[5:]
+
+
 def test_resume_under_gradient_accumulation(tmp_path):
     """Saves land after an optimizer step, at the end of an accumulation window; 2 batches per step."""
     full = _run(tmp_path / "full", 4, [RNGStateCheckpoint()], accumulate_grad_batches=2)
