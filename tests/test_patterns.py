@@ -6,6 +6,7 @@ import json
 import math
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -390,6 +391,33 @@ def test_special_token_is_never_truncated():
     assert seq.dtype == codes.dtype
     out, _, _ = pattern.revert_pattern_logits(torch.zeros(1, 4, 2, 2), float("nan"))
     assert math.isnan(out[0, 0, 0, 2].item())
+
+
+@pytest.mark.parametrize("dtype, token", [(torch.uint8, 256), (torch.uint8, -1), (torch.int16, 2**15), (torch.int32, 2**31)])
+def test_special_token_that_does_not_fit_integer_codes_is_refused(dtype, token):
+    """uint8 codes with special_token=-1 would silently become 255, a real code; say so instead."""
+    pattern = DelayedPatternProvider(2).get_pattern(3)
+    codes = torch.randint(0, 100, (1, 2, 3), dtype=dtype)
+    with pytest.raises(ValueError, match=rf"special_token={token} does not fit .*{str(dtype).split('.')[1]}"):
+        pattern.build_pattern_sequence(codes, special_token=token)
+    with pytest.raises(ValueError, match="special_token"):
+        pattern.revert_pattern_sequence(torch.zeros(1, 2, 4, dtype=dtype), special_token=token)
+    top = torch.iinfo(dtype).max
+    seq, _, _ = pattern.build_pattern_sequence(codes, special_token=top)  # the largest value still fits
+    assert seq.dtype == dtype and int(seq[0, 0, 0]) == top
+
+
+def test_special_token_may_be_a_tensor():
+    pattern = DelayedPatternProvider(2).get_pattern(3)
+    codes = torch.randint(0, 5, (2, 2, 3))
+    expected, _, _ = pattern.build_pattern_sequence(codes, special_token=9)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for token in (torch.tensor(9), torch.tensor([9]), np.int64(9)):
+            got, _, _ = pattern.build_pattern_sequence(codes, special_token=token)
+            assert torch.equal(got, expected)
 
 
 def test_tables_are_cached_and_returned_copies_are_safe():
