@@ -294,7 +294,15 @@ class Pattern:
 
     @property
     def valid_layout(self) -> PatternLayout:
-        """The leading steps that hold no coordinate past the end (``len == num_valid_steps``)."""
+        """The first ``num_steps - max_delay`` steps (``len == num_valid_steps``), the reference's definition.
+
+        For delay patterns (delayed, parallel, coarse-first) these are exactly the steps before
+        the first one that holds a coordinate past the last frame, so a model trained on them
+        reads ``timesteps`` frames of codebook 0. Steps past them may still hold real codes of
+        the later codebooks (dropped by ``keep_only_valid_steps=True``; the reverted ``mask``
+        says which codes were kept). For unrolled patterns with delays the cut is by steps, not
+        frames, so it can keep a step that holds a coordinate past the last frame.
+        """
         return self.layout[: self.num_valid_steps]
 
     @property
