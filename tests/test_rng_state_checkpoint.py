@@ -129,6 +129,16 @@ def test_resume_from_training_controls_quit_checkpoint(tmp_path):
     assert resumed == full[5:]
 
 
+def test_a_restored_state_that_was_not_used_is_not_applied_to_a_later_fit(tmp_path):
+    """Resuming a run that had already finished trains nothing (no on_train_start); the same
+    callback in a later, fresh fit must not put that old state back."""
+    callback = RNGStateCheckpoint()
+    ckpt = SafetensorsModelCheckpoint(dirpath=tmp_path / "part", every_n_train_steps=2)
+    fresh = _run(tmp_path / "part", 2, [ckpt, RNGStateCheckpoint()])
+    assert _run(tmp_path / "done", 2, [callback], ckpt_path=tmp_path / "part" / "epoch=0-step=2.sft") == []
+    assert _run(tmp_path / "again", 2, [callback]) == fresh
+
+
 def test_resume_under_gradient_accumulation(tmp_path):
     """Saves land after an optimizer step, at the end of an accumulation window; 2 batches per step."""
     full = _run(tmp_path / "full", 4, [RNGStateCheckpoint()], accumulate_grad_batches=2)

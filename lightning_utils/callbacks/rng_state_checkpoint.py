@@ -86,6 +86,11 @@ class RNGStateCheckpoint(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer
 
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # A restored state that training never used (the resumed run had nothing left to do)
+        # belongs to that checkpoint only, not to a later fit with this callback.
+        self._states = None
+
     def state_dict(self) -> dict[str, Any]:
         # Collected here rather than in on_save_checkpoint: Lightning gathers callback state
         # dicts before it calls that hook. Every rank runs this while dumping a checkpoint.
