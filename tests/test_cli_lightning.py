@@ -196,6 +196,22 @@ def test_missing_jsonargparse_gives_a_clear_message(monkeypatch, capsys):
     assert "jsonargparse[signatures]" in err and "pip install 'lightning-utils[cli]'" in err
 
 
+def test_ckpt_path_to_a_weights_file_is_refused_with_its_name(tmp_path, capsys):
+    """A plain weights ``.sft`` (ExportWeights, save_weights) is not a training checkpoint; Lightning
+    would fail deep inside with ``KeyError: 'pytorch-lightning_version'``."""
+    import torch
+
+    from lightning_utils.io import save_weights
+
+    weights = tmp_path / "model.sft"
+    save_weights({"net.0.weight": torch.zeros(6, 4)}, weights)
+    config = write_config(tmp_path, trainer__plugins=[{"class_path": "lightning_utils.io.SafetensorsCheckpointIO"}])
+    assert run_lightning_cli(["fit", "--config", str(config), "--ckpt_path", str(weights)]) == 2
+    err = capsys.readouterr().err
+    assert str(weights) in err and "not a Lightning training checkpoint" in err
+    assert not (tmp_path / "record.json").exists(), "nothing trained"
+
+
 def test_safetensors_checkpoints_resume_and_reload_by_class_path(tmp_path):
     """``.sft`` checkpoints through the plugin and callback chosen in YAML; ``--ckpt_path x.sft`` resumes."""
     config = write_config(
