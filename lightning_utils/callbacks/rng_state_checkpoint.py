@@ -6,20 +6,28 @@ the uninterrupted run. This callback records the torch CPU, CUDA, Python ``rando
 states of every rank at each save (gathered, since only rank 0 writes the file) and puts each
 rank's own state back when training resumes.
 
-When it restores matters: the state is applied in ``on_train_start``, after Lightning has created
-the train data iterator (creating one draws the DataLoader's base seed from the global RNG, at a
-point where the uninterrupted run drew nothing; the sanity check runs under ``isolate_rng``) and
-before the first batch is fetched (fetching may draw too: random augmentations in a
-``num_workers=0`` dataset, an unsized loader's prefetch). The saved state is what the
-uninterrupted run had at the end of the saved step, right before it fetched the next batch.
+When it restores matters: the state is applied at the first ``on_train_batch_start`` after the
+restore, once the first batch has been fetched, because creating a data iterator draws the
+DataLoader's base seed from the global RNG at a point where the uninterrupted run drew nothing,
+and some iterators (``ResumableDataLoader``'s) are created lazily, at their first batch. The saved
+state is what the uninterrupted run had at the end of the saved step.
+
+Validation during fit hands the global RNG back as it found it at the end of the training step
+(as Lightning's ``isolate_rng`` does around the sanity check): a resumed run skips the validation
+that followed the saved step, so its draws (its data iterator's seed included) must not move
+training's random stream. With this callback, adding or removing validation therefore no longer
+changes training's random numbers.
 
 Exact for checkpoints saved at the end of a training step (``ModelCheckpoint(every_n_train_steps=N)``,
-``TrainingControl``'s ``save``/``quit``), with or without gradient accumulation. Not replayed:
-random draws the uninterrupted run made between the save and its next batch, i.e. a validation
-run right after the saved step, and, for checkpoints saved at the end of an epoch, the next
-epoch's new data iterator (its base seed; give the DataLoader its own ``generator`` to keep that
-draw off the global RNG). An unsized loader's first batch after the resume was prefetched
-before the restore.
+``TrainingControl``'s ``save``/``quit``) or of a validation (``ModelCheckpoint(monitor=...)``),
+with or without gradient accumulation. Not exact:
+
+* random numbers drawn from the global RNG *while fetching* the first batch after the resume
+  (random augmentations in a ``num_workers=0`` dataset, an unsized loader's prefetch) come from
+  the wrong state, and every later draw is offset by them; keep data randomness on the
+  dataset's own generators or in worker processes;
+* checkpoints saved at the end of an epoch when the DataLoader draws the next epoch's base seed
+  from the global RNG (give it its own ``generator=`` to make those exact too).
 
 Stored as tensors and ints only, so ``.sft`` checkpoints hold it without pickle. It never seeds
 anything itself and never touches a generator it was not given (samplers keep their own keyed
@@ -76,12 +84,15 @@ class RNGStateCheckpoint(Callback):
     """Make a resumed run draw the same random numbers as the uninterrupted one.
 
     Add it to the Trainer's callbacks; it has no options. Resuming on a different world size
-    restores the ranks that existed in the saved run and warns for the others.
+    restores the ranks that existed in the saved run (warning that the draws will differ).
     """
 
     def __init__(self) -> None:
         self._trainer: pl.Trainer | None = None
         self._states: list[dict[str, Any]] | None = None  # per rank, from the checkpoint
+        self._pending: dict[str, Any] | None = None  # this rank's state, to apply at the next batch
+        self._torch_after_step: torch.Tensor | None = None  # torch CPU state at the end of the last batch
+        self._before_validation: dict[str, Any] | None = None  # the state to give back after validation
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer
@@ -89,7 +100,7 @@ class RNGStateCheckpoint(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # A restored state that training never used (the resumed run had nothing left to do)
         # belongs to that checkpoint only, not to a later fit with this callback.
-        self._states = None
+        self._states = self._pending = self._torch_after_step = self._before_validation = None
 
     def state_dict(self) -> dict[str, Any]:
         # Collected here rather than in on_save_checkpoint: Lightning gathers callback state
@@ -106,11 +117,6 @@ class RNGStateCheckpoint(Callback):
         self._states = state_dict.get("ranks")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Lightning has created the train data iterator by now (the DataLoader drew its base
-        # seed from the global RNG) and fetches no batch before this hook; the uninterrupted
-        # run fetched its next batch right after the save. So this is the one point where
-        # both runs are about to draw the same numbers (fetching a batch may draw too, e.g.
-        # random augmentations in a num_workers=0 dataset).
         states, self._states = self._states, None
         if not states:
             return
@@ -123,4 +129,33 @@ class RNGStateCheckpoint(Callback):
                 "an uninterrupted run"
             )
         if rank < len(states):
-            _apply(states[rank])
+            self._pending = states[rank]
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        # After the first fetch: a lazily created data iterator has drawn its base seed by now.
+        if self._pending is not None:
+            _apply(self._pending)
+            self._pending = None
+        self._torch_after_step = None
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # The torch CPU state as the step left it (a 5 kB copy): a validation right after this
+        # step creates its data iterator, drawing a base seed, before on_validation_start runs.
+        self._torch_after_step = torch.get_rng_state()
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn != "fit" or trainer.sanity_checking:
+            return
+        state = _collect()
+        if self._torch_after_step is not None:  # undo the validation iterator's seed draw too
+            state["torch"] = self._torch_after_step
+        self._before_validation = state
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Before ModelCheckpoint's on_validation_end (checkpoint callbacks run last), so a save
+        # at validation end records the state training continues from.
+        state, self._before_validation = self._before_validation, None
+        if state is not None:
+            _apply(state)
