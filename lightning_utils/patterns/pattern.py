@@ -486,7 +486,10 @@ class Pattern:
 
         The output at step ``s`` is the model's prediction for the input at step ``s + 1`` when
         the pattern starts with the special token, so this reads code ``(t, q)`` from the step
-        before the one that holds it.
+        before the one that holds it. A pattern whose first step holds codes (e.g.
+        ``DelayedPatternProvider(empty_initial=-1)``) is read without that shift, as in the
+        reference: the output at step ``s`` must then already be the prediction for step ``s``
+        (shift a next-step model's outputs yourself).
 
         Args:
             logits: ``[B, card, K, S]`` (``card`` classes per code).
