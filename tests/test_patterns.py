@@ -433,6 +433,21 @@ def test_tables_are_cached_and_returned_copies_are_safe():
     assert len(pattern._sequence_tables) == 1  # one table for this shape, reused
 
 
+def test_provider_repr_is_its_constructor_call():
+    from lightning_utils import patterns
+
+    for provider in (
+        DelayedPatternProvider(3, delays=[0, 1, 1]),
+        ParallelPatternProvider(2, empty_initial=1),
+        UnrolledPatternProvider(3, flattening=[0, 1, 1], delays=[0, 2, 2]),
+        CoarseFirstPattern(3),
+        MusicLMPattern(4),
+    ):
+        rebuilt = eval(repr(provider), vars(patterns))  # noqa: S307 - our own repr
+        assert type(rebuilt) is type(provider) and repr(rebuilt) == repr(provider)
+        assert rebuilt.get_pattern(5).layout == provider.get_pattern(5).layout
+
+
 def test_pickle_round_trip():
     provider = UnrolledPatternProvider(3, flattening=[0, 1, 1], delays=[0, 2, 2])
     pattern = provider.get_pattern(5)
