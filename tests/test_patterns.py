@@ -366,6 +366,9 @@ def test_logits_training_step_shapes_and_gradients(device):
     assert out.shape == (3, 33, 4, 10)
     picked = out.permute(0, 2, 3, 1)[:, mask]  # [B, codes kept, card]
     loss = torch.nn.functional.cross_entropy(picked.reshape(-1, 33), codes[:, mask].reshape(-1))
+    # the package docstring's short form: classes stay at dim 1 ([B, card, N] against [B, N])
+    short = torch.nn.functional.cross_entropy(out[:, :, mask], codes[:, mask])
+    assert torch.allclose(short, loss)
     loss.backward()
     assert torch.isfinite(loss) and logits.grad is not None
     # the prediction for step s + 1 comes from output s: the last output step predicts nothing
