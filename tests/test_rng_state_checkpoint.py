@@ -100,9 +100,9 @@ def test_resume_mid_epoch_draws_the_same_noise(tmp_path, with_callback):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="known limitation: the state is applied after the first fetch (ResumableDataLoader creates its "
-    "iterator, drawing the base seed from the global RNG, at its first batch); applying it in on_train_start "
-    "instead makes this pass once ResumableDataLoader draws that seed from its own generator",
+    reason="known limitation: the state is applied after the first fetch, because between on_train_start and "
+    "the first batch a lazily created iterator (ResumableDataLoader's, at its first batch) and Lightning's "
+    "restart (it sets up the val dataloader) draw from the global RNG where the uninterrupted run did not",
 )
 @pytest.mark.parametrize("module", [NoisyDataModule, NoisyUnsizedModule], ids=["sized", "unsized"])
 def test_resume_with_random_batches_drawn_in_the_main_process(tmp_path, module):
