@@ -92,6 +92,9 @@ class RunRecorder(Callback):
             "global_step": trainer.global_step,
             "model": type(pl_module).__qualname__,
             "hidden": pl_module.hparams.get("hidden"),
+            "layer_width": pl_module.net[0].out_features,
+            "note": getattr(pl_module, "note", None),
+            "pattern": repr(getattr(pl_module, "pattern", None)),
             "datamodule": type(trainer.datamodule).__qualname__ if trainer.datamodule is not None else None,
             "optimizer": [type(o).__qualname__ for o in optimizers],
             "lr": [group["lr"] for o in optimizers for group in o.param_groups],
@@ -130,3 +133,13 @@ class CountingCheckpointIO(TorchCheckpointIO):
         if self.log:
             with open(self.log, "a") as f:
                 f.write(f"{path}\n")
+
+
+class PatternRegressor(TinyRegressor):
+    """Takes a component by class path and leaves it (and ``note``) out of its saved hyperparameters,
+    as models do for modules and other objects they are given."""
+
+    def __init__(self, pattern: Any, hidden: int = 8, note: str = "") -> None:
+        super().__init__(hidden)
+        self.save_hyperparameters(ignore=["pattern", "note"])
+        self.pattern, self.note = pattern, note

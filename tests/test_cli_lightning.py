@@ -196,6 +196,22 @@ def test_missing_jsonargparse_gives_a_clear_message(monkeypatch, capsys):
     assert "jsonargparse[signatures]" in err and "pip install 'lightning-utils[cli]'" in err
 
 
+def test_ckpt_path_to_a_weights_file_is_refused_with_its_name(tmp_path, capsys):
+    """A plain weights ``.sft`` (ExportWeights, save_weights) is not a training checkpoint; Lightning
+    would fail deep inside with ``KeyError: 'pytorch-lightning_version'``."""
+    import torch
+
+    from lightning_utils.io import save_weights
+
+    weights = tmp_path / "model.sft"
+    save_weights({"net.0.weight": torch.zeros(6, 4)}, weights)
+    config = write_config(tmp_path, trainer__plugins=[{"class_path": "lightning_utils.io.SafetensorsCheckpointIO"}])
+    assert run_lightning_cli(["fit", "--config", str(config), "--ckpt_path", str(weights)]) == 2
+    err = capsys.readouterr().err
+    assert str(weights) in err and "not a Lightning training checkpoint" in err
+    assert not (tmp_path / "record.json").exists(), "nothing trained"
+
+
 def test_safetensors_checkpoints_resume_and_reload_by_class_path(tmp_path):
     """``.sft`` checkpoints through the plugin and callback chosen in YAML; ``--ckpt_path x.sft`` resumes."""
     config = write_config(
@@ -225,3 +241,46 @@ def test_safetensors_checkpoints_resume_and_reload_by_class_path(tmp_path):
     assert load_state(last)["global_step"] == 4
     assert run_lightning_cli(["test", "--config", str(config), "--ckpt_path", str(last)]) == 0
     assert "test_loss" in record(tmp_path)["test"]["metrics"]
+
+
+@pytest.mark.parametrize("suffix", [".sft", ".ckpt"])
+def test_ckpt_path_hyperparameters_override_the_config_and_ignored_ones_come_from_it(tmp_path, suffix):
+    """``--ckpt_path`` rebuilds the model from the checkpoint's hyperparameters (``hidden`` must
+    match the saved weights), while arguments the model left out of ``save_hyperparameters``
+    (``ignore=``) still come from the config."""
+    from lightning_utils.io import load_state
+
+    sft = suffix == ".sft"
+    checkpoint_cls = (
+        "lightning_utils.callbacks.safetensors_model_checkpoint.SafetensorsModelCheckpoint"
+        if sft else "lightning.pytorch.callbacks.ModelCheckpoint"
+    )  # fmt: skip
+
+    def config(hidden, note, n_q):
+        return write_config(
+            tmp_path,
+            max_steps=2,
+            model={
+                "class_path": f"{FIXTURES}.PatternRegressor",
+                "init_args": {
+                    "hidden": hidden,
+                    "note": note,
+                    "pattern": {"class_path": "lightning_utils.patterns.DelayedPatternProvider", "init_args": {"n_q": n_q}},
+                },
+            },
+            trainer__plugins=[{"class_path": "lightning_utils.io.SafetensorsCheckpointIO"}] if sft else [],
+            trainer__callbacks=[
+                {"class_path": f"{FIXTURES}.RunRecorder", "init_args": {"path": str(tmp_path / "record.json")}},
+                {"class_path": checkpoint_cls, "init_args": {"dirpath": str(tmp_path / "ckpts"), "save_last": True}},
+            ],
+        )
+
+    assert run_lightning_cli(["fit", "--config", str(config(6, "first", 2))]) == 0
+    last = tmp_path / "ckpts" / f"last{suffix}"
+    saved = load_state(last)["hyper_parameters"]
+    assert saved["hidden"] == 6 and "pattern" not in saved and "note" not in saved
+    argv = ["fit", "--config", str(config(10, "second", 3)), "--ckpt_path", str(last), "--trainer.max_steps", "4"]
+    assert run_lightning_cli(argv) == 0
+    fit = record(tmp_path)["fit"]
+    assert fit["global_step"] == 4 and fit["hidden"] == fit["layer_width"] == 6  # the checkpoint's, not 10
+    assert fit["note"] == "second" and fit["pattern"] == "DelayedPatternProvider(n_q=3, delays=[0, 1, 2], flatten_first=0, empty_initial=0)"

@@ -6,6 +6,7 @@ import json
 import math
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -365,6 +366,9 @@ def test_logits_training_step_shapes_and_gradients(device):
     assert out.shape == (3, 33, 4, 10)
     picked = out.permute(0, 2, 3, 1)[:, mask]  # [B, codes kept, card]
     loss = torch.nn.functional.cross_entropy(picked.reshape(-1, 33), codes[:, mask].reshape(-1))
+    # the package docstring's short form: classes stay at dim 1 ([B, card, N] against [B, N])
+    short = torch.nn.functional.cross_entropy(out[:, :, mask], codes[:, mask])
+    assert torch.allclose(short, loss)
     loss.backward()
     assert torch.isfinite(loss) and logits.grad is not None
     # the prediction for step s + 1 comes from output s: the last output step predicts nothing
@@ -392,6 +396,33 @@ def test_special_token_is_never_truncated():
     assert math.isnan(out[0, 0, 0, 2].item())
 
 
+@pytest.mark.parametrize("dtype, token", [(torch.uint8, 256), (torch.uint8, -1), (torch.int16, 2**15), (torch.int32, 2**31)])
+def test_special_token_that_does_not_fit_integer_codes_is_refused(dtype, token):
+    """uint8 codes with special_token=-1 would silently become 255, a real code; say so instead."""
+    pattern = DelayedPatternProvider(2).get_pattern(3)
+    codes = torch.randint(0, 100, (1, 2, 3), dtype=dtype)
+    with pytest.raises(ValueError, match=rf"special_token={token} does not fit .*{str(dtype).split('.')[1]}"):
+        pattern.build_pattern_sequence(codes, special_token=token)
+    with pytest.raises(ValueError, match="special_token"):
+        pattern.revert_pattern_sequence(torch.zeros(1, 2, 4, dtype=dtype), special_token=token)
+    top = torch.iinfo(dtype).max
+    seq, _, _ = pattern.build_pattern_sequence(codes, special_token=top)  # the largest value still fits
+    assert seq.dtype == dtype and int(seq[0, 0, 0]) == top
+
+
+def test_special_token_may_be_a_tensor():
+    pattern = DelayedPatternProvider(2).get_pattern(3)
+    codes = torch.randint(0, 5, (2, 2, 3))
+    expected, _, _ = pattern.build_pattern_sequence(codes, special_token=9)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for token in (torch.tensor(9), torch.tensor([9]), np.int64(9)):
+            got, _, _ = pattern.build_pattern_sequence(codes, special_token=token)
+            assert torch.equal(got, expected)
+
+
 def test_tables_are_cached_and_returned_copies_are_safe():
     provider = DelayedPatternProvider(3)
     pattern = provider.get_pattern(6)
@@ -403,6 +434,21 @@ def test_tables_are_cached_and_returned_copies_are_safe():
     seq2, _, mask2 = pattern.build_pattern_sequence(z, 9)
     assert torch.equal(seq, seq2) and bool(mask2.any())
     assert len(pattern._sequence_tables) == 1  # one table for this shape, reused
+
+
+def test_provider_repr_is_its_constructor_call():
+    from lightning_utils import patterns
+
+    for provider in (
+        DelayedPatternProvider(3, delays=[0, 1, 1]),
+        ParallelPatternProvider(2, empty_initial=1),
+        UnrolledPatternProvider(3, flattening=[0, 1, 1], delays=[0, 2, 2]),
+        CoarseFirstPattern(3),
+        MusicLMPattern(4),
+    ):
+        rebuilt = eval(repr(provider), vars(patterns))  # noqa: S307 - our own repr
+        assert type(rebuilt) is type(provider) and repr(rebuilt) == repr(provider)
+        assert rebuilt.get_pattern(5).layout == provider.get_pattern(5).layout
 
 
 def test_pickle_round_trip():

@@ -71,7 +71,17 @@ def _cli_class() -> type:
             ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
             if not (ckpt_path and Path(ckpt_path).suffix.lower() in SAFETENSORS_SUFFIXES and Path(ckpt_path).is_file()):
                 return super()._parse_ckpt_path()
-            hparams: dict[str, Any] = dict(load_state(ckpt_path, map_location="cpu").get("hyper_parameters") or {})
+            checkpoint = load_state(ckpt_path, map_location="cpu")
+            if not (isinstance(checkpoint, dict) and "state_dict" in checkpoint and "pytorch-lightning_version" in checkpoint):
+                # e.g. a weights file from ExportWeights / save_weights; Lightning would fail
+                # later with a bare KeyError. parser.error prints this and exits with code 2.
+                keys = sorted(map(str, checkpoint))[:5] if isinstance(checkpoint, dict) else []
+                self.parser.error(
+                    f"--ckpt_path {ckpt_path} is not a Lightning training checkpoint (it has no 'state_dict' and "
+                    f"'pytorch-lightning_version'; top-level keys: {keys}). A weights file such as ExportWeights "
+                    "writes cannot be resumed from; load it into the model instead."
+                )
+            hparams: dict[str, Any] = dict(checkpoint.get("hyper_parameters") or {})
             hparams.pop("_instantiator", None)
             if not hparams:
                 return None

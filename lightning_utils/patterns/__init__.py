@@ -10,6 +10,11 @@ sequence for the model and revert its logits for the loss::
     seq, _, seq_mask = pattern.build_pattern_sequence(codes, special_token=card, keep_only_valid_steps=True)
     logits = model(seq)                                        # [B, card, K, S]
     logits, _, mask = pattern.revert_pattern_logits(logits, float("nan"), keep_only_valid_steps=True)
+    loss = F.cross_entropy(logits[:, :, mask], codes[:, mask])  # [B, card, N] vs [B, N]; mask is [K, T]
+
+A model that takes a provider as an argument should leave it out of its saved hyperparameters
+(``self.save_hyperparameters(ignore=["pattern"])``): ``.sft`` checkpoints hold no objects, and
+LightningCLI rebuilds it from the config's class path.
 
 Everything is vectorised (index tables and gathers, cached per shape and device). This package
 only lays tokens out; it never owns a model, a loss or a tokenizer.

@@ -20,6 +20,7 @@ mutate its inputs, or hand out its cached tables (callers get copies, so changin
 
 from __future__ import annotations
 
+import numbers
 import operator
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
@@ -86,6 +87,33 @@ def _int_vector(name: str, values: Any) -> Tensor:
             f"{name} must be a 1-D integer tensor, got dtype {tensor.dtype} and shape {tuple(tensor.shape)}"
         )
     return tensor.to(device="cpu", dtype=torch.long).contiguous()
+
+
+def _special_token_for(values: Tensor, special_token: Any) -> Any:
+    """``special_token`` as a Python number that ``values``' dtype (after promotion) holds exactly.
+
+    Integer codes keep their dtype under a Python int token, so a token outside that dtype's
+    range would wrap (``-1`` in ``uint8`` codes is ``255``, a real code) or fail deep in torch.
+    """
+    if isinstance(special_token, Tensor):
+        if special_token.numel() != 1:
+            raise ValueError(f"special_token must be a number or a one-element tensor, got shape {tuple(special_token.shape)}")
+        special_token = special_token.item()
+    if isinstance(special_token, numbers.Integral) and not isinstance(special_token, bool):
+        special_token = int(special_token)  # numpy integers too
+    elif isinstance(special_token, numbers.Real) and not isinstance(special_token, bool):
+        special_token = float(special_token)
+    elif not isinstance(special_token, bool):
+        raise ValueError(f"special_token must be a real number, got {special_token!r}")
+    dtype = torch.result_type(values, special_token)
+    if not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool):
+        info = torch.iinfo(dtype)
+        if not info.min <= special_token <= info.max:
+            raise ValueError(
+                f"special_token={special_token} does not fit the codes' dtype {str(dtype).removeprefix('torch.')} "
+                f"(range {info.min}..{info.max}); use a wider dtype or a token inside that range"
+            )
+    return special_token
 
 
 class _IndexTable(NamedTuple):
@@ -266,7 +294,15 @@ class Pattern:
 
     @property
     def valid_layout(self) -> PatternLayout:
-        """The leading steps that hold no coordinate past the end (``len == num_valid_steps``)."""
+        """The first ``num_steps - max_delay`` steps (``len == num_valid_steps``), the reference's definition.
+
+        For delay patterns (delayed, parallel, coarse-first) these are exactly the steps before
+        the first one that holds a coordinate past the last frame, so a model trained on them
+        reads ``timesteps`` frames of codebook 0. Steps past them may still hold real codes of
+        the later codebooks (dropped by ``keep_only_valid_steps=True``; the reverted ``mask``
+        says which codes were kept). For unrolled patterns with delays the cut is by steps, not
+        frames, so it can keep a step that holds a coordinate past the last frame.
+        """
         return self.layout[: self.num_valid_steps]
 
     @property
@@ -382,6 +418,7 @@ class Pattern:
         The result's dtype follows torch's promotion of ``flat`` with ``special_token`` (a float
         token such as ``nan`` over integer codes gives floats), so the token is never truncated.
         """
+        special_token = _special_token_for(flat, special_token)
         dtype = torch.result_type(flat, special_token)
         if table.gather is None:  # nothing to read from: every cell is special
             return torch.full((*flat.shape[:-1], table.fill.numel()), special_token, dtype=dtype, device=flat.device)
@@ -395,6 +432,7 @@ class Pattern:
         # Mostly special cells: one select over all of them. torch.where rather than
         # masked_fill_, whose parallel loop was ~100x slower on a busy 2-core machine.
         return torch.where(table.fill, torch.tensor(special_token, dtype=dtype, device=values.device), values)
+
 
     def build_pattern_sequence(
         self, z: Tensor, special_token: Any, keep_only_valid_steps: bool = False
@@ -448,7 +486,10 @@ class Pattern:
 
         The output at step ``s`` is the model's prediction for the input at step ``s + 1`` when
         the pattern starts with the special token, so this reads code ``(t, q)`` from the step
-        before the one that holds it.
+        before the one that holds it. A pattern whose first step holds codes (e.g.
+        ``DelayedPatternProvider(empty_initial=-1)``) is read without that shift, as in the
+        reference: the output at step ``s`` must then already be the prediction for step ``s``
+        (shift a next-step model's outputs yourself).
 
         Args:
             logits: ``[B, card, K, S]`` (``card`` classes per code).

@@ -176,6 +176,9 @@ class ParallelPatternProvider(DelayedPatternProvider):
     def __init__(self, n_q: int, empty_initial: int = 0) -> None:
         super().__init__(n_q, [0] * _as_int("n_q", n_q, minimum=1), empty_initial=empty_initial)
 
+    def __repr__(self) -> str:  # its own arguments only: ``delays`` is not one
+        return f"{type(self).__name__}(n_q={self.n_q}, empty_initial={self.empty_initial})"
+
 
 class UnrolledPatternProvider(CodebooksPatternProvider):
     """Each frame unrolled over inner steps: codebook ``q`` goes to inner step ``flattening[q]``.
