@@ -145,14 +145,19 @@ def make_loader(dataset: SyntheticCodecDataset, batch_size: int, seed: int, work
 
 
 class CodecData(pl.LightningDataModule):
-    """The synthetic codec data as a LightningDataModule (for LightningCLI configs)."""
+    """The synthetic codec data as a LightningDataModule (for LightningCLI configs).
 
-    def __init__(self, items: int = 512, batch_size: int = 16, seed: int = 0, workers: int = 0) -> None:
+    ``codebooks`` and ``vocab`` must match the model's (the config sets both).
+    """
+
+    def __init__(self, items: int = 512, batch_size: int = 16, seed: int = 0, workers: int = 0,
+                 codebooks: int = 4, vocab: int = 64) -> None:  # fmt: skip
         super().__init__()
-        self.items, self.batch_size, self.seed, self.workers = items, batch_size, seed, workers
+        self.cfg = DataConfig(items=items, codebooks=codebooks, vocab=vocab)
+        self.batch_size, self.seed, self.workers = batch_size, seed, workers
 
     def train_dataloader(self) -> ResumableDataLoader:
-        return make_loader(SyntheticCodecDataset(DataConfig(items=self.items)), self.batch_size, self.seed, self.workers)
+        return make_loader(SyntheticCodecDataset(self.cfg), self.batch_size, self.seed, self.workers)
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,8 +184,9 @@ class CodecLM(pl.LightningModule):
     """Reads the K codebooks interleaved by ``pattern`` and predicts each one's next code.
 
     ``optimizer``/``scheduler`` are optional factories (LightningCLI passes them from YAML by class
-    path); parameters are grouped by name either way: APOLLO on ``apollo_include`` matrices, AdamW
-    on the rest.
+    path); without them ``lr``/``warmup_steps`` configure the default ApolloMini + WarmupLR (with
+    them those two are unused). Parameters are grouped by name either way: APOLLO on
+    ``apollo_include`` matrices, AdamW on the rest.
     """
 
     def __init__(self, codebooks: int = 4, vocab: int = 64, dim: int = 128, layers: int = 3, heads: int = 4,
@@ -192,6 +198,8 @@ class CodecLM(pl.LightningModule):
         self.save_hyperparameters(ignore=["pattern", "optimizer", "scheduler"])
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.patterns = pattern or DelayedPatternProvider(n_q=codebooks)
+        if self.patterns.n_q != codebooks:
+            raise ValueError(f"pattern has n_q={self.patterns.n_q} codebooks but codebooks={codebooks}")
         self.empty = vocab
         self.embed = nn.ModuleList(nn.Embedding(vocab + 1, dim) for _ in range(codebooks))
         self.pos = nn.Embedding(1024, dim)
