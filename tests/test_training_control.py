@@ -107,14 +107,14 @@ def test_case29_lr_on_every_group_of_every_optimizer_and_bad_values(tmp_path, ca
     ]
     trainer = FakeTrainer(tmp_path, optimizers=opts)
     control = TrainingControl(
-        source=StepScript(lambda: trainer.global_step, {2: ["lr 1e-3"], 3: ["lr abc", "lr", "lr -1", "lr nan"]}),
+        source=StepScript(lambda: trainer.global_step, {2: ["lr 1e-3"], 3: ["lr abc", "lr", "lr -1", "lr nan", "save@4_", "a@b@c"]}),
         signal=None,
     )
     trace = drive(control, trainer, 5)
     lrs = [float(g["lr"]) for o in opts for g in o.param_groups]
     assert lrs == pytest.approx([0.001] * 4)  # the tensor lr is float32
     assert trainer.global_step == 5 and not trainer.should_stop  # the original crashed on 'lr abc'
-    for bad in ("'lr abc'", "'lr'", "'lr -1'", "'lr nan'"):
+    for bad in ("'lr abc'", "'lr'", "'lr -1'", "'lr nan'", "'save@4_'", "'a@b@c'"):
         assert f"ignored bad command: {bad}" in caplog.text
     assert trace == [("save", 5)]
 
