@@ -501,7 +501,32 @@ def test_slurm_auto_requeue_keeps_its_signal(tmp_path, caplog):
     assert signal.getsignal(signal.SIGUSR1) == before  # Lightning installs its requeue handler instead
     assert "SLURM auto-requeue signal" in caplog.text
     control.teardown(trainer, None, "fit")
+    control.on_train_start(trainer, None)  # where the handler would be installed
+    assert signal.getsignal(signal.SIGUSR1) == before
+    control.teardown(trainer, None, "fit")
     other = TrainingControl(source=None, signal="SIGUSR2")
     other.setup(trainer, None, "fit")
+    other.on_train_start(trainer, None)
     assert signal.getsignal(signal.SIGUSR2) == other._signal._handler
     other.teardown(trainer, None, "fit")
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="SIGUSR1 does not exist on this platform")
+def test_signal_handler_and_reader_released_after_a_failed_fit(tmp_path):
+    # On an exception Lightning's own teardown runs after on_exception and re-installs the handlers
+    # it found when the run started: ours must not be among them, or SIGUSR1 stays swallowed.
+    class Boom(TinyModule):
+        def training_step(self, batch, batch_idx):
+            if self.trainer.global_step == 2:
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    before = signal.getsignal(signal.SIGUSR1)
+    source = StepScript(lambda: 0, {})
+    control = TrainingControl(source=source)
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(tmp_path, control, model=Boom(), max_steps=5)
+    assert signal.getsignal(signal.SIGUSR1) == before
+    assert source.closed == 1
+    fit(tmp_path, control, max_steps=2)  # the same callback in a second fit: installed and released again
+    assert signal.getsignal(signal.SIGUSR1) == before and source.closed == 2

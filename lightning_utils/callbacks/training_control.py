@@ -218,6 +218,7 @@ class TrainingControl(Callback):
         self._last_boundary_time: float | None = None
         self._exporter: Any | None = None
         self._reader_started = False
+        self._handle_signal = False
 
     # ------------------------------------------------------------------------------------------
     # Lightning hooks
@@ -235,11 +236,7 @@ class TrainingControl(Callback):
 
             check_strategy_writes_through_checkpoint_io(trainer.strategy, self.file_extension)
             ensure_safetensors_checkpoint_io(trainer.strategy)
-        # Every rank gets the handler: a signal sent to the whole job must not kill rank 1 with
-        # SIGUSR1's default action. Only rank 0's flag is broadcast. Installed before Lightning's
-        # own signal set-up, which then leaves an existing SIGUSR1 handler alone.
-        if self._signal is not None and not self._is_slurm_requeue_signal(trainer):
-            self._signal.install()
+        self._handle_signal = self._signal is not None and not self._is_slurm_requeue_signal(trainer)
         if self._is_leader and self.source is not None:
             self.source.start()
             self._reader_started = True
@@ -261,6 +258,18 @@ class TrainingControl(Callback):
         )
         return True
 
+    def _install_signal(self) -> None:
+        # Every rank gets the handler: a signal sent to the whole job must not kill rank 1 with
+        # SIGUSR1's default action. Only rank 0's flag is broadcast. Installed only once Lightning's
+        # _SignalConnector has recorded the process's handlers (after setup/on_fit_start): on a
+        # failed fit Lightning re-installs what it recorded *after* our on_exception, so had ours
+        # been recorded, it would stay installed and swallow the signal for good.
+        if self._handle_signal and self._signal is not None:
+            self._signal.install()
+
+    def on_sanity_check_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._install_signal()
+
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -274,6 +283,7 @@ class TrainingControl(Callback):
         self.teardown(trainer, pl_module, "fit")
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._install_signal()
         step = trainer.global_step
         # No save/eval/export right after a resume, and none at step 0: nothing changed yet.
         self.last_save_step = self.last_eval_step = self.last_export_step = step
