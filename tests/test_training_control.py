@@ -132,7 +132,9 @@ def test_case29_lr_rebases_lr_schedulers(tmp_path):
     assert opt.param_groups[0]["lr"] == 0.2
     opt.step()
     sched.step()
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)  # the schedule continues from the new base
+    # the schedule continues from the new value (it used to snap back to 0.2 * 0.5 = 0.1 here)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.2)
+    assert sched.base_lrs == [pytest.approx(0.4)]
 
 
 def test_case30_eval_quit_before_the_first_step(tmp_path):
@@ -530,3 +532,42 @@ def test_signal_handler_and_reader_released_after_a_failed_fit(tmp_path):
     assert source.closed == 1
     fit(tmp_path, control, max_steps=2)  # the same callback in a second fit: installed and released again
     assert signal.getsignal(signal.SIGUSR1) == before and source.closed == 2
+
+
+@pytest.mark.parametrize("scheduler", ["lambda", "warmup", "onecycle", "step"])
+def test_fit_lr_command_is_where_the_schedule_continues_from(tmp_path, scheduler):
+    # Closed-form schedulers recompute lr = base_lr * factor(step) after every optimizer step, so
+    # setting base_lr = X turned 'lr 0.2' into 0.2 * factor (e.g. 0.1, or 0.08 during warmup) at
+    # the very next step. The typed value must be the lr the schedule continues from: the lrs
+    # after the command are X times the uncommanded run's, relative to the commanded step.
+    from lightning_utils.optim import WarmupLR
+
+    class Scheduled(TinyModule):
+        def configure_optimizers(self):
+            opt = torch.optim.SGD([{"params": [self.layer.weight]}, {"params": [self.layer.bias], "lr": 0.05}], lr=0.1)
+            sched = {
+                "lambda": lambda: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5),
+                "warmup": lambda: WarmupLR(opt, warmup_steps=10),  # linear warmup: factor (s+1)/10
+                "onecycle": lambda: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[0.1, 0.05], total_steps=20),
+                "step": lambda: torch.optim.lr_scheduler.StepLR(opt, step_size=100, gamma=0.1),  # chainable
+            }[scheduler]()
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def run(script):
+        holder = {}
+        control = TrainingControl(source=StepScript(lambda: holder["t"].global_step, script), signal=None,
+                                  save_on_train_end=False)
+        model = Scheduled()
+        trainer = Trainer(callbacks=[control], default_root_dir=tmp_path, max_steps=6, enable_progress_bar=False,
+                          enable_model_summary=False, logger=False, enable_checkpointing=False)
+        holder["t"] = trainer
+        trainer.fit(model)
+        return dict(model.lr_trace), trainer  # step -> the first group's lr after that step's scheduler step
+
+    reference, _ = run({})
+    commanded, trainer = run({3: ["lr 0.2"]})
+    assert commanded[3] == pytest.approx(0.2)
+    for step in (4, 5, 6):
+        assert commanded[step] == pytest.approx(0.2 * reference[step] / reference[3])
+    groups = trainer.optimizers[0].param_groups
+    assert groups[0]["lr"] == pytest.approx(groups[1]["lr"])  # every group was set to 0.2, and continues alike

@@ -583,20 +583,43 @@ class TrainingControl(Callback):
         if not trainer.optimizers:
             self._warn("lr: the trainer has no optimizer")
             return
+        # Per param group: new lr / old lr. Closed-form schedulers (LambdaLR, WarmupLR, OneCycleLR)
+        # recompute lr = base * factor(step) at every scheduler step, so their bases are scaled by
+        # this ratio: the schedule then goes on from the new value (lr 0.2 now, 0.2 * f(t+1)/f(t)
+        # next) instead of snapping back to base * f(t+1). Chainable ones just continue from it.
+        ratios: dict[int, float | None] = {}
         groups = 0
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
+                old = float(group.get("lr", 0.0))
+                ratio = value / old if old > 0 else None
+                ratios[id(group)] = ratio
                 if isinstance(group.get("lr"), torch.Tensor):
                     group["lr"].fill_(value)  # a tensor lr (capturable/compiled optimizers)
                 else:
                     group["lr"] = value
+                for key in ("initial_lr", "max_lr", "min_lr"):  # the bases some schedulers keep in the group
+                    base = group.get(key)
+                    if not isinstance(base, (int, float)) or isinstance(base, bool):
+                        continue
+                    if ratio is not None:
+                        group[key] = base * ratio
+                    elif key == "initial_lr":
+                        group[key] = value
                 groups += 1
-        # Schedulers recompute the lr from their base_lrs; rebase them so the schedule goes on
-        # from the new value instead of undoing it at the next scheduler step.
         for config in trainer.lr_scheduler_configs:
-            base = getattr(config.scheduler, "base_lrs", None)
-            if isinstance(base, list):
-                config.scheduler.base_lrs = [value] * len(base)
+            scheduler = config.scheduler
+            param_groups = getattr(getattr(scheduler, "optimizer", None), "param_groups", None)
+            for attr in ("base_lrs", "max_lrs"):  # max_lrs: CyclicLR
+                bases = getattr(scheduler, attr, None)
+                if not isinstance(bases, list) or param_groups is None or len(bases) != len(param_groups):
+                    continue
+                rebased = []
+                for base, group in zip(bases, param_groups):
+                    ratio = ratios.get(id(group))
+                    # lr was 0 (e.g. the first warmup step): no ratio, so the new value becomes the base
+                    rebased.append(base * ratio if ratio is not None else (value if attr == "base_lrs" else base))
+                setattr(scheduler, attr, rebased)
         self._info(f"lr set to {value:g} on {groups} param group(s) of {len(trainer.optimizers)} optimizer(s)")
 
     def _set_loss_scale(self, trainer: Trainer, value: float) -> None:
