@@ -80,3 +80,16 @@ def test_arguments_are_checked():
         MetricsPrinter(window=-1)
     with pytest.raises(ValueError, match="digits"):
         MetricsPrinter(digits=0)
+
+
+def test_running_mean_sees_unprinted_steps_and_is_exact(tmp_path):
+    path = tmp_path / "m.jsonl"
+    trainer = fit(tmp_path, MetricsPrinter(path=path, window=3, every_n_steps=2, digits=None, keys=["loss"]),
+                  max_steps=7)
+    losses = trainer.model_losses  # float32 values, exactly representable in the float64 window
+    rows = read(path)
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    for row in rows:
+        window = losses[max(0, row["step"] - 3): row["step"]]
+        assert row["loss"] == pytest.approx(losses[row["step"] - 1], rel=1e-7)
+        assert row["loss_mean"] == pytest.approx(sum(window) / len(window), rel=1e-12, abs=0)
