@@ -46,6 +46,7 @@ except ImportError:  # pragma: no cover
 # A "line" longer than this without a newline is garbage (a binary file, a stuck key); drop it.
 _MAX_LINE_BYTES = 64 * 1024
 _READ_CHUNK = 4096
+_BACKGROUND_RECHECK_S = 0.5
 
 
 class CommandSource(ABC):
@@ -224,11 +225,22 @@ class StdinSource(_ThreadedSource):
         self._fd = fd
         return True
 
+    def _in_background(self) -> bool:
+        """Whether stdin is our controlling terminal while our process group is not in the
+        foreground (``python train.py &``): reading then stops the whole process with SIGTTIN
+        (or fails with EIO), so the reader waits until the job is brought to the foreground."""
+        if self._fd is None or not hasattr(os, "tcgetpgrp"):
+            return False
+        try:
+            return os.isatty(self._fd) and os.tcgetpgrp(self._fd) != os.getpgrp()
+        except OSError:  # a terminal that is not our controlling terminal: reading is safe
+            return False
+
     def _read_available(self) -> bool:
         # Lines typed (or piped) before training started are read here, in the calling thread,
         # so that they are deterministically "before the first step" rather than racing the
         # reader thread's first wake-up.
-        if not _HAVE_POLL or self._fd is None:
+        if not _HAVE_POLL or self._fd is None or self._in_background():
             return True
         poller = select.poll()
         poller.register(self._fd, select.POLLIN | select.POLLPRI)
@@ -250,6 +262,12 @@ class StdinSource(_ThreadedSource):
     def _run(self) -> None:
         assert self._fd is not None
         while self._wait_readable(self._fd):
+            if self._in_background():
+                # Typed lines belong to the shell while we are a background job; check again
+                # twice a second (poll() would report the terminal readable and spin).
+                if self._stop.wait(_BACKGROUND_RECHECK_S):
+                    return
+                continue
             try:
                 data = os.read(self._fd, _READ_CHUNK)
             except BlockingIOError:  # someone made stdin non-blocking: wait again

@@ -243,3 +243,52 @@ def test_lines_already_waiting_are_read_at_start():
         endless.start()
         endless.close()
         assert time.monotonic() - t0 < 5
+
+
+_BACKGROUND_JOB = r"""
+import os, subprocess, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR)  # a session leader opening a terminal: it becomes the controlling one
+os.dup2(fd, 0)
+assert os.tcgetpgrp(0) == os.getpgrp()
+reader = r'''
+import os, sys, time
+from lightning_utils.command_sources import StdinSource
+source = StdinSource()
+source.start()
+print("READER background=%s" % (os.tcgetpgrp(0) != os.getpgrp()), flush=True)
+got, deadline = [], time.monotonic() + 8
+while not got and time.monotonic() < deadline:
+    got = source.poll()
+    time.sleep(0.02)
+source.close()
+print("READER got %r background=%s" % (got, os.tcgetpgrp(0) != os.getpgrp()), flush=True)
+'''
+job = subprocess.Popen([sys.executable, "-c", reader], stdin=0, process_group=0)  # like `python train.py &`
+time.sleep(float(sys.argv[2]))  # the line typed meanwhile must stay unread, and the job running
+os.tcsetpgrp(0, job.pid)  # `fg`
+try:
+    print("JOB rc=%s" % job.wait(timeout=8), flush=True)
+except subprocess.TimeoutExpired:
+    print("JOB STOPPED (read the terminal from the background)", flush=True)
+    os.killpg(job.pid, 9)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32" or sys.version_info < (3, 11), reason="POSIX job control; process_group")
+def test_background_job_on_a_terminal_waits_for_the_foreground_instead_of_stopping(tmp_path):
+    import subprocess
+
+    master, slave = os.openpty()
+    try:
+        child = subprocess.Popen([sys.executable, "-c", _BACKGROUND_JOB, os.ttyname(slave), "1.0"],
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True, start_new_session=True, cwd=Path(__file__).parent.parent)
+        time.sleep(0.6)
+        os.write(master, b"save\n")  # typed while the job is in the background
+        out, _ = child.communicate(timeout=30)
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert "READER background=True" in out, out
+    assert "READER got ['save'] background=False" in out, out  # read only once in the foreground
+    assert "JOB rc=0" in out, out
