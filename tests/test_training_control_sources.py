@@ -292,3 +292,26 @@ def test_background_job_on_a_terminal_waits_for_the_foreground_instead_of_stoppi
     assert "READER background=True" in out, out
     assert "READER got ['save'] background=False" in out, out  # read only once in the foreground
     assert "JOB rc=0" in out, out
+
+
+@posix_only
+def test_several_fits_in_one_process_leak_no_threads_or_fds(tmp_path):
+    def fds():
+        return len(os.listdir("/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"))
+
+    r, w = os.pipe()  # an open, idle stdin
+    fifo = tmp_path / "control.fifo"
+    os.mkfifo(fifo)
+    try:
+        baseline = (fds(), threading.active_count())
+        stdin = StdinSource(fd=r)
+        for source in (stdin, FileSource(fifo), FileSource(tmp_path / "cmds.txt", poll_interval=0.05), stdin):
+            control = TrainingControl(source=source)
+            trainer = Trainer(callbacks=[control], default_root_dir=tmp_path, max_steps=2, logger=False,
+                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+            trainer.fit(TinyModule())
+            assert trainer.global_step == 2 and (tmp_path / "checkpoints" / "step=2.ckpt").is_file()
+            assert (fds(), threading.active_count()) == baseline, [t.name for t in threading.enumerate()]
+    finally:
+        os.close(r)
+        os.close(w)
