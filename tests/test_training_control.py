@@ -571,3 +571,26 @@ def test_fit_lr_command_is_where_the_schedule_continues_from(tmp_path, scheduler
         assert commanded[step] == pytest.approx(0.2 * reference[step] / reference[3])
     groups = trainer.optimizers[0].param_groups
     assert groups[0]["lr"] == pytest.approx(groups[1]["lr"])  # every group was set to 0.2, and continues alike
+
+
+def test_fit_loss_scale_drives_a_real_grad_scaler(tmp_path):
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    scales = []
+
+    class Recording(TinyModule):
+        def on_train_batch_end(self, outputs, batch, batch_idx):
+            super().on_train_batch_end(outputs, batch, batch_idx)
+            scales.append((self.trainer.global_step, self.trainer.precision_plugin.scaler.get_scale()))
+
+    holder = {}
+    control = TrainingControl(source=StepScript(lambda: holder["t"].global_step, {0: ["loss_scale 256"], 2: ["loss_scale 1024"]}),
+                              signal=None, save_on_train_end=False)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)  # fp16 AMP with a scaler, here on CPU
+    trainer = Trainer(callbacks=[control], plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)], max_steps=4,
+                      default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False, logger=False,
+                      enable_checkpointing=False)
+    holder["t"] = trainer
+    trainer.fit(Recording())
+    # before the first step the scaler has no scale yet: it starts from 256; at step 2 it is set
+    assert scales == [(1, 256.0), (2, 1024.0), (3, 1024.0), (4, 1024.0)]
