@@ -47,6 +47,8 @@ except ImportError:  # pragma: no cover
 _MAX_LINE_BYTES = 64 * 1024
 _READ_CHUNK = 4096
 _BACKGROUND_RECHECK_S = 0.5
+# A command file re-saved by an editor is recognised by its start; files beyond this are not.
+_MAX_REMEMBERED_BYTES = 1 << 20
 
 
 class CommandSource(ABC):
@@ -288,8 +290,10 @@ class FileSource(_ThreadedSource):
       read-write so that it never reports EOF between writers, and the thread sleeps in poll().
     * Regular file: like ``tail -f``: lines appended after the run started are read
       (``echo save >> PATH``); what was already there belongs to an earlier run and is skipped.
-      A file that does not exist yet is read from its start once it appears; a truncated or
-      replaced file is read again from its start. The file is checked every ``poll_interval``
+      A file that does not exist yet is read from its start once it appears; a truncated file,
+      or one replaced by different content, is read again from its start, while a file an
+      editor saved again (renamed over the old one, still starting with the lines already
+      read) only yields the lines that follow them. The file is checked every ``poll_interval``
       seconds.
     """
 
@@ -306,13 +310,14 @@ class FileSource(_ThreadedSource):
         self._fifo_fd: int | None = None
         self._offset = 0
         self._identity: tuple[int, int] | None = None
+        self._seen: bytes | None = b""  # the file's bytes read (or skipped) so far, to spot a re-save
         self._buffer = _LineBuffer()
 
     def _open(self) -> bool:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
-            self._identity, self._offset = None, 0
+            self._identity, self._offset, self._seen = None, 0, b""
             return True
         if stat.S_ISFIFO(st.st_mode):
             # O_RDWR: we hold a writer end ourselves, so the FIFO never signals EOF (and poll()
@@ -320,7 +325,19 @@ class FileSource(_ThreadedSource):
             self._fifo_fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK)
             return True
         self._identity, self._offset = (st.st_dev, st.st_ino), st.st_size
+        self._seen = self._head(st.st_size)
         return True
+
+    def _head(self, size: int) -> bytes | None:
+        """The first ``size`` bytes of the file (None when too long to keep or unreadable)."""
+        if size > _MAX_REMEMBERED_BYTES:
+            return None
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read(size)
+        except OSError:
+            return None
+        return data if len(data) == size else None
 
     def _close_input(self) -> None:
         if self._fifo_fd is not None:
@@ -353,17 +370,27 @@ class FileSource(_ThreadedSource):
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
-            self._identity, self._offset = None, 0
+            self._identity, self._offset, self._seen = None, 0, b""
             return
         identity = (st.st_dev, st.st_ino)
-        if identity != self._identity or st.st_size < self._offset:
-            self._identity, self._offset, self._buffer = identity, 0, _LineBuffer()
+        if st.st_size < self._offset:  # truncated (or replaced by something shorter): a new file
+            self._identity, self._offset, self._buffer, self._seen = identity, 0, _LineBuffer(), b""
+        elif identity != self._identity:
+            # Replaced (an editor writes a new file and renames it over the old one): when it
+            # starts with everything already read, only what follows is new.
+            seen = self._seen
+            if self._identity is not None and seen is not None and self._head(len(seen)) == seen:
+                self._identity = identity
+            else:
+                self._identity, self._offset, self._buffer, self._seen = identity, 0, _LineBuffer(), b""
         if st.st_size == self._offset:
             return
         with open(self.path, "rb") as f:
             f.seek(self._offset)
             data = f.read(st.st_size - self._offset)
         self._offset += len(data)
+        if self._seen is not None:
+            self._seen = self._seen + data if len(self._seen) + len(data) <= _MAX_REMEMBERED_BYTES else None
         self._lines.extend(self._buffer.feed(data))
 
 

@@ -315,3 +315,25 @@ def test_several_fits_in_one_process_leak_no_threads_or_fds(tmp_path):
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_command_file_saved_by_an_editor_does_not_replay_old_lines(tmp_path):
+    # Editors save by writing a new file and renaming it over the old one: the lines already
+    # read are still at its start and must not run again (an old 'quit' would end the run).
+    path = tmp_path / "commands.txt"
+    source = FileSource(path, poll_interval=0.02)
+    source.start()
+    try:
+        path.write_text("save\n")
+        assert poll_until(source, 1) == ["save"]
+        replacement = tmp_path / "commands.txt.swp"
+        replacement.write_text("save\nquit\n")
+        os.replace(replacement, path)  # a new inode holding the old lines plus a new one
+        assert poll_until(source, 1) == ["quit"]
+        time.sleep(0.1)
+        assert source.poll() == []
+        replacement.write_text("eval\n")  # different content: a new file, read from its start
+        os.replace(replacement, path)
+        assert poll_until(source, 1) == ["eval"]
+    finally:
+        source.close()
