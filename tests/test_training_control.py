@@ -534,7 +534,7 @@ def test_signal_handler_and_reader_released_after_a_failed_fit(tmp_path):
     assert signal.getsignal(signal.SIGUSR1) == before and source.closed == 2
 
 
-@pytest.mark.parametrize("scheduler", ["lambda", "warmup", "onecycle", "step"])
+@pytest.mark.parametrize("scheduler", ["lambda", "warmup", "onecycle", "step", "sequential"])
 def test_fit_lr_command_is_where_the_schedule_continues_from(tmp_path, scheduler):
     # Closed-form schedulers recompute lr = base_lr * factor(step) after every optimizer step, so
     # setting base_lr = X turned 'lr 0.2' into 0.2 * factor (e.g. 0.1, or 0.08 during warmup) at
@@ -550,6 +550,9 @@ def test_fit_lr_command_is_where_the_schedule_continues_from(tmp_path, scheduler
                 "warmup": lambda: WarmupLR(opt, warmup_steps=10),  # linear warmup: factor (s+1)/10
                 "onecycle": lambda: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[0.1, 0.05], total_steps=20),
                 "step": lambda: torch.optim.lr_scheduler.StepLR(opt, step_size=100, gamma=0.1),  # chainable
+                "sequential": lambda: torch.optim.lr_scheduler.SequentialLR(opt, [  # schedulers inside one
+                    torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 + 0.1 * s),
+                    torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.25)], milestones=[100]),
             }[scheduler]()
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

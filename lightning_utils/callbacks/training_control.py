@@ -79,6 +79,17 @@ def _crossed(every: int | None, previous: int, step: int) -> bool:
     return every is not None and step // every > previous // every
 
 
+def _all_schedulers(schedulers: Iterable[Any]) -> list[Any]:
+    """The schedulers and those they hold (SequentialLR, ChainedScheduler keep ``_schedulers``)."""
+    out: list[Any] = []
+    for scheduler in schedulers:
+        out.append(scheduler)
+        inner = getattr(scheduler, "_schedulers", None)
+        if isinstance(inner, (list, tuple)):
+            out.extend(_all_schedulers(inner))
+    return out
+
+
 def _duration(seconds: float) -> str:
     seconds = max(0.0, seconds)
     if seconds < 60:
@@ -607,8 +618,7 @@ class TrainingControl(Callback):
                     elif key == "initial_lr":
                         group[key] = value
                 groups += 1
-        for config in trainer.lr_scheduler_configs:
-            scheduler = config.scheduler
+        for scheduler in _all_schedulers(config.scheduler for config in trainer.lr_scheduler_configs):
             param_groups = getattr(getattr(scheduler, "optimizer", None), "param_groups", None)
             for attr in ("base_lrs", "max_lrs"):  # max_lrs: CyclicLR
                 bases = getattr(scheduler, attr, None)
