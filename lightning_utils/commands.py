@@ -169,7 +169,7 @@ commands (typed at the terminal, one per line; they run at the next step boundar
   eval              run the evaluation
   quit              stop training cleanly (saves first unless save_on_quit=False)
   eval_quit         evaluate, then quit (before the first step: evaluate only)
-  lr X              set the learning rate of every param group to X
+  lr X              set the learning rate of every param group to X (a schedule continues from it)
   loss_scale X      set the AMP loss scale to X
   time | time to N  estimated time left (to the last step, or to step N)
   CMD@STEP          run CMD at global step STEP, e.g. export@5000

@@ -618,6 +618,7 @@ class TrainingControl(Callback):
                     elif key == "initial_lr":
                         group[key] = value
                 groups += 1
+        notes: list[str] = []
         for scheduler in _all_schedulers(config.scheduler for config in trainer.lr_scheduler_configs):
             param_groups = getattr(getattr(scheduler, "optimizer", None), "param_groups", None)
             for attr in ("base_lrs", "max_lrs"):  # max_lrs: CyclicLR
@@ -630,7 +631,13 @@ class TrainingControl(Callback):
                     # lr was 0 (e.g. the first warmup step): no ratio, so the new value becomes the base
                     rebased.append(base * ratio if ratio is not None else (value if attr == "base_lrs" else base))
                 setattr(scheduler, attr, rebased)
-        self._info(f"lr set to {value:g} on {groups} param group(s) of {len(trainer.optimizers)} optimizer(s)")
+                if attr == "base_lrs":
+                    notes.append(f"{type(scheduler).__name__} base lr now {', '.join(f'{b:g}' for b in rebased)}")
+        # The bases say where the schedule goes from here (during a warmup, far above the value typed).
+        rebased_note = f"; the schedule continues from it ({'; '.join(notes)})" if notes else ""
+        self._info(
+            f"lr set to {value:g} on {groups} param group(s) of {len(trainer.optimizers)} optimizer(s){rebased_note}"
+        )
 
     def _set_loss_scale(self, trainer: Trainer, value: float) -> None:
         scaler = getattr(trainer.precision_plugin, "scaler", None)
