@@ -200,3 +200,21 @@ def test_metadata_reserved_keys_are_refused_up_front_and_values_round_trip(tmp_p
     assert state["note"] == "123" and state["symmap"] == {"a": 1} and state["step"] == 1
     assert state["hparams"]["lr"] == 0.1 and state["dtype"] == "float32"
     assert metadata(path)["step"] == "1"  # and plain safetensors sees JSON strings
+
+
+def test_strip_prefix_matches_whole_module_names(tmp_path):
+    # "model" means the submodule `model`: not "model_ema.*", and no keys starting with "."
+    class Two(TinyModule):
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Linear(2, 2)
+            self.model_ema = torch.nn.Linear(2, 2)
+
+    module = Two()
+    trainer = SimpleNamespace(global_step=1, current_epoch=0, is_global_zero=True, default_root_dir=str(tmp_path),
+                              strategy=SimpleNamespace(lightning_module_state_dict=module.state_dict),
+                              callback_metrics={})
+    for prefix in ("model", "model."):
+        path = ExportWeights(dirpath=tmp_path / prefix, strip_prefix=prefix).export(trainer, module)
+        assert set(load_file(path)) == {"weight", "bias"}
+        torch.nn.Linear(2, 2).load_state_dict(load_file(path))

@@ -101,7 +101,8 @@ class ExportWeights(Callback):
         dtype: ``"bf16"``, ``"fp16"``, ``"fp32"`` (or a ``torch.dtype``) for floating tensors;
             ``None`` keeps each tensor's dtype. Integer and bool tensors are never cast.
         strip_prefix: export only the keys under this prefix, without it (e.g. ``"model."`` to
-            export the inner ``nn.Module`` that your LightningModule holds as ``self.model``).
+            export the inner ``nn.Module`` that your LightningModule holds as ``self.model``;
+            ``"model"`` means the same).
         export_on_train_end: export when ``fit`` ends (normally or by ``quit``).
         export_on_checkpoint: also export whenever the trainer saves a checkpoint
             (``ModelCheckpoint``, ``TrainingControl``, ``trainer.save_checkpoint``).
@@ -138,7 +139,13 @@ class ExportWeights(Callback):
             raise ValueError(f"filename {filename!r}: only {{step}} and {{epoch}} can be filled in ({err})") from None
         self.dirpath = Path(dirpath) if dirpath is not None else None
         self.filename = filename
-        self.strip_prefix = strip_prefix
+        if strip_prefix is not None and not isinstance(strip_prefix, str):
+            raise TypeError(f"strip_prefix must be a module name such as 'model.', got {type(strip_prefix).__name__}")
+        # A prefix names a submodule: "model" is "model.", so "model_ema.*" is not taken and no
+        # key comes out starting with ".".
+        if strip_prefix and not strip_prefix.endswith("."):
+            strip_prefix += "."
+        self.strip_prefix = strip_prefix or None
         self.export_on_train_end = export_on_train_end
         self.export_on_checkpoint = export_on_checkpoint
         if metadata is not None and not callable(metadata):
