@@ -337,3 +337,24 @@ def test_command_file_saved_by_an_editor_does_not_replay_old_lines(tmp_path):
         assert poll_until(source, 1) == ["eval"]
     finally:
         source.close()
+
+
+@posix_only
+def test_interpreter_exits_cleanly_with_readers_still_waiting(tmp_path):
+    # A script that never closes its sources (crashed before teardown, or sys.exit in a hook):
+    # the daemon readers parked in poll() must neither hang the exit nor print a traceback.
+    import subprocess
+
+    fifo = tmp_path / "control.fifo"
+    os.mkfifo(fifo)
+    code = ("import sys; from lightning_utils.command_sources import StdinSource, FileSource; "
+            "s = StdinSource(); s.start(); f = FileSource(sys.argv[1]); f.start(); "
+            "print(s.is_reading, f.is_reading, flush=True)")
+    r, w = os.pipe()  # stdin that stays open, with no data
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, str(fifo)], stdin=r, capture_output=True, text=True,
+                              timeout=30, cwd=Path(__file__).parent.parent)
+    finally:
+        os.close(r)
+        os.close(w)
+    assert proc.returncode == 0 and proc.stdout.strip() == "True True" and proc.stderr == "", proc
