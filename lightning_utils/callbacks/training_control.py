@@ -138,7 +138,9 @@ class TrainingControl(Callback):
         exporter: the :class:`~lightning_utils.callbacks.ExportWeights` used for exports.
             Default: the one in ``trainer.callbacks``, else a default ``ExportWeights()``.
         signal: a signal name or number (default ``"SIGUSR1"``) whose arrival runs
-            ``signal_command`` at the next step boundary; ``None`` installs no handler.
+            ``signal_command`` at the next step boundary; ``None`` installs no handler. The
+            handler (it only sets a flag) is installed on every rank from the sanity check or
+            the start of training, and the previous one is back when ``fit`` returns or fails.
         signal_command: the command a signal triggers (default ``"save"``).
         check_every_n_steps: read and broadcast commands every N steps (a broadcast is a
             collective; raise this when steps are very short). Schedules and periodic work
