@@ -202,7 +202,7 @@ class MetricsPrinter(Callback):
                 if window is None:
                     window = self._windows[key] = deque(maxlen=self.window)
                 window.append(value)
-                if printed:  # the mean is only needed for a line that is written
+                if printed and f"{key}_mean" not in metrics:  # only for a written line; never over a logged metric
                     record[f"{key}_mean"] = self._window_mean(window)
         if not printed:
             return
