@@ -46,6 +46,9 @@ except ImportError:  # pragma: no cover
 # A "line" longer than this without a newline is garbage (a binary file, a stuck key); drop it.
 _MAX_LINE_BYTES = 64 * 1024
 _READ_CHUNK = 4096
+_BACKGROUND_RECHECK_S = 0.5
+# A command file re-saved by an editor is recognised by its start; files beyond this are not.
+_MAX_REMEMBERED_BYTES = 1 << 20
 
 
 class CommandSource(ABC):
@@ -224,11 +227,22 @@ class StdinSource(_ThreadedSource):
         self._fd = fd
         return True
 
+    def _in_background(self) -> bool:
+        """Whether stdin is our controlling terminal while our process group is not in the
+        foreground (``python train.py &``): reading then stops the whole process with SIGTTIN
+        (or fails with EIO), so the reader waits until the job is brought to the foreground."""
+        if self._fd is None or not hasattr(os, "tcgetpgrp"):
+            return False
+        try:
+            return os.isatty(self._fd) and os.tcgetpgrp(self._fd) != os.getpgrp()
+        except OSError:  # a terminal that is not our controlling terminal: reading is safe
+            return False
+
     def _read_available(self) -> bool:
         # Lines typed (or piped) before training started are read here, in the calling thread,
         # so that they are deterministically "before the first step" rather than racing the
         # reader thread's first wake-up.
-        if not _HAVE_POLL or self._fd is None:
+        if not _HAVE_POLL or self._fd is None or self._in_background():
             return True
         poller = select.poll()
         poller.register(self._fd, select.POLLIN | select.POLLPRI)
@@ -250,6 +264,12 @@ class StdinSource(_ThreadedSource):
     def _run(self) -> None:
         assert self._fd is not None
         while self._wait_readable(self._fd):
+            if self._in_background():
+                # Typed lines belong to the shell while we are a background job; check again
+                # twice a second (poll() would report the terminal readable and spin).
+                if self._stop.wait(_BACKGROUND_RECHECK_S):
+                    return
+                continue
             try:
                 data = os.read(self._fd, _READ_CHUNK)
             except BlockingIOError:  # someone made stdin non-blocking: wait again
@@ -270,8 +290,10 @@ class FileSource(_ThreadedSource):
       read-write so that it never reports EOF between writers, and the thread sleeps in poll().
     * Regular file: like ``tail -f``: lines appended after the run started are read
       (``echo save >> PATH``); what was already there belongs to an earlier run and is skipped.
-      A file that does not exist yet is read from its start once it appears; a truncated or
-      replaced file is read again from its start. The file is checked every ``poll_interval``
+      A file that does not exist yet is read from its start once it appears; a truncated file,
+      or one replaced by different content, is read again from its start, while a file an
+      editor saved again (renamed over the old one, still starting with the lines already
+      read) only yields the lines that follow them. The file is checked every ``poll_interval``
       seconds.
     """
 
@@ -288,13 +310,14 @@ class FileSource(_ThreadedSource):
         self._fifo_fd: int | None = None
         self._offset = 0
         self._identity: tuple[int, int] | None = None
+        self._seen: bytes | None = b""  # the file's bytes read (or skipped) so far, to spot a re-save
         self._buffer = _LineBuffer()
 
     def _open(self) -> bool:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
-            self._identity, self._offset = None, 0
+            self._identity, self._offset, self._seen = None, 0, b""
             return True
         if stat.S_ISFIFO(st.st_mode):
             # O_RDWR: we hold a writer end ourselves, so the FIFO never signals EOF (and poll()
@@ -302,7 +325,19 @@ class FileSource(_ThreadedSource):
             self._fifo_fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK)
             return True
         self._identity, self._offset = (st.st_dev, st.st_ino), st.st_size
+        self._seen = self._head(st.st_size)
         return True
+
+    def _head(self, size: int) -> bytes | None:
+        """The first ``size`` bytes of the file (None when too long to keep or unreadable)."""
+        if size > _MAX_REMEMBERED_BYTES:
+            return None
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read(size)
+        except OSError:
+            return None
+        return data if len(data) == size else None
 
     def _close_input(self) -> None:
         if self._fifo_fd is not None:
@@ -335,17 +370,27 @@ class FileSource(_ThreadedSource):
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
-            self._identity, self._offset = None, 0
+            self._identity, self._offset, self._seen = None, 0, b""
             return
         identity = (st.st_dev, st.st_ino)
-        if identity != self._identity or st.st_size < self._offset:
-            self._identity, self._offset, self._buffer = identity, 0, _LineBuffer()
+        if st.st_size < self._offset:  # truncated (or replaced by something shorter): a new file
+            self._identity, self._offset, self._buffer, self._seen = identity, 0, _LineBuffer(), b""
+        elif identity != self._identity:
+            # Replaced (an editor writes a new file and renames it over the old one): when it
+            # starts with everything already read, only what follows is new.
+            seen = self._seen
+            if self._identity is not None and seen is not None and self._head(len(seen)) == seen:
+                self._identity = identity
+            else:
+                self._identity, self._offset, self._buffer, self._seen = identity, 0, _LineBuffer(), b""
         if st.st_size == self._offset:
             return
         with open(self.path, "rb") as f:
             f.seek(self._offset)
             data = f.read(st.st_size - self._offset)
         self._offset += len(data)
+        if self._seen is not None:
+            self._seen = self._seen + data if len(self._seen) + len(data) <= _MAX_REMEMBERED_BYTES else None
         self._lines.extend(self._buffer.feed(data))
 
 

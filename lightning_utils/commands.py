@@ -169,7 +169,7 @@ commands (typed at the terminal, one per line; they run at the next step boundar
   eval              run the evaluation
   quit              stop training cleanly (saves first unless save_on_quit=False)
   eval_quit         evaluate, then quit (before the first step: evaluate only)
-  lr X              set the learning rate of every param group to X
+  lr X              set the learning rate of every param group to X (a schedule continues from it)
   loss_scale X      set the AMP loss scale to X
   time | time to N  estimated time left (to the last step, or to step N)
   CMD@STEP          run CMD at global step STEP, e.g. export@5000
@@ -186,7 +186,17 @@ _NO_ARGUMENT = {
     "help": Help,
 }
 _KEYWORDS = (*_NO_ARGUMENT, "lr", "loss_scale", "time", "event")
-_STEP = re.compile(r"[0-9][0-9_]*")
+# Digits with single '_' separators (5_000), exactly what int() accepts: a looser pattern let
+# '5_' or '1__0' through to int(), whose ValueError is not a CommandError and stopped training.
+_STEP = re.compile(r"[0-9]+(?:_[0-9]+)*")
+_MAX_STEP_DIGITS = 19  # beyond any real step count, and far below int()'s 4300-digit limit
+
+
+def _step(text: str) -> int | None:
+    """The step number ``text`` spells, or ``None`` when it is not one."""
+    if not _STEP.fullmatch(text) or len(text.replace("_", "")) > _MAX_STEP_DIGITS:
+        return None
+    return int(text)
 
 
 def _number(line: str, keyword: str, args: list[str], *, positive: bool) -> float:
@@ -218,8 +228,9 @@ def _parse_simple(line: str, text: str) -> Command:
     if keyword == "time":
         if not args:
             return TimeLeft()
-        if len(args) == 2 and args[0].lower() == "to" and _STEP.fullmatch(args[1]):
-            return TimeLeft(int(args[1]))
+        target = _step(args[1]) if len(args) == 2 and args[0].lower() == "to" else None
+        if target is not None:
+            return TimeLeft(target)
         raise CommandError(f"{line!r}: expected 'time' or 'time to N' with N a step number")
     if keyword == "event":
         sub = [a.lower() for a in args]
@@ -245,6 +256,7 @@ def parse_command(line: str) -> Command:
     what, when = parts[0].strip(), parts[1].strip()
     if not what:
         raise CommandError(f"{line!r}: nothing to schedule before '@' (CMD@STEP, e.g. 'save@1000')")
-    if not _STEP.fullmatch(when):
+    step = _step(when)
+    if step is None:
         raise CommandError(f"{line!r}: the step after '@' must be an integer >= 0, got {when!r}")
-    return Schedule(_parse_simple(line, what), int(when))
+    return Schedule(_parse_simple(line, what), step)

@@ -60,11 +60,23 @@ def _env_int(keys: tuple[str, ...], default: int) -> int:
 
 
 def global_rank(trainer: Trainer | None = None) -> int:
-    """This process's global rank: the trainer's if given, else the process group's, else the launcher's."""
+    """This process's global rank: the trainer's if given, else the process group's, else the launcher's.
+
+    Before the process group exists on a node other than node 0, Lightning's launcher sets
+    ``LOCAL_RANK`` and ``NODE_RANK`` but no ``RANK``: the rank is then exact with torchrun's
+    ``LOCAL_WORLD_SIZE``, and otherwise a lower bound ``NODE_RANK + LOCAL_RANK`` (never 0, so
+    that no process on another node takes itself for the global leader).
+    """
     if trainer is not None:
         return int(trainer.global_rank)
     if distributed_is_initialized():
         return dist.get_rank()
+    if os.environ.get("RANK", "").strip() == "" and os.environ.get("LOCAL_RANK", "").strip() != "":
+        node = _env_int(("NODE_RANK", "GROUP_RANK"), 0)
+        if node > 0:
+            local = _env_int(("LOCAL_RANK",), 0)
+            per_node = _env_int(("LOCAL_WORLD_SIZE",), 0)
+            return node * per_node + local if per_node > 0 else node + local
     return _env_int(_GLOBAL_RANK_KEYS, 0)
 
 

@@ -82,3 +82,23 @@ def test_after_init_uses_the_process_group(clean_env, tmp_path):
         assert D.broadcast_object(["quit"]) == ["quit"]
     finally:
         dist.destroy_process_group()
+
+
+def test_multi_node_launcher_environment_before_init(clean_env):
+    # Lightning's launcher gives its children LOCAL_RANK, NODE_RANK and WORLD_SIZE, but no RANK:
+    # local rank 0 of node 1 is not the global leader.
+    for key in ("NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE"):
+        clean_env.delenv(key, raising=False)
+    clean_env.setenv("LOCAL_RANK", "0")
+    clean_env.setenv("NODE_RANK", "1")
+    clean_env.setenv("WORLD_SIZE", "4")
+    assert not D.is_global_leader() and D.is_local_leader()
+    clean_env.setenv("LOCAL_RANK", "1")
+    clean_env.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun's: then the global rank is exact
+    assert D.global_rank() == 3
+    clean_env.setenv("RANK", "2")  # an explicit RANK always wins
+    assert D.global_rank() == 2
+    clean_env.delenv("RANK")
+    clean_env.setenv("NODE_RANK", "0")
+    clean_env.delenv("LOCAL_WORLD_SIZE")
+    assert D.global_rank() == 1 and not D.is_global_leader()

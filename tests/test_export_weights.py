@@ -116,6 +116,7 @@ def test_only_global_rank_zero_writes(tmp_path):
     assert exporter.export(trainer, module) is None
     assert list(tmp_path.iterdir()) == []
     trainer.is_global_zero = True
+    exporter = ExportWeights(dirpath=tmp_path)  # rank 0's own callback
     assert exporter.export(trainer, module) == tmp_path / "weights-step=4.sft"
     assert exporter.export(trainer, module) == tmp_path / "weights-step=4.sft"  # same step: not rewritten
 
@@ -139,3 +140,81 @@ def test_nothing_under_prefix_is_a_clear_error(tmp_path):
                               callback_metrics={})
     with pytest.raises(ValueError, match="no tensors under prefix 'nothing.'"):
         exporter.export(trainer, module)
+
+
+class CountingTrainer(SimpleNamespace):
+    """Counts the calls that are collectives on a real multi-rank strategy."""
+
+    def __init__(self, module, rank, root):
+        self.calls = []
+        trainer = self
+
+        class Strategy:
+            def lightning_module_state_dict(self):
+                trainer.calls.append("gather state dict")  # an all-gather under FSDP/DeepSpeed
+                return module.state_dict()
+
+        super().__init__(global_step=3, current_epoch=0, is_global_zero=rank == 0, default_root_dir=str(root),
+                         strategy=Strategy())
+
+    @property
+    def callback_metrics(self):
+        self.calls.append("callback_metrics")  # an all-reduce for epoch-level sync_dist metrics
+        return {}
+
+
+def test_every_rank_runs_the_same_collectives_when_a_step_was_already_exported(tmp_path):
+    # e.g. `quit` with export_on_quit, then the train-end export at the same step: rank 0 skipped
+    # the second gather while rank 1 ran it, a collective rank 0 never joins (a hang under FSDP).
+    module = TinyModule()
+    traces = []
+    for rank in (0, 1):
+        exporter = ExportWeights(dirpath=tmp_path)
+        trainer = CountingTrainer(module, rank, tmp_path)
+        first = exporter.export(trainer, module)
+        second = exporter.export(trainer, module)
+        assert first == second == (tmp_path / "weights-step=3.sft" if rank == 0 else None)
+        traces.append(trainer.calls)
+    assert traces[0] == traces[1] == ["gather state dict", "callback_metrics"]
+
+
+def test_metadata_reserved_keys_are_refused_up_front_and_values_round_trip(tmp_path):
+    from lightning_utils.io import load_state
+
+    for key in ("format", "module", "lightning_utils.skeleton", "lightning_utils.json_keys"):
+        with pytest.raises(ValueError, match=rf"metadata.*{key}.*reserved"):
+            ExportWeights(metadata={key: "x"})
+    with pytest.raises(TypeError, match="metadata"):
+        ExportWeights(metadata=3)
+    exporter = ExportWeights(dirpath=tmp_path, metadata=lambda t, m: {"module": "oops"})
+    module = TinyModule()
+    trainer = SimpleNamespace(global_step=1, current_epoch=0, is_global_zero=True, default_root_dir=str(tmp_path),
+                              strategy=SimpleNamespace(lightning_module_state_dict=module.state_dict),
+                              callback_metrics={})
+    with pytest.raises(ValueError, match=r"ExportWeights\(metadata=\.\.\.\).*'module' is reserved"):
+        exporter.export(trainer, module)
+    assert list(tmp_path.iterdir()) == []
+    exporter = ExportWeights(dirpath=tmp_path, metadata={"note": "123", "symmap": {"a": 1}})
+    path = exporter.export(trainer, module)
+    state = load_state(path)  # what lightning_utils reads back: JSON values decoded, strings kept as strings
+    assert state["note"] == "123" and state["symmap"] == {"a": 1} and state["step"] == 1
+    assert state["hparams"]["lr"] == 0.1 and state["dtype"] == "float32"
+    assert metadata(path)["step"] == "1"  # and plain safetensors sees JSON strings
+
+
+def test_strip_prefix_matches_whole_module_names(tmp_path):
+    # "model" means the submodule `model`: not "model_ema.*", and no keys starting with "."
+    class Two(TinyModule):
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Linear(2, 2)
+            self.model_ema = torch.nn.Linear(2, 2)
+
+    module = Two()
+    trainer = SimpleNamespace(global_step=1, current_epoch=0, is_global_zero=True, default_root_dir=str(tmp_path),
+                              strategy=SimpleNamespace(lightning_module_state_dict=module.state_dict),
+                              callback_metrics={})
+    for prefix in ("model", "model."):
+        path = ExportWeights(dirpath=tmp_path / prefix, strip_prefix=prefix).export(trainer, module)
+        assert set(load_file(path)) == {"weight", "bias"}
+        torch.nn.Linear(2, 2).load_state_dict(load_file(path))

@@ -80,3 +80,28 @@ def test_arguments_are_checked():
         MetricsPrinter(window=-1)
     with pytest.raises(ValueError, match="digits"):
         MetricsPrinter(digits=0)
+
+
+def test_running_mean_sees_unprinted_steps_and_is_exact(tmp_path):
+    path = tmp_path / "m.jsonl"
+    trainer = fit(tmp_path, MetricsPrinter(path=path, window=3, every_n_steps=2, digits=None, keys=["loss"]),
+                  max_steps=7)
+    losses = trainer.model_losses  # float32 values, exactly representable in the float64 window
+    rows = read(path)
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    for row in rows:
+        window = losses[max(0, row["step"] - 3): row["step"]]
+        assert row["loss"] == pytest.approx(losses[row["step"] - 1], rel=1e-7)
+        assert row["loss_mean"] == pytest.approx(sum(window) / len(window), rel=1e-12, abs=0)
+
+
+def test_a_logged_metric_named_like_a_mean_is_not_overwritten(tmp_path):
+    class LogsItsOwnMean(TinyModule):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            self.log("loss_mean", 123.0)  # the user's own metric, which happens to have our suffix
+            return loss
+
+    path = tmp_path / "m.jsonl"
+    fit(tmp_path, MetricsPrinter(path=path, window=2, keys=["loss", "loss_mean"]), model=LogsItsOwnMean(), max_steps=2)
+    assert [r["loss_mean"] for r in read(path)] == [123.0, 123.0]

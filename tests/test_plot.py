@@ -112,3 +112,21 @@ def test_reads_what_metrics_printer_writes(tmp_path):
     series = plot.select_series(records)
     assert skipped == 0 and {"loss", "loss_mean"} <= set(series)
     assert series["loss"][0] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+
+
+def test_unreadable_inputs_and_unwritable_outputs_are_clear_errors(metrics_file, tmp_path, capsys):
+    # a folder, an undecodable/binary file, an output the image backend refuses: exit code 2 and
+    # a message naming the file, never a traceback
+    assert plot.run(parse([str(tmp_path), "-o", str(tmp_path / "x.png")])) == 2
+    assert str(tmp_path) in capsys.readouterr().err
+    binary = tmp_path / "blob.jsonl"
+    binary.write_bytes(bytes(range(256)) * 8)
+    assert plot.run(parse([str(binary), "-o", str(tmp_path / "x.png")])) == 2
+    assert "blob.jsonl" in capsys.readouterr().err
+    pytest.importorskip("matplotlib", reason="matplotlib is the optional 'plot' extra")
+    assert plot.run(parse([str(metrics_file), "-o", str(tmp_path / "loss.nosuchformat")])) == 2
+    assert "loss.nosuchformat" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert plot.run(parse([str(metrics_file), "-o", str(blocker / "loss.png")])) == 2  # parent is a file
+    assert "loss.png" in capsys.readouterr().err

@@ -107,14 +107,14 @@ def test_case29_lr_on_every_group_of_every_optimizer_and_bad_values(tmp_path, ca
     ]
     trainer = FakeTrainer(tmp_path, optimizers=opts)
     control = TrainingControl(
-        source=StepScript(lambda: trainer.global_step, {2: ["lr 1e-3"], 3: ["lr abc", "lr", "lr -1", "lr nan"]}),
+        source=StepScript(lambda: trainer.global_step, {2: ["lr 1e-3"], 3: ["lr abc", "lr", "lr -1", "lr nan", "save@4_", "a@b@c"]}),
         signal=None,
     )
     trace = drive(control, trainer, 5)
     lrs = [float(g["lr"]) for o in opts for g in o.param_groups]
     assert lrs == pytest.approx([0.001] * 4)  # the tensor lr is float32
     assert trainer.global_step == 5 and not trainer.should_stop  # the original crashed on 'lr abc'
-    for bad in ("'lr abc'", "'lr'", "'lr -1'", "'lr nan'"):
+    for bad in ("'lr abc'", "'lr'", "'lr -1'", "'lr nan'", "'save@4_'", "'a@b@c'"):
         assert f"ignored bad command: {bad}" in caplog.text
     assert trace == [("save", 5)]
 
@@ -132,7 +132,9 @@ def test_case29_lr_rebases_lr_schedulers(tmp_path):
     assert opt.param_groups[0]["lr"] == 0.2
     opt.step()
     sched.step()
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)  # the schedule continues from the new base
+    # the schedule continues from the new value (it used to snap back to 0.2 * 0.5 = 0.1 here)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.2)
+    assert sched.base_lrs == [pytest.approx(0.4)]
 
 
 def test_case30_eval_quit_before_the_first_step(tmp_path):
@@ -501,7 +503,97 @@ def test_slurm_auto_requeue_keeps_its_signal(tmp_path, caplog):
     assert signal.getsignal(signal.SIGUSR1) == before  # Lightning installs its requeue handler instead
     assert "SLURM auto-requeue signal" in caplog.text
     control.teardown(trainer, None, "fit")
+    control.on_train_start(trainer, None)  # where the handler would be installed
+    assert signal.getsignal(signal.SIGUSR1) == before
+    control.teardown(trainer, None, "fit")
     other = TrainingControl(source=None, signal="SIGUSR2")
     other.setup(trainer, None, "fit")
+    other.on_train_start(trainer, None)
     assert signal.getsignal(signal.SIGUSR2) == other._signal._handler
     other.teardown(trainer, None, "fit")
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="SIGUSR1 does not exist on this platform")
+def test_signal_handler_and_reader_released_after_a_failed_fit(tmp_path):
+    # On an exception Lightning's own teardown runs after on_exception and re-installs the handlers
+    # it found when the run started: ours must not be among them, or SIGUSR1 stays swallowed.
+    class Boom(TinyModule):
+        def training_step(self, batch, batch_idx):
+            if self.trainer.global_step == 2:
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    before = signal.getsignal(signal.SIGUSR1)
+    source = StepScript(lambda: 0, {})
+    control = TrainingControl(source=source)
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(tmp_path, control, model=Boom(), max_steps=5)
+    assert signal.getsignal(signal.SIGUSR1) == before
+    assert source.closed == 1
+    fit(tmp_path, control, max_steps=2)  # the same callback in a second fit: installed and released again
+    assert signal.getsignal(signal.SIGUSR1) == before and source.closed == 2
+
+
+@pytest.mark.parametrize("scheduler", ["lambda", "warmup", "onecycle", "step", "sequential"])
+def test_fit_lr_command_is_where_the_schedule_continues_from(tmp_path, scheduler):
+    # Closed-form schedulers recompute lr = base_lr * factor(step) after every optimizer step, so
+    # setting base_lr = X turned 'lr 0.2' into 0.2 * factor (e.g. 0.1, or 0.08 during warmup) at
+    # the very next step. The typed value must be the lr the schedule continues from: the lrs
+    # after the command are X times the uncommanded run's, relative to the commanded step.
+    from lightning_utils.optim import WarmupLR
+
+    class Scheduled(TinyModule):
+        def configure_optimizers(self):
+            opt = torch.optim.SGD([{"params": [self.layer.weight]}, {"params": [self.layer.bias], "lr": 0.05}], lr=0.1)
+            sched = {
+                "lambda": lambda: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5),
+                "warmup": lambda: WarmupLR(opt, warmup_steps=10),  # linear warmup: factor (s+1)/10
+                "onecycle": lambda: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[0.1, 0.05], total_steps=20),
+                "step": lambda: torch.optim.lr_scheduler.StepLR(opt, step_size=100, gamma=0.1),  # chainable
+                "sequential": lambda: torch.optim.lr_scheduler.SequentialLR(opt, [  # schedulers inside one
+                    torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 + 0.1 * s),
+                    torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.25)], milestones=[100]),
+            }[scheduler]()
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def run(script):
+        holder = {}
+        control = TrainingControl(source=StepScript(lambda: holder["t"].global_step, script), signal=None,
+                                  save_on_train_end=False)
+        model = Scheduled()
+        trainer = Trainer(callbacks=[control], default_root_dir=tmp_path, max_steps=6, enable_progress_bar=False,
+                          enable_model_summary=False, logger=False, enable_checkpointing=False)
+        holder["t"] = trainer
+        trainer.fit(model)
+        return dict(model.lr_trace), trainer  # step -> the first group's lr after that step's scheduler step
+
+    reference, _ = run({})
+    commanded, trainer = run({3: ["lr 0.2"]})
+    assert commanded[3] == pytest.approx(0.2)
+    for step in (4, 5, 6):
+        assert commanded[step] == pytest.approx(0.2 * reference[step] / reference[3])
+    groups = trainer.optimizers[0].param_groups
+    assert groups[0]["lr"] == pytest.approx(groups[1]["lr"])  # every group was set to 0.2, and continues alike
+
+
+def test_fit_loss_scale_drives_a_real_grad_scaler(tmp_path):
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    scales = []
+
+    class Recording(TinyModule):
+        def on_train_batch_end(self, outputs, batch, batch_idx):
+            super().on_train_batch_end(outputs, batch, batch_idx)
+            scales.append((self.trainer.global_step, self.trainer.precision_plugin.scaler.get_scale()))
+
+    holder = {}
+    control = TrainingControl(source=StepScript(lambda: holder["t"].global_step, {0: ["loss_scale 256"], 2: ["loss_scale 1024"]}),
+                              signal=None, save_on_train_end=False)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)  # fp16 AMP with a scaler, here on CPU
+    trainer = Trainer(callbacks=[control], plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)], max_steps=4,
+                      default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False, logger=False,
+                      enable_checkpointing=False)
+    holder["t"] = trainer
+    trainer.fit(Recording())
+    # before the first step the scaler has no scale yet: it starts from 256; at step 2 it is set
+    assert scales == [(1, 256.0), (2, 1024.0), (3, 1024.0), (4, 1024.0)]

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.ddp
 def test_ddp_command_reaches_both_ranks_at_the_same_step_and_quit_ends_both(tmp_path):
     env = child_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     run = Driven(["--root", str(tmp_path), "--devices", "2", "--max-steps", "500", "--sleep", "0.02",
-                  "--print-steps", "--lightning-val"], env=env)
+                  "--print-steps", "--lightning-val", "--export-on-quit"], env=env)
     try:
         run.wait_for("STEP 3", timeout=120)
         run.send("lr 0.5\neval\nsave@1000000\n")

@@ -243,3 +243,118 @@ def test_lines_already_waiting_are_read_at_start():
         endless.start()
         endless.close()
         assert time.monotonic() - t0 < 5
+
+
+_BACKGROUND_JOB = r"""
+import os, subprocess, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR)  # a session leader opening a terminal: it becomes the controlling one
+os.dup2(fd, 0)
+assert os.tcgetpgrp(0) == os.getpgrp()
+reader = r'''
+import os, sys, time
+from lightning_utils.command_sources import StdinSource
+source = StdinSource()
+source.start()
+print("READER background=%s" % (os.tcgetpgrp(0) != os.getpgrp()), flush=True)
+got, deadline = [], time.monotonic() + 8
+while not got and time.monotonic() < deadline:
+    got = source.poll()
+    time.sleep(0.02)
+source.close()
+print("READER got %r background=%s" % (got, os.tcgetpgrp(0) != os.getpgrp()), flush=True)
+'''
+job = subprocess.Popen([sys.executable, "-c", reader], stdin=0, process_group=0)  # like `python train.py &`
+time.sleep(float(sys.argv[2]))  # the line typed meanwhile must stay unread, and the job running
+os.tcsetpgrp(0, job.pid)  # `fg`
+try:
+    print("JOB rc=%s" % job.wait(timeout=8), flush=True)
+except subprocess.TimeoutExpired:
+    print("JOB STOPPED (read the terminal from the background)", flush=True)
+    os.killpg(job.pid, 9)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32" or sys.version_info < (3, 11), reason="POSIX job control; process_group")
+def test_background_job_on_a_terminal_waits_for_the_foreground_instead_of_stopping(tmp_path):
+    import subprocess
+
+    master, slave = os.openpty()
+    try:
+        child = subprocess.Popen([sys.executable, "-c", _BACKGROUND_JOB, os.ttyname(slave), "1.0"],
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True, start_new_session=True, cwd=Path(__file__).parent.parent)
+        time.sleep(0.6)
+        os.write(master, b"save\n")  # typed while the job is in the background
+        out, _ = child.communicate(timeout=30)
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert "READER background=True" in out, out
+    assert "READER got ['save'] background=False" in out, out  # read only once in the foreground
+    assert "JOB rc=0" in out, out
+
+
+@posix_only
+def test_several_fits_in_one_process_leak_no_threads_or_fds(tmp_path):
+    def fds():
+        return len(os.listdir("/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"))
+
+    r, w = os.pipe()  # an open, idle stdin
+    fifo = tmp_path / "control.fifo"
+    os.mkfifo(fifo)
+    try:
+        baseline = (fds(), threading.active_count())
+        stdin = StdinSource(fd=r)
+        for source in (stdin, FileSource(fifo), FileSource(tmp_path / "cmds.txt", poll_interval=0.05), stdin):
+            control = TrainingControl(source=source)
+            trainer = Trainer(callbacks=[control], default_root_dir=tmp_path, max_steps=2, logger=False,
+                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+            trainer.fit(TinyModule())
+            assert trainer.global_step == 2 and (tmp_path / "checkpoints" / "step=2.ckpt").is_file()
+            assert (fds(), threading.active_count()) == baseline, [t.name for t in threading.enumerate()]
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_command_file_saved_by_an_editor_does_not_replay_old_lines(tmp_path):
+    # Editors save by writing a new file and renaming it over the old one: the lines already
+    # read are still at its start and must not run again (an old 'quit' would end the run).
+    path = tmp_path / "commands.txt"
+    source = FileSource(path, poll_interval=0.02)
+    source.start()
+    try:
+        path.write_text("save\n")
+        assert poll_until(source, 1) == ["save"]
+        replacement = tmp_path / "commands.txt.swp"
+        replacement.write_text("save\nquit\n")
+        os.replace(replacement, path)  # a new inode holding the old lines plus a new one
+        assert poll_until(source, 1) == ["quit"]
+        time.sleep(0.1)
+        assert source.poll() == []
+        replacement.write_text("eval\n")  # different content: a new file, read from its start
+        os.replace(replacement, path)
+        assert poll_until(source, 1) == ["eval"]
+    finally:
+        source.close()
+
+
+@posix_only
+def test_interpreter_exits_cleanly_with_readers_still_waiting(tmp_path):
+    # A script that never closes its sources (crashed before teardown, or sys.exit in a hook):
+    # the daemon readers parked in poll() must neither hang the exit nor print a traceback.
+    import subprocess
+
+    fifo = tmp_path / "control.fifo"
+    os.mkfifo(fifo)
+    code = ("import sys; from lightning_utils.command_sources import StdinSource, FileSource; "
+            "s = StdinSource(); s.start(); f = FileSource(sys.argv[1]); f.start(); "
+            "print(s.is_reading, f.is_reading, flush=True)")
+    r, w = os.pipe()  # stdin that stays open, with no data
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, str(fifo)], stdin=r, capture_output=True, text=True,
+                              check=False, timeout=30, cwd=Path(__file__).parent.parent)
+    finally:
+        os.close(r)
+        os.close(w)
+    assert proc.returncode == 0 and proc.stdout.strip() == "True True" and proc.stderr == "", proc

@@ -15,7 +15,6 @@ other than global rank 0, and never leave a partial file under the final name.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -26,6 +25,8 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
+
+from lightning_utils.io.state import JSON_KEYS_KEY, SKELETON_KEY
 
 __all__ = ["ExportWeights"]
 
@@ -77,6 +78,19 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+# Metadata keys lightning_utils.io.save_weights keeps for itself ("format" may only be "pt").
+_RESERVED_METADATA = ("format", "module", SKELETON_KEY, JSON_KEYS_KEY)
+
+
+def _check_metadata_keys(extra: Mapping[str, Any]) -> None:
+    for key, value in extra.items():
+        if key in _RESERVED_METADATA and not (key == "format" and value == "pt"):
+            raise ValueError(
+                f"ExportWeights(metadata=...): key {key!r} is reserved ({', '.join(_RESERVED_METADATA)}; "
+                "'format' may only be 'pt'); rename it"
+            )
+
+
 class ExportWeights(Callback):
     r"""Export the model weights as a plain safetensors (``.sft``) file.
 
@@ -87,7 +101,8 @@ class ExportWeights(Callback):
         dtype: ``"bf16"``, ``"fp16"``, ``"fp32"`` (or a ``torch.dtype``) for floating tensors;
             ``None`` keeps each tensor's dtype. Integer and bool tensors are never cast.
         strip_prefix: export only the keys under this prefix, without it (e.g. ``"model."`` to
-            export the inner ``nn.Module`` that your LightningModule holds as ``self.model``).
+            export the inner ``nn.Module`` that your LightningModule holds as ``self.model``;
+            ``"model"`` means the same).
         export_on_train_end: export when ``fit`` ends (normally or by ``quit``).
         export_on_checkpoint: also export whenever the trainer saves a checkpoint
             (``ModelCheckpoint``, ``TrainingControl``, ``trainer.save_checkpoint``).
@@ -124,9 +139,22 @@ class ExportWeights(Callback):
             raise ValueError(f"filename {filename!r}: only {{step}} and {{epoch}} can be filled in ({err})") from None
         self.dirpath = Path(dirpath) if dirpath is not None else None
         self.filename = filename
-        self.strip_prefix = strip_prefix
+        if strip_prefix is not None and not isinstance(strip_prefix, str):
+            raise TypeError(f"strip_prefix must be a module name such as 'model.', got {type(strip_prefix).__name__}")
+        # A prefix names a submodule: "model" is "model.", so "model_ema.*" is not taken and no
+        # key comes out starting with ".".
+        if strip_prefix and not strip_prefix.endswith("."):
+            strip_prefix += "."
+        self.strip_prefix = strip_prefix or None
         self.export_on_train_end = export_on_train_end
         self.export_on_checkpoint = export_on_checkpoint
+        if metadata is not None and not callable(metadata):
+            if not isinstance(metadata, Mapping):
+                raise TypeError(
+                    "metadata must be a mapping or a callable (trainer, pl_module) -> mapping, "
+                    f"got {type(metadata).__name__}"
+                )
+            _check_metadata_keys(metadata)
         self.metadata = metadata
         self.last_path: Path | None = None
         self._last_export_step: int | None = None
@@ -148,7 +176,10 @@ class ExportWeights(Callback):
         only global rank 0 writes. Returns the path on rank 0, ``None`` elsewhere or when the
         weights of this step were already exported."""
         step = trainer.global_step
-        if self._last_export_step == step and self.last_path is not None:
+        # The same test on every rank (never "and I wrote a file", which only rank 0 did): a rank
+        # that went on would gather the state dict and read the metrics, collectives the ranks
+        # that returned here never join.
+        if self._last_export_step == step:
             log.debug("weights of step %d already exported to %s", step, self.last_path)
             return self.last_path if trainer.is_global_zero else None
         if state_dict is None:
@@ -160,11 +191,12 @@ class ExportWeights(Callback):
         if not trainer.is_global_zero:
             return None
         tensors = self._prepare(state_dict)
+        meta = self._metadata(trainer, pl_module, metrics)  # bad user metadata fails before any write
         path = self.export_path(trainer)
         path.parent.mkdir(parents=True, exist_ok=True)
         from lightning_utils.io import save_weights
 
-        save_weights(tensors, path, self._metadata(trainer, pl_module, metrics))
+        save_weights(tensors, path, meta)
         self.last_path = path
         log.info("exported %d tensors (%s) to %s", len(tensors), self._dtype_name, path)
         return path
@@ -224,7 +256,7 @@ class ExportWeights(Callback):
             if isinstance(value, torch.Tensor) and value.numel() == 1
         }
 
-    def _metadata(self, trainer: Trainer, pl_module: LightningModule, metrics: dict[str, Any]) -> dict[str, str]:
+    def _metadata(self, trainer: Trainer, pl_module: LightningModule, metrics: dict[str, Any]) -> dict[str, Any]:
         meta: dict[str, Any] = {
             "format": "pt",  # what HF's safetensors loaders look for
             "step": trainer.global_step,
@@ -235,6 +267,11 @@ class ExportWeights(Callback):
         }
         extra = self.metadata(trainer, pl_module) if callable(self.metadata) else self.metadata
         if extra:
+            if not isinstance(extra, Mapping):
+                raise TypeError(f"ExportWeights(metadata=...) returned {type(extra).__name__}, not a mapping")
+            _check_metadata_keys(extra)
             meta.update(_jsonable(dict(extra)))
-        # safetensors metadata values are strings: JSON-encode everything that is not one already.
-        return {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+        # save_weights stores strings as they are and JSON-encodes the rest, listing those keys in
+        # the file, so lightning_utils.io.load_state gives back exactly these values (a string
+        # "123" stays a string) while plain safetensors readers see JSON strings.
+        return meta

@@ -79,6 +79,17 @@ def _crossed(every: int | None, previous: int, step: int) -> bool:
     return every is not None and step // every > previous // every
 
 
+def _all_schedulers(schedulers: Iterable[Any]) -> list[Any]:
+    """The schedulers and those they hold (SequentialLR, ChainedScheduler keep ``_schedulers``)."""
+    out: list[Any] = []
+    for scheduler in schedulers:
+        out.append(scheduler)
+        inner = getattr(scheduler, "_schedulers", None)
+        if isinstance(inner, (list, tuple)):
+            out.extend(_all_schedulers(inner))
+    return out
+
+
 def _duration(seconds: float) -> str:
     seconds = max(0.0, seconds)
     if seconds < 60:
@@ -127,7 +138,9 @@ class TrainingControl(Callback):
         exporter: the :class:`~lightning_utils.callbacks.ExportWeights` used for exports.
             Default: the one in ``trainer.callbacks``, else a default ``ExportWeights()``.
         signal: a signal name or number (default ``"SIGUSR1"``) whose arrival runs
-            ``signal_command`` at the next step boundary; ``None`` installs no handler.
+            ``signal_command`` at the next step boundary; ``None`` installs no handler. The
+            handler (it only sets a flag) is installed on every rank from the sanity check or
+            the start of training, and the previous one is back when ``fit`` returns or fails.
         signal_command: the command a signal triggers (default ``"save"``).
         check_every_n_steps: read and broadcast commands every N steps (a broadcast is a
             collective; raise this when steps are very short). Schedules and periodic work
@@ -218,6 +231,7 @@ class TrainingControl(Callback):
         self._last_boundary_time: float | None = None
         self._exporter: Any | None = None
         self._reader_started = False
+        self._handle_signal = False
 
     # ------------------------------------------------------------------------------------------
     # Lightning hooks
@@ -235,11 +249,7 @@ class TrainingControl(Callback):
 
             check_strategy_writes_through_checkpoint_io(trainer.strategy, self.file_extension)
             ensure_safetensors_checkpoint_io(trainer.strategy)
-        # Every rank gets the handler: a signal sent to the whole job must not kill rank 1 with
-        # SIGUSR1's default action. Only rank 0's flag is broadcast. Installed before Lightning's
-        # own signal set-up, which then leaves an existing SIGUSR1 handler alone.
-        if self._signal is not None and not self._is_slurm_requeue_signal(trainer):
-            self._signal.install()
+        self._handle_signal = self._signal is not None and not self._is_slurm_requeue_signal(trainer)
         if self._is_leader and self.source is not None:
             self.source.start()
             self._reader_started = True
@@ -261,6 +271,18 @@ class TrainingControl(Callback):
         )
         return True
 
+    def _install_signal(self) -> None:
+        # Every rank gets the handler: a signal sent to the whole job must not kill rank 1 with
+        # SIGUSR1's default action. Only rank 0's flag is broadcast. Installed only once Lightning's
+        # _SignalConnector has recorded the process's handlers (after setup/on_fit_start): on a
+        # failed fit Lightning re-installs what it recorded *after* our on_exception, so had ours
+        # been recorded, it would stay installed and swallow the signal for good.
+        if self._handle_signal and self._signal is not None:
+            self._signal.install()
+
+    def on_sanity_check_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._install_signal()
+
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -274,6 +296,7 @@ class TrainingControl(Callback):
         self.teardown(trainer, pl_module, "fit")
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._install_signal()
         step = trainer.global_step
         # No save/eval/export right after a resume, and none at step 0: nothing changed yet.
         self.last_save_step = self.last_eval_step = self.last_export_step = step
@@ -573,21 +596,50 @@ class TrainingControl(Callback):
         if not trainer.optimizers:
             self._warn("lr: the trainer has no optimizer")
             return
+        # Per param group: new lr / old lr. Closed-form schedulers (LambdaLR, WarmupLR, OneCycleLR)
+        # recompute lr = base * factor(step) at every scheduler step, so their bases are scaled by
+        # this ratio: the schedule then goes on from the new value (lr 0.2 now, 0.2 * f(t+1)/f(t)
+        # next) instead of snapping back to base * f(t+1). Chainable ones just continue from it.
+        ratios: dict[int, float | None] = {}
         groups = 0
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
+                old = float(group.get("lr", 0.0))
+                ratio = value / old if old > 0 else None
+                ratios[id(group)] = ratio
                 if isinstance(group.get("lr"), torch.Tensor):
                     group["lr"].fill_(value)  # a tensor lr (capturable/compiled optimizers)
                 else:
                     group["lr"] = value
+                for key in ("initial_lr", "max_lr", "min_lr"):  # the bases some schedulers keep in the group
+                    base = group.get(key)
+                    if not isinstance(base, (int, float)) or isinstance(base, bool):
+                        continue
+                    if ratio is not None:
+                        group[key] = base * ratio
+                    elif key == "initial_lr":
+                        group[key] = value
                 groups += 1
-        # Schedulers recompute the lr from their base_lrs; rebase them so the schedule goes on
-        # from the new value instead of undoing it at the next scheduler step.
-        for config in trainer.lr_scheduler_configs:
-            base = getattr(config.scheduler, "base_lrs", None)
-            if isinstance(base, list):
-                config.scheduler.base_lrs = [value] * len(base)
-        self._info(f"lr set to {value:g} on {groups} param group(s) of {len(trainer.optimizers)} optimizer(s)")
+        notes: list[str] = []
+        for scheduler in _all_schedulers(config.scheduler for config in trainer.lr_scheduler_configs):
+            param_groups = getattr(getattr(scheduler, "optimizer", None), "param_groups", None)
+            for attr in ("base_lrs", "max_lrs"):  # max_lrs: CyclicLR
+                bases = getattr(scheduler, attr, None)
+                if not isinstance(bases, list) or param_groups is None or len(bases) != len(param_groups):
+                    continue
+                rebased = []
+                for base, group in zip(bases, param_groups):
+                    ratio = ratios.get(id(group))
+                    # lr was 0 (e.g. the first warmup step): no ratio, so the new value becomes the base
+                    rebased.append(base * ratio if ratio is not None else (value if attr == "base_lrs" else base))
+                setattr(scheduler, attr, rebased)
+                if attr == "base_lrs":
+                    notes.append(f"{type(scheduler).__name__} base lr now {', '.join(f'{b:g}' for b in rebased)}")
+        # The bases say where the schedule goes from here (during a warmup, far above the value typed).
+        rebased_note = f"; the schedule continues from it ({'; '.join(notes)})" if notes else ""
+        self._info(
+            f"lr set to {value:g} on {groups} param group(s) of {len(trainer.optimizers)} optimizer(s){rebased_note}"
+        )
 
     def _set_loss_scale(self, trainer: Trainer, value: float) -> None:
         scaler = getattr(trainer.precision_plugin, "scaler", None)

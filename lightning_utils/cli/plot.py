@@ -44,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def read_metrics(path: Path) -> tuple[list[dict[str, Any]], int]:
     """The JSON-object lines of ``path`` and how many other non-empty lines were skipped."""
+    if path.is_dir():
+        raise FileNotFoundError(f"metrics file {str(path)!r} is a directory, not a JSON-lines file")
     if not path.is_file():
         raise FileNotFoundError(f"metrics file {str(path)!r} does not exist")
     records: list[dict[str, Any]] = []
@@ -122,6 +124,18 @@ def plot_metrics(
     except ModuleNotFoundError as err:
         raise ModuleNotFoundError(MATPLOTLIB_MISSING) from err
     fig, ax = plt.subplots(figsize=(8, 4.5))
+    try:
+        _draw(ax, series_by_file, x, logy, title)
+        fig.tight_layout()
+        output.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(output, dpi=120)
+    finally:
+        plt.close(fig)  # also when saving failed: no figure left open in a long-lived process
+    return output
+
+
+def _draw(ax: Any, series_by_file: dict[str, dict[str, tuple[list[float], list[float]]]], x: str, logy: bool,
+          title: str | None) -> None:
     several = len(series_by_file) > 1
     for name, series in series_by_file.items():
         for metric, (xs, ys) in series.items():
@@ -133,11 +147,6 @@ def plot_metrics(
     ax.legend()
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=120)
-    plt.close(fig)
-    return output
 
 
 def run(args: argparse.Namespace) -> int:
@@ -153,6 +162,9 @@ def run(args: argparse.Namespace) -> int:
         except (FileNotFoundError, KeyError) as err:
             print(f"error: {path}: {err.args[0] if err.args else err}", file=sys.stderr)
             return 2
+        except OSError as err:  # unreadable (permissions, a device, an I/O error)
+            print(f"error: cannot read {path}: {err.strerror or err}", file=sys.stderr)
+            return 2
         if skipped:
             print(f"{path}: skipped {skipped} line(s) that are not JSON objects", file=sys.stderr)
         if not any(ys for _, ys in series.values()):
@@ -164,6 +176,9 @@ def run(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except (OSError, ValueError) as err:  # e.g. a folder in the way, or a format matplotlib lacks
+        print(f"error: cannot write {output}: {err}", file=sys.stderr)
+        return 2
     drawn = sorted({m for s in series_by_file.values() for m in s})
     print(f"wrote {output} ({', '.join(drawn)} against {args.x})")
     return 0

@@ -56,12 +56,14 @@ def main() -> None:
     p.add_argument("--print-steps", action="store_true")
     p.add_argument("--save-every", type=int, default=None)
     p.add_argument("--lightning-val", action="store_true", help="'eval' runs the model's validation loop")
+    p.add_argument("--export-on-quit", action="store_true", help="quit also exports (then train end finds it done)")
     args = p.parse_args()
     root = Path(args.root)
     model = (TinyModuleWithVal if args.lightning_val else TinyModule)(sleep=args.sleep, print_steps=args.print_steps)
     control = TrainingControl(
         source=None if args.source == "none" else args.source,
         save_every_n_steps=args.save_every,
+        export_on_quit=args.export_on_quit,
         eval_fn=None if args.lightning_val else (lambda trainer, module: module.evals.append(trainer.global_step)),
     )
     ddp = {"strategy": "ddp", "devices": 2} if args.devices == 2 else {"devices": 1}
