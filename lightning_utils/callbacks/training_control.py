@@ -5,7 +5,7 @@ Commands come from standard input (the default), a command file or FIFO, or a si
 (:mod:`lightning_utils.command_sources`), and follow the grammar of
 :mod:`lightning_utils.commands`. Global rank 0 reads; at each optimizer-step boundary
 (``on_train_batch_end`` after ``global_step`` moved) the lines it received are broadcast
-through ``trainer.strategy.broadcast``, so every rank runs the same commands at the same step
+through :func:`lightning_utils.distributed.broadcast_object` (the strategy's broadcast), so every rank runs the same commands at the same step
 and collective work (``trainer.save_checkpoint``, gathering weights for an export) lines up.
 
 This callback must never act from a reader thread or a signal handler, never block the
@@ -47,6 +47,7 @@ from lightning_utils.commands import (
     TimeLeft,
     parse_command,
 )
+from lightning_utils.distributed import broadcast_object
 
 __all__ = ["TrainingControl"]
 
@@ -304,7 +305,7 @@ class TrainingControl(Callback):
         self.quit_requested = False
         self._exporter = None  # found again: the trainer's callbacks may differ from the last fit
         self._last_boundary_time = time.monotonic()
-        self._ckpt_dir = trainer.strategy.broadcast(self._default_dir(trainer), src=0)
+        self._ckpt_dir = broadcast_object(self._default_dir(trainer), src=0, trainer=trainer)
         self._drop_passed_events(step)
         # Configured commands are the same on every rank, so they need no broadcast.
         self._run_pre_loop(trainer, pl_module, [*self.commands, *self._receive(trainer)])
@@ -365,7 +366,7 @@ class TrainingControl(Callback):
                 lines.extend(self.source.poll())
         elif self._signal is not None:
             self._signal.consume()  # only rank 0's signal counts; don't let a stale flag linger
-        return list(trainer.strategy.broadcast(lines, src=0))
+        return list(broadcast_object(lines, src=0, trainer=trainer))
 
     def _parse(self, lines: Iterable[str]) -> list[Command]:
         commands = []
