@@ -14,6 +14,10 @@ Behaviour worth knowing:
 
 - A new pass (``iter()``) starts where the previous pass's *consumption* stopped, so batches
   that workers prefetched but the loop never used are not lost, with or without a restart.
+- Evaluation loaders (validation, sanity check, test, predict) start every run at the
+  beginning of the sampler's current epoch, as a plain ``DataLoader`` does, so a sanity check
+  or ``limit_val_batches`` never shifts the next validation run. The same loader object may
+  serve as train and val loader: evaluation runs leave the training position alone.
 - The iterator is lazy: the sampler's pass starts at the first ``next()``, so Lightning's
   ``set_epoch`` (called after ``iter()``) is honoured and a restored position of the same epoch
   is kept (#21938).
@@ -54,25 +58,48 @@ _STATE_NAME = "ResumableDataLoader"
 _STATE_VERSION = 1
 
 
-def _find_prefetcher() -> Optional["weakref.ReferenceType[Any]"]:
-    """The Lightning ``_PrefetchDataFetcher`` iterating this loader, if any (looked up once per pass).
+_SEARCH_DEPTH = 32  # frames between ``iter(loader)`` and Lightning's loop (about 8 in Lightning 2.6)
 
-    Lightning gives the loader no handle on its fetcher, so we look for it among our callers:
-    ``iter(loader)`` is called from inside the fetcher's ``__iter__`` / ``__next__``.
+
+def _find_lightning_caller() -> tuple[Optional["weakref.ReferenceType[Any]"], bool]:
+    """The Lightning ``_PrefetchDataFetcher`` iterating this loader, and whether an evaluation loop
+    (validation, sanity check, test, predict) asked for the iterator (looked up once per pass).
+
+    Lightning gives the loader no handle on its fetcher or loop, so we look for them among our
+    callers: ``iter(loader)`` is called from inside the fetcher's ``__iter__`` / ``__next__``,
+    which the loop calls. The first loop found going up is the one iterating (validation runs
+    nested inside the training epoch loop).
     """
-    module = sys.modules.get("lightning.pytorch.loops.fetchers")
-    cls = getattr(module, "_PrefetchDataFetcher", None) if module is not None else None
-    if cls is None:
-        return None
+    fetchers = sys.modules.get("lightning.pytorch.loops.fetchers")
+    fetcher_cls = getattr(fetchers, "_PrefetchDataFetcher", None) if fetchers is not None else None
+    if fetcher_cls is None:
+        return None, False
+    eval_classes: list[type] = []
+    train_classes: list[type] = []
+    for module_name, name, into in (
+        ("lightning.pytorch.loops.evaluation_loop", "_EvaluationLoop", eval_classes),
+        ("lightning.pytorch.loops.prediction_loop", "_PredictionLoop", eval_classes),
+        ("lightning.pytorch.loops.training_epoch_loop", "_TrainingEpochLoop", train_classes),
+        ("lightning.pytorch.loops.fit_loop", "_FitLoop", train_classes),
+    ):
+        cls = getattr(sys.modules.get(module_name), name, None)
+        if isinstance(cls, type):
+            into.append(cls)
+    fetcher: Optional["weakref.ReferenceType[Any]"] = None
     frame = sys._getframe(2)
-    for _ in range(16):
+    for _ in range(_SEARCH_DEPTH):
         if frame is None:
-            return None
+            break
         candidate = frame.f_locals.get("self")
-        if isinstance(candidate, cls):
-            return weakref.ref(candidate)
+        if candidate is not None:
+            if fetcher is None and isinstance(candidate, fetcher_cls):
+                fetcher = weakref.ref(candidate)
+            elif isinstance(candidate, tuple(eval_classes)):
+                return fetcher, True
+            elif isinstance(candidate, tuple(train_classes)):
+                return fetcher, False
         frame = frame.f_back
-    return None
+    return fetcher, False
 
 
 def _apply_skipped_lightning_restore(can_apply: bool) -> None:
@@ -120,7 +147,7 @@ def _apply_skipped_lightning_restore(can_apply: bool) -> None:
 class _PassTracker:
     """What the loader knows about one pass: its plan and the batches handed out."""
 
-    __slots__ = ("plan", "yielded", "fetcher", "held_after")
+    __slots__ = ("plan", "yielded", "fetcher", "held_after", "__weakref__")
 
     def __init__(self, plan: Pass, fetcher: Optional["weakref.ReferenceType[Any]"]) -> None:
         self.plan = plan
@@ -137,19 +164,26 @@ class _PassTracker:
 
     def consumed(self) -> int:
         held = 0
-        fetcher = self.fetcher() if self.fetcher is not None else None
-        if fetcher is not None:
-            # A torn-down fetcher (fit returned) has dropped its buffer: use what we recorded.
-            held = len(fetcher.batches) if fetcher.iterator is not None else self.held_after
+        if self.fetcher is not None:
+            fetcher = self.fetcher()
+            if fetcher is not None and fetcher.iterator is not None:
+                held = len(fetcher.batches)
+            else:
+                # A torn-down fetcher (fit returned) has dropped its buffer, or was freed
+                # altogether (``fit_loop._data_fetcher = None``): use what we recorded.
+                held = self.held_after
         return max(0, self.yielded - held)
 
 
 class _ResumableIterator(Iterator[Any]):
     """Lazy iterator: starts the sampler's pass and the DataLoader iterator at the first ``next()``."""
 
-    def __init__(self, loader: "ResumableDataLoader", fetcher: Optional["weakref.ReferenceType[Any]"]) -> None:
+    def __init__(
+        self, loader: "ResumableDataLoader", fetcher: Optional["weakref.ReferenceType[Any]"], evaluating: bool
+    ) -> None:
         self._loader = loader
         self._fetcher = fetcher
+        self._evaluating = evaluating
         self._inner: Optional[Iterator[Any]] = None
         self._tracker: Optional[_PassTracker] = None
 
@@ -160,14 +194,29 @@ class _ResumableIterator(Iterator[Any]):
         return len(self._loader)
 
     def _start(self) -> _PassTracker:
-        _apply_skipped_lightning_restore(can_apply=True)
         loader = self._loader
         sampler = loader._resumable
+        if self._evaluating:
+            # Every evaluation run (validation, sanity check, test, predict) sees the whole epoch
+            # from its start, as with a plain DataLoader; Lightning saves no evaluation position.
+            # The training position (if this loader also trains) is kept aside and untouched.
+            if loader._tracker is None and loader._idle_state is None:
+                loader._idle_state = (sampler._epoch, sampler._position, sampler._epoch_arg)
+            sampler._rewind(sampler._effective()[0], 0)
+            tracker = _PassTracker(sampler._plan_pass(), self._fetcher)
+            self._inner = DataLoader.__iter__(loader)
+            return tracker
+        _apply_skipped_lightning_restore(can_apply=True)
         previous = loader._tracker
         if previous is not None:
             # Continue where the loop stopped consuming, not where prefetching stopped.
             state = loader._sampler_state(previous)
             sampler._rewind(state["epoch"], state["position"])
+        elif loader._idle_state is not None:
+            epoch, position, epoch_arg = loader._idle_state
+            sampler._rewind(epoch, position)
+            sampler._epoch_arg = epoch_arg
+        loader._idle_state = None
         tracker = _PassTracker(sampler._plan_pass(), self._fetcher)
         loader._tracker = tracker
         self._inner = DataLoader.__iter__(loader)
@@ -186,7 +235,7 @@ class _ResumableIterator(Iterator[Any]):
         tracker.yielded += 1
         if tracker.fetcher is not None:
             tracker.note_fetcher(returned=True)
-            if tracker.yielded == 2:  # the first batch may have been prefetched before a skipped restore
+            if tracker.yielded == 2 and not self._evaluating:  # the first batch may have been prefetched before a skipped restore
                 _apply_skipped_lightning_restore(can_apply=False)
         return batch
 
@@ -276,6 +325,9 @@ class ResumableDataLoader(DataLoader):
         self._batch_units = int(batch_units)
         self._loader_drop_last = bool(loader_drop_last)
         self._tracker: Optional[_PassTracker] = None
+        # The sampler position to return to after evaluation passes that ran before any training
+        # pass: (epoch, position, set_epoch value).
+        self._idle_state: Optional[tuple[int, int, Optional[int]]] = None
         super().__init__(
             dataset,
             batch_size=batch_size,
@@ -307,7 +359,8 @@ class ResumableDataLoader(DataLoader):
         self.__dict__["_dataloader_sampler"] = value  # what DataLoader.__init__ assigned
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
-        return _ResumableIterator(self, _find_prefetcher())
+        fetcher, evaluating = _find_lightning_caller()
+        return _ResumableIterator(self, fetcher, evaluating)
 
     # -- state -------------------------------------------------------------------------------
     def _batches_in_pass(self, units: int) -> int:
@@ -329,7 +382,12 @@ class ResumableDataLoader(DataLoader):
     def state_dict(self) -> dict[str, Any]:
         """The sampler position after the batches the training loop consumed (a few integers)."""
         tracker = self._tracker
-        if tracker is None:
+        if tracker is None and self._idle_state is not None:
+            epoch, position, epoch_arg = self._idle_state
+            sampler = self._resumable
+            sampler_state = sampler._make_state(epoch, position, sampler._last_num_replicas, epoch_arg)
+            consumed = 0
+        elif tracker is None:
             sampler_state, consumed = self._resumable.state_dict(), 0
         else:
             sampler_state, consumed = self._sampler_state(tracker), tracker.consumed()
@@ -356,3 +414,4 @@ class ResumableDataLoader(DataLoader):
             )
         self._resumable.load_state_dict(state["sampler"])
         self._tracker = None
+        self._idle_state = None
