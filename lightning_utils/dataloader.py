@@ -68,12 +68,12 @@ def _find_lightning_caller() -> tuple[Optional["weakref.ReferenceType[Any]"], bo
     Lightning gives the loader no handle on its fetcher or loop, so we look for them among our
     callers: ``iter(loader)`` is called from inside the fetcher's ``__iter__`` / ``__next__``,
     which the loop calls. The first loop found going up is the one iterating (validation runs
-    nested inside the training epoch loop).
+    nested inside the training epoch loop). If a Lightning loop is found but no fetcher (its
+    internals changed), this warns: a loader without a length would then be one batch off.
     """
     fetchers = sys.modules.get("lightning.pytorch.loops.fetchers")
-    fetcher_cls = getattr(fetchers, "_PrefetchDataFetcher", None) if fetchers is not None else None
-    if fetcher_cls is None:
-        return None, False
+    prefetch_cls = getattr(fetchers, "_PrefetchDataFetcher", None)
+    fetcher_classes = tuple(c for c in (getattr(fetchers, "_DataFetcher", None), prefetch_cls) if isinstance(c, type))
     eval_classes: list[type] = []
     train_classes: list[type] = []
     for module_name, name, into in (
@@ -85,19 +85,35 @@ def _find_lightning_caller() -> tuple[Optional["weakref.ReferenceType[Any]"], bo
         cls = getattr(sys.modules.get(module_name), name, None)
         if isinstance(cls, type):
             into.append(cls)
+    if not eval_classes and not train_classes:
+        return None, False  # Lightning's loops are not even imported
+    eval_types, train_types = tuple(eval_classes), tuple(train_classes)
     fetcher: Optional["weakref.ReferenceType[Any]"] = None
-    frame = sys._getframe(2)
+    any_fetcher = False
+    try:
+        frame: Any = sys._getframe(2)
+    except ValueError:  # called straight from a thread's bootstrap: no Python caller at all
+        return None, False
     for _ in range(_SEARCH_DEPTH):
         if frame is None:
             break
         candidate = frame.f_locals.get("self")
         if candidate is not None:
-            if fetcher is None and isinstance(candidate, fetcher_cls):
-                fetcher = weakref.ref(candidate)
-            elif isinstance(candidate, tuple(eval_classes)):
-                return fetcher, True
-            elif isinstance(candidate, tuple(train_classes)):
-                return fetcher, False
+            if not any_fetcher and fetcher_classes and isinstance(candidate, fetcher_classes):
+                any_fetcher = True
+                if isinstance(prefetch_cls, type) and isinstance(candidate, prefetch_cls):
+                    fetcher = weakref.ref(candidate)
+            elif isinstance(candidate, eval_types + train_types):
+                if not any_fetcher:
+                    warnings.warn(
+                        f"ResumableDataLoader: {type(candidate).__name__} is iterating this loader but no Lightning "
+                        "data fetcher was found among its callers (Lightning's internals changed?). The saved "
+                        "position cannot account for batches the fetcher prefetches, so with a loader without a "
+                        "length a resume would be off by one batch.",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+                return fetcher, isinstance(candidate, eval_types)
         frame = frame.f_back
     return fetcher, False
 

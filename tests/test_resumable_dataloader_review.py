@@ -133,3 +133,38 @@ def test_one_loader_for_training_and_validation_keeps_the_training_position(tmp_
     for step in (2, 4, 7):
         resumed = run(ckpt_path=H.ckpt_for_step(ckpt_dir, step))
         assert resumed.seen == full.seen[step:], f"resume from step {step}"
+
+
+def test_a_lightning_loop_without_a_recognisable_fetcher_warns(tmp_path, monkeypatch):
+    """The stack walk must not silently miss Lightning's fetcher (it would mis-position a loader
+    without a length): simulate renamed internals and expect a loud warning."""
+    import lightning.pytorch.loops.fetchers as fetchers
+
+    class Renamed:
+        pass
+
+    monkeypatch.setattr(fetchers, "_PrefetchDataFetcher", Renamed)
+    monkeypatch.setattr(fetchers, "_DataFetcher", Renamed)
+    with pytest.warns(RuntimeWarning, match="no Lightning data fetcher was found"):
+        H.fit(lambda: H.make_loader("random_nolen"), str(tmp_path), max_epochs=1, max_steps=2)
+
+
+def test_iter_from_a_bare_thread_does_not_crash(monkeypatch):
+    """``iter(loader)`` as a thread's entry point has no Python caller frame to walk."""
+    import _thread
+    import threading
+
+    loader = ResumableDataLoader(H.IndexDataset(6), batch_size=2, sampler=OrderedSampler(6))
+    errors, done = [], threading.Event()
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: errors.append(u.exc_value))
+
+    class Done:  # runs after the iterator was created (and is freed in the thread)
+        def __del__(self):
+            done.set()
+
+    _thread.start_new_thread(loader.__iter__, ())  # bound method: no Python frame above __iter__
+    _thread.start_new_thread(lambda d: None, (Done(),))
+    assert done.wait(10)
+    threading.Event().wait(0.2)
+    assert not errors, errors
+    assert [b.tolist() for b in loader] == [[0, 1], [2, 3], [4, 5]]
