@@ -21,9 +21,12 @@ Behaviour worth knowing:
 - The iterator is lazy: the sampler's pass starts at the first ``next()``, so Lightning's
   ``set_epoch`` (called after ``iter()``) is honoured and a restored position of the same epoch
   is kept (#21938).
-- If Lightning built the loader early and never restored it (``estimated_stepping_batches`` in
-  ``configure_optimizers``, #20550), the first ``next()`` applies the stashed state itself (a
-  loader without a length, whose first batch Lightning prefetched too early, raises instead).
+- If Lightning stashed the checkpoint's loader state but never applied it, the first ``next()``
+  applies it itself: Lightning skips it for checkpoints written after an epoch finished
+  (``ModelCheckpoint``'s default save at the epoch's end, ``save_checkpoint`` after ``fit``),
+  and when it built the loader early (``estimated_stepping_batches`` in ``configure_optimizers``,
+  #20550; a loader without a length, whose first batch Lightning prefetched too early, raises
+  instead).
 - The position survives ``Trainer.fit`` returning: ``trainer.save_checkpoint`` afterwards
   records where training stopped (V6). Lightning itself, however, counts an epoch stopped by
   ``max_steps`` as completed and calls ``set_epoch(next)`` on resume, so a run resumed from
@@ -119,27 +122,44 @@ def _find_lightning_caller() -> tuple[Optional["weakref.ReferenceType[Any]"], bo
 
 
 def _apply_skipped_lightning_restore(can_apply: bool) -> None:
-    """Load loader states that Lightning stashed but never applied (#20550).
+    """Load loader states that Lightning stashed from the checkpoint but never applied.
 
-    When ``configure_optimizers`` reads ``trainer.estimated_stepping_batches``, Lightning builds the
-    train loader before restoring the checkpoint and later skips ``_load_combined_loader_states``,
-    so a resumed run would silently restart the epoch. Our iterator is lazy, so at the first
-    ``next()`` of a pass it is still in time (``can_apply``): load the stashed states now. Later
-    (a loader without a length had its first batch prefetched before the restore) it is too
-    late, and this raises instead of training on the wrong samples.
+    Lightning applies them in ``_FitLoop.setup_data`` only when it is ``restarting``, and skips it
+
+    - when the checkpoint was written after the epoch finished (``ModelCheckpoint``'s default
+      save at ``on_train_epoch_end``, or at the end of the epoch's validation): Lightning then
+      counts the epoch as done and is "not restarting", so our loader would start from scratch:
+      a ``PoolSampler`` bag would start again from its first draw, and a loader without a length
+      would prefetch its first batch before ``set_epoch`` and train the old epoch's order;
+    - when ``configure_optimizers`` reads ``trainer.estimated_stepping_batches`` (#20550): the
+      train loader is built before the checkpoint is restored and ``setup_data`` never runs again.
+
+    Our iterator is lazy, so at the first ``next()`` of a pass no batch has been drawn yet
+    (``can_apply``): load the stashed states now. Later (#20550 with a loader without a length,
+    whose first batch was prefetched before the restore) it is too late, and this raises instead
+    of training on the wrong samples.
     """
-    module = sys.modules.get("lightning.pytorch.loops.training_epoch_loop")
-    cls = getattr(module, "_TrainingEpochLoop", None) if module is not None else None
-    if cls is None:
+    classes = tuple(
+        cls
+        for module_name, name in (
+            ("lightning.pytorch.loops.training_epoch_loop", "_TrainingEpochLoop"),
+            ("lightning.pytorch.loops.fit_loop", "_FitLoop"),
+        )
+        if isinstance(cls := getattr(sys.modules.get(module_name), name, None), type)
+    )
+    if not classes:
         return
-    frame = sys._getframe(2)
-    for _ in range(16):
+    frame: Any = sys._getframe(2)
+    for _ in range(_SEARCH_DEPTH):
         if frame is None:
             return
         candidate = frame.f_locals.get("self")
-        if isinstance(candidate, cls):
-            fit_loop = getattr(candidate.trainer, "fit_loop", None)
-            if fit_loop is None or not fit_loop.restarting or not getattr(fit_loop, "_combined_loader_states_to_load", None):
+        if isinstance(candidate, classes):
+            trainer = getattr(candidate, "trainer", None)
+            fit_loop = getattr(trainer, "fit_loop", None)
+            states = getattr(fit_loop, "_combined_loader_states_to_load", None)
+            combined = getattr(fit_loop, "_combined_loader", None)
+            if not states or combined is None:
                 return
             if not can_apply:
                 raise RuntimeError(
@@ -149,13 +169,25 @@ def _apply_skipped_lightning_restore(can_apply: bool) -> None:
                     "batch from the start of the epoch. Give the sampler a length or compute the schedule "
                     "without `estimated_stepping_batches`."
                 )
-            warnings.warn(
-                "ResumableDataLoader: Lightning skipped restoring the train loader's position (it built the "
-                "loader early, e.g. for `trainer.estimated_stepping_batches`, Lightning #20550); restoring it "
-                "now, before the first batch.",
-                stacklevel=2,
-            )
-            fit_loop._load_combined_loader_states()
+            if fit_loop.restarting:  # Lightning meant to restore and missed it: worth telling
+                warnings.warn(
+                    "ResumableDataLoader: Lightning skipped restoring the train loader's position (it built the "
+                    "loader early, e.g. for `trainer.estimated_stepping_batches`, Lightning #20550); restoring it "
+                    "now, before the first batch.",
+                    stacklevel=2,
+                )
+            # What ``_FitLoop._load_combined_loader_states`` does, without its ``restarting`` gate. It
+            # runs after Lightning's ``set_epoch`` here (normally before), so keep those requests.
+            requests = [
+                (dl._resumable, dl._resumable._requested_epoch)
+                for dl in combined.flattened
+                if isinstance(dl, ResumableDataLoader)
+            ]
+            combined._load_state_dicts(states)
+            for sampler, requested in requests:
+                if requested is not None:
+                    sampler._requested_epoch = requested
+            fit_loop._combined_loader_states_to_load = []
             return
         frame = frame.f_back
 
@@ -163,13 +195,14 @@ def _apply_skipped_lightning_restore(can_apply: bool) -> None:
 class _PassTracker:
     """What the loader knows about one pass: its plan and the batches handed out."""
 
-    __slots__ = ("plan", "yielded", "fetcher", "held_after", "__weakref__")
+    __slots__ = ("plan", "yielded", "fetcher", "held_after", "frozen")
 
     def __init__(self, plan: Pass, fetcher: Optional["weakref.ReferenceType[Any]"]) -> None:
         self.plan = plan
         self.yielded = 0
         self.fetcher = fetcher
         self.held_after = 0  # batches the fetcher held after our last next(), for after teardown
+        self.frozen: Optional[int] = None  # consumption fixed when the next pass was requested
 
     def note_fetcher(self, returned: bool) -> None:
         fetcher = self.fetcher() if self.fetcher is not None else None
@@ -178,7 +211,15 @@ class _PassTracker:
         buffered = returned and fetcher.length is None and fetcher.prefetch_batches > 0
         self.held_after = len(fetcher.batches) + (1 if buffered else 0)
 
+    def freeze(self) -> None:
+        """Fix the consumed count now: a new ``iter()`` replaces this pass, and the fetcher is about
+        to drop the batches it prefetched from it without handing them to the loop."""
+        if self.frozen is None:
+            self.frozen = self.consumed()
+
     def consumed(self) -> int:
+        if self.frozen is not None:
+            return self.frozen
         held = 0
         if self.fetcher is not None:
             fetcher = self.fetcher()
@@ -376,6 +417,11 @@ class ResumableDataLoader(DataLoader):
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         fetcher, evaluating = _find_lightning_caller()
+        if not evaluating and self._tracker is not None:
+            # Now, not at the lazy first next(): by then Lightning's fetcher has reset and forgotten
+            # the batch it prefetched from the old pass and never trained on (a loader without a
+            # length that Lightning stops at the end of an epoch it resumed on its last batch).
+            self._tracker.freeze()
         return _ResumableIterator(self, fetcher, evaluating)
 
     # -- state -------------------------------------------------------------------------------

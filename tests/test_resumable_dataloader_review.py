@@ -168,3 +168,55 @@ def test_iter_from_a_bare_thread_does_not_crash(monkeypatch):
     threading.Event().wait(0.2)
     assert not errors, errors
     assert [b.tolist() for b in loader] == [[0, 1], [2, 3], [4, 5]]
+
+
+class _LoggingValModel(H.RecordingModel):
+    def validation_step(self, batch, batch_idx):
+        self.log("v", batch.float().mean())
+
+
+@pytest.mark.parametrize("kind", ["random_nolen", "random"])
+def test_resume_from_a_checkpoint_written_at_validation_end_of_the_last_batch(tmp_path, kind):
+    """ModelCheckpoint(monitor=...) saves when the epoch-end validation finishes. Resuming, Lightning
+    prefetches a batch for the finished epoch (no length: it cannot know it is finished), drops it,
+    and starts the next epoch: that batch must not be counted as trained on."""
+    ckpt_dir = str(tmp_path / "ckpt")
+
+    def run(ckpt_path=None, callbacks=None):
+        model = _LoggingValModel()
+        val = ResumableDataLoader(H.IndexDataset(6), batch_size=2, sampler=OrderedSampler(6))
+        trainer = _trainer(tmp_path, callbacks=callbacks or [], enable_checkpointing=bool(callbacks), num_sanity_val_steps=0)
+        trainer.fit(model, train_dataloaders=H.make_loader(kind), val_dataloaders=val, ckpt_path=ckpt_path)
+        return model.seen
+
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, monitor="v", save_top_k=-1, filename="{step}")
+    full = run(callbacks=[checkpoint])
+    assert len(full) == 12 and sorted(os.listdir(ckpt_dir)) == ["step=12.ckpt", "step=6.ckpt"]
+    assert run(ckpt_path=os.path.join(ckpt_dir, "step=6.ckpt")) == full[6:]
+
+
+@pytest.mark.parametrize("kind", ["pool", "random_nolen", "batched"])
+def test_resume_from_the_default_end_of_epoch_checkpoint(tmp_path, kind):
+    """ModelCheckpoint's default save at on_train_epoch_end: Lightning counts the epoch as done, is
+    "not restarting" and never applies the loader states. The loader applies them itself: the
+    endless bag continues instead of starting again, a loader without a length trains the next
+    epoch's order."""
+    ckpt_dir = str(tmp_path / "ckpt")
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_top_k=-1, filename="{step}")
+    _, full = H.fit(lambda: H.make_loader(kind), str(tmp_path), callbacks=[checkpoint], max_epochs=2)
+    first = sorted(os.listdir(ckpt_dir), key=lambda f: int(f.split("=")[1].split(".")[0]))[0]
+    step = int(first.split("=")[1].split(".")[0])
+    assert step == len(full) // 2
+    _, rest = H.fit(lambda: H.make_loader(kind), str(tmp_path), ckpt_path=os.path.join(ckpt_dir, first), max_epochs=2)
+    assert rest == full[step:]
+
+
+def test_save_checkpoint_after_fit_continues_the_pool_bag(tmp_path):
+    """V6 with the endless PoolSampler: Lightning starts a new epoch, the bag goes on (not from draw 0)."""
+    _, full = H.fit(lambda: H.make_loader("pool"), str(tmp_path), max_epochs=2)
+    trainer, part = H.fit(lambda: H.make_loader("pool"), str(tmp_path), max_epochs=2, max_steps=4)
+    assert part == full[:4]
+    path = str(tmp_path / "after_fit.ckpt")
+    trainer.save_checkpoint(path)
+    _, rest = H.fit(lambda: H.make_loader("pool"), str(tmp_path), ckpt_path=path, max_epochs=2)
+    assert rest == full[4 : 4 + len(rest)] and len(rest) == len(full) // 2
