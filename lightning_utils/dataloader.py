@@ -275,6 +275,9 @@ class _ResumableIterator(Iterator[Any]):
             sampler._epoch_arg = epoch_arg
         loader._idle_state = None
         tracker = _PassTracker(sampler._plan_pass(), self._fetcher)
+        loaded, loader._loaded = loader._loaded, None
+        if loaded is not None and self._fetcher is not None:
+            loader._check_world_size_change(tracker.plan, *loaded)
         loader._tracker = tracker
         self._inner = DataLoader.__iter__(loader)
         return tracker
@@ -385,6 +388,8 @@ class ResumableDataLoader(DataLoader):
         # The sampler position to return to after evaluation passes that ran before any training
         # pass: (epoch, position, set_epoch value).
         self._idle_state: Optional[tuple[int, int, Optional[int]]] = None
+        # (epoch, position, num_replicas) of the last loaded state, until the next pass checks it.
+        self._loaded: Optional[tuple[int, int, Optional[int]]] = None
         super().__init__(
             dataset,
             batch_size=batch_size,
@@ -441,6 +446,39 @@ class ResumableDataLoader(DataLoader):
         finished = consumed >= self._batches_in_pass(plan.length)
         return self._resumable._state_after(plan, units, finished)
 
+    def _check_world_size_change(self, plan: Pass, epoch: int, position: int, saved_replicas: Any) -> None:
+        """Refuse a mid-epoch resume on another world size that Lightning would cut short.
+
+        The position is global, so the sampler itself continues the epoch on any world size. But
+        Lightning restores its own count of the epoch's batches done (those of the old world
+        size) and ends the epoch when that count reaches ``len(loader)`` of the new one: with
+        more ranks it would stop before the remaining samples are through, or skip to the next
+        epoch at once. That silently skips samples, so raise instead.
+        """
+        if not isinstance(saved_replicas, int) or saved_replicas == plan.num_replicas or plan.length is None:
+            return
+        size = self._resumable._epoch_size()
+        if not 0 < position < size:
+            return  # at an epoch boundary any world size is fine
+        units_per_batch = self._batch_units
+        done = -(-position // (saved_replicas * units_per_batch))  # Lightning's restored batch count
+        if (plan.epoch, plan.start) == (epoch, position):
+            try:
+                total = len(self)
+            except TypeError:
+                return  # no length: Lightning runs the pass to its end
+            remaining = self._batches_in_pass(plan.length)
+            if done + remaining <= total:
+                return
+            what = f"Lightning would end the epoch after {max(0, total - done)} of the {remaining} remaining batches"
+        else:
+            what = f"Lightning moved on to epoch {plan.epoch}, skipping the rest of epoch {epoch}"
+        raise RuntimeError(
+            f"ResumableDataLoader: the checkpoint was written mid-epoch with {saved_replicas} rank(s) "
+            f"({done} batches of the epoch done) and is resumed with {plan.num_replicas}; {what}, so samples "
+            "would be skipped. Resume on the same number of ranks, or from a checkpoint at an epoch boundary."
+        )
+
     def state_dict(self) -> dict[str, Any]:
         """The sampler position after the batches the training loop consumed (a few integers)."""
         tracker = self._tracker
@@ -475,5 +513,7 @@ class ResumableDataLoader(DataLoader):
                 f"'loader' == {_STATE_NAME!r} and 'sampler'), got keys {sorted(state)}"
             )
         self._resumable.load_state_dict(state["sampler"])
+        sampler_state = state["sampler"]
+        self._loaded = (self._resumable._epoch, self._resumable._position, sampler_state.get("num_replicas"))
         self._tracker = None
         self._idle_state = None

@@ -220,3 +220,20 @@ def test_save_checkpoint_after_fit_continues_the_pool_bag(tmp_path):
     trainer.save_checkpoint(path)
     _, rest = H.fit(lambda: H.make_loader("pool"), str(tmp_path), ckpt_path=path, max_epochs=2)
     assert rest == full[4 : 4 + len(rest)] and len(rest) == len(full) // 2
+
+
+def test_resume_mid_epoch_on_more_ranks_fails_loudly_instead_of_skipping(tmp_path):
+    """1 rank -> 2 ranks mid-epoch: Lightning keeps its count of batches done (of 6 per epoch) and
+    ends the epoch at the new length (3 per rank), which would skip samples. A single process
+    with an explicit rank 0 of 2 shows what each DDP rank would do."""
+    ckpt_dir = str(tmp_path / "ckpt")
+    _, full = H.fit(lambda: H.make_loader("random"), str(tmp_path), callbacks=[H.every_n_steps_checkpoint(ckpt_dir, 1)], max_epochs=2)
+    with pytest.raises(RuntimeError, match="written mid-epoch with 1 rank"):
+        H.fit(lambda: H.make_loader("random", num_replicas=2, rank=0), str(tmp_path), ckpt_path=H.ckpt_for_step(ckpt_dir, 2), max_epochs=2)
+    with pytest.raises(RuntimeError, match="moved on to epoch 1|would end the epoch"):
+        H.fit(lambda: H.make_loader("random", num_replicas=2, rank=0), str(tmp_path), ckpt_path=H.ckpt_for_step(ckpt_dir, 4), max_epochs=2)
+    # at the epoch boundary another world size is fine: epoch 1 starts in full on the 2 ranks
+    _, rest = H.fit(lambda: H.make_loader("random", num_replicas=2, rank=0), str(tmp_path), ckpt_path=H.ckpt_for_step(ckpt_dir, 6), max_epochs=2)
+    reference = H.make_loader("random", num_replicas=2, rank=0)
+    reference.sampler.set_epoch(1)
+    assert rest == [b.tolist() for b in reference]
