@@ -56,3 +56,12 @@ def test_permutation_is_a_bijection_for_awkward_sizes(n):
         assert [perm[i] for i in probe] == values[probe].tolist()  # scalar path agrees
     assert RandomSampler(n, seed=1).state_dict()["length"] == n
     assert sorted(RandomSampler(n, seed=1)) == list(range(n))
+
+
+def test_a_loader_state_given_to_a_sampler_says_so():
+    from lightning_utils.dataloader import ResumableDataLoader
+
+    loader = ResumableDataLoader(list(range(5)), batch_size=2, sampler=OrderedSampler(5))
+    with pytest.raises(ValueError, match="ResumableDataLoader state .*'sampler' entry"):
+        OrderedSampler(5).load_state_dict(loader.state_dict())
+    OrderedSampler(5).load_state_dict(loader.state_dict()["sampler"])

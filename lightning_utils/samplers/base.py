@@ -252,6 +252,11 @@ class ResumableSampler(DistributedSampler):
         name = self._STATE_NAME
         if not isinstance(state, Mapping):
             raise ValueError(f"{name}.load_state_dict expects a dict, got {type(state).__name__}")
+        if "loader" in state and isinstance(state.get("sampler"), Mapping):
+            raise ValueError(
+                f"{name}.load_state_dict: the state is a {state['loader']} state (the loader's, not the "
+                "sampler's); load it with the loader's load_state_dict, or pass its 'sampler' entry"
+            )
         other = state.get("sampler")
         if other is not None and other != name:
             raise ValueError(f"{name}.load_state_dict: the state is from a {other}, not a {name}")
