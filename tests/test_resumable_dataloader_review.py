@@ -176,22 +176,27 @@ class _LoggingValModel(H.RecordingModel):
 
 
 @pytest.mark.parametrize("kind", ["random_nolen", "random"])
-def test_resume_from_a_checkpoint_written_at_validation_end_of_the_last_batch(tmp_path, kind):
-    """ModelCheckpoint(monitor=...) saves when the epoch-end validation finishes. Resuming, Lightning
-    prefetches a batch for the finished epoch (no length: it cannot know it is finished), drops it,
-    and starts the next epoch: that batch must not be counted as trained on."""
+@pytest.mark.parametrize("val_check_interval", [1.0, 3])
+def test_resume_from_a_checkpoint_written_at_validation_end_of_the_last_batch(tmp_path, kind, val_check_interval):
+    """ModelCheckpoint(monitor=...) saves when a validation ends, here after the epoch's last batch.
+    With val_check_interval=1.0 Lightning counts the epoch as done and never applies the loader
+    state; with 3 it resumes the epoch, prefetches a batch (no length: it cannot know the epoch
+    is over), drops it and starts the next epoch: that batch must not count as trained on."""
     ckpt_dir = str(tmp_path / "ckpt")
 
     def run(ckpt_path=None, callbacks=None):
         model = _LoggingValModel()
         val = ResumableDataLoader(H.IndexDataset(6), batch_size=2, sampler=OrderedSampler(6))
-        trainer = _trainer(tmp_path, callbacks=callbacks or [], enable_checkpointing=bool(callbacks), num_sanity_val_steps=0)
+        trainer = _trainer(
+            tmp_path, callbacks=callbacks or [], enable_checkpointing=bool(callbacks), num_sanity_val_steps=0,
+            val_check_interval=val_check_interval,
+        )  # fmt: skip
         trainer.fit(model, train_dataloaders=H.make_loader(kind), val_dataloaders=val, ckpt_path=ckpt_path)
         return model.seen
 
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, monitor="v", save_top_k=-1, filename="{step}")
     full = run(callbacks=[checkpoint])
-    assert len(full) == 12 and sorted(os.listdir(ckpt_dir)) == ["step=12.ckpt", "step=6.ckpt"]
+    assert len(full) == 12 and "step=6.ckpt" in os.listdir(ckpt_dir)
     assert run(ckpt_path=os.path.join(ckpt_dir, "step=6.ckpt")) == full[6:]
 
 
