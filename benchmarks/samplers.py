@@ -100,17 +100,27 @@ def state_roundtrip(make_loader, warmup_batches: int = 5) -> dict:
     return {"bytes": size, "seconds": elapsed, "rss": mem.extra}
 
 
-def per_batch_seconds(make_loader, batches: int, repeat: int = 5) -> float:
-    times = []
+def _time_batches(make_loader, batches: int) -> float:
+    loader = make_loader()
+    it = iter(loader)
+    next(it)  # exclude iterator start-up
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return (time.perf_counter() - t0) / batches
+
+
+def per_batch_seconds(makers: dict, batches: int, repeat: int = 7) -> dict:
+    """Median per-batch time of each loader. The loaders take turns within every repeat, so a
+    warm-up effect or a noisy neighbour on a shared machine hits them all alike (timing them one
+    after the other made the first one look ~25% slower)."""
+    for make in makers.values():
+        _time_batches(make, min(batches, 200))  # warm-up: imports, allocator, caches
+    times: dict = {name: [] for name in makers}
     for _ in range(repeat):
-        loader = make_loader()
-        it = iter(loader)
-        next(it)  # exclude iterator start-up
-        t0 = time.perf_counter()
-        for _ in range(batches):
-            next(it)
-        times.append((time.perf_counter() - t0) / batches)
-    return statistics.median(times)
+        for name, make in makers.items():
+            times[name].append(_time_batches(make, batches))
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def fmt_bytes(n: float) -> str:
@@ -157,13 +167,19 @@ def main() -> None:
 
     n = 1_000_000
     ds = IndexDataset(n)
-    print(f"\nper-batch time over {args.batches} batches of {bs} ({n:.0e} items, median of 5)")
-    plain_same = per_batch_seconds(lambda: DataLoader(ds, batch_size=bs, sampler=RandomSampler(n, seed=0)), args.batches)
-    ours = per_batch_seconds(lambda: ResumableDataLoader(ds, batch_size=bs, sampler=RandomSampler(n, seed=0)), args.batches)
-    plain_torch = per_batch_seconds(lambda: DataLoader(ds, batch_size=bs, shuffle=True), args.batches)
-    stateful = per_batch_seconds(
-        lambda: StatefulDataLoader(ds, batch_size=bs, shuffle=True, generator=torch.Generator().manual_seed(0)), args.batches
+    print(f"\nper-batch time over {args.batches} batches of {bs} ({n:.0e} items, median of 7, interleaved)")
+    timed = per_batch_seconds(
+        {
+            "plain_same": lambda: DataLoader(ds, batch_size=bs, sampler=RandomSampler(n, seed=0)),
+            "ours": lambda: ResumableDataLoader(ds, batch_size=bs, sampler=RandomSampler(n, seed=0)),
+            "plain_torch": lambda: DataLoader(ds, batch_size=bs, shuffle=True),
+            "stateful": lambda: StatefulDataLoader(
+                ds, batch_size=bs, shuffle=True, generator=torch.Generator().manual_seed(0)
+            ),
+        },
+        args.batches,
     )
+    plain_same, ours, plain_torch, stateful = (timed[k] for k in ("plain_same", "ours", "plain_torch", "stateful"))
     print(f"  DataLoader(sampler=our RandomSampler)      {plain_same * 1e6:8.1f} us")
     print(f"  ResumableDataLoader(our RandomSampler)     {ours * 1e6:8.1f} us   {ours / plain_same:.3f}x the plain loader (goal <= 1.05x)")
     print(f"  DataLoader(shuffle=True), torch sampler    {plain_torch * 1e6:8.1f} us   ours is {ours / plain_torch:.3f}x")

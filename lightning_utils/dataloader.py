@@ -14,12 +14,19 @@ Behaviour worth knowing:
 
 - A new pass (``iter()``) starts where the previous pass's *consumption* stopped, so batches
   that workers prefetched but the loop never used are not lost, with or without a restart.
+- Evaluation loaders (validation, sanity check, test, predict) start every run at the
+  beginning of the sampler's current epoch, as a plain ``DataLoader`` does, so a sanity check
+  or ``limit_val_batches`` never shifts the next validation run. The same loader object may
+  serve as train and val loader: evaluation runs leave the training position alone.
 - The iterator is lazy: the sampler's pass starts at the first ``next()``, so Lightning's
   ``set_epoch`` (called after ``iter()``) is honoured and a restored position of the same epoch
   is kept (#21938).
-- If Lightning built the loader early and never restored it (``estimated_stepping_batches`` in
-  ``configure_optimizers``, #20550), the first ``next()`` applies the stashed state itself (a
-  loader without a length, whose first batch Lightning prefetched too early, raises instead).
+- If Lightning stashed the checkpoint's loader state but never applied it, the first ``next()``
+  applies it itself: Lightning skips it for checkpoints written after an epoch finished
+  (``ModelCheckpoint``'s default save at the epoch's end, ``save_checkpoint`` after ``fit``),
+  and when it built the loader early (``estimated_stepping_batches`` in ``configure_optimizers``,
+  #20550; a loader without a length, whose first batch Lightning prefetched too early, raises
+  instead).
 - The position survives ``Trainer.fit`` returning: ``trainer.save_checkpoint`` afterwards
   records where training stopped (V6). Lightning itself, however, counts an epoch stopped by
   ``max_steps`` as completed and calls ``set_epoch(next)`` on resume, so a run resumed from
@@ -54,49 +61,105 @@ _STATE_NAME = "ResumableDataLoader"
 _STATE_VERSION = 1
 
 
-def _find_prefetcher() -> Optional["weakref.ReferenceType[Any]"]:
-    """The Lightning ``_PrefetchDataFetcher`` iterating this loader, if any (looked up once per pass).
+_SEARCH_DEPTH = 32  # frames between ``iter(loader)`` and Lightning's loop (about 8 in Lightning 2.6)
 
-    Lightning gives the loader no handle on its fetcher, so we look for it among our callers:
-    ``iter(loader)`` is called from inside the fetcher's ``__iter__`` / ``__next__``.
+
+def _find_lightning_caller() -> tuple[Optional["weakref.ReferenceType[Any]"], bool]:
+    """The Lightning ``_PrefetchDataFetcher`` iterating this loader, and whether an evaluation loop
+    (validation, sanity check, test, predict) asked for the iterator (looked up once per pass).
+
+    Lightning gives the loader no handle on its fetcher or loop, so we look for them among our
+    callers: ``iter(loader)`` is called from inside the fetcher's ``__iter__`` / ``__next__``,
+    which the loop calls. The first loop found going up is the one iterating (validation runs
+    nested inside the training epoch loop). If a Lightning loop is found but no fetcher (its
+    internals changed), this warns: a loader without a length would then be one batch off.
     """
-    module = sys.modules.get("lightning.pytorch.loops.fetchers")
-    cls = getattr(module, "_PrefetchDataFetcher", None) if module is not None else None
-    if cls is None:
-        return None
-    frame = sys._getframe(2)
-    for _ in range(16):
+    fetchers = sys.modules.get("lightning.pytorch.loops.fetchers")
+    prefetch_cls = getattr(fetchers, "_PrefetchDataFetcher", None)
+    fetcher_classes = tuple(c for c in (getattr(fetchers, "_DataFetcher", None), prefetch_cls) if isinstance(c, type))
+    eval_classes: list[type] = []
+    train_classes: list[type] = []
+    for module_name, name, into in (
+        ("lightning.pytorch.loops.evaluation_loop", "_EvaluationLoop", eval_classes),
+        ("lightning.pytorch.loops.prediction_loop", "_PredictionLoop", eval_classes),
+        ("lightning.pytorch.loops.training_epoch_loop", "_TrainingEpochLoop", train_classes),
+        ("lightning.pytorch.loops.fit_loop", "_FitLoop", train_classes),
+    ):
+        cls = getattr(sys.modules.get(module_name), name, None)
+        if isinstance(cls, type):
+            into.append(cls)
+    if not eval_classes and not train_classes:
+        return None, False  # Lightning's loops are not even imported
+    eval_types, train_types = tuple(eval_classes), tuple(train_classes)
+    fetcher: Optional["weakref.ReferenceType[Any]"] = None
+    any_fetcher = False
+    try:
+        frame: Any = sys._getframe(2)
+    except ValueError:  # called straight from a thread's bootstrap: no Python caller at all
+        return None, False
+    for _ in range(_SEARCH_DEPTH):
         if frame is None:
-            return None
+            break
         candidate = frame.f_locals.get("self")
-        if isinstance(candidate, cls):
-            return weakref.ref(candidate)
+        if candidate is not None:
+            if not any_fetcher and fetcher_classes and isinstance(candidate, fetcher_classes):
+                any_fetcher = True
+                if isinstance(prefetch_cls, type) and isinstance(candidate, prefetch_cls):
+                    fetcher = weakref.ref(candidate)
+            elif isinstance(candidate, eval_types + train_types):
+                if not any_fetcher:
+                    warnings.warn(
+                        f"ResumableDataLoader: {type(candidate).__name__} is iterating this loader but no Lightning "
+                        "data fetcher was found among its callers (Lightning's internals changed?). The saved "
+                        "position cannot account for batches the fetcher prefetches, so with a loader without a "
+                        "length a resume would be off by one batch.",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+                return fetcher, isinstance(candidate, eval_types)
         frame = frame.f_back
-    return None
+    return fetcher, False
 
 
 def _apply_skipped_lightning_restore(can_apply: bool) -> None:
-    """Load loader states that Lightning stashed but never applied (#20550).
+    """Load loader states that Lightning stashed from the checkpoint but never applied.
 
-    When ``configure_optimizers`` reads ``trainer.estimated_stepping_batches``, Lightning builds the
-    train loader before restoring the checkpoint and later skips ``_load_combined_loader_states``,
-    so a resumed run would silently restart the epoch. Our iterator is lazy, so at the first
-    ``next()`` of a pass it is still in time (``can_apply``): load the stashed states now. Later
-    (a loader without a length had its first batch prefetched before the restore) it is too
-    late, and this raises instead of training on the wrong samples.
+    Lightning applies them in ``_FitLoop.setup_data`` only when it is ``restarting``, and skips it
+
+    - when the checkpoint was written after the epoch finished (``ModelCheckpoint``'s default
+      save at ``on_train_epoch_end``, or at the end of the epoch's validation): Lightning then
+      counts the epoch as done and is "not restarting", so our loader would start from scratch:
+      a ``PoolSampler`` bag would start again from its first draw, and a loader without a length
+      would prefetch its first batch before ``set_epoch`` and train the old epoch's order;
+    - when ``configure_optimizers`` reads ``trainer.estimated_stepping_batches`` (#20550): the
+      train loader is built before the checkpoint is restored and ``setup_data`` never runs again.
+
+    Our iterator is lazy, so at the first ``next()`` of a pass no batch has been drawn yet
+    (``can_apply``): load the stashed states now. Later (#20550 with a loader without a length,
+    whose first batch was prefetched before the restore) it is too late, and this raises instead
+    of training on the wrong samples.
     """
-    module = sys.modules.get("lightning.pytorch.loops.training_epoch_loop")
-    cls = getattr(module, "_TrainingEpochLoop", None) if module is not None else None
-    if cls is None:
+    classes = tuple(
+        cls
+        for module_name, name in (
+            ("lightning.pytorch.loops.training_epoch_loop", "_TrainingEpochLoop"),
+            ("lightning.pytorch.loops.fit_loop", "_FitLoop"),
+        )
+        if isinstance(cls := getattr(sys.modules.get(module_name), name, None), type)
+    )
+    if not classes:
         return
-    frame = sys._getframe(2)
-    for _ in range(16):
+    frame: Any = sys._getframe(2)
+    for _ in range(_SEARCH_DEPTH):
         if frame is None:
             return
         candidate = frame.f_locals.get("self")
-        if isinstance(candidate, cls):
-            fit_loop = getattr(candidate.trainer, "fit_loop", None)
-            if fit_loop is None or not fit_loop.restarting or not getattr(fit_loop, "_combined_loader_states_to_load", None):
+        if isinstance(candidate, classes):
+            trainer = getattr(candidate, "trainer", None)
+            fit_loop = getattr(trainer, "fit_loop", None)
+            states = getattr(fit_loop, "_combined_loader_states_to_load", None)
+            combined = getattr(fit_loop, "_combined_loader", None)
+            if not states or combined is None:
                 return
             if not can_apply:
                 raise RuntimeError(
@@ -106,13 +169,25 @@ def _apply_skipped_lightning_restore(can_apply: bool) -> None:
                     "batch from the start of the epoch. Give the sampler a length or compute the schedule "
                     "without `estimated_stepping_batches`."
                 )
-            warnings.warn(
-                "ResumableDataLoader: Lightning skipped restoring the train loader's position (it built the "
-                "loader early, e.g. for `trainer.estimated_stepping_batches`, Lightning #20550); restoring it "
-                "now, before the first batch.",
-                stacklevel=2,
-            )
-            fit_loop._load_combined_loader_states()
+            if fit_loop.restarting:  # Lightning meant to restore and missed it: worth telling
+                warnings.warn(
+                    "ResumableDataLoader: Lightning skipped restoring the train loader's position (it built the "
+                    "loader early, e.g. for `trainer.estimated_stepping_batches`, Lightning #20550); restoring it "
+                    "now, before the first batch.",
+                    stacklevel=2,
+                )
+            # What ``_FitLoop._load_combined_loader_states`` does, without its ``restarting`` gate. It
+            # runs after Lightning's ``set_epoch`` here (normally before), so keep those requests.
+            requests = [
+                (dl._resumable, dl._resumable._requested_epoch)
+                for dl in combined.flattened
+                if isinstance(dl, ResumableDataLoader)
+            ]
+            combined._load_state_dicts(states)
+            for sampler, requested in requests:
+                if requested is not None:
+                    sampler._requested_epoch = requested
+            fit_loop._combined_loader_states_to_load = []
             return
         frame = frame.f_back
 
@@ -120,13 +195,14 @@ def _apply_skipped_lightning_restore(can_apply: bool) -> None:
 class _PassTracker:
     """What the loader knows about one pass: its plan and the batches handed out."""
 
-    __slots__ = ("plan", "yielded", "fetcher", "held_after")
+    __slots__ = ("plan", "yielded", "fetcher", "held_after", "frozen")
 
     def __init__(self, plan: Pass, fetcher: Optional["weakref.ReferenceType[Any]"]) -> None:
         self.plan = plan
         self.yielded = 0
         self.fetcher = fetcher
         self.held_after = 0  # batches the fetcher held after our last next(), for after teardown
+        self.frozen: Optional[int] = None  # consumption fixed when the next pass was requested
 
     def note_fetcher(self, returned: bool) -> None:
         fetcher = self.fetcher() if self.fetcher is not None else None
@@ -135,21 +211,36 @@ class _PassTracker:
         buffered = returned and fetcher.length is None and fetcher.prefetch_batches > 0
         self.held_after = len(fetcher.batches) + (1 if buffered else 0)
 
+    def freeze(self) -> None:
+        """Fix the consumed count now: a new ``iter()`` replaces this pass, and the fetcher is about
+        to drop the batches it prefetched from it without handing them to the loop."""
+        if self.frozen is None:
+            self.frozen = self.consumed()
+
     def consumed(self) -> int:
+        if self.frozen is not None:
+            return self.frozen
         held = 0
-        fetcher = self.fetcher() if self.fetcher is not None else None
-        if fetcher is not None:
-            # A torn-down fetcher (fit returned) has dropped its buffer: use what we recorded.
-            held = len(fetcher.batches) if fetcher.iterator is not None else self.held_after
+        if self.fetcher is not None:
+            fetcher = self.fetcher()
+            if fetcher is not None and fetcher.iterator is not None:
+                held = len(fetcher.batches)
+            else:
+                # A torn-down fetcher (fit returned) has dropped its buffer, or was freed
+                # altogether (``fit_loop._data_fetcher = None``): use what we recorded.
+                held = self.held_after
         return max(0, self.yielded - held)
 
 
 class _ResumableIterator(Iterator[Any]):
     """Lazy iterator: starts the sampler's pass and the DataLoader iterator at the first ``next()``."""
 
-    def __init__(self, loader: "ResumableDataLoader", fetcher: Optional["weakref.ReferenceType[Any]"]) -> None:
+    def __init__(
+        self, loader: "ResumableDataLoader", fetcher: Optional["weakref.ReferenceType[Any]"], evaluating: bool
+    ) -> None:
         self._loader = loader
         self._fetcher = fetcher
+        self._evaluating = evaluating
         self._inner: Optional[Iterator[Any]] = None
         self._tracker: Optional[_PassTracker] = None
 
@@ -160,15 +251,33 @@ class _ResumableIterator(Iterator[Any]):
         return len(self._loader)
 
     def _start(self) -> _PassTracker:
-        _apply_skipped_lightning_restore(can_apply=True)
         loader = self._loader
         sampler = loader._resumable
+        if self._evaluating:
+            # Every evaluation run (validation, sanity check, test, predict) sees the whole epoch
+            # from its start, as with a plain DataLoader; Lightning saves no evaluation position.
+            # The training position (if this loader also trains) is kept aside and untouched.
+            if loader._tracker is None and loader._idle_state is None:
+                loader._idle_state = (sampler._epoch, sampler._position, sampler._epoch_arg)
+            sampler._rewind(sampler._effective()[0], 0)
+            tracker = _PassTracker(sampler._plan_pass(), self._fetcher)
+            self._inner = DataLoader.__iter__(loader)
+            return tracker
+        _apply_skipped_lightning_restore(can_apply=True)
         previous = loader._tracker
         if previous is not None:
             # Continue where the loop stopped consuming, not where prefetching stopped.
             state = loader._sampler_state(previous)
             sampler._rewind(state["epoch"], state["position"])
+        elif loader._idle_state is not None:
+            epoch, position, epoch_arg = loader._idle_state
+            sampler._rewind(epoch, position)
+            sampler._epoch_arg = epoch_arg
+        loader._idle_state = None
         tracker = _PassTracker(sampler._plan_pass(), self._fetcher)
+        loaded, loader._loaded = loader._loaded, None
+        if loaded is not None and self._fetcher is not None:
+            loader._check_world_size_change(tracker.plan, *loaded)
         loader._tracker = tracker
         self._inner = DataLoader.__iter__(loader)
         return tracker
@@ -186,7 +295,7 @@ class _ResumableIterator(Iterator[Any]):
         tracker.yielded += 1
         if tracker.fetcher is not None:
             tracker.note_fetcher(returned=True)
-            if tracker.yielded == 2:  # the first batch may have been prefetched before a skipped restore
+            if tracker.yielded == 2 and not self._evaluating:  # the first batch may have been prefetched before a skipped restore
                 _apply_skipped_lightning_restore(can_apply=False)
         return batch
 
@@ -276,6 +385,11 @@ class ResumableDataLoader(DataLoader):
         self._batch_units = int(batch_units)
         self._loader_drop_last = bool(loader_drop_last)
         self._tracker: Optional[_PassTracker] = None
+        # The sampler position to return to after evaluation passes that ran before any training
+        # pass: (epoch, position, set_epoch value).
+        self._idle_state: Optional[tuple[int, int, Optional[int]]] = None
+        # (epoch, position, num_replicas) of the last loaded state, until the next pass checks it.
+        self._loaded: Optional[tuple[int, int, Optional[int]]] = None
         super().__init__(
             dataset,
             batch_size=batch_size,
@@ -307,7 +421,13 @@ class ResumableDataLoader(DataLoader):
         self.__dict__["_dataloader_sampler"] = value  # what DataLoader.__init__ assigned
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
-        return _ResumableIterator(self, _find_prefetcher())
+        fetcher, evaluating = _find_lightning_caller()
+        if not evaluating and self._tracker is not None:
+            # Now, not at the lazy first next(): by then Lightning's fetcher has reset and forgotten
+            # the batch it prefetched from the old pass and never trained on (a loader without a
+            # length that Lightning stops at the end of an epoch it resumed on its last batch).
+            self._tracker.freeze()
+        return _ResumableIterator(self, fetcher, evaluating)
 
     # -- state -------------------------------------------------------------------------------
     def _batches_in_pass(self, units: int) -> int:
@@ -326,10 +446,48 @@ class ResumableDataLoader(DataLoader):
         finished = consumed >= self._batches_in_pass(plan.length)
         return self._resumable._state_after(plan, units, finished)
 
+    def _check_world_size_change(self, plan: Pass, epoch: int, position: int, saved_replicas: Any) -> None:
+        """Refuse a mid-epoch resume on another world size that Lightning would cut short.
+
+        The position is global, so the sampler itself continues the epoch on any world size. But
+        Lightning restores its own count of the epoch's batches done (those of the old world
+        size) and ends the epoch when that count reaches ``len(loader)`` of the new one: with
+        more ranks it would stop before the remaining samples are through, or skip to the next
+        epoch at once. That silently skips samples, so raise instead.
+        """
+        if not isinstance(saved_replicas, int) or saved_replicas == plan.num_replicas or plan.length is None:
+            return
+        size = self._resumable._epoch_size()
+        if not 0 < position < size:
+            return  # at an epoch boundary any world size is fine
+        units_per_batch = self._batch_units
+        done = -(-position // (saved_replicas * units_per_batch))  # Lightning's restored batch count
+        if (plan.epoch, plan.start) == (epoch, position):
+            try:
+                total = len(self)
+            except TypeError:
+                return  # no length: Lightning runs the pass to its end
+            remaining = self._batches_in_pass(plan.length)
+            if done + remaining <= total:
+                return
+            what = f"Lightning would end the epoch after {max(0, total - done)} of the {remaining} remaining batches"
+        else:
+            what = f"Lightning moved on to epoch {plan.epoch}, skipping the rest of epoch {epoch}"
+        raise RuntimeError(
+            f"ResumableDataLoader: the checkpoint was written mid-epoch with {saved_replicas} rank(s) "
+            f"({done} batches of the epoch done) and is resumed with {plan.num_replicas}; {what}, so samples "
+            "would be skipped. Resume on the same number of ranks, or from a checkpoint at an epoch boundary."
+        )
+
     def state_dict(self) -> dict[str, Any]:
         """The sampler position after the batches the training loop consumed (a few integers)."""
         tracker = self._tracker
-        if tracker is None:
+        if tracker is None and self._idle_state is not None:
+            epoch, position, epoch_arg = self._idle_state
+            sampler = self._resumable
+            sampler_state = sampler._make_state(epoch, position, sampler._last_num_replicas, epoch_arg)
+            consumed = 0
+        elif tracker is None:
             sampler_state, consumed = self._resumable.state_dict(), 0
         else:
             sampler_state, consumed = self._sampler_state(tracker), tracker.consumed()
@@ -355,4 +513,7 @@ class ResumableDataLoader(DataLoader):
                 f"'loader' == {_STATE_NAME!r} and 'sampler'), got keys {sorted(state)}"
             )
         self._resumable.load_state_dict(state["sampler"])
+        sampler_state = state["sampler"]
+        self._loaded = (self._resumable._epoch, self._resumable._position, sampler_state.get("num_replicas"))
         self._tracker = None
+        self._idle_state = None

@@ -93,3 +93,25 @@ def test_ddp_resume_parity_per_rank(tmp_path, use_distributed_sampler, specs):
             for rank in range(2):
                 resumed = _read(tmp_path, kind, f"resume{step}", rank)["seen"]
                 assert resumed == seen[rank][step:], f"{kind}: rank {rank} after resuming from step {step}"
+        if kind == "random":
+            _check_world_size_change(tmp_path, kind, seen, steps_per_epoch, spec_format(specs, kind))
+
+
+def spec_format(specs: list[str], kind: str) -> str:
+    return dict(spec.split(":") for spec in specs)[kind]
+
+
+def _check_world_size_change(tmp_path: Path, kind: str, seen: list, steps_per_epoch: int, fmt: str) -> None:
+    """Rank 0's 2-rank checkpoint resumed on 1 device: the rest of the epoch, nothing repeated or skipped."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import samplers_harness as H
+
+    step = 2
+    path = H.ckpt_for_step(str(tmp_path / f"ckpt-{kind}"), step, fmt)
+    _, rest = H.fit(lambda: H.make_loader(kind), str(tmp_path / "single"), ckpt_path=path, max_epochs=2, plugins=H.plugins_for(fmt))
+    done = {i for r in range(2) for batch in seen[r][:step] for i in batch}
+    epoch0 = [i for batch in rest[: len(rest) - 6] for i in batch]
+    assert sorted(epoch0) == sorted(set(range(22)) - done)  # the epoch goes on, one rank now
+    single_epoch1 = [batch for batch in rest[len(rest) - 6 :]]
+    two_rank_epoch1 = {i for r in range(2) for batch in seen[r][steps_per_epoch:] for i in batch}
+    assert sorted(i for b in single_epoch1 for i in b) == sorted(two_rank_epoch1) == list(range(22))

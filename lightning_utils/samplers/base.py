@@ -43,6 +43,7 @@ class Pass:
     num_replicas: int
     rank: int
     length: Optional[int]  # units this rank yields; None for an endless sampler
+    epoch_arg: Optional[int] = None  # the last ``set_epoch`` value in force (None: never called)
 
 
 class ResumableSampler(DistributedSampler):
@@ -66,6 +67,10 @@ class ResumableSampler(DistributedSampler):
         self._pos = 0  # committed position; a running pass adds what its cursor has yielded
         self._cursor: Optional[tuple[Any, int, int, int, int]] = None
         self._requested_epoch: Optional[int] = None
+        # The last set_epoch value that took effect. A later set_epoch is compared with it, not
+        # with the running epoch, which runs ahead when a pass rolls over on its own (a short
+        # loader cycled by CombinedLoader): Lightning's set_epoch(same) must not reset that.
+        self._epoch_arg: Optional[int] = None
         self._token = object()  # identifies the pass allowed to advance ``_position``
         self._last_num_replicas: Optional[int] = None
 
@@ -140,18 +145,32 @@ class ResumableSampler(DistributedSampler):
 
         A different epoch starts that epoch from its beginning when the next iteration starts;
         the same epoch changes nothing, so a restored or partly consumed position is kept
-        (Lightning calls ``set_epoch`` after restoring a mid-epoch checkpoint, #21938). An
-        iterator that is already running is not affected.
+        (Lightning calls ``set_epoch`` after restoring a mid-epoch checkpoint, #21938). "The
+        same" means the value of the previous ``set_epoch`` (saved in the state), so a sampler
+        that rolled over into later epochs on its own within one Lightning epoch (a short loader
+        cycled by ``CombinedLoader``) keeps its position too. An iterator that is already
+        running is not affected.
         """
         epoch = operator.index(epoch)
         if epoch < 0:
             raise ValueError(f"{type(self).__name__}.set_epoch: epoch must be >= 0, got {epoch}")
         self._requested_epoch = epoch
 
-    def _effective(self) -> tuple[int, int]:
+    def _pending_epoch(self) -> Optional[int]:
+        """The epoch a pending ``set_epoch`` switches to, or ``None`` if it changes nothing."""
         requested = self._requested_epoch
-        if requested is not None and requested != self._epoch:
-            return requested, 0
+        if requested is None:
+            return None
+        base = self._epoch if self._epoch_arg is None else self._epoch_arg
+        return None if requested == base else requested
+
+    def _current_epoch_arg(self) -> Optional[int]:
+        return self._epoch_arg if self._requested_epoch is None else self._requested_epoch
+
+    def _effective(self) -> tuple[int, int]:
+        pending = self._pending_epoch()
+        if pending is not None:
+            return pending, 0
         return self._epoch, self._position
 
     def _pass_length(self, start: int, num_replicas: int) -> int:
@@ -162,11 +181,12 @@ class ResumableSampler(DistributedSampler):
         """The pass the next ``iter()`` will run (pure: changes nothing)."""
         num_replicas, rank = resolve_replicas(self._num_replicas_arg, self._rank_arg)
         epoch, start = self._effective()
+        epoch_arg = self._current_epoch_arg()
         if self._ENDLESS:
-            return Pass(epoch, start, num_replicas, rank, None)
+            return Pass(epoch, start, num_replicas, rank, None, epoch_arg)
         if self._pass_length(start, num_replicas) == 0 and start > 0:
             epoch, start = epoch + 1, 0  # the epoch is used up: roll over
-        return Pass(epoch, start, num_replicas, rank, self._pass_length(start, num_replicas))
+        return Pass(epoch, start, num_replicas, rank, self._pass_length(start, num_replicas), epoch_arg)
 
     def _rewind(self, epoch: int, position: int) -> None:
         """Move to ``(epoch, position)``, keeping a pending ``set_epoch`` request."""
@@ -176,6 +196,7 @@ class ResumableSampler(DistributedSampler):
     def __iter__(self) -> Iterator[Any]:
         plan = self._plan_pass()
         self._epoch, self._position, self._requested_epoch = plan.epoch, plan.start, None
+        self._epoch_arg = plan.epoch_arg
         self._last_num_replicas = plan.num_replicas
         token = self._token = object()
         return self._generate(plan, token)
@@ -207,28 +228,35 @@ class ResumableSampler(DistributedSampler):
         return self._effective()[1]
 
     # -- state ---------------------------------------------------------------------------------
-    def _make_state(self, epoch: int, position: int, num_replicas: Optional[int]) -> dict[str, Any]:
+    def _make_state(
+        self, epoch: int, position: int, num_replicas: Optional[int], epoch_arg: Optional[int] = None
+    ) -> dict[str, Any]:
         state: dict[str, Any] = {"sampler": self._STATE_NAME, "version": _STATE_VERSION}
         state.update(self._identity())
-        state.update({"epoch": epoch, "position": position, "num_replicas": num_replicas})
+        state.update({"epoch": epoch, "position": position, "num_replicas": num_replicas, "set_epoch": epoch_arg})
         return state
 
     def state_dict(self) -> dict[str, Any]:
         """This sampler's own position: what it has yielded so far (a few integers)."""
         epoch, position = self._effective()
-        return self._make_state(epoch, position, self._last_num_replicas)
+        return self._make_state(epoch, position, self._last_num_replicas, self._current_epoch_arg())
 
     def _state_after(self, plan: Pass, units: int, finished: bool) -> dict[str, Any]:
         """The state after this rank consumed ``units`` units of ``plan`` (used by the loader)."""
         position = plan.start + plan.num_replicas * units
         if finished and plan.length is not None:
             position = max(position, plan.start + plan.num_replicas * plan.length)
-        return self._make_state(plan.epoch, position, plan.num_replicas)
+        return self._make_state(plan.epoch, position, plan.num_replicas, plan.epoch_arg)
 
-    def _check_state(self, state: Any) -> tuple[int, int]:
+    def _check_state(self, state: Any) -> tuple[int, int, Optional[int]]:
         name = self._STATE_NAME
         if not isinstance(state, Mapping):
             raise ValueError(f"{name}.load_state_dict expects a dict, got {type(state).__name__}")
+        if "loader" in state and isinstance(state.get("sampler"), Mapping):
+            raise ValueError(
+                f"{name}.load_state_dict: the state is a {state['loader']} state (the loader's, not the "
+                "sampler's); load it with the loader's load_state_dict, or pass its 'sampler' entry"
+            )
         other = state.get("sampler")
         if other is not None and other != name:
             raise ValueError(f"{name}.load_state_dict: the state is from a {other}, not a {name}")
@@ -251,7 +279,13 @@ class ResumableSampler(DistributedSampler):
             if value < 0:
                 raise ValueError(f"{name}.load_state_dict: {key} must be >= 0, got {value}")
             values.append(value)
-        return values[0], values[1]
+        epoch_arg = state.get("set_epoch")
+        if epoch_arg is not None:
+            try:
+                epoch_arg = operator.index(epoch_arg)
+            except TypeError:
+                raise ValueError(f"{name}.load_state_dict: set_epoch must be an int or None, got {epoch_arg!r}") from None
+        return values[0], values[1], epoch_arg
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from ``state``: the remainder of its epoch, then the following epochs.
@@ -259,8 +293,9 @@ class ResumableSampler(DistributedSampler):
         Raises ``ValueError`` naming what differs if the state belongs to another sampler
         type, another length / seed / batch layout, or lacks a key.
         """
-        epoch, position = self._check_state(state)
+        epoch, position, epoch_arg = self._check_state(state)
         self._epoch, self._position, self._requested_epoch = epoch, position, None
+        self._epoch_arg = epoch_arg
         self._last_num_replicas = state.get("num_replicas")
         self._token = object()
 

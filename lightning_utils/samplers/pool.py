@@ -126,9 +126,11 @@ class PoolSampler(ResumableSampler):
 
     __call__ = sample
 
-    def _make_state(self, epoch: int, position: int, num_replicas: Optional[int]) -> dict[str, Any]:
+    def _make_state(
+        self, epoch: int, position: int, num_replicas: Optional[int], epoch_arg: Optional[int] = None
+    ) -> dict[str, Any]:
         bag_epoch = position // self.length if self.length else 0  # derived, informational
-        return super()._make_state(bag_epoch, position, num_replicas)
+        return super()._make_state(bag_epoch, position, num_replicas, None)
 
     def load_state_dict(self, state: Any) -> None:
         super().load_state_dict(state)

@@ -62,6 +62,13 @@ def main() -> None:
         run(out, kind, fmt, uds, callbacks=[every_n_steps_checkpoint(ckpt_dir, 1, fmt)])
         for step in RESUME_STEPS[kind]:
             run(out, kind, fmt, uds, ckpt_path=ckpt_for_step(ckpt_dir, step, fmt), phase=f"resume{step}")
+    # Tear the gloo group down before the interpreter exits: left to exit-time destructors, its
+    # worker threads sometimes abort the process ("terminate called without an active exception").
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
