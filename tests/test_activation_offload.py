@@ -550,3 +550,68 @@ def test_ddp_two_ranks_same_result_as_plain(tmp_path):
             torch.testing.assert_close(results[mode][1][k], v, atol=0, rtol=0)  # ranks in sync
     for k, v in results["plain"][0].items():
         torch.testing.assert_close(results["offload"][0][k], v, atol=1e-6, rtol=0, msg=k)
+
+
+# ---------------------------------------------------------------------------------------------
+# Review findings (each test failed before its fix)
+def test_autocast_state_of_forward_is_replayed_even_when_backward_runs_under_autocast():
+    """The recompute must use the forward's autocast state, also when that state was *off* and
+    backward is called inside an autocast region."""
+    plain, off = _stack(), _stack()
+    apply_activation_offload(off, Block)
+    x = torch.randn(4, D)
+    for model in (plain, off):
+        torch.manual_seed(1)
+        out = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out.pow(2).mean().backward()
+    _assert_same(_grads(plain), _grads(off))
+
+
+def test_batchnorm_running_stats_updated_once():
+    """The recompute must not update running statistics a second time."""
+
+    class BNBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(D, D)
+            self.bn = nn.BatchNorm1d(D)
+            self.bn_cumulative = nn.BatchNorm1d(D, momentum=None)
+
+        def forward(self, x):
+            return x + self.bn_cumulative(self.bn(self.fc(x)))
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(BNBlock(), BNBlock())
+    off = copy.deepcopy(plain)
+    apply_activation_offload(off, BNBlock)
+    for step in range(2):
+        x = torch.randn(8, D)
+        plain(x).pow(2).sum().backward()
+        off(x).pow(2).sum().backward()
+    _assert_same(_grads(plain), _grads(off))
+    for (k, a), b in zip(plain.state_dict().items(), off.state_dict().values()):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=0, msg=k)
+
+
+def test_host_copies_released_by_backward_and_retain_graph_still_works(fake_ops):
+    """A block's host copies live as long as autograd keeps its saved tensors: freed by the
+    backward (even while the caller still holds the output), kept with retain_graph=True."""
+    import gc
+    import weakref
+
+    off = _stack(p=0.0)
+    apply_activation_offload(off, Block)
+    x = torch.randn(4, D, requires_grad=True)
+    out = off(x * 1.0)
+    hosts = [weakref.ref(c.host) for c in out.grad_fn.group.copies]
+    assert hosts and all(h() is not None for h in hosts)
+    out.sum().backward(retain_graph=True)
+    first = x.grad.clone()
+    gc.collect()
+    assert all(h() is not None for h in hosts)  # retained for a second backward
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, 2 * first)
+    gc.collect()
+    assert all(h() is None for h in hosts), "pinned host buffers outlived the backward"
+    del out
