@@ -183,17 +183,22 @@ class _HostCopy:
     """A device tensor copied to host memory: the buffer, the event that completes the copy and,
     once the backward of the block that follows it has started, a prefetched device copy."""
 
-    __slots__ = ("host", "pinned", "device", "event", "prefetched", "prefetch_event", "source", "version")
+    __slots__ = ("_host", "buffer_for_save", "pinned", "device", "event", "prefetched", "prefetch_event", "source", "version")
 
     def __init__(self, t: Tensor, pin_memory: bool):
         compute = _ops.current_stream(t.device)
         side = _ops.side_stream(t.device)
         side.wait_stream(compute)  # the copy must read the finished value
         self.pinned = pin_memory
-        self.host = _ops.host_buffer(t, pin_memory)
+        host = _ops.host_buffer(t, pin_memory)
         with _ops.use_stream(side):
-            self.host.copy_(t, non_blocking=pin_memory)
+            host.copy_(t, non_blocking=pin_memory)
             self.event = _ops.record_event(side)
+        # The buffer itself is handed to ctx.save_for_backward, so autograd owns it and frees it
+        # after the backward (or keeps it for retain_graph=True); a strong reference here would
+        # keep pinned host memory alive for as long as anyone holds the block's output.
+        self._host = weakref.ref(host)
+        self.buffer_for_save = host
         # The caching allocator must not hand t's memory out again until the side stream has
         # finished reading it, although Python may drop the last reference right away.
         _ops.record_stream(t, side)
@@ -204,22 +209,29 @@ class _HostCopy:
         self.source = weakref.ref(t)
         self.version = t._version
 
+    @property
+    def host(self) -> Tensor | None:
+        """The host buffer while autograd still holds it (None once the graph has been freed)."""
+        return self._host()
+
     def modified(self) -> bool:
         source = self.source()
         return source is not None and source._version != self.version
 
     def prefetch(self) -> None:
         """Start the host-to-device copy on the side stream, to overlap the current backward."""
-        if self.prefetched is not None or not self.pinned:
+        host = self.host
+        if self.prefetched is not None or not self.pinned or host is None:
             return  # from pageable memory a copy would block the host: load() does it then
         side = _ops.side_stream(self.device)
         side.wait_event(self.event)
         with _ops.use_stream(side):
-            self.prefetched = self.host.to(self.device, non_blocking=True)
+            self.prefetched = host.to(self.device, non_blocking=True)
             self.prefetch_event = _ops.record_event(side)
 
-    def load(self) -> Tensor:
-        """The tensor back on its device, usable on the current stream."""
+    def load(self, host: Tensor) -> Tensor:
+        """The tensor back on its device, usable on the current stream (``host``: the buffer
+        as autograd hands it back from the saved tensors)."""
         compute = _ops.current_stream(self.device)
         if self.prefetched is not None:
             t, self.prefetched = self.prefetched, None
@@ -227,7 +239,7 @@ class _HostCopy:
             _ops.record_stream(t, compute)  # allocated on the side stream, used/freed on this one
             return t
         compute.wait_event(self.event)
-        return self.host.to(self.device, non_blocking=self.pinned)
+        return host.to(self.device, non_blocking=self.pinned)
 
 
 class _Group:
@@ -289,14 +301,21 @@ def _devices_of(tensors: Iterable[Tensor], device_type: str) -> list[int]:
     return found
 
 
-def _autocast_state() -> dict[str, dict[str, Any]]:
+def _autocast_state(tensors: Iterable[Tensor]) -> dict[str, dict[str, Any]]:
+    """Autocast on/off, dtype and cache flag of the CPU, CUDA (when present) and the inputs'
+    device types. Disabled states are recorded too: a backward called inside an autocast region
+    must not recompute a forward that ran outside one in low precision."""
+    device_types = {"cpu", *(t.device.type for t in tensors)}
+    if torch.cuda.is_available():
+        device_types.add("cuda")
     state = {}
-    for device_type in ("cpu", "cuda"):
-        if torch.is_autocast_enabled(device_type):
-            state[device_type] = {
-                "dtype": torch.get_autocast_dtype(device_type),
-                "cache_enabled": torch.is_autocast_cache_enabled(),
-            }
+    for device_type in sorted(device_types):
+        try:
+            enabled = torch.is_autocast_enabled(device_type)
+            dtype = torch.get_autocast_dtype(device_type)
+        except RuntimeError:  # a device type without autocast support
+            continue
+        state[device_type] = {"enabled": enabled, "dtype": dtype, "cache_enabled": torch.is_autocast_cache_enabled()}
     return state
 
 
@@ -315,7 +334,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             ctx.cuda_devices = _devices_of((*inputs, *params), "cuda")
         ctx.cuda_rng = [torch.cuda.get_rng_state(d) for d in ctx.cuda_devices]
-        ctx.autocast = _autocast_state()
+        ctx.autocast = _autocast_state((*inputs, *params))
 
         # Save the inputs: CUDA tensors of at least min_bytes go to the host, the rest by reference.
         options = run.options
@@ -341,7 +360,12 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         ctx.group = _Group(list(copies.values()))
         if copies:
             _register(ctx.group)
-        ctx.save_for_backward(*by_reference)
+        ctx.n_by_reference = len(by_reference)
+        host_buffers = []
+        for host_copy in ctx.group.copies:
+            host_buffers.append(host_copy.buffer_for_save)
+            host_copy.buffer_for_save = None
+        ctx.save_for_backward(*by_reference, *host_buffers)
 
         with _Nested():
             output = run.call(inputs)
@@ -357,10 +381,11 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, *grad_outputs: Tensor | None) -> tuple[Tensor | None, ...]:
         run: _Run = ctx.run
-        by_reference = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        by_reference, host_buffers = saved[: ctx.n_by_reference], saved[ctx.n_by_reference :]
         group: _Group = ctx.group
         loaded: dict[int, Tensor] = {}
-        for host_copy in group.copies:
+        for host_copy, host in zip(group.copies, host_buffers):
             if host_copy.modified():
                 # Same rule as autograd's saved tensors (and the copy may have raced the change).
                 raise RuntimeError(
@@ -368,7 +393,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
                     "modified by an inplace operation after the block's forward; offloaded inputs "
                     "must not be changed in place before backward"
                 )
-            loaded[id(host_copy)] = host_copy.load()
+            loaded[id(host_copy)] = host_copy.load(host)
         if group.copies:
             previous = _pop_previous(group)
             if previous is not None:  # overlap its host-to-device copy with this block's backward
@@ -383,13 +408,24 @@ class _OffloadedCheckpoint(torch.autograd.Function):
                 t.requires_grad_(True)
             inputs.append(t)
 
-        # Replay the forward: same RNG (dropout masks), same autocast, grad enabled.
-        with torch.random.fork_rng(devices=ctx.cuda_devices, enabled=True, device_type="cuda"):
-            torch.set_rng_state(ctx.cpu_rng)
-            for device, state in zip(ctx.cuda_devices, ctx.cuda_rng):
-                torch.cuda.set_rng_state(state, device)
-            with torch.enable_grad(), _Nested(), _autocast(ctx.autocast):
-                output = run.call(inputs)
+        # Replay the forward: same RNG (dropout masks), same autocast, grad enabled. Running
+        # statistics are put back only after the gradients: the recomputed graph saved them.
+        running_stats = _RunningStats(run.module)
+        try:
+            with torch.random.fork_rng(devices=ctx.cuda_devices, enabled=True, device_type="cuda"):
+                torch.set_rng_state(ctx.cpu_rng)
+                for device, state in zip(ctx.cuda_devices, ctx.cuda_rng):
+                    torch.cuda.set_rng_state(state, device)
+                with torch.enable_grad(), _Nested(), _autocast(ctx.autocast):
+                    output = run.call(inputs)
+            return _OffloadedCheckpoint._gradients(ctx, run, inputs, output, grad_outputs)
+        finally:
+            running_stats.restore()
+
+    @staticmethod
+    def _gradients(
+        ctx: Any, run: "_Run", inputs: list[Tensor], output: Any, grad_outputs: tuple[Tensor | None, ...]
+    ) -> tuple[Tensor | None, ...]:
         leaves: list[Tensor] = []
         _flatten(output, leaves)
         if len(leaves) != ctx.n_outputs:
@@ -425,7 +461,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
 
 
 class _autocast:
-    """Re-enter the autocast state captured in the forward (for each device type it was on)."""
+    """Re-enter the autocast state captured in the forward (on or off, for each device type)."""
 
     def __init__(self, state: dict[str, dict[str, Any]]):
         self.managers = [torch.autocast(device_type=d, **kw) for d, kw in state.items()]
@@ -437,6 +473,29 @@ class _autocast:
     def __exit__(self, *exc: Any) -> None:
         for m in reversed(self.managers):
             m.__exit__(*exc)
+
+
+class _RunningStats:
+    """A snapshot of the running statistics of the block's normalisation layers (BatchNorm,
+    InstanceNorm with ``track_running_stats``), put back after the recompute: the block's no-grad
+    forward already updated them once, as the plain forward does, and a second update would
+    make the buffers (and the state dict) drift from a run without offloading."""
+
+    def __init__(self, module: nn.Module | None):
+        self.saved: list[tuple[Tensor, Tensor]] = []
+        if module is None:
+            return
+        for m in module.modules():
+            if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats:
+                for buf in (m.running_mean, m.running_var, m.num_batches_tracked):
+                    if buf is not None:
+                        self.saved.append((buf, buf.clone()))
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for buf, value in self.saved:
+                buf.copy_(value)
+        self.saved = []
 
 
 class _Run:
@@ -451,7 +510,9 @@ class _Run:
         options: OffloadOptions,
         name: str,
         checker: "_GraphCheck",
+        module: nn.Module | None = None,
     ):
+        self.module = module  # the wrapped module (for its running statistics), if any
         self.fn = fn
         self.in_spec = in_spec
         self.n_inputs = n_inputs
@@ -536,13 +597,14 @@ def _checkpoint_call(
     options: OffloadOptions,
     name: str,
     checker: _GraphCheck,
+    module: nn.Module | None = None,
 ) -> Any:
     leaves: list[Tensor] = []
     in_spec = _flatten((args, kwargs), leaves)
     if _depth() > 0 or not _needs_recompute(leaves, params):
         return fn(*args, **kwargs)
     params = [p for p in params if p.requires_grad]
-    run = _Run(fn, in_spec, len(leaves), params, options, name, checker)
+    run = _Run(fn, in_spec, len(leaves), params, options, name, checker, module)
     out_leaves = _OffloadedCheckpoint.apply(run, *leaves, *params)
     return _unflatten(run.out_spec, out_leaves)
 
@@ -567,7 +629,9 @@ class _OffloadedForward:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         params = list(self.module.parameters())
-        return _checkpoint_call(self._forward, args, kwargs, params, self.options, self.name, self.checker)
+        return _checkpoint_call(
+            self._forward, args, kwargs, params, self.options, self.name, self.checker, self.module
+        )
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
