@@ -385,3 +385,49 @@ def test_torchao_float8_construction_path(monkeypatch):
     assert type(net.model[0]).__name__ == "Float8Linear" and type(net.head) is nn.Linear
     assert list(net.state_dict()) == keys
     assert all(p is params[n] for n, p in net.named_parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Review findings (each test failed before its fix)
+def test_ties_survive_a_dtype_changing_replacement():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 6)
+            self.out = nn.Linear(6, 10, bias=False)
+            self.out.weight = self.emb.weight
+
+    def to_f64(name, old):
+        if isinstance(old, nn.Embedding):
+            return nn.Embedding(old.num_embeddings, old.embedding_dim, dtype=torch.float64)
+        return nn.Linear(old.in_features, old.out_features, bias=False, dtype=torch.float64)
+
+    m = Tied()
+    weight = m.emb.weight.detach().clone()
+    keys = list(m.state_dict())
+    replace_modules(m, (nn.Embedding, nn.Linear), to_f64)
+    assert m.emb.weight.dtype == torch.float64
+    assert m.out.weight is m.emb.weight, "the tie between two replaced modules was broken"
+    assert len(list(m.parameters())) == 1 and list(m.state_dict()) == keys
+    torch.testing.assert_close(m.emb.weight, weight.double(), atol=0, rtol=0)
+
+
+def test_refuses_to_replace_a_module_already_offloaded_or_compiled():
+    """Replacing a wrapped module would silently drop (or, with from_module, misroute) the
+    wrapping: the SDPA module would keep running the stock forward of the old module."""
+    from lightning_utils.offload import apply_activation_offload
+
+    root = nn.Sequential(nn.MultiheadAttention(16, 4, batch_first=True))
+    apply_activation_offload(root, nn.MultiheadAttention)
+    with pytest.raises(ValueError, match="ActivationOffload.*before"):
+        ReplaceModules(nn.MultiheadAttention, sdpa_attention()).apply(root)
+
+    root = nn.Sequential(nn.Linear(2, 2))
+    root[0].compile(backend="eager")
+    with pytest.raises(ValueError, match="CompileModules.*before"):
+        ReplaceModules(nn.Linear, MyLinear).apply(root)
+    # replacing *inside* a wrapped module is fine (the wrapper calls the new child)
+    outer = nn.Sequential(nn.Sequential(nn.Linear(2, 2)))
+    apply_activation_offload(outer, lambda name, m: name == "0")
+    ReplaceModules(nn.Linear, MyLinear).apply(outer)
+    assert type(outer[0][0]) is MyLinear
