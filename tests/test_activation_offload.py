@@ -615,3 +615,22 @@ def test_host_copies_released_by_backward_and_retain_graph_still_works(fake_ops)
     gc.collect()
     assert all(h() is None for h in hosts), "pinned host buffers outlived the backward"
     del out
+
+
+def test_module_stays_picklable_and_copies_independent_after_a_fit(tmp_path):
+    """The configure_model hook must not outlive the Trainer run: after fit the LightningModule
+    pickles (torch.save(model)) and a deep copy's configure_model builds the copy's layers."""
+    model = TinyLM(build_in_configure_model=True)
+    _trainer(tmp_path, [ActivationOffload(target=Block)], 1).fit(model)
+    assert "configure_model" not in vars(model)
+    clone = pickle.loads(pickle.dumps(model))
+    assert all(is_offloaded(b) for b in clone.blocks)
+    copied = copy.deepcopy(model)
+    copied.blocks = None
+    copied.configure_model()
+    assert copied.blocks is not None and model.blocks is not copied.blocks
+    # a second entry point transforms the layers configure_model builds again
+    model.blocks = None
+    trainer = _trainer(tmp_path, [ActivationOffload(target=Block)], 1)
+    trainer.fit(model)
+    assert all(is_offloaded(b) for b in model.blocks)
