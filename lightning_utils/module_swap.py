@@ -226,10 +226,28 @@ def replace_modules(
     def already_done(module: nn.Module) -> bool:
         return module in produced or (isinstance(replacement, type) and type(module) is replacement)
 
+    targets = list(find_targets(root, target, include, exclude, skip=already_done))
+    if not copy_weights:
+        return _replace_all(root, targets, replacement, copy_weights, produced, allow_root)
+    # The replacements' fresh initialisation is overwritten by the copied weights; it must not
+    # advance the global RNG either, or every later random draw (dropout masks, data order)
+    # would differ from the same seeded run without the replacement.
+    with torch.random.fork_rng(devices=[]):
+        return _replace_all(root, targets, replacement, copy_weights, produced, allow_root)
+
+
+def _replace_all(
+    root: nn.Module,
+    targets: list[tuple[str, nn.Module]],
+    replacement: Replacement,
+    copy_weights: bool,
+    produced: "weakref.WeakSet[nn.Module]",
+    allow_root: bool,
+) -> tuple[nn.Module, dict[str, nn.Module]]:
     done: dict[str, nn.Module] = {}
     converted: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}
     new_root = root
-    for name, old in list(find_targets(root, target, include, exclude, skip=already_done)):
+    for name, old in targets:
         _check_not_transformed(name, old)
         if not name and not allow_root:
             raise ValueError(
