@@ -183,7 +183,7 @@ class _HostCopy:
     """A device tensor copied to host memory: the buffer, the event that completes the copy and,
     once the backward of the block that follows it has started, a prefetched device copy."""
 
-    __slots__ = ("_host", "buffer_for_save", "pinned", "device", "event", "prefetched", "prefetch_event", "source", "version")
+    __slots__ = ("host", "pinned", "device", "event", "prefetched", "prefetch_event", "source", "version")
 
     def __init__(self, t: Tensor, pin_memory: bool):
         compute = _ops.current_stream(t.device)
@@ -194,11 +194,10 @@ class _HostCopy:
         with _ops.use_stream(side):
             host.copy_(t, non_blocking=pin_memory)
             self.event = _ops.record_event(side)
-        # The buffer itself is handed to ctx.save_for_backward, so autograd owns it and frees it
-        # after the backward (or keeps it for retain_graph=True); a strong reference here would
-        # keep pinned host memory alive for as long as anyone holds the block's output.
-        self._host = weakref.ref(host)
-        self.buffer_for_save = host
+        # Not handed to ctx.save_for_backward: saved-tensor hooks (save_on_cpu, an outer
+        # non-reentrant checkpoint) would read or swap the buffer while the copy is in flight.
+        # The backward drops it instead (see release), like autograd frees saved tensors.
+        self.host: Tensor | None = host
         # The caching allocator must not hand t's memory out again until the side stream has
         # finished reading it, although Python may drop the last reference right away.
         _ops.record_stream(t, side)
@@ -209,10 +208,10 @@ class _HostCopy:
         self.source = weakref.ref(t)
         self.version = t._version
 
-    @property
-    def host(self) -> Tensor | None:
-        """The host buffer while autograd still holds it (None once the graph has been freed)."""
-        return self._host()
+    def release(self) -> None:
+        """Free the host buffer (and any prefetched copy): the backward that needed it is done."""
+        self.host = None
+        self.prefetched = None
 
     def modified(self) -> bool:
         source = self.source()
@@ -229,9 +228,15 @@ class _HostCopy:
             self.prefetched = host.to(self.device, non_blocking=True)
             self.prefetch_event = _ops.record_event(side)
 
-    def load(self, host: Tensor) -> Tensor:
-        """The tensor back on its device, usable on the current stream (``host``: the buffer
-        as autograd hands it back from the saved tensors)."""
+    def load(self) -> Tensor:
+        """The tensor back on its device, usable on the current stream."""
+        host = self.host
+        if host is None:
+            raise RuntimeError(
+                "ActivationOffload: trying to backward through an offloaded block a second time, "
+                "but its saved inputs were already freed; specify retain_graph=True in the first "
+                "backward if you need to backward twice"
+            )
         compute = _ops.current_stream(self.device)
         if self.prefetched is not None:
             t, self.prefetched = self.prefetched, None
@@ -240,6 +245,12 @@ class _HostCopy:
             return t
         compute.wait_event(self.event)
         return host.to(self.device, non_blocking=self.pinned)
+
+
+def _keep_graph() -> bool:
+    """Whether the running backward keeps the graph (retain_graph=True); True when unknown."""
+    query = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if query is None else bool(query())
 
 
 class _Group:
@@ -360,12 +371,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         ctx.group = _Group(list(copies.values()))
         if copies:
             _register(ctx.group)
-        ctx.n_by_reference = len(by_reference)
-        host_buffers = []
-        for host_copy in ctx.group.copies:
-            host_buffers.append(host_copy.buffer_for_save)
-            host_copy.buffer_for_save = None
-        ctx.save_for_backward(*by_reference, *host_buffers)
+        ctx.save_for_backward(*by_reference)
 
         with _Nested():
             output = run.call(inputs)
@@ -381,11 +387,10 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, *grad_outputs: Tensor | None) -> tuple[Tensor | None, ...]:
         run: _Run = ctx.run
-        saved = ctx.saved_tensors
-        by_reference, host_buffers = saved[: ctx.n_by_reference], saved[ctx.n_by_reference :]
+        by_reference = ctx.saved_tensors
         group: _Group = ctx.group
         loaded: dict[int, Tensor] = {}
-        for host_copy, host in zip(group.copies, host_buffers):
+        for host_copy in group.copies:
             if host_copy.modified():
                 # Same rule as autograd's saved tensors (and the copy may have raced the change).
                 raise RuntimeError(
@@ -393,7 +398,12 @@ class _OffloadedCheckpoint(torch.autograd.Function):
                     "modified by an inplace operation after the block's forward; offloaded inputs "
                     "must not be changed in place before backward"
                 )
-            loaded[id(host_copy)] = host_copy.load(host)
+            loaded[id(host_copy)] = host_copy.load()
+        if not _keep_graph():
+            # Without retain_graph autograd frees saved tensors after their backward; do the same
+            # with the host copies, or pinned memory stays taken while anyone holds the output.
+            for host_copy in group.copies:
+                host_copy.release()
         if group.copies:
             previous = _pop_previous(group)
             if previous is not None:  # overlap its host-to-device copy with this block's backward
