@@ -634,3 +634,22 @@ def test_module_stays_picklable_and_copies_independent_after_a_fit(tmp_path):
     trainer = _trainer(tmp_path, [ActivationOffload(target=Block)], 1)
     trainer.fit(model)
     assert all(is_offloaded(b) for b in model.blocks)
+
+
+def test_wrapping_creates_no_reference_cycle():
+    """Deleting an offloaded model frees it (and its device memory) at once, without waiting for
+    the cyclic garbage collector: the wrapper must not form a module <-> wrapper cycle."""
+    import gc
+    import weakref
+
+    gc.collect()
+    gc.disable()
+    try:
+        model = _stack()
+        apply_activation_offload(model, Block)
+        _run(model, torch.randn(2, D, requires_grad=True))
+        refs = [weakref.ref(model), weakref.ref(model[0]), weakref.ref(model[0].fc1.weight)]
+        del model
+        assert all(r() is None for r in refs)
+    finally:
+        gc.enable()
