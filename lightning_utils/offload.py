@@ -623,10 +623,12 @@ def _checkpoint_call(
 # Module wrapping: an instance-level ``forward`` that routes through the checkpoint.
 class _OffloadedForward:
     """Replaces ``module.forward`` on the instance; the class, parameters and keys stay as they
-    are. Picklable and deep-copyable with the module (it refers back to it)."""
+    are. It refers back to the module weakly (a strong reference would make a module <-> wrapper
+    cycle, so a deleted model and its device memory would wait for the cyclic garbage
+    collector); pickling and deep copies carry the reference over to the new module."""
 
     def __init__(self, module: nn.Module, name: str, options: OffloadOptions, inner: Any):
-        self.module = module
+        self._module = weakref.ref(module)
         self.name = name
         self.options = options
         self.inner = inner  # an instance-level forward that was already there, or None
@@ -643,10 +645,23 @@ class _OffloadedForward:
             self._forward, args, kwargs, params, self.options, self.name, self.checker, self.module
         )
 
+    @property
+    def module(self) -> nn.Module:
+        module = self._module()
+        if module is None:
+            raise RuntimeError(f"ActivationOffload: the module {self.name!r} this forward belonged to was deleted")
+        return module
+
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
+        state["_module"] = self.module  # pickle/deepcopy resolve the cycle through their memo
         state["checker"] = _GraphCheck()
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        state["_module"] = weakref.ref(state["_module"])
+        self.__dict__.update(state)
 
 
 def is_offloaded(module: nn.Module) -> bool:
