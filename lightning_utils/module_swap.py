@@ -36,7 +36,7 @@ from lightning_utils.module_targets import Target, find_targets
 Factory = Callable[[str, nn.Module], nn.Module]
 Replacement = Union[type, Factory]
 
-__all__ = ["Replacement", "replace_modules", "build_like", "copy_module_state"]
+__all__ = ["Replacement", "replace_modules", "build_like", "copy_module_state", "check_not_transformed"]
 
 _MISSING = object()
 _ALIASES = {"input_features": "in_features", "output_features": "out_features"}
@@ -174,7 +174,8 @@ def _interchangeable(a: torch.Tensor, b: torch.Tensor) -> bool:
     return type(a) is type(b) and a.dtype == b.dtype and a.shape == b.shape and a.device == b.device
 
 
-def _check_not_transformed(name: str, old: nn.Module) -> None:
+def check_not_transformed(name: str, old: nn.Module) -> None:
+    """Refuse a module wrapped by ActivationOffload or compiled in place (see below)."""
     # An instance-level offload wrapper or compiled call belongs to the old object: a fresh
     # replacement would silently lose it, and a re-classed copy (from_module) would keep calling
     # the old module's forward through it.
@@ -248,7 +249,7 @@ def _replace_all(
     converted: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}
     new_root = root
     for name, old in targets:
-        _check_not_transformed(name, old)
+        check_not_transformed(name, old)
         if not name and not allow_root:
             raise ValueError(
                 f"`target` matches the root module itself ({type(root).__name__}); "

@@ -547,3 +547,12 @@ class _CheckOptimizerAll(pl.Callback):
     def on_train_start(self, trainer, pl_module):
         opt = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
         assert opt == {id(p) for p in pl_module.parameters()}
+
+
+def test_sdpa_from_module_refuses_a_wrapped_module():
+    from lightning_utils.offload import apply_activation_offload
+
+    mha = nn.MultiheadAttention(16, 4, batch_first=True)
+    apply_activation_offload(mha, nn.MultiheadAttention)
+    with pytest.raises(ValueError, match="already transformed by ActivationOffload"):
+        SDPAMultiheadAttention.from_module(mha)
