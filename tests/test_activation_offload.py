@@ -535,14 +535,17 @@ def test_ddp_two_ranks_same_result_as_plain(tmp_path):
     for mode in ("plain", "offload"):
         out = tmp_path / mode
         out.mkdir()
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        proc = subprocess.run(
-            [sys.executable, str(script), str(out), mode],
-            env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=240,
-        )
+        for attempt in range(2):  # a free port can be taken by another process before rank 0 binds it
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+            proc = subprocess.run(
+                [sys.executable, str(script), str(out), mode],
+                env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=240,
+            )
+            if proc.returncode == 0 or "address already in use" not in proc.stderr.lower():
+                break
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[mode] = [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
     for mode in results:
