@@ -173,7 +173,10 @@ class _CudaOps:
         t.record_stream(stream)
 
     def host_buffer(self, t: Tensor, pin_memory: bool) -> Tensor:
-        return torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin_memory)
+        # empty_like keeps the strides of a dense input (a transposed or channels-last tensor),
+        # and .to(device) in the reload keeps them too: the recompute sees the forward's layout
+        # and so picks the same kernels.
+        return torch.empty_like(t, device="cpu", pin_memory=pin_memory)
 
 
 _ops = _CudaOps()
