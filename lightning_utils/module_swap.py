@@ -271,8 +271,9 @@ def _replace_all(
             copy_module_state(old, new, name, converted)
         ref = _first_tensor(old)
         if ref is not None and ref.device.type != "meta":
-            new_ref = _first_tensor(new)
-            if new_ref is not None and new_ref.device != ref.device:
+            # any tensor of the replacement, not just its first: carried-over parameters are
+            # already on the old device, its own extra buffers/parameters were built on the CPU
+            if any(t.device != ref.device for t in (*new.parameters(), *new.buffers())):
                 new = new.to(ref.device)
         new.train(old.training)
         produced.add(new)

@@ -372,3 +372,22 @@ def test_cuda_recompute_replays_autocast_off_under_an_autocast_backward():
     a, b = _grads(plain), _grads(off)
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-6, msg=k)
+
+
+def test_replacement_with_extra_tensors_lands_on_the_old_device():
+    """The replacement is built on the CPU; after the carried-over CUDA parameters are put in,
+    its own extra buffers/parameters must follow them to the GPU."""
+    from lightning_utils.callbacks.replace_modules import ReplaceModules
+
+    class ScaledLinear(nn.Linear):
+        def __init__(self, in_features, out_features, bias=True, dtype=None):
+            super().__init__(in_features, out_features, bias=bias, dtype=dtype)
+            self.register_buffer("scale", torch.ones(out_features))
+
+        def forward(self, x):
+            return super().forward(x) * self.scale
+
+    model = nn.Sequential(nn.Linear(8, 8)).cuda()
+    ReplaceModules(nn.Linear, ScaledLinear).apply(model)
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"cuda"}
+    model(torch.randn(2, 8, device="cuda"))
