@@ -656,3 +656,13 @@ def test_wrapping_creates_no_reference_cycle():
         assert all(r() is None for r in refs)
     finally:
         gc.enable()
+
+
+def test_double_backward_is_refused_clearly():
+    """create_graph=True would silently give gradients without a graph (a gradient penalty
+    would contribute nothing): refuse it, saying why."""
+    off = _stack(p=0.0)
+    apply_activation_offload(off, Block)
+    x = torch.randn(3, D, requires_grad=True)
+    with pytest.raises(RuntimeError, match="create_graph"):
+        torch.autograd.grad(off(x).sum(), x, create_graph=True)
