@@ -49,7 +49,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from lightning_utils.module_targets import Target, find_targets
 
@@ -387,8 +386,15 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         return tuple(leaves)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, *grad_outputs: Tensor | None) -> tuple[Tensor | None, ...]:
+        # Backward runs with grad mode on only under create_graph=True. once_differentiable would
+        # let that pass with gradients that silently have no graph: refuse it instead.
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "ActivationOffload: double backward (create_graph=True, e.g. a gradient penalty) "
+                f"through {ctx.run.name or 'an offloaded block'} is not supported; exclude that "
+                "module from the target"
+            )
         run: _Run = ctx.run
         by_reference = ctx.saved_tensors
         group: _Group = ctx.group
