@@ -24,6 +24,15 @@ How the CUDA path stays correct:
 * In backward the block's inputs are reloaded on the compute stream after that event; the
   backward of each block also starts the reload of the previous block's inputs on the side
   stream, so the host-to-device copy overlaps computation.
+* The host buffers are not handed to ``save_for_backward`` (saved-tensor hooks such as
+  ``save_on_cpu`` or an outer non-reentrant checkpoint would read them while the copy is in
+  flight); the backward frees them itself unless the graph is retained (``retain_graph=True``),
+  so pinned memory does not stay taken while the caller holds the outputs.
+* Host buffers keep the input's strides, so the recompute sees the forward's memory layout.
+
+Also: the recompute restores the running statistics of BatchNorm-style layers afterwards (the
+no-grad forward already updated them once), and replays the forward's autocast state for the
+CPU, CUDA and the inputs' device types, disabled ones included.
 
 Gradients for the block's parameters are returned by the autograd function itself (the
 parameters are passed as its inputs), so ``torch.autograd.grad``, DDP hooks and gradient

@@ -666,3 +666,19 @@ def test_double_backward_is_refused_clearly():
     x = torch.randn(3, D, requires_grad=True)
     with pytest.raises(RuntimeError, match="create_graph"):
         torch.autograd.grad(off(x).sum(), x, create_graph=True)
+
+
+def test_inputs_saved_by_reference_are_freed_by_backward():
+    import weakref
+
+    off = _stack(p=0.0)
+    apply_activation_offload(off, Block)
+    x = torch.randn(3, D, requires_grad=True)
+    h = x * 2
+    saved = weakref.ref(h)
+    out = off(h)
+    del h
+    assert saved() is not None  # the block's input is what the graph keeps
+    out.sum().backward()
+    assert saved() is None, "the saved input outlived the backward"
+    assert out.grad_fn is not None  # (the output and its graph are still held)
