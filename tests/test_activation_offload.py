@@ -682,3 +682,38 @@ def test_inputs_saved_by_reference_are_freed_by_backward():
     out.sum().backward()
     assert saved() is None, "the saved input outlived the backward"
     assert out.grad_fn is not None  # (the output and its graph are still held)
+
+
+def test_buffers_and_parameter_views_passed_as_arguments_are_not_offloaded(fake_ops):
+    """A rotary cache registered as a buffer on the model and passed to every block (or a slice
+    of a parameter) stays where it is: offloading it saves nothing and costs a copy per block."""
+
+    class RopeBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(D, D)
+
+        def forward(self, x, cos, pos):
+            return x + self.fc(x) * cos + pos
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("cos", torch.rand(64, D))
+            self.pos = nn.Parameter(torch.randn(64, D))
+            self.blocks = nn.ModuleList([RopeBlock(), RopeBlock()])
+
+        def forward(self, x):
+            t = x.shape[0]
+            for b in self.blocks:
+                x = b(x, self.cos[:t], self.pos[:t].detach())
+            return x
+
+    model = Model()
+    apply_activation_offload(model, RopeBlock)
+    x = torch.randn(8, D, requires_grad=True)
+    out = model(x * 1.0)
+    copies = [c for ctx in (out.grad_fn, out.grad_fn.next_functions[0][0]) for c in getattr(ctx, "group").copies]
+    assert len(copies) == 2  # one per block: x only, not the cache or the parameter slice
+    out.sum().backward()
+    assert model.blocks[0].fc.weight.grad is not None
