@@ -50,6 +50,7 @@ reference to a block's intermediate activations.
 
 from __future__ import annotations
 
+import copy
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -370,6 +371,9 @@ class _OffloadedCheckpoint(torch.autograd.Function):
                 and t.device.type in _ops.device_types
                 and t.numel() * t.element_size() >= options.min_bytes
                 and not isinstance(t, nn.Parameter)
+                # a buffer or a view of a parameter/buffer (a rotary cache passed to every
+                # block): it stays on the device anyway, so a host copy would only cost time
+                and (t.requires_grad or not run.is_module_state(t))
             ):
                 host_copy = copies.get(id(t))
                 if host_copy is None:
@@ -539,8 +543,11 @@ class _Run:
         name: str,
         checker: "_GraphCheck",
         module: nn.Module | None = None,
+        state_of: nn.Module | None = None,
     ):
         self.module = module  # the wrapped module (for its running statistics), if any
+        self.state_of = state_of  # the model whose parameters and buffers are never offloaded
+        self._state_storages: set[int] | None = None
         self.fn = fn
         self.in_spec = in_spec
         self.n_inputs = n_inputs
@@ -549,6 +556,15 @@ class _Run:
         self.name = name
         self.out_spec: Any = None
         self._checker = checker
+
+    def is_module_state(self, t: Tensor) -> bool:
+        """Whether ``t`` shares storage with a parameter or buffer of the model (or ``params``)."""
+        if self._state_storages is None:
+            tensors: list[Tensor] = list(self.params)
+            if self.state_of is not None:
+                tensors += [*self.state_of.parameters(), *self.state_of.buffers()]
+            self._state_storages = {x.untyped_storage().data_ptr() for x in tensors}
+        return t.untyped_storage().data_ptr() in self._state_storages
 
     @property
     def checked(self) -> bool:
@@ -626,13 +642,14 @@ def _checkpoint_call(
     name: str,
     checker: _GraphCheck,
     module: nn.Module | None = None,
+    state_of: nn.Module | None = None,
 ) -> Any:
     leaves: list[Tensor] = []
     in_spec = _flatten((args, kwargs), leaves)
     if _depth() > 0 or not _needs_recompute(leaves, params):
         return fn(*args, **kwargs)
     params = [p for p in params if p.requires_grad]
-    run = _Run(fn, in_spec, len(leaves), params, options, name, checker, module)
+    run = _Run(fn, in_spec, len(leaves), params, options, name, checker, module, state_of)
     out_leaves = _OffloadedCheckpoint.apply(run, *leaves, *params)
     return _unflatten(run.out_spec, out_leaves)
 
@@ -645,8 +662,12 @@ class _OffloadedForward:
     cycle, so a deleted model and its device memory would wait for the cyclic garbage
     collector); pickling and deep copies carry the reference over to the new module."""
 
-    def __init__(self, module: nn.Module, name: str, options: OffloadOptions, inner: Any):
+    def __init__(
+        self, module: nn.Module, name: str, options: OffloadOptions, inner: Any, root: nn.Module | None = None
+    ):
         self._module = weakref.ref(module)
+        # the model it was applied to: its parameters and buffers are never offloaded
+        self._root = weakref.ref(root if root is not None else module)
         self.name = name
         self.options = options
         self.inner = inner  # an instance-level forward that was already there, or None
@@ -659,8 +680,11 @@ class _OffloadedForward:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         params = list(self.module.parameters())
+        module = self.module
+        root = self._root()
         return _checkpoint_call(
-            self._forward, args, kwargs, params, self.options, self.name, self.checker, self.module
+            self._forward, args, kwargs, params, self.options, self.name, self.checker, module,
+            root if root is not None else module,
         )
 
     @property
@@ -673,12 +697,23 @@ class _OffloadedForward:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_module"] = self.module  # pickle/deepcopy resolve the cycle through their memo
+        state["_root"] = None  # never drag the whole model along with one block (see __deepcopy__)
         state["checker"] = _GraphCheck()
         return state
+
+    def __deepcopy__(self, memo: dict) -> "_OffloadedForward":
+        new = _OffloadedForward.__new__(_OffloadedForward)
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        root = self._root()
+        if root is not None and id(root) in memo:  # the whole model is being copied
+            new._root = weakref.ref(memo[id(root)])
+        return new
 
     def __setstate__(self, state: dict) -> None:
         state = dict(state)
         state["_module"] = weakref.ref(state["_module"])
+        state["_root"] = weakref.ref(state["_root"] if state["_root"] is not None else state["_module"]())
         self.__dict__.update(state)
 
 
@@ -709,7 +744,7 @@ def apply_activation_offload(
     wrapped = []
     for name, sub in list(find_targets(module, target, include, exclude, skip=is_offloaded)):
         inner = sub.__dict__.get("forward")
-        sub.forward = _OffloadedForward(sub, name, options, inner)  # type: ignore[method-assign]
+        sub.forward = _OffloadedForward(sub, name, options, inner, module)  # type: ignore[method-assign]
         wrapped.append(name)
     return wrapped
 

@@ -717,3 +717,13 @@ def test_buffers_and_parameter_views_passed_as_arguments_are_not_offloaded(fake_
     assert len(copies) == 2  # one per block: x only, not the cache or the parameter slice
     out.sum().backward()
     assert model.blocks[0].fc.weight.grad is not None
+
+
+def test_copies_of_one_block_do_not_drag_the_model_along():
+    model = _stack()
+    apply_activation_offload(model, Block)
+    block = copy.deepcopy(model[1])
+    assert block.forward._root() is block  # not a copy of the whole stack
+    whole = copy.deepcopy(model)
+    assert whole[1].forward._root() is whole and whole[1].forward.module is whole[1]
+    assert len(pickle.dumps(model[1])) < len(pickle.dumps(model)) / 2
