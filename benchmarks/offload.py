@@ -154,10 +154,12 @@ class _SavedBytes:
 def _block_input_bytes(model: "LM", run) -> int:
     """Bytes of the blocks' tensor inputs during one forward (what ActivationOffload moves to host)."""
     seen: dict[int, int] = {}
+    alive: list[torch.Tensor] = []  # so a freed input's address is not reused and deduplicated
 
     def pre_hook(module, args):
         for a in args:
             if isinstance(a, torch.Tensor):
+                alive.append(a)
                 seen.setdefault(a.untyped_storage().data_ptr(), a.untyped_storage().nbytes())
 
     handles = [b.register_forward_pre_hook(pre_hook) for b in model.blocks]
