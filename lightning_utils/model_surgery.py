@@ -7,8 +7,10 @@ A callback that swaps, wraps or compiles submodules must act before the restore 
 match) and before the optimizers exist (so they hold the new parameters). Its own ``setup`` is the
 earliest point, but layers created in ``configure_model`` do not exist yet then. So
 ``transform_before_restore`` transforms the module right away and, when the LightningModule
-overrides ``configure_model``, once more right after it returns (by wrapping that bound method on
-the instance with ``functools.wraps``, which Lightning's ``is_overridden`` sees through).
+overrides ``configure_model``, once more right after it returns: a one-shot hook object is put
+on the instance in front of ``configure_model`` (its ``__wrapped__`` lets Lightning's
+``is_overridden`` see the user's method); it runs the registered transforms in callback order and
+removes itself, so the module pickles and deep-copies normally after the run.
 
 Transforms must be idempotent: ``setup`` runs again for every ``fit``/``validate``/``test`` call.
 This module must never touch a model that a strategy has already wrapped (DDP/FSDP).
@@ -16,7 +18,6 @@ This module must never touch a model that a strategy has already wrapped (DDP/FS
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -26,7 +27,37 @@ from torch import nn
 
 __all__ = ["transform_before_restore", "check_not_wrapped"]
 
-_KEYS_ATTR = "_lightning_utils_transform_keys"
+_MISSING = object()
+
+
+class _ConfigureModelHook:
+    """Stands in for ``module.configure_model`` until it has been called once: calls the real
+    one, then every registered transform (in registration order), then puts the real one back."""
+
+    def __init__(self, module: nn.Module, inner: Any):
+        self.module = module
+        self.inner = inner  # an instance-level configure_model that was already there, or _MISSING
+        self.transforms: dict[str, Callable[[nn.Module], Any]] = {}
+
+    @property
+    def __wrapped__(self) -> Callable[..., Any]:
+        if self.inner is not _MISSING:
+            return self.inner
+        return type(self.module).configure_model.__get__(self.module)
+
+    def uninstall(self) -> None:
+        if vars(self.module).get("configure_model") is self:
+            if self.inner is _MISSING:
+                del self.module.configure_model
+            else:
+                self.module.configure_model = self.inner  # type: ignore[method-assign]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.uninstall()
+        result = self.__wrapped__(*args, **kwargs)
+        for transform in self.transforms.values():
+            transform(self.module)
+        return result
 
 
 def check_not_wrapped(module: nn.Module, argument: str = "module") -> None:
@@ -50,16 +81,8 @@ def transform_before_restore(pl_module: LightningModule, key: str, transform: Ca
     transform(pl_module)
     if not is_overridden("configure_model", pl_module):
         return
-    current = pl_module.configure_model
-    keys = getattr(current, _KEYS_ATTR, ())
-    if key in keys:
-        return
-
-    @functools.wraps(current)
-    def configure_model_then_transform(*args: Any, **kwargs: Any) -> Any:
-        result = current(*args, **kwargs)
-        transform(pl_module)
-        return result
-
-    setattr(configure_model_then_transform, _KEYS_ATTR, (*keys, key))
-    pl_module.configure_model = configure_model_then_transform  # type: ignore[method-assign]
+    hook = vars(pl_module).get("configure_model")
+    if not isinstance(hook, _ConfigureModelHook):
+        hook = _ConfigureModelHook(pl_module, vars(pl_module).get("configure_model", _MISSING))
+        pl_module.configure_model = hook  # type: ignore[method-assign]
+    hook.transforms[key] = transform

@@ -12,11 +12,13 @@ holds them. ``replacement`` is either
 With ``copy_weights`` the old parameters and buffers are carried over under the same keys:
 a parameter of the same shape, dtype and class is moved over as the very same ``Parameter``
 object (so weight tying and ``requires_grad`` survive, at no copy cost); anything else is copied
-with ``load_state_dict``. A key of the old module that the new one lacks is an error, never a
+with ``load_state_dict``, and a parameter shared by several replaced modules (tied weights) is
+shared again by their replacements. A key of the old module that the new one lacks is an error, never a
 silent drop. A factory that converts weights itself says so with a ``copies_weights = True``
 attribute (the presets in ``lightning_utils.replacements`` do), and is then left alone.
 
-It must never operate on a DDP-wrapped model or replace a module it produced itself.
+It must never operate on a DDP-wrapped model, replace a module it produced itself, or replace a
+module already wrapped by ``ActivationOffload`` or compiled in place (it refuses: replace first).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from lightning_utils.module_targets import Target, find_targets
 Factory = Callable[[str, nn.Module], nn.Module]
 Replacement = Union[type, Factory]
 
-__all__ = ["Replacement", "replace_modules", "build_like", "copy_module_state"]
+__all__ = ["Replacement", "replace_modules", "build_like", "copy_module_state", "check_not_transformed"]
 
 _MISSING = object()
 _ALIASES = {"input_features": "in_features", "output_features": "out_features"}
@@ -98,8 +100,20 @@ def _owner(root: nn.Module, key: str) -> tuple[nn.Module, str]:
     return (root.get_submodule(path) if path else root), leaf
 
 
-def copy_module_state(old: nn.Module, new: nn.Module, name: str = "") -> None:
-    """Carry ``old``'s parameters and buffers into ``new`` under the same keys (see module doc)."""
+def copy_module_state(
+    old: nn.Module,
+    new: nn.Module,
+    name: str = "",
+    converted: "dict[int, tuple[nn.Parameter, nn.Parameter]] | None" = None,
+) -> None:
+    """Carry ``old``'s parameters and buffers into ``new`` under the same keys (see module doc).
+
+    ``converted`` maps ``id(old_parameter)`` to ``(old_parameter, its_new_parameter)`` for the
+    parameters that had to be copied into new objects (another dtype or Parameter class); it is
+    filled here and consulted so that a parameter shared by several replaced modules (tied
+    embedding and output weights) ends up as one shared new parameter, not several copies.
+    """
+    converted = {} if converted is None else converted
     old_sd = old.state_dict(keep_vars=True)
     new_sd = new.state_dict(keep_vars=True)
     label = f"{name!r} ({type(old).__name__} -> {type(new).__name__})"
@@ -110,6 +124,8 @@ def copy_module_state(old: nn.Module, new: nn.Module, name: str = "") -> None:
             f"{missing}. Pass copy_weights=False, or a factory that converts them itself"
         )
     rest = {}
+    ties: list[tuple[str, str]] = []  # (key, earlier key of the same old Parameter in `rest`)
+    first_key: dict[int, str] = {}
     for key, value in old_sd.items():
         target = new_sd[key]
         if target is value:
@@ -127,6 +143,16 @@ def copy_module_state(old: nn.Module, new: nn.Module, name: str = "") -> None:
             owner, leaf = _owner(new, key)
             setattr(owner, leaf, value)  # the same Parameter: ties and requires_grad survive
             continue
+        if isinstance(value, nn.Parameter):
+            prior = converted.get(id(value))
+            if prior is not None and _interchangeable(prior[1], target):
+                owner, leaf = _owner(new, key)
+                setattr(owner, leaf, prior[1])  # tied to a parameter converted earlier
+                continue
+            if id(value) in first_key:
+                ties.append((key, first_key[id(value)]))
+                continue
+            first_key[id(value)] = key
         rest[key] = value.detach()
         if isinstance(target, nn.Parameter) and isinstance(value, nn.Parameter):
             target.requires_grad_(value.requires_grad and target.is_floating_point())
@@ -134,6 +160,36 @@ def copy_module_state(old: nn.Module, new: nn.Module, name: str = "") -> None:
         result = new.load_state_dict(rest, strict=False)
         if result.unexpected_keys:
             raise ValueError(f"ReplaceModules: {label} did not accept {result.unexpected_keys}")
+    loaded = new.state_dict(keep_vars=True)
+    for key, earlier in ties:
+        owner, leaf = _owner(new, key)
+        if _interchangeable(loaded[earlier], new_sd[key]):
+            setattr(owner, leaf, loaded[earlier])
+    for key, value in old_sd.items():
+        if key in first_key.values() and isinstance(loaded.get(key), nn.Parameter):
+            converted[id(value)] = (value, loaded[key])
+
+
+def _interchangeable(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return type(a) is type(b) and a.dtype == b.dtype and a.shape == b.shape and a.device == b.device
+
+
+def check_not_transformed(name: str, old: nn.Module) -> None:
+    """Refuse a module wrapped by ActivationOffload or compiled in place (see below)."""
+    # An instance-level offload wrapper or compiled call belongs to the old object: a fresh
+    # replacement would silently lose it, and a re-classed copy (from_module) would keep calling
+    # the old module's forward through it.
+    from lightning_utils.offload import is_offloaded
+
+    by = "ActivationOffload" if is_offloaded(old) else None
+    if getattr(old, "_compiled_call_impl", None) is not None:
+        by = "CompileModules (Module.compile)"
+    if by is not None:
+        raise ValueError(
+            f"ReplaceModules: {name or type(old).__name__!r} was already transformed by {by}; "
+            "replace modules before wrapping or compiling them: put ReplaceModules before "
+            "ActivationOffload / CompileModules in the Trainer's callbacks (or call its apply() first)"
+        )
 
 
 def _set_everywhere(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
@@ -171,9 +227,29 @@ def replace_modules(
     def already_done(module: nn.Module) -> bool:
         return module in produced or (isinstance(replacement, type) and type(module) is replacement)
 
+    targets = list(find_targets(root, target, include, exclude, skip=already_done))
+    if not copy_weights:
+        return _replace_all(root, targets, replacement, copy_weights, produced, allow_root)
+    # The replacements' fresh initialisation is overwritten by the copied weights; it must not
+    # advance the global RNG either, or every later random draw (dropout masks, data order)
+    # would differ from the same seeded run without the replacement.
+    with torch.random.fork_rng(devices=[]):
+        return _replace_all(root, targets, replacement, copy_weights, produced, allow_root)
+
+
+def _replace_all(
+    root: nn.Module,
+    targets: list[tuple[str, nn.Module]],
+    replacement: Replacement,
+    copy_weights: bool,
+    produced: "weakref.WeakSet[nn.Module]",
+    allow_root: bool,
+) -> tuple[nn.Module, dict[str, nn.Module]]:
     done: dict[str, nn.Module] = {}
+    converted: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}
     new_root = root
-    for name, old in list(find_targets(root, target, include, exclude, skip=already_done)):
+    for name, old in targets:
+        check_not_transformed(name, old)
         if not name and not allow_root:
             raise ValueError(
                 f"`target` matches the root module itself ({type(root).__name__}); "
@@ -192,11 +268,12 @@ def replace_modules(
                 )
             handles_weights = bool(getattr(replacement, "copies_weights", False))
         if copy_weights and not handles_weights and new is not old:
-            copy_module_state(old, new, name)
+            copy_module_state(old, new, name, converted)
         ref = _first_tensor(old)
         if ref is not None and ref.device.type != "meta":
-            new_ref = _first_tensor(new)
-            if new_ref is not None and new_ref.device != ref.device:
+            # any tensor of the replacement, not just its first: carried-over parameters are
+            # already on the old device, its own extra buffers/parameters were built on the CPU
+            if any(t.device != ref.device for t in (*new.parameters(), *new.buffers())):
                 new = new.to(ref.device)
         new.train(old.training)
         produced.add(new)

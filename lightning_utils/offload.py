@@ -24,6 +24,15 @@ How the CUDA path stays correct:
 * In backward the block's inputs are reloaded on the compute stream after that event; the
   backward of each block also starts the reload of the previous block's inputs on the side
   stream, so the host-to-device copy overlaps computation.
+* The host buffers are not handed to ``save_for_backward`` (saved-tensor hooks such as
+  ``save_on_cpu`` or an outer non-reentrant checkpoint would read them while the copy is in
+  flight); the backward frees them itself unless the graph is retained (``retain_graph=True``),
+  so pinned memory does not stay taken while the caller holds the outputs.
+* Host buffers keep the input's strides, so the recompute sees the forward's memory layout.
+
+Also: the recompute restores the running statistics of BatchNorm-style layers afterwards (the
+no-grad forward already updated them once), and replays the forward's autocast state for the
+CPU, CUDA and the inputs' device types, disabled ones included.
 
 Gradients for the block's parameters are returned by the autograd function itself (the
 parameters are passed as its inputs), so ``torch.autograd.grad``, DDP hooks and gradient
@@ -41,6 +50,7 @@ reference to a block's intermediate activations.
 
 from __future__ import annotations
 
+import copy
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -49,7 +59,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from lightning_utils.module_targets import Target, find_targets
 
@@ -173,7 +182,10 @@ class _CudaOps:
         t.record_stream(stream)
 
     def host_buffer(self, t: Tensor, pin_memory: bool) -> Tensor:
-        return torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin_memory)
+        # empty_like keeps the strides of a dense input (a transposed or channels-last tensor),
+        # and .to(device) in the reload keeps them too: the recompute sees the forward's layout
+        # and so picks the same kernels.
+        return torch.empty_like(t, device="cpu", pin_memory=pin_memory)
 
 
 _ops = _CudaOps()
@@ -190,10 +202,14 @@ class _HostCopy:
         side = _ops.side_stream(t.device)
         side.wait_stream(compute)  # the copy must read the finished value
         self.pinned = pin_memory
-        self.host = _ops.host_buffer(t, pin_memory)
+        host = _ops.host_buffer(t, pin_memory)
         with _ops.use_stream(side):
-            self.host.copy_(t, non_blocking=pin_memory)
+            host.copy_(t, non_blocking=pin_memory)
             self.event = _ops.record_event(side)
+        # Not handed to ctx.save_for_backward: saved-tensor hooks (save_on_cpu, an outer
+        # non-reentrant checkpoint) would read or swap the buffer while the copy is in flight.
+        # The backward drops it instead (see release), like autograd frees saved tensors.
+        self.host: Tensor | None = host
         # The caching allocator must not hand t's memory out again until the side stream has
         # finished reading it, although Python may drop the last reference right away.
         _ops.record_stream(t, side)
@@ -204,22 +220,35 @@ class _HostCopy:
         self.source = weakref.ref(t)
         self.version = t._version
 
+    def release(self) -> None:
+        """Free the host buffer (and any prefetched copy): the backward that needed it is done."""
+        self.host = None
+        self.prefetched = None
+
     def modified(self) -> bool:
         source = self.source()
         return source is not None and source._version != self.version
 
     def prefetch(self) -> None:
         """Start the host-to-device copy on the side stream, to overlap the current backward."""
-        if self.prefetched is not None or not self.pinned:
+        host = self.host
+        if self.prefetched is not None or not self.pinned or host is None:
             return  # from pageable memory a copy would block the host: load() does it then
         side = _ops.side_stream(self.device)
         side.wait_event(self.event)
         with _ops.use_stream(side):
-            self.prefetched = self.host.to(self.device, non_blocking=True)
+            self.prefetched = host.to(self.device, non_blocking=True)
             self.prefetch_event = _ops.record_event(side)
 
     def load(self) -> Tensor:
         """The tensor back on its device, usable on the current stream."""
+        host = self.host
+        if host is None:
+            raise RuntimeError(
+                "ActivationOffload: trying to backward through an offloaded block a second time, "
+                "but its saved inputs were already freed; specify retain_graph=True in the first "
+                "backward if you need to backward twice"
+            )
         compute = _ops.current_stream(self.device)
         if self.prefetched is not None:
             t, self.prefetched = self.prefetched, None
@@ -227,7 +256,13 @@ class _HostCopy:
             _ops.record_stream(t, compute)  # allocated on the side stream, used/freed on this one
             return t
         compute.wait_event(self.event)
-        return self.host.to(self.device, non_blocking=self.pinned)
+        return host.to(self.device, non_blocking=self.pinned)
+
+
+def _keep_graph() -> bool:
+    """Whether the running backward keeps the graph (retain_graph=True); True when unknown."""
+    query = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if query is None else bool(query())
 
 
 class _Group:
@@ -289,14 +324,21 @@ def _devices_of(tensors: Iterable[Tensor], device_type: str) -> list[int]:
     return found
 
 
-def _autocast_state() -> dict[str, dict[str, Any]]:
+def _autocast_state(tensors: Iterable[Tensor]) -> dict[str, dict[str, Any]]:
+    """Autocast on/off, dtype and cache flag of the CPU, CUDA (when present) and the inputs'
+    device types. Disabled states are recorded too: a backward called inside an autocast region
+    must not recompute a forward that ran outside one in low precision."""
+    device_types = {"cpu", *(t.device.type for t in tensors)}
+    if torch.cuda.is_available():
+        device_types.add("cuda")
     state = {}
-    for device_type in ("cpu", "cuda"):
-        if torch.is_autocast_enabled(device_type):
-            state[device_type] = {
-                "dtype": torch.get_autocast_dtype(device_type),
-                "cache_enabled": torch.is_autocast_cache_enabled(),
-            }
+    for device_type in sorted(device_types):
+        try:
+            enabled = torch.is_autocast_enabled(device_type)
+            dtype = torch.get_autocast_dtype(device_type)
+        except RuntimeError:  # a device type without autocast support
+            continue
+        state[device_type] = {"enabled": enabled, "dtype": dtype, "cache_enabled": torch.is_autocast_cache_enabled()}
     return state
 
 
@@ -315,7 +357,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             ctx.cuda_devices = _devices_of((*inputs, *params), "cuda")
         ctx.cuda_rng = [torch.cuda.get_rng_state(d) for d in ctx.cuda_devices]
-        ctx.autocast = _autocast_state()
+        ctx.autocast = _autocast_state((*inputs, *params))
 
         # Save the inputs: CUDA tensors of at least min_bytes go to the host, the rest by reference.
         options = run.options
@@ -329,6 +371,9 @@ class _OffloadedCheckpoint(torch.autograd.Function):
                 and t.device.type in _ops.device_types
                 and t.numel() * t.element_size() >= options.min_bytes
                 and not isinstance(t, nn.Parameter)
+                # a buffer or a view of a parameter/buffer (a rotary cache passed to every
+                # block): it stays on the device anyway, so a host copy would only cost time
+                and (t.requires_grad or not run.is_module_state(t))
             ):
                 host_copy = copies.get(id(t))
                 if host_copy is None:
@@ -354,8 +399,15 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         return tuple(leaves)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, *grad_outputs: Tensor | None) -> tuple[Tensor | None, ...]:
+        # Backward runs with grad mode on only under create_graph=True. once_differentiable would
+        # let that pass with gradients that silently have no graph: refuse it instead.
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "ActivationOffload: double backward (create_graph=True, e.g. a gradient penalty) "
+                f"through {ctx.run.name or 'an offloaded block'} is not supported; exclude that "
+                "module from the target"
+            )
         run: _Run = ctx.run
         by_reference = ctx.saved_tensors
         group: _Group = ctx.group
@@ -369,6 +421,11 @@ class _OffloadedCheckpoint(torch.autograd.Function):
                     "must not be changed in place before backward"
                 )
             loaded[id(host_copy)] = host_copy.load()
+        if not _keep_graph():
+            # Without retain_graph autograd frees saved tensors after their backward; do the same
+            # with the host copies, or pinned memory stays taken while anyone holds the output.
+            for host_copy in group.copies:
+                host_copy.release()
         if group.copies:
             previous = _pop_previous(group)
             if previous is not None:  # overlap its host-to-device copy with this block's backward
@@ -383,13 +440,24 @@ class _OffloadedCheckpoint(torch.autograd.Function):
                 t.requires_grad_(True)
             inputs.append(t)
 
-        # Replay the forward: same RNG (dropout masks), same autocast, grad enabled.
-        with torch.random.fork_rng(devices=ctx.cuda_devices, enabled=True, device_type="cuda"):
-            torch.set_rng_state(ctx.cpu_rng)
-            for device, state in zip(ctx.cuda_devices, ctx.cuda_rng):
-                torch.cuda.set_rng_state(state, device)
-            with torch.enable_grad(), _Nested(), _autocast(ctx.autocast):
-                output = run.call(inputs)
+        # Replay the forward: same RNG (dropout masks), same autocast, grad enabled. Running
+        # statistics are put back only after the gradients: the recomputed graph saved them.
+        running_stats = _RunningStats(run.module)
+        try:
+            with torch.random.fork_rng(devices=ctx.cuda_devices, enabled=True, device_type="cuda"):
+                torch.set_rng_state(ctx.cpu_rng)
+                for device, state in zip(ctx.cuda_devices, ctx.cuda_rng):
+                    torch.cuda.set_rng_state(state, device)
+                with torch.enable_grad(), _Nested(), _autocast(ctx.autocast):
+                    output = run.call(inputs)
+            return _OffloadedCheckpoint._gradients(ctx, run, inputs, output, grad_outputs)
+        finally:
+            running_stats.restore()
+
+    @staticmethod
+    def _gradients(
+        ctx: Any, run: "_Run", inputs: list[Tensor], output: Any, grad_outputs: tuple[Tensor | None, ...]
+    ) -> tuple[Tensor | None, ...]:
         leaves: list[Tensor] = []
         _flatten(output, leaves)
         if len(leaves) != ctx.n_outputs:
@@ -425,7 +493,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
 
 
 class _autocast:
-    """Re-enter the autocast state captured in the forward (for each device type it was on)."""
+    """Re-enter the autocast state captured in the forward (on or off, for each device type)."""
 
     def __init__(self, state: dict[str, dict[str, Any]]):
         self.managers = [torch.autocast(device_type=d, **kw) for d, kw in state.items()]
@@ -437,6 +505,29 @@ class _autocast:
     def __exit__(self, *exc: Any) -> None:
         for m in reversed(self.managers):
             m.__exit__(*exc)
+
+
+class _RunningStats:
+    """A snapshot of the running statistics of the block's normalisation layers (BatchNorm,
+    InstanceNorm with ``track_running_stats``), put back after the recompute: the block's no-grad
+    forward already updated them once, as the plain forward does, and a second update would
+    make the buffers (and the state dict) drift from a run without offloading."""
+
+    def __init__(self, module: nn.Module | None):
+        self.saved: list[tuple[Tensor, Tensor]] = []
+        if module is None:
+            return
+        for m in module.modules():
+            if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats:
+                for buf in (m.running_mean, m.running_var, m.num_batches_tracked):
+                    if buf is not None:
+                        self.saved.append((buf, buf.clone()))
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for buf, value in self.saved:
+                buf.copy_(value)
+        self.saved = []
 
 
 class _Run:
@@ -451,7 +542,12 @@ class _Run:
         options: OffloadOptions,
         name: str,
         checker: "_GraphCheck",
+        module: nn.Module | None = None,
+        state_of: nn.Module | None = None,
     ):
+        self.module = module  # the wrapped module (for its running statistics), if any
+        self.state_of = state_of  # the model whose parameters and buffers are never offloaded
+        self._state_storages: set[int] | None = None
         self.fn = fn
         self.in_spec = in_spec
         self.n_inputs = n_inputs
@@ -460,6 +556,15 @@ class _Run:
         self.name = name
         self.out_spec: Any = None
         self._checker = checker
+
+    def is_module_state(self, t: Tensor) -> bool:
+        """Whether ``t`` shares storage with a parameter or buffer of the model (or ``params``)."""
+        if self._state_storages is None:
+            tensors: list[Tensor] = list(self.params)
+            if self.state_of is not None:
+                tensors += [*self.state_of.parameters(), *self.state_of.buffers()]
+            self._state_storages = {x.untyped_storage().data_ptr() for x in tensors}
+        return t.untyped_storage().data_ptr() in self._state_storages
 
     @property
     def checked(self) -> bool:
@@ -536,13 +641,15 @@ def _checkpoint_call(
     options: OffloadOptions,
     name: str,
     checker: _GraphCheck,
+    module: nn.Module | None = None,
+    state_of: nn.Module | None = None,
 ) -> Any:
     leaves: list[Tensor] = []
     in_spec = _flatten((args, kwargs), leaves)
     if _depth() > 0 or not _needs_recompute(leaves, params):
         return fn(*args, **kwargs)
     params = [p for p in params if p.requires_grad]
-    run = _Run(fn, in_spec, len(leaves), params, options, name, checker)
+    run = _Run(fn, in_spec, len(leaves), params, options, name, checker, module, state_of)
     out_leaves = _OffloadedCheckpoint.apply(run, *leaves, *params)
     return _unflatten(run.out_spec, out_leaves)
 
@@ -551,10 +658,16 @@ def _checkpoint_call(
 # Module wrapping: an instance-level ``forward`` that routes through the checkpoint.
 class _OffloadedForward:
     """Replaces ``module.forward`` on the instance; the class, parameters and keys stay as they
-    are. Picklable and deep-copyable with the module (it refers back to it)."""
+    are. It refers back to the module weakly (a strong reference would make a module <-> wrapper
+    cycle, so a deleted model and its device memory would wait for the cyclic garbage
+    collector); pickling and deep copies carry the reference over to the new module."""
 
-    def __init__(self, module: nn.Module, name: str, options: OffloadOptions, inner: Any):
-        self.module = module
+    def __init__(
+        self, module: nn.Module, name: str, options: OffloadOptions, inner: Any, root: nn.Module | None = None
+    ):
+        self._module = weakref.ref(module)
+        # the model it was applied to: its parameters and buffers are never offloaded
+        self._root = weakref.ref(root if root is not None else module)
         self.name = name
         self.options = options
         self.inner = inner  # an instance-level forward that was already there, or None
@@ -567,12 +680,41 @@ class _OffloadedForward:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         params = list(self.module.parameters())
-        return _checkpoint_call(self._forward, args, kwargs, params, self.options, self.name, self.checker)
+        module = self.module
+        root = self._root()
+        return _checkpoint_call(
+            self._forward, args, kwargs, params, self.options, self.name, self.checker, module,
+            root if root is not None else module,
+        )
+
+    @property
+    def module(self) -> nn.Module:
+        module = self._module()
+        if module is None:
+            raise RuntimeError(f"ActivationOffload: the module {self.name!r} this forward belonged to was deleted")
+        return module
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
+        state["_module"] = self.module  # pickle/deepcopy resolve the cycle through their memo
+        state["_root"] = None  # never drag the whole model along with one block (see __deepcopy__)
         state["checker"] = _GraphCheck()
         return state
+
+    def __deepcopy__(self, memo: dict) -> "_OffloadedForward":
+        new = _OffloadedForward.__new__(_OffloadedForward)
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        root = self._root()
+        if root is not None and id(root) in memo:  # the whole model is being copied
+            new._root = weakref.ref(memo[id(root)])
+        return new
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        state["_module"] = weakref.ref(state["_module"])
+        state["_root"] = weakref.ref(state["_root"] if state["_root"] is not None else state["_module"]())
+        self.__dict__.update(state)
 
 
 def is_offloaded(module: nn.Module) -> bool:
@@ -602,7 +744,7 @@ def apply_activation_offload(
     wrapped = []
     for name, sub in list(find_targets(module, target, include, exclude, skip=is_offloaded)):
         inner = sub.__dict__.get("forward")
-        sub.forward = _OffloadedForward(sub, name, options, inner)  # type: ignore[method-assign]
+        sub.forward = _OffloadedForward(sub, name, options, inner, module)  # type: ignore[method-assign]
         wrapped.append(name)
     return wrapped
 

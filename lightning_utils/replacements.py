@@ -207,8 +207,12 @@ class SDPAMultiheadAttention(nn.MultiheadAttention):
     @classmethod
     def from_module(cls, old: nn.Module, weights_fallback: bool = False) -> "SDPAMultiheadAttention":
         """The same module (same Parameter objects) re-classed; no weights are copied."""
+        from lightning_utils.module_swap import check_not_transformed
+
         _expect(old, nn.MultiheadAttention, "SDPAMultiheadAttention")
         cls._check_supported(old)  # type: ignore[arg-type]
+        # a copied instance-level forward / compiled call would keep running the stock forward
+        check_not_transformed("", old)
         new = copy.copy(old)
         for attr in ("_parameters", "_buffers", "_modules"):
             setattr(new, attr, dict(getattr(old, attr)))

@@ -337,3 +337,57 @@ def test_bnb_linear_8bit_and_stable_embedding_presets():
     assert type(emb[0]).__name__ == "StableEmbedding"
     assert {"0.weight", "0.norm.weight", "0.norm.bias"} <= set(emb.state_dict())
     emb.cuda()(tokens.cuda()).sum().backward()
+
+
+def test_host_copy_keeps_layout_and_is_released_by_backward():
+    import weakref
+
+    from lightning_utils.offload import apply_activation_offload
+
+    off = _stack(n=2)
+    apply_activation_offload(off, Block)
+    x = torch.randn(32, 4, D, device="cuda", requires_grad=True)
+    h = off[0](x.transpose(0, 1))  # a non-contiguous input
+    copy_ = h.grad_fn.group.copies[0]
+    assert copy_.host.stride() == x.transpose(0, 1).stride()
+    host = weakref.ref(copy_.host)
+    h.float().pow(2).sum().backward()
+    torch.cuda.synchronize()
+    assert host() is None and copy_.prefetched is None  # pinned memory given back, output still held
+    assert x.grad is not None and x.grad.device == x.device
+
+
+def test_cuda_recompute_replays_autocast_off_under_an_autocast_backward():
+    from lightning_utils.offload import apply_activation_offload
+
+    plain = _stack(n=2)
+    off = copy.deepcopy(plain)
+    apply_activation_offload(off, Block)
+    x = torch.randn(4, 16, D, device="cuda")
+    for model in (plain, off):
+        torch.manual_seed(2)
+        out = model(x)  # fp32 forward
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out.pow(2).mean().backward()
+    a, b = _grads(plain), _grads(off)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-6, msg=k)
+
+
+def test_replacement_with_extra_tensors_lands_on_the_old_device():
+    """The replacement is built on the CPU; after the carried-over CUDA parameters are put in,
+    its own extra buffers/parameters must follow them to the GPU."""
+    from lightning_utils.callbacks.replace_modules import ReplaceModules
+
+    class ScaledLinear(nn.Linear):
+        def __init__(self, in_features, out_features, bias=True, dtype=None):
+            super().__init__(in_features, out_features, bias=bias, dtype=dtype)
+            self.register_buffer("scale", torch.ones(out_features))
+
+        def forward(self, x):
+            return super().forward(x) * self.scale
+
+    model = nn.Sequential(nn.Linear(8, 8)).cuda()
+    ReplaceModules(nn.Linear, ScaledLinear).apply(model)
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"cuda"}
+    model(torch.randn(2, 8, device="cuda"))

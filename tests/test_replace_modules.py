@@ -385,3 +385,174 @@ def test_torchao_float8_construction_path(monkeypatch):
     assert type(net.model[0]).__name__ == "Float8Linear" and type(net.head) is nn.Linear
     assert list(net.state_dict()) == keys
     assert all(p is params[n] for n, p in net.named_parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Review findings (each test failed before its fix)
+def test_ties_survive_a_dtype_changing_replacement():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 6)
+            self.out = nn.Linear(6, 10, bias=False)
+            self.out.weight = self.emb.weight
+
+    def to_f64(name, old):
+        if isinstance(old, nn.Embedding):
+            return nn.Embedding(old.num_embeddings, old.embedding_dim, dtype=torch.float64)
+        return nn.Linear(old.in_features, old.out_features, bias=False, dtype=torch.float64)
+
+    m = Tied()
+    weight = m.emb.weight.detach().clone()
+    keys = list(m.state_dict())
+    replace_modules(m, (nn.Embedding, nn.Linear), to_f64)
+    assert m.emb.weight.dtype == torch.float64
+    assert m.out.weight is m.emb.weight, "the tie between two replaced modules was broken"
+    assert len(list(m.parameters())) == 1 and list(m.state_dict()) == keys
+    torch.testing.assert_close(m.emb.weight, weight.double(), atol=0, rtol=0)
+
+
+def test_refuses_to_replace_a_module_already_offloaded_or_compiled():
+    """Replacing a wrapped module would silently drop (or, with from_module, misroute) the
+    wrapping: the SDPA module would keep running the stock forward of the old module."""
+    from lightning_utils.offload import apply_activation_offload
+
+    root = nn.Sequential(nn.MultiheadAttention(16, 4, batch_first=True))
+    apply_activation_offload(root, nn.MultiheadAttention)
+    with pytest.raises(ValueError, match="ActivationOffload.*before"):
+        ReplaceModules(nn.MultiheadAttention, sdpa_attention()).apply(root)
+
+    root = nn.Sequential(nn.Linear(2, 2))
+    root[0].compile(backend="eager")
+    with pytest.raises(ValueError, match="CompileModules.*before"):
+        ReplaceModules(nn.Linear, MyLinear).apply(root)
+    # replacing *inside* a wrapped module is fine (the wrapper calls the new child)
+    outer = nn.Sequential(nn.Sequential(nn.Linear(2, 2)))
+    apply_activation_offload(outer, lambda name, m: name == "0")
+    ReplaceModules(nn.Linear, MyLinear).apply(outer)
+    assert type(outer[0][0]) is MyLinear
+
+
+# ---------------------------------------------------------------------------------------------
+# The three module callbacks in one Trainer: order, resume, a second entry point.
+class _Block(nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.fc1, self.fc2, self.drop = nn.Linear(d, 16), nn.Linear(16, d), nn.Dropout(0.25)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return x + self.drop(self.fc2(torch.relu(self.fc1(x))))
+
+
+class _StackLM(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.blocks = None
+        self.head = nn.Linear(8, 8)
+
+    def configure_model(self):
+        if self.blocks is None:
+            torch.manual_seed(0)
+            self.blocks = nn.Sequential(_Block(), _Block())
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        return (self.head(self.blocks(x)) - x).pow(2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        (x,) = batch
+        self.log("val", (self.head(self.blocks(x)) - x).pow(2).mean())
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(0)
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 8, generator=g)), batch_size=4)
+
+    val_dataloader = train_dataloader
+
+
+def _three(counting):
+    from lightning_utils.callbacks.activation_offload import ActivationOffload
+    from lightning_utils.callbacks.compile_modules import CompileModules
+
+    return [
+        ReplaceModules(nn.Linear, MyLinear, include=["blocks"]),
+        ActivationOffload(target=_Block),
+        CompileModules(target=_Block, backend=counting),
+    ]
+
+
+def test_replace_offload_compile_in_one_trainer_fit_resume_validate(tmp_path):
+    from lightning_utils.offload import is_offloaded
+
+    def counting(gm, example_inputs):
+        return gm.forward
+
+    pl.seed_everything(0)
+    plain = _StackLM()
+    _trainer(tmp_path / "plain", [], 3).fit(plain)
+
+    pl.seed_everything(0)
+    model = _StackLM()
+    callbacks = _three(counting)
+    trainer = _trainer(tmp_path / "a", [*callbacks, _CheckOptimizerAll()], 3)
+    trainer.fit(model)
+    replace, offload, compile_ = callbacks
+    assert replace.replaced == ["blocks.0.fc1", "blocks.0.fc2", "blocks.1.fc1", "blocks.1.fc2"]
+    assert offload.wrapped == ["blocks.0", "blocks.1"] and compile_.compiled == ["blocks.0", "blocks.1"]
+    assert all(type(b.fc1) is MyLinear and is_offloaded(b) and b._compiled_call_impl is not None for b in model.blocks)
+    # same training as without any of them: exact replacement, dropout replayed, eager backend
+    assert list(model.state_dict()) == list(plain.state_dict())
+    for (k, a), b in zip(plain.state_dict().items(), model.state_dict().values()):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=0, msg=k)
+    # forward + recompute per training step, one plain call per sanity-check batch (no_grad)
+    assert [b.calls for b in model.blocks] == [2 * 3 + 2, 2 * 3 + 2]
+
+    # validate (setup runs again): nothing applied twice, no recompute under no_grad
+    for b in model.blocks:
+        b.calls = 0
+    trainer.validate(model, verbose=False)
+    assert len(replace.replaced) == 4 and len(offload.wrapped) == 2 and len(compile_.compiled) == 2
+    assert [b.calls for b in model.blocks] == [4, 4]  # 4 validation batches, one call each
+
+    ckpt = tmp_path / "three.ckpt"
+    trainer.save_checkpoint(ckpt)
+    resumed = _StackLM()
+    trainer2 = _trainer(tmp_path / "b", [*_three(counting), _CheckOptimizerAll()], 5)
+    trainer2.fit(resumed, ckpt_path=ckpt)  # strict
+    assert trainer2.global_step == 5
+    assert set(load_state(ckpt)["state_dict"]) == set(plain.state_dict())
+
+
+def test_wrong_callback_order_is_a_clear_error(tmp_path):
+    from lightning_utils.callbacks.activation_offload import ActivationOffload
+
+    class _SubBlock(_Block):
+        pass
+
+    def factory(name, old):
+        new = _SubBlock()
+        return new
+
+    callbacks = [ActivationOffload(target=_Block), ReplaceModules(_Block, factory)]
+    with pytest.raises(ValueError, match="put ReplaceModules before"):
+        _trainer(tmp_path, callbacks, 1).fit(_StackLM())
+
+
+class _CheckOptimizerAll(pl.Callback):
+    def on_train_start(self, trainer, pl_module):
+        opt = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+        assert opt == {id(p) for p in pl_module.parameters()}
+
+
+def test_sdpa_from_module_refuses_a_wrapped_module():
+    from lightning_utils.offload import apply_activation_offload
+
+    mha = nn.MultiheadAttention(16, 4, batch_first=True)
+    apply_activation_offload(mha, nn.MultiheadAttention)
+    with pytest.raises(ValueError, match="already transformed by ActivationOffload"):
+        SDPAMultiheadAttention.from_module(mha)

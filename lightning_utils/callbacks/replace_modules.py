@@ -94,9 +94,10 @@ class ReplaceModules(Callback):
         return new_root
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        transform_before_restore(
-            pl_module, f"ReplaceModules@{id(self)}", lambda m: self._replace(m, allow_root=False)
-        )
+        transform_before_restore(pl_module, f"ReplaceModules@{id(self)}", self._replace_submodules)
+
+    def _replace_submodules(self, module: nn.Module) -> nn.Module:
+        return self._replace(module, allow_root=False)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.replaced:
