@@ -132,6 +132,8 @@ def test_lightning_cli_class_path_flags(tmp_path):
             "--optimizer.lr=0.02",
             f"--optimizer.exclude_dims=[{VOCAB}]",
             "--optimizer.update_proj_gap=50",
+            "--optimizer.betas=[0.8, 0.95]",
+            "--optimizer.weight_decay=0.01",
             "--lr_scheduler=lightning_utils.optim.WarmupLR",
             "--lr_scheduler.warmup_steps=10",
         ],
@@ -141,6 +143,7 @@ def test_lightning_cli_class_path_flags(tmp_path):
     assert isinstance(optimizer, ApolloMini)
     group = optimizer.param_groups[0]
     assert group["update_proj_gap"] == 50 and group["exclude_dims"] == (VOCAB,)
+    assert group["betas"] == (0.8, 0.95) and group["weight_decay"] == 0.01
     # LightningCLI's automatic scheduler uses Lightning's default interval, "epoch": three steps
     # inside the first epoch leave WarmupLR at its first value, 1/10 of the base lr.
     assert group["lr"] == pytest.approx(0.02 / 10)

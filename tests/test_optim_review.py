@@ -209,3 +209,78 @@ def test_bias_correction_and_limiter_match_a_direct_formula_over_steps():
         w = (w - step_size * math.sqrt(scale) * u) * (1 - lr * wd)
         torch.testing.assert_close(p.detach(), w, rtol=1e-5, atol=1e-6)
         assert opt.state[p]["scaling_grad"].item() == pytest.approx(prev, rel=1e-5)
+
+
+# --- hardening (pin): an SVD basis in state owns only its own storage ---------------------------
+# A slice of U or V^T that happened to be contiguous would keep the whole factor alive and
+# torch.save would write all of it; LAPACK's output layout decides, so the basis is copied.
+
+
+@pytest.mark.parametrize("shape,basis_shape", [((64, 32), (4, 32)), ((32, 64), (32, 4))])
+def test_svd_basis_in_state_owns_only_its_own_storage(shape, basis_shape):
+    p = _param(*shape)
+    opt = Apollo([p], lr=1e-3, rank=4, proj="svd")
+    _grads([p], 0)
+    opt.step()
+    basis = opt.state[p]["projection"]
+    assert basis.shape == basis_shape and basis.is_contiguous()
+    assert basis.untyped_storage().nbytes() == basis.numel() * basis.element_size()
+
+
+# --- pins: per-group options, gradient-less steps ----------------------------------------------------
+
+
+def test_each_group_follows_its_own_options_bit_for_bit():
+    options_a = dict(rank=3, scale_type="channel", proj_type="reverse_std", betas=(0.8, 0.9), eps=1e-5)
+    options_b = dict(rank=2, scale_type="tensor", scale=16.0, update_proj_gap=2, weight_decay=0.1, lr=3e-2)
+    a, b, c = _param(12, 8, seed=1), _param(8, 12, seed=2), _param(5, seed=3)
+    together = Apollo([{"params": [a], **options_a}, {"params": [b, c], **options_b}], lr=1e-2)
+    a2, b2, c2 = (torch.nn.Parameter(x.detach().clone()) for x in (a, b, c))
+    alone_a = Apollo([a2], lr=1e-2, **options_a)
+    # a placeholder keeps b2 at index 2, so its projection seed matches b's
+    placeholder = torch.nn.Parameter(torch.zeros(1))
+    alone_b = Apollo([{"params": [placeholder]}, {"params": [b2, c2], **options_b}], lr=1e-2)
+    for seed in range(4):
+        _grads([a, b, c], seed)
+        _grads([a2, b2, c2], seed)
+        together.step()
+        alone_a.step()
+        alone_b.step()
+    for x, y in ((a, a2), (b, b2), (c, c2)):
+        assert torch.equal(x.detach(), y.detach())
+
+
+def test_a_step_without_gradient_leaves_parameter_and_state_alone():
+    a, b = _param(16, 8), _param(16, 8, seed=1)
+    opt = Apollo([a, b], lr=1e-2, rank=2, update_proj_gap=2, weight_decay=0.1)
+    ref_b = torch.nn.Parameter(b.detach().clone())
+    ref = Apollo([torch.nn.Parameter(torch.zeros(1)), ref_b], lr=1e-2, rank=2, update_proj_gap=2, weight_decay=0.1)
+    for seed in range(4):
+        _grads([a, b], seed)
+        if seed == 1:
+            a.grad = None  # e.g. zero_grad(set_to_none=True) and an unused branch
+        before = a.detach().clone()
+        opt.step()
+        ref_b.grad = b.grad.clone()
+        ref.step()
+        if seed == 1:
+            assert torch.equal(a.detach(), before)
+    assert opt.state[a]["step"] == 3 and opt.state[b]["step"] == 4
+    assert torch.equal(b.detach(), ref_b.detach())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("scale_type", ["channel", "tensor"])
+def test_cuda_steps_match_cpu_steps(scale_type):
+    cpu = [_param(64, 32, seed=1), _param(32, 64, seed=2), _param(32, seed=3)]
+    cuda = [torch.nn.Parameter(p.detach().cuda()) for p in cpu]
+    options = dict(lr=1e-2, rank=8, scale_type=scale_type, update_proj_gap=2, weight_decay=0.01)
+    o_cpu, o_cuda = Apollo(cpu, **options), Apollo(cuda, **options)
+    for seed in range(4):
+        _grads(cpu, seed)
+        for p, q in zip(cpu, cuda):
+            q.grad = p.grad.cuda()
+        o_cpu.step()
+        o_cuda.step()
+    for p, q in zip(cpu, cuda):
+        torch.testing.assert_close(q.detach().cpu(), p.detach(), rtol=1e-4, atol=1e-5)
