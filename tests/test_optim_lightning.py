@@ -226,7 +226,12 @@ def test_resume_in_fresh_process_is_bit_identical(tmp_path):
     # both resumes at once: the two interpreters start up in parallel
     running = {
         suffix: _start_script(
-            "--out", str(tmp_path / f"resumed{suffix}.pt"), "--resume", str(tmp_path / f"epoch0{suffix}"), "--seed", "1234"
+            "--out",
+            str(tmp_path / f"resumed{suffix}.pt"),
+            "--resume",
+            str(tmp_path / f"epoch0{suffix}"),
+            "--seed",
+            "1234",
         )
         for suffix in (".ckpt", ".sft")
     }

@@ -26,6 +26,14 @@ The random projection is never stored: refresh ``k = step // update_proj_gap`` o
 regenerated from ``(seed, k)`` on a dedicated CPU generator (:mod:`.projection`) and cached
 outside the state until the next refresh, so a resumed run, in a fresh process with any global
 RNG state, makes bit-identical next steps, and CPU and CUDA use identical matrices.
+
+Speed: beyond AdamW's elementwise work the step costs the projection matmul, ``r*m*n``
+multiply-adds per matrix, which follows torch's float32 matmul settings
+(``torch.set_float32_matmul_precision``; this module never changes them). Everything else is
+kept near the memory-traffic floor: per parameter, the projected gradient and ``N`` live in a
+reused workspace (2x the largest projected gradient per device and dtype, not state), the
+channel norms of ``G`` are one read of it, the limiter runs batched over the group as tensor ops
+(no host sync), and the update ``p += alpha * G * s`` is one foreach ``addcmul`` per group.
 """
 
 from __future__ import annotations
@@ -160,7 +168,8 @@ class Apollo(Optimizer):
        ``P`` random N(0, 1/r), redrawn every ``update_proj_gap`` steps (or the top-``r``
        singular vectors of ``G`` with ``proj="svd"``). ``proj_type="std"`` projects the
        longer side away: "right" when ``m >= n``; ``"reverse_std"`` swaps; ``"left"``/``"right"``
-       force a side. The rank is clamped to the projected dimension, so no shape is too small.
+       force a side. The rank is clamped to the projected dimension (for ``"svd"`` also to
+       ``min(m, n)``, the number of singular vectors), so no shape is too small.
     2. Adam on ``R``: ``M = b1 M + (1 - b1) R``, ``V = b2 V + (1 - b2) R**2``,
        ``N = M / (sqrt(V) + eps)`` (eps after the sqrt, moments not bias-corrected).
     3. Scale ``s``: ``scale_type="channel"`` gives one factor per kept channel (a row for "right",
@@ -170,7 +179,8 @@ class Apollo(Optimizer):
     5. ``p -= lr_t * sqrt(scale) * U`` with ``lr_t = lr * sqrt(1 - b2**t) / (1 - b1**t)`` when
        ``correct_bias`` (else ``lr``); then ``p *= 1 - lr * weight_decay`` (decoupled).
 
-    AdamW parameters use steps 2 and 5 on the full gradient. Every constructor option is also a
+    AdamW parameters use steps 2 and 5 on the full gradient, without ``sqrt(scale)`` (as a
+    ``rank=0`` group in the reference does), batched with foreach ops. Every constructor option is also a
     param-group key, so groups may differ (e.g. ``{"params": norms, "rank": 0}``). Parameters may
     be given as a flat iterable, as groups, or as ``(name, tensor)`` pairs.
 
@@ -192,7 +202,8 @@ class Apollo(Optimizer):
             vocabulary size, to keep embeddings and the LM head on AdamW from YAML).
 
     Raises:
-        ValueError: for a bad option, naming it (and the param group, if that is where it is).
+        ValueError: for a bad option, naming it (and the param group, if that is where it is),
+            or for a complex parameter (optimize ``torch.view_as_real(p)`` instead).
     """
 
     def __init__(
