@@ -284,3 +284,36 @@ def test_cuda_steps_match_cpu_steps(scale_type):
         o_cuda.step()
     for p, q in zip(cpu, cuda):
         torch.testing.assert_close(q.detach().cpu(), p.detach(), rtol=1e-4, atol=1e-5)
+
+
+# --- pins: shapes the property test does not draw -----------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(0,), (0, 5), (5, 0), (0, 0), (0, 3, 3), (2, 0, 3)])
+@pytest.mark.parametrize("scale_type", ["channel", "tensor"])
+def test_empty_parameters_step_without_error(shape, scale_type):
+    p = torch.nn.Parameter(torch.zeros(shape))
+    opt = Apollo([p, _param(6, 4)], lr=1e-2, rank=4, scale_type=scale_type)
+    for _ in range(2):
+        p.grad = torch.zeros(shape)
+        opt.param_groups[0]["params"][1].grad = torch.ones(6, 4)
+        opt.step()
+    assert p.shape == shape and opt.state[p]["step"] == 2
+
+
+def test_channels_last_conv_weight_matches_the_contiguous_one():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 8, 3)
+    twin = torch.nn.Conv2d(4, 8, 3)
+    twin.load_state_dict(conv.state_dict())
+    conv = conv.to(memory_format=torch.channels_last)
+    assert not conv.weight.is_contiguous()
+    opts = [Apollo(m.parameters(), lr=1e-2, rank=3, weight_decay=0.1) for m in (conv, twin)]
+    for seed in range(3):
+        x = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(seed))
+        for module, opt in zip((conv, twin), opts):
+            opt.zero_grad()
+            module(x.contiguous(memory_format=torch.channels_last) if module is conv else x).square().sum().backward()
+            opt.step()
+    assert not conv.weight.is_contiguous()  # updated in place, layout kept
+    torch.testing.assert_close(conv.weight.detach(), twin.weight.detach(), rtol=1e-5, atol=1e-6)
