@@ -224,7 +224,7 @@ def matmul_floor(
             continue
         grad = p.grad.reshape(p.shape[0], -1)
         matrix = cache[p][1]
-        right = tuple(matrix.shape) == (matrix.shape[0], grad.shape[1]) and grad.shape[0] >= grad.shape[1]
+        right = matrix.shape[1] == grad.shape[1] and grad.shape[0] >= grad.shape[1]  # P is (r, n): G @ P.T
         pairs.append((grad, matrix, right))
 
     def run() -> None:
