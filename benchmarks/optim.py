@@ -26,7 +26,12 @@ Usage (about 3 minutes on a 2-core CPU with the defaults; ``--quick`` takes well
 
 Timings are CPU time with one intra-op thread by default (``--threads``), interleaving the
 optimizers over several rounds and reporting the median, because the machine may be shared;
-ratios are always taken within one run.
+ratios are always taken within one run. Each APOLLO row is followed by the time of its
+projection matmuls alone (``r*m*n`` multiply-adds per matrix, vs AdamW's ``O(m*n)`` elementwise
+work): on a CPU that matmul by itself can exceed 1.3x AdamW's whole step (2 x 4096^2 at rank 256),
+so it is printed as the floor. ``--matmul-precision medium`` runs with torch's global
+``torch.set_float32_matmul_precision("medium")`` (bfloat16-based float32 matmuls where the CPU
+has them); the header prints the resulting matmul error so the trade is visible.
 """
 
 from __future__ import annotations
@@ -205,11 +210,42 @@ def time_steps(built: dict[str, torch.optim.Optimizer], steps: int, rounds: int)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def matmul_floor(
+    optimizer: torch.optim.Optimizer, projected: list[torch.Tensor], steps: int, rounds: int
+) -> float | None:
+    """Median CPU seconds of the projection matmuls alone (``G @ P.T`` or ``P.T @ G`` with the
+    optimizer's cached matrices): the part of an APOLLO step no implementation can avoid."""
+    cache = getattr(optimizer, "_projections", None)
+    if not cache:
+        return None
+    pairs = []
+    for p in projected:
+        if p not in cache:
+            continue
+        grad = p.grad.reshape(p.shape[0], -1)
+        matrix = cache[p][1]
+        right = matrix.shape[1] == grad.shape[1] and grad.shape[0] >= grad.shape[1]  # P is (r, n): G @ P.T
+        pairs.append((grad, matrix, right))
+
+    def run() -> None:
+        for grad, matrix, right in pairs:
+            torch.mm(grad, matrix.t()) if right else torch.mm(matrix.t(), grad)
+
+    samples = []
+    for _ in range(rounds):
+        start = time.process_time()
+        for _ in range(steps):
+            run()
+        samples.append((time.process_time() - start) / steps)
+    return statistics.median(samples)
+
+
 def report(
     title: str,
     built: dict[str, torch.optim.Optimizer],
     times: dict[str, float],
     projected: list[torch.Tensor],
+    args: argparse.Namespace,
 ) -> None:
     base_name = "AdamW(foreach)"
     base_state = state_bytes(built[base_name], projected)
@@ -226,6 +262,15 @@ def report(
             f"{projected_bytes / base_state:>9.1%} {cache_bytes(optimizer) / 2**20:>15.2f}"
             f"{times[name] * 1e3:>10.1f}{times[name] / base_time:>9.2f}x"
         )
+    for name in ("Apollo(r=", "ApolloMini"):
+        mine = next((n for n in times if n.startswith(name)), None)
+        floor = matmul_floor(built[mine], projected, args.time_steps, args.rounds) if mine else None
+        if floor is not None:
+            print(
+                f"{mine}: projection matmul alone {floor * 1e3:.1f} ms = {floor / base_time:.2f}x AdamW "
+                f"(the floor for any implementation); everything else {(times[mine] - floor) * 1e3:.1f} ms "
+                f"= {(times[mine] - floor) / base_time:.2f}x AdamW"
+            )
     for ours, theirs in (("Apollo(r=", "upstream Apollo(r="), ("ApolloMini", "upstream Mini")):
         mine = next((n for n in times if n.startswith(ours)), None)
         other = next((n for n in times if n.startswith(theirs)), None)
@@ -249,7 +294,7 @@ def bench_matrices(args: argparse.Namespace) -> None:
         optimizer.step()  # allocate state and draw the projections (refresh cost not timed)
     times = time_steps(built, args.time_steps, args.rounds)
     title = f"{args.matrices} x {size}x{size} matrices (fp32, update_proj_gap={args.gap})"
-    report(title, built, times, params)
+    report(title, built, times, params, args)
 
 
 def bench_lm_step(args: argparse.Namespace) -> None:
@@ -271,6 +316,7 @@ def bench_lm_step(args: argparse.Namespace) -> None:
         built,
         times,
         projected,
+        args,
     )
 
 
@@ -314,6 +360,14 @@ def bench_loss(args: argparse.Namespace) -> None:
         print(f"{name:<20}{lr:>10g}{loss:>10.4f}{loss / base - 1:>+9.1%}")
 
 
+def matmul_error() -> float:
+    """Relative error of a float32 ``G @ P.T`` under the current matmul precision (vs float64)."""
+    gen = torch.Generator().manual_seed(0)
+    grad, matrix = torch.randn(512, 512, generator=gen), torch.randn(64, 512, generator=gen) / 8
+    exact = grad.double() @ matrix.double().t()
+    return ((grad @ matrix.t()).double() - exact).norm().item() / exact.norm().item()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--matrix-size", type=int, default=4096)
@@ -338,6 +392,12 @@ def main() -> None:
     parser.add_argument("--mini-lrs", default="1e-3,3e-3,1e-2")
     parser.add_argument("--sections", default="matrices,lm,loss", help="comma list of matrices,lm,loss")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: stable CPU times)")
+    parser.add_argument(
+        "--matmul-precision",
+        choices=["highest", "high", "medium"],
+        default="highest",
+        help="torch.set_float32_matmul_precision for the run (a global torch setting; default torch's own)",
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     args = parser.parse_args()
     if args.quick:
@@ -346,7 +406,12 @@ def main() -> None:
     if args.loss_steps is None:
         args.loss_steps = 40 if args.quick else 150
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); step times are CPU ms (median)")
+    torch.set_float32_matmul_precision(args.matmul_precision)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); step times are CPU ms (median); "
+        f"float32 matmul precision {args.matmul_precision!r} ({matmul_error():.1e} relative error of a "
+        "projection matmul vs float64)"
+    )
     sections = set(args.sections.split(","))
     if "matrices" in sections:
         bench_matrices(args)

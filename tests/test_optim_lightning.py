@@ -132,6 +132,8 @@ def test_lightning_cli_class_path_flags(tmp_path):
             "--optimizer.lr=0.02",
             f"--optimizer.exclude_dims=[{VOCAB}]",
             "--optimizer.update_proj_gap=50",
+            "--optimizer.betas=[0.8, 0.95]",
+            "--optimizer.weight_decay=0.01",
             "--lr_scheduler=lightning_utils.optim.WarmupLR",
             "--lr_scheduler.warmup_steps=10",
         ],
@@ -141,6 +143,7 @@ def test_lightning_cli_class_path_flags(tmp_path):
     assert isinstance(optimizer, ApolloMini)
     group = optimizer.param_groups[0]
     assert group["update_proj_gap"] == 50 and group["exclude_dims"] == (VOCAB,)
+    assert group["betas"] == (0.8, 0.95) and group["weight_decay"] == 0.01
     # LightningCLI's automatic scheduler uses Lightning's default interval, "epoch": three steps
     # inside the first epoch leave WarmupLR at its first value, 1/10 of the base lr.
     assert group["lr"] == pytest.approx(0.02 / 10)
@@ -190,42 +193,70 @@ def test_lightning_cli_reports_bad_option(tmp_path):
 # --- resume in a fresh process -------------------------------------------------------------------
 
 
-def _run_script(*args: str) -> None:
+def _start_script(*args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONHASHSEED": "0"}
-    proc = subprocess.run(
+    return subprocess.Popen(
         [sys.executable, str(SCRIPTS / "optim_resume_run.py"), *args],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=180,
         stdin=subprocess.DEVNULL,
         env=env,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("suffix", [".ckpt", ".sft"])
-def test_resume_in_fresh_process_is_bit_identical(tmp_path, suffix):
-    _run_script("--out", str(tmp_path / "full.pt"), "--save-dir", str(tmp_path), "--suffix", suffix)
-    ckpt = tmp_path / f"epoch0{suffix}"
-    assert ckpt.exists()
-    if suffix == ".ckpt":
-        checkpoint = torch.load(ckpt, weights_only=True)  # no pickled projector objects
-        state = checkpoint["optimizer_states"][0]["state"]
-        assert all(torch.is_tensor(v) or isinstance(v, (int, float)) for s in state.values() for v in s.values())
-        assert checkpoint["global_step"] == 5
-    else:
-        from lightning_utils.io import load_state
+def _finish(proc: subprocess.Popen) -> None:
+    try:
+        stdout, stderr = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, stderr = proc.communicate()
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
 
-        checkpoint = load_state(ckpt)  # the whole Lightning checkpoint, optimizer state included
-        assert checkpoint["global_step"] == 5
-        assert checkpoint["optimizer_states"][0]["state"][0]["seed"] == 1
-    _run_script("--out", str(tmp_path / "resumed.pt"), "--resume", str(ckpt), "--seed", "1234", "--suffix", suffix)
+
+def _run_script(*args: str) -> None:
+    _finish(_start_script(*args))
+
+
+def test_resume_in_fresh_process_is_bit_identical(tmp_path):
+    """One full run writes a .ckpt (torch) and a .sft (safetensors) checkpoint at step 5; each is
+    resumed in a fresh interpreter under another global seed."""
+    _run_script("--out", str(tmp_path / "full.pt"), "--save-dir", str(tmp_path), "--suffixes", ".ckpt,.sft")
     full = torch.load(tmp_path / "full.pt", weights_only=True)
-    resumed = torch.load(tmp_path / "resumed.pt", weights_only=True)
-    assert sorted(resumed) == [6, 7, 8]
-    for step in (6, 7, 8):
-        for name, value in full[step].items():
-            assert torch.equal(value, resumed[step][name]), (step, name)
+    # both resumes at once: the two interpreters start up in parallel
+    running = {
+        suffix: _start_script(
+            "--out",
+            str(tmp_path / f"resumed{suffix}.pt"),
+            "--resume",
+            str(tmp_path / f"epoch0{suffix}"),
+            "--seed",
+            "1234",
+        )
+        for suffix in (".ckpt", ".sft")
+    }
+    for suffix in (".ckpt", ".sft"):
+        ckpt = tmp_path / f"epoch0{suffix}"
+        assert ckpt.exists()
+        if suffix == ".ckpt":
+            checkpoint = torch.load(ckpt, weights_only=True)  # no pickled projector objects
+            state = checkpoint["optimizer_states"][0]["state"]
+            assert all(
+                torch.is_tensor(v) or isinstance(v, (int, float)) for s in state.values() for v in s.values()
+            )
+            assert checkpoint["global_step"] == 5
+        else:
+            from lightning_utils.io import load_state
+
+            checkpoint = load_state(ckpt)  # the whole Lightning checkpoint, optimizer state included
+            assert checkpoint["global_step"] == 5
+            assert checkpoint["optimizer_states"][0]["state"][0]["seed"] == 1
+        _finish(running[suffix])
+        resumed = torch.load(tmp_path / f"resumed{suffix}.pt", weights_only=True)
+        assert sorted(resumed) == [6, 7, 8]
+        for step in (6, 7, 8):
+            for name, value in full[step].items():
+                assert torch.equal(value, resumed[step][name]), (suffix, step, name)
 
 
 def test_lightning_cli_dependency_injection_with_named_groups(tmp_path):

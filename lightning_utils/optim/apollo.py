@@ -26,6 +26,14 @@ The random projection is never stored: refresh ``k = step // update_proj_gap`` o
 regenerated from ``(seed, k)`` on a dedicated CPU generator (:mod:`.projection`) and cached
 outside the state until the next refresh, so a resumed run, in a fresh process with any global
 RNG state, makes bit-identical next steps, and CPU and CUDA use identical matrices.
+
+Speed: beyond AdamW's elementwise work the step costs the projection matmul, ``r*m*n``
+multiply-adds per matrix, which follows torch's float32 matmul settings
+(``torch.set_float32_matmul_precision``; this module never changes them). Everything else is
+kept near the memory-traffic floor: per parameter, the projected gradient and ``N`` live in a
+reused workspace (2x the largest projected gradient per device and dtype, not state), the
+channel norms of ``G`` are one read of it, the limiter runs batched over the group as tensor ops
+(no host sync), and the update ``p += alpha * G * s`` is one foreach ``addcmul`` per group.
 """
 
 from __future__ import annotations
@@ -111,15 +119,11 @@ def _channel_norms(x: torch.Tensor, dim: int) -> torch.Tensor:
     """L2 norms of the rows (``dim=1``) or columns (``dim=0``) of a 2-D tensor, keepdim."""
     if dim == 1:
         return torch.linalg.vector_norm(x, dim=1, keepdim=True)
-    # On CPU, torch's vector_norm over dim 0 is ~10x slower than this (torch 2.13).
-    return x.square().sum(dim=0, keepdim=True).sqrt_()
-
-
-def _column_norms_chunked(x: torch.Tensor) -> torch.Tensor:
-    """Column norms of a possibly large matrix in row blocks: no full-size temporary."""
     rows = max(1, _CHUNK_ELEMENTS // max(1, x.shape[1]))
     if rows >= x.shape[0]:
-        return _channel_norms(x, 0)
+        # On CPU, torch's vector_norm over dim 0 is ~10x slower than this (torch 2.13).
+        return x.square().sum(dim=0, keepdim=True).sqrt_()
+    # Column norms of a large matrix in row blocks: cache-sized temporaries, no full-size one.
     squares = torch.zeros((1, x.shape[1]), dtype=torch.float32, device=x.device)
     for block in x.split(rows):
         squares.add_(block.float().square().sum(dim=0, keepdim=True))
@@ -136,6 +140,24 @@ def _side(m: int, n: int, proj_type: str) -> Side:
     return "right" if tall else "left"
 
 
+def _clamped_rank(m: int, n: int, side: Side, group: dict[str, Any]) -> int:
+    """The rank actually used: at most the projected dimension, and for an SVD basis at most the
+    number of singular vectors, ``min(m, n)``, so no shape is too small for the configured rank."""
+    rank = min(group["rank"], n if side == "right" else m)
+    if group["proj"] == "svd":
+        rank = min(rank, m, n)
+    return rank
+
+
+class _Planned:
+    """One APOLLO parameter of the current step: its state and 2-D geometry (no tensors kept)."""
+
+    __slots__ = ("param", "state", "m", "n", "side", "rank")
+
+    def __init__(self, param: torch.Tensor, state: dict[str, Any], m: int, n: int, side: Side, rank: int) -> None:
+        self.param, self.state, self.m, self.n, self.side, self.rank = param, state, m, n, side, rank
+
+
 class Apollo(Optimizer):
     r"""APOLLO (arXiv 2412.05270): structured learning-rate scaling from a low-rank Adam state.
 
@@ -146,7 +168,8 @@ class Apollo(Optimizer):
        ``P`` random N(0, 1/r), redrawn every ``update_proj_gap`` steps (or the top-``r``
        singular vectors of ``G`` with ``proj="svd"``). ``proj_type="std"`` projects the
        longer side away: "right" when ``m >= n``; ``"reverse_std"`` swaps; ``"left"``/``"right"``
-       force a side. The rank is clamped to the projected dimension, so no shape is too small.
+       force a side. The rank is clamped to the projected dimension (for ``"svd"`` also to
+       ``min(m, n)``, the number of singular vectors), so no shape is too small.
     2. Adam on ``R``: ``M = b1 M + (1 - b1) R``, ``V = b2 V + (1 - b2) R**2``,
        ``N = M / (sqrt(V) + eps)`` (eps after the sqrt, moments not bias-corrected).
     3. Scale ``s``: ``scale_type="channel"`` gives one factor per kept channel (a row for "right",
@@ -156,7 +179,8 @@ class Apollo(Optimizer):
     5. ``p -= lr_t * sqrt(scale) * U`` with ``lr_t = lr * sqrt(1 - b2**t) / (1 - b1**t)`` when
        ``correct_bias`` (else ``lr``); then ``p *= 1 - lr * weight_decay`` (decoupled).
 
-    AdamW parameters use steps 2 and 5 on the full gradient. Every constructor option is also a
+    AdamW parameters use steps 2 and 5 on the full gradient, without ``sqrt(scale)`` (as a
+    ``rank=0`` group in the reference does), batched with foreach ops. Every constructor option is also a
     param-group key, so groups may differ (e.g. ``{"params": norms, "rank": 0}``). Parameters may
     be given as a flat iterable, as groups, or as ``(name, tensor)`` pairs.
 
@@ -178,7 +202,8 @@ class Apollo(Optimizer):
             vocabulary size, to keep embeddings and the LM head on AdamW from YAML).
 
     Raises:
-        ValueError: for a bad option, naming it (and the param group, if that is where it is).
+        ValueError: for a bad option, naming it (and the param group, if that is where it is),
+            or for a complex parameter (optimize ``torch.view_as_real(p)`` instead).
     """
 
     def __init__(
@@ -217,21 +242,82 @@ class Apollo(Optimizer):
         # Random projections cached until their next refresh; rebuilt from (seed, step) on demand,
         # never saved. Keyed by parameter.
         self._projections: dict[torch.Tensor, tuple[tuple[Any, ...], torch.Tensor]] = {}
+        # Reused per-step workspace (see _scratch_pair); not state.
+        self._scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        _validate(self.param_groups[-1], f"{type(self).__name__} param group {len(self.param_groups) - 1}")
+        group = self.param_groups[-1]
+        where = f"{type(self).__name__} param group {len(self.param_groups) - 1}"
+        try:
+            _validate(group, where)
+            for i, param in enumerate(group["params"]):
+                if param.is_complex():
+                    raise ValueError(
+                        f"{where}: parameter {i} is complex ({param.dtype}); complex parameters are not "
+                        "supported (optimize torch.view_as_real(param) instead)"
+                    )
+        except ValueError:
+            self.param_groups.pop()  # a rejected group must not stay in the optimizer
+            raise
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._projections = {}
+        self._scratch = {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        for i, group in enumerate(self.param_groups):
-            _validate(group, f"{type(self).__name__} loaded param group {i}")
+        """Load a state dict saved by :class:`Apollo` (or :class:`ApolloMini`).
+
+        Everything is checked before anything changes: the saved group options (options missing
+        from an older state dict are taken from this optimizer's groups), that each parameter's
+        state was written by Apollo, and that its moments have the shape its options give. A
+        mismatch raises ``ValueError`` naming the parameter (1-based, across groups) and leaves
+        the optimizer as it was. Group count and sizes are checked by torch, also up front.
+        """
+        name = type(self).__name__
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups) or any(
+            len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups)
+        ):
+            super().load_state_dict(state_dict)  # torch's own ValueError, before any change
+            return
+        merged_groups = []
+        index = 0
+        for i, (saved, current) in enumerate(zip(saved_groups, self.param_groups)):
+            merged = {key: value for key, value in current.items() if key not in ("params", "param_names")}
+            merged.update(saved)
+            _validate(merged, f"{name}.load_state_dict: saved param group {i}")
+            merged_groups.append(merged)
+            for saved_id, param in zip(saved["params"], current["params"]):
+                index += 1
+                state = state_dict["state"].get(saved_id)
+                if state is None:
+                    continue
+                self._check_saved_state(index, param, state, merged)
+        super().load_state_dict({**state_dict, "param_groups": merged_groups})
         self._projections.clear()
+
+    def _check_saved_state(self, index: int, param: torch.Tensor, state: Any, group: dict[str, Any]) -> None:
+        where = f"{type(self).__name__}.load_state_dict: parameter #{index} {tuple(param.shape)}"
+        if not isinstance(state, dict) or not all(_is_int(state.get(key)) for key in ("step", "seed")):
+            keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(
+                f"{where}: saved state {keys} lacks the int 'step' and 'seed' that Apollo writes; "
+                "was this state dict saved by another optimizer?"
+            )
+        for key in ("exp_avg", "exp_avg_sq"):
+            value = state.get(key)
+            if value is None:
+                continue
+            expected = self._moment_shape(param, group)
+            if not torch.is_tensor(value) or tuple(value.shape) != expected:
+                got = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+                raise ValueError(
+                    f"{where}: saved {key} has shape {got}, but the saved group options expect {expected} "
+                    "for this parameter; the state dict belongs to a different model or parameter order"
+                )
 
     def uses_projection(self, param: torch.Tensor, group: dict[str, Any] | None = None) -> bool:
         """Whether ``param`` gets the APOLLO update (else AdamW) under its group's options."""
@@ -243,16 +329,32 @@ class Apollo(Optimizer):
             param.shape, rank=group["rank"], min_numel=group["min_numel"], exclude_dims=group["exclude_dims"]
         )
 
+    def _moment_shape(self, param: torch.Tensor, group: dict[str, Any]) -> tuple[int, ...]:
+        """Shape of the Adam moments of ``param``: projected for APOLLO, the param's for AdamW."""
+        if not self.uses_projection(param, group):
+            return tuple(param.shape)
+        shape = matrix_shape(param.shape)
+        assert shape is not None  # uses_apollo() admits only >= 2-D tensors
+        m, n = shape
+        side = _side(m, n, group["proj_type"])
+        return projected_shape((m, n), side, _clamped_rank(m, n, side, group))
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Perform one optimisation step; ``closure`` re-evaluates the model and returns the loss."""
+        """Perform one optimisation step; ``closure`` re-evaluates the model and returns the loss.
+
+        Every parameter is checked (sparse gradient, moments that no longer fit the options)
+        before any is updated, so a failing step changes no parameter.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        plans = []
         index = 0  # 1-based across groups, counting gradient-less params (reference case 37)
         for group in self.param_groups:
-            adamw_params: list[torch.Tensor] = []
+            apollo: list[_Planned] = []
+            adamw: list[torch.Tensor] = []
             for param in group["params"]:
                 index += 1
                 if param.grad is None:
@@ -263,12 +365,30 @@ class Apollo(Optimizer):
                 if not state:
                     state["step"] = 0
                     state["seed"] = index
+                item = None
+                expected = tuple(param.shape)
                 if self.uses_projection(param, group):
-                    self._apollo_update(param, state, group)
+                    m, n = matrix_shape(param.shape)  # type: ignore[misc]
+                    side = _side(m, n, group["proj_type"])
+                    item = _Planned(param, state, m, n, side, _clamped_rank(m, n, side, group))
+                    expected = projected_shape((m, n), side, item.rank)
+                exp_avg = state.get("exp_avg")
+                if exp_avg is not None and tuple(exp_avg.shape) != expected:
+                    raise RuntimeError(
+                        f"{type(self).__name__}: parameter #{state['seed']} has moments of shape "
+                        f"{tuple(exp_avg.shape)} but its group options now give {expected}; rank, proj, "
+                        "proj_type or the exclusion rule changed after the state was created"
+                    )
+                if item is None:
+                    adamw.append(param)
                 else:
-                    adamw_params.append(param)
-            if adamw_params:
-                self._adamw_update(adamw_params, group)
+                    apollo.append(item)
+            plans.append((group, apollo, adamw))
+        for group, apollo, adamw in plans:
+            if apollo:
+                self._apollo_update(apollo, group)
+            if adamw:
+                self._adamw_update(adamw, group)
         return loss
 
     def _step_size(self, group: dict[str, Any], step: int) -> float:
@@ -278,16 +398,8 @@ class Apollo(Optimizer):
         beta1, beta2 = group["betas"]
         return lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
 
-    def _projection(
-        self,
-        param: torch.Tensor,
-        state: dict[str, Any],
-        group: dict[str, Any],
-        grad: torch.Tensor,
-        side: Side,
-        rank: int,
-    ) -> torch.Tensor:
-        m, n = grad.shape
+    def _projection(self, item: _Planned, group: dict[str, Any], grad: torch.Tensor) -> torch.Tensor:
+        state, m, n, side, rank = item.state, item.m, item.n, item.side, item.rank
         refresh = state["step"] // group["update_proj_gap"]
         size = (rank, n) if side == "right" else (m, rank)
         if group["proj"] == "svd":
@@ -297,71 +409,128 @@ class Apollo(Optimizer):
                 state["projection"] = basis
             return basis
         key = (state["seed"], refresh, size, grad.device, grad.dtype)
-        cached = self._projections.get(param)
+        cached = self._projections.get(item.param)
         if cached is not None and cached[0] == key:
             return cached[1]
         matrix = random_projection(
             (m, n), side, rank, projection_seed(state["seed"], refresh), device=grad.device, dtype=grad.dtype
         )
-        self._projections[param] = (key, matrix)
+        self._projections[item.param] = (key, matrix)
         return matrix
 
-    def _apollo_update(self, param: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        shape = matrix_shape(param.shape)
-        assert shape is not None  # uses_apollo() admits only >= 2-D tensors
-        m, n = shape
-        grad = param.grad.reshape(m, n)
-        side = _side(m, n, group["proj_type"])
-        rank = min(group["rank"], n if side == "right" else m)
-        proj = self._projection(param, state, group, grad, side, rank)
-        low_rank = grad @ proj.T if side == "right" else proj.T @ grad
+    def _apollo_update(self, items: list[_Planned], group: dict[str, Any]) -> None:
+        """APOLLO for one group's projected params.
 
-        if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(low_rank, memory_format=torch.contiguous_format)
-            state["exp_avg_sq"] = torch.zeros_like(low_rank, memory_format=torch.contiguous_format)
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        if exp_avg.shape != low_rank.shape:
-            raise RuntimeError(
-                f"{type(self).__name__}: parameter #{state['seed']} has moments of shape "
-                f"{tuple(exp_avg.shape)} but its group options now project to "
-                f"{projected_shape((m, n), side, rank)}; rank, proj_type or the exclusion rule "
-                "changed after the state was created"
-            )
-        state["step"] += 1
+        Per parameter, while its projected gradient is hot in cache: the projection matmul, the
+        Adam moments and the scale ``s`` (a vector of ``m`` or ``n`` numbers, or one number) and
+        the update norm. Then, batched over the group, the limiter (no host sync) and the update
+        ``p += alpha * G * s``. Temporaries stay one parameter's projected size.
+        """
         beta1, beta2 = group["betas"]
-        exp_avg.mul_(beta1).add_(low_rank, alpha=1.0 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(low_rank, low_rank, value=1.0 - beta2)
-        normed = exp_avg_sq.sqrt().add_(group["eps"])
-        torch.div(exp_avg, normed, out=normed)
+        eps = group["eps"]
+        channel = group["scale_type"] == "channel"
+        grads, factors, update_norms = [], [], []
+        for item in items:
+            state = item.state
+            grad = item.param.grad
+            if grad.dim() != 2:
+                grad = grad.reshape(item.m, item.n)
+            proj = self._projection(item, group, grad)
+            shape = projected_shape((item.m, item.n), item.side, item.rank)
+            low, normed = self._scratch_pair(shape, grad)
+            # The one essential cost beyond AdamW's: r*m*n multiply-adds. A transposed operand
+            # costs BLAS nothing, so the matrix stays in the layout it is drawn in.
+            if item.side == "right":
+                torch.mm(grad, proj.t(), out=low)
+            else:
+                torch.mm(proj.t(), grad, out=low)
+            exp_avg = state.get("exp_avg")
+            if exp_avg is None:
+                exp_avg = state["exp_avg"] = torch.zeros_like(low)
+                state["exp_avg_sq"] = torch.zeros_like(low)
+            exp_avg_sq = state["exp_avg_sq"]
+            state["step"] += 1
 
-        if group["scale_type"] == "channel":
-            # One factor per kept channel: rows for a right projection, columns for a left one.
-            dim = 1 if side == "right" else 0
-            factor = _channel_norms(normed, dim)
-            factor.div_(_channel_norms(low_rank, dim).add_(_NORM_EPS))
-            # ||G * s|| from per-channel gradient norms: no full-size temporary.
-            grad_norms = _channel_norms(grad, 1) if side == "right" else _column_norms_chunked(grad)
-            update_norm = torch.linalg.vector_norm(factor * grad_norms)
-        else:
-            factor = torch.linalg.vector_norm(normed) / (torch.linalg.vector_norm(low_rank) + _NORM_EPS)
-            update_norm = factor * torch.linalg.vector_norm(grad)
+            # Adam on the projected gradient R: M <- b1 M + (1 - b1) R, V <- b2 V + (1 - b2) R^2,
+            # N = M / (sqrt(V) + eps). Moments are not bias-corrected; the step size is.
+            exp_avg.lerp_(low, 1.0 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
+            torch.sqrt(exp_avg_sq, out=normed).add_(eps)
+            torch.div(exp_avg, normed, out=normed)
 
-        previous = state.get("scaling_grad")
-        if previous is None:
-            state["scaling_grad"] = update_norm
-        else:
-            limiter = torch.clamp(update_norm / (previous + _NORM_EPS), min=NORM_GROWTH_LIMIT)
-            limiter.div_(NORM_GROWTH_LIMIT)
-            factor = factor / limiter
-            state["scaling_grad"] = update_norm / limiter
+            # Scale s = ||N_c|| / (||R_c|| + 1e-8) per kept channel (rows for "right", columns
+            # for "left") or per tensor, and the update norm ||G * s|| from the gradient's channel
+            # norms: no full-size temporary.
+            if channel:
+                dim = 1 if item.side == "right" else 0
+                factor = _channel_norms(normed, dim)
+                factor.div_(_channel_norms(low, dim).add_(_NORM_EPS))
+                grad_norms = _channel_norms(grad, dim)
+                update_norm = torch.linalg.vector_norm(grad_norms.mul_(factor))
+            else:
+                factor = torch.linalg.vector_norm(normed)
+                factor.div_(torch.linalg.vector_norm(low).add_(_NORM_EPS))
+                update_norm = torch.linalg.vector_norm(grad).mul_(factor)
+            grads.append(grad)
+            factors.append(factor)
+            update_norms.append(update_norm)
 
-        alpha = -self._step_size(group, state["step"]) * math.sqrt(group["scale"])
-        if param.is_contiguous():
-            param.view(m, n).addcmul_(grad, factor, value=alpha)
-        else:
-            param.add_((grad * factor).reshape(param.shape), alpha=alpha)
+        self._limit_norm_growth(items, factors, update_norms)
+
+        # p <- p - lr_t * sqrt(scale) * G * s, then decoupled weight decay p <- p * (1 - lr * wd).
+        root_scale = math.sqrt(group["scale"])
+        views, view_grads, view_factors, alphas = [], [], [], []
+        for item, grad, factor in zip(items, grads, factors):
+            param = item.param
+            alpha = -self._step_size(group, item.state["step"]) * root_scale
+            if param.is_contiguous():
+                views.append(param if param.dim() == 2 else param.view(item.m, item.n))
+                view_grads.append(grad)
+                view_factors.append(factor)
+                alphas.append(alpha)
+            else:
+                param.add_((grad * factor).reshape(param.shape), alpha=alpha)
+        if views:
+            torch._foreach_addcmul_(views, view_grads, view_factors, alphas)
         if group["weight_decay"] > 0.0:
-            param.mul_(1.0 - float(group["lr"]) * group["weight_decay"])
+            torch._foreach_mul_([item.param for item in items], 1.0 - float(group["lr"]) * group["weight_decay"])
+
+    def _scratch_pair(self, shape: tuple[int, int], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two ``shape`` views of a reused buffer for the projected gradient and ``N``.
+
+        Allocating them afresh each step costs more than the arithmetic on them on CPU (large
+        allocations are fresh pages); the buffer (2x the largest projected gradient per device
+        and dtype) is not optimizer state and is never saved.
+        """
+        numel = shape[0] * shape[1]
+        key = (like.device, like.dtype)
+        buffer = self._scratch.get(key)
+        if buffer is None or buffer.numel() < 2 * numel:
+            buffer = torch.empty(2 * numel, device=like.device, dtype=like.dtype)
+            self._scratch[key] = buffer
+        return buffer[:numel].view(shape), buffer[numel : 2 * numel].view(shape)
+
+    @staticmethod
+    def _limit_norm_growth(
+        items: list[_Planned], factors: list[torch.Tensor], update_norms: list[torch.Tensor]
+    ) -> None:
+        """Fira's limiter: from a parameter's second step on, its update norm grows by at most
+        x1.01 per step. Divides ``factors`` in place and stores the limited norms; vectorised
+        over the group (per device and dtype), with no host sync."""
+        buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, item in enumerate(items):
+            if "scaling_grad" in item.state:
+                buckets.setdefault((update_norms[i].device, update_norms[i].dtype), []).append(i)
+            else:
+                item.state["scaling_grad"] = update_norms[i]  # the first step is not limited
+        for limited in buckets.values():
+            previous = [items[i].state["scaling_grad"] for i in limited]
+            norms = torch.stack([update_norms[i] for i in limited])
+            limiters = torch.div(norms, torch.stack(previous).to(norms.dtype).add_(_NORM_EPS))
+            limiters.clamp_min_(NORM_GROWTH_LIMIT).div_(NORM_GROWTH_LIMIT)
+            per_param = list(limiters.unbind())
+            torch._foreach_div_([factors[i] for i in limited], per_param)
+            torch._foreach_copy_(previous, list(norms.div_(limiters).unbind()))
 
     def _adamw_update(self, params: list[torch.Tensor], group: dict[str, Any]) -> None:
         """AdamW for the non-projected params of one group, batched with foreach ops."""
@@ -371,12 +540,6 @@ class Apollo(Optimizer):
             if "exp_avg" not in state:
                 state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            elif state["exp_avg"].shape != param.shape:
-                raise RuntimeError(
-                    f"{type(self).__name__}: parameter #{state['seed']} has projected moments of shape "
-                    f"{tuple(state['exp_avg'].shape)} but its group options now select AdamW; rank or "
-                    "the exclusion rule changed after the state was created"
-                )
             state["step"] += 1
             buckets.setdefault((param.device, param.dtype), []).append(param)
         beta1, beta2 = group["betas"]
@@ -384,8 +547,7 @@ class Apollo(Optimizer):
             grads = [p.grad for p in bucket]
             exp_avgs = [self.state[p]["exp_avg"] for p in bucket]
             exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in bucket]
-            torch._foreach_mul_(exp_avgs, beta1)
-            torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
+            torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
             torch._foreach_mul_(exp_avg_sqs, beta2)
             torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
             denoms = torch._foreach_sqrt(exp_avg_sqs)

@@ -90,4 +90,6 @@ def svd_projection(grad: torch.Tensor, side: Side, rank: int) -> torch.Tensor:
     """
     u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
     matrix = vh[:rank] if side == "right" else u[:, :rank]
-    return matrix.to(dtype=grad.dtype).contiguous()
+    # A copy, whatever layout LAPACK returned: a slice would keep the whole factor alive (and be
+    # saved whole with the optimizer state).
+    return matrix.to(dtype=grad.dtype).clone(memory_format=torch.contiguous_format)

@@ -1,9 +1,10 @@
 """Train TinyLM with ApolloMini for --max-steps, recording the parameters after every step.
 
 Run twice by tests/test_optim_lightning.py, each time in a fresh interpreter:
-  full run:   --save-dir D                 saves a checkpoint at the end of epoch 0 (step 5,
-              in the middle of a projection gap of 2)
-  resumed:    --resume CKPT --seed 1234    resumes from it under a different global seed
+  full run:   --save-dir D --suffixes .ckpt,.sft
+                                           saves a checkpoint per suffix at the end of epoch 0
+                                           (step 5, in the middle of a projection gap of 2)
+  resumed:    --resume CKPT --seed 1234    resumes from one under a different global seed
 The recorded parameters of the shared steps must be bit-identical.
 """
 
@@ -34,16 +35,17 @@ class StepDataLM(TinyLM):
 
 
 class Recorder(L.Callback):
-    def __init__(self, save_dir: Path | None, suffix: str) -> None:
+    def __init__(self, save_dir: Path | None, suffixes: list[str]) -> None:
         self.params: dict[int, dict[str, torch.Tensor]] = {}
-        self.save_dir, self.suffix = save_dir, suffix
+        self.save_dir, self.suffixes = save_dir, suffixes
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.params[trainer.global_step] = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
 
     def on_train_epoch_end(self, trainer, pl_module):
         if self.save_dir is not None and trainer.current_epoch == 0:
-            trainer.save_checkpoint(self.save_dir / f"epoch0{self.suffix}")
+            for suffix in self.suffixes:
+                trainer.save_checkpoint(self.save_dir / f"epoch0{suffix}")
 
 
 def main() -> None:
@@ -53,18 +55,21 @@ def main() -> None:
     parser.add_argument("--save-dir", type=Path)
     parser.add_argument("--resume", type=Path)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--suffix", default=".ckpt")
+    parser.add_argument("--suffixes", default=".ckpt", help="checkpoint suffixes to save (comma list)")
     args = parser.parse_args()
+    suffixes = args.suffixes.split(",")
 
     plugins = []
-    if args.suffix == ".sft":
+    # Lightning's own CheckpointIO unless a .sft file is written or read (the plugin writes
+    # .ckpt files in torch's format too)
+    if ".sft" in suffixes and args.save_dir is not None or args.resume is not None and args.resume.suffix == ".sft":
         from lightning_utils.io import SafetensorsCheckpointIO
 
         plugins.append(SafetensorsCheckpointIO())
     model = StepDataLM(update_proj_gap=2)
     L.seed_everything(args.seed)  # the resumed run uses a different global RNG state
     torch.randn(args.seed % 97 + 1)  # and a different position in the stream
-    recorder = Recorder(args.save_dir, args.suffix)
+    recorder = Recorder(args.save_dir, suffixes)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
