@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lightning_utils import distributed  # noqa: E402
@@ -78,6 +80,11 @@ def main() -> None:
     trainer.fit(model)
     if trainer.is_global_zero:
         print(f"FIT RETURNED {trainer.global_step}", flush=True)
+    # Tear the gloo group down before the interpreter exits: left to exit-time destructors, its
+    # worker threads sometimes abort the process ("terminate called without an active exception").
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -52,6 +52,11 @@ def main():
     )
     trainer.fit(model)
     torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, out / f"rank{trainer.global_rank}.pt")
+    # Tear the gloo group down before the interpreter exits: left to exit-time destructors, its
+    # worker threads sometimes abort the process ("terminate called without an active exception").
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

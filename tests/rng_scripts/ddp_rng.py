@@ -42,3 +42,8 @@ if __name__ == "__main__":
     pl.seed_everything(11 + trainer.global_rank)  # ranks draw different noise on purpose
     trainer.fit(model, ckpt_path=ckpt)
     (out / f"losses-rank{trainer.global_rank}.json").write_text(json.dumps(model.losses))
+    # Tear the gloo group down before the interpreter exits: left to exit-time destructors, its
+    # worker threads sometimes abort the process ("terminate called without an active exception").
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
