@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import gc
 import io
-import os
 import statistics
-import threading
 import time
 
 import torch
@@ -30,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_utils.dataloader import ResumableDataLoader
 from lightning_utils.samplers import RandomSampler
+from peak_rss import PeakRSS  # benchmarks/peak_rss.py (the script's own folder is on sys.path)
 
 
 class IndexDataset(Dataset):
@@ -43,34 +42,6 @@ class IndexDataset(Dataset):
 
     def __getitem__(self, i: int) -> int:
         return i
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakRSS:
-    """Samples RSS every millisecond on a thread; ``extra`` is the peak above the starting RSS."""
-
-    def __enter__(self) -> "PeakRSS":
-        gc.collect()
-        self.start = self.peak = rss_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes())
-            time.sleep(0.001)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
-        self.extra = self.peak - self.start
 
 
 def state_roundtrip(make_loader, warmup_batches: int = 5) -> dict:
