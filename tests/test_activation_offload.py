@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import pickle
 
 import lightning.pytorch as pl
@@ -10,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from cpu_trainer import cpu_trainer
 from lightning_utils.io import SafetensorsCheckpointIO, load_state
 
 from lightning_utils.callbacks.activation_offload import ActivationOffload
@@ -353,19 +355,7 @@ class TinyLM(pl.LightningModule):
         return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=4)
 
 
-def _trainer(tmp_path, callbacks, max_steps, suffix=".ckpt"):
-    return pl.Trainer(
-        default_root_dir=tmp_path,
-        plugins=[SafetensorsCheckpointIO()] if suffix == ".sft" else None,
-        accelerator="cpu",
-        max_steps=max_steps,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+_trainer = functools.partial(cpu_trainer, num_sanity_val_steps=0)
 
 
 class _CheckOptimizer(pl.Callback):

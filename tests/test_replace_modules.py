@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from cpu_trainer import cpu_trainer
 from lightning_utils.io import SafetensorsCheckpointIO, load_state
 
 from lightning_utils.callbacks.replace_modules import ReplaceModules
@@ -294,18 +295,7 @@ class _CheckOptimizer(pl.Callback):
         self.ok = True
 
 
-def _trainer(root, callbacks, max_steps, suffix=".ckpt"):
-    return pl.Trainer(
-        default_root_dir=root,
-        plugins=[SafetensorsCheckpointIO()] if suffix == ".sft" else None,
-        accelerator="cpu",
-        max_steps=max_steps,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+_trainer = cpu_trainer
 
 
 class FreshLinear(nn.Linear):
