@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from cpu_trainer import cpu_trainer
+from free_port import free_port
 from lightning_utils.io import SafetensorsCheckpointIO, load_state
 
 from lightning_utils.callbacks.activation_offload import ActivationOffload
@@ -515,7 +516,6 @@ def test_ddp_two_ranks_same_result_as_plain(tmp_path):
     """Under DDP (gloo, 2 CPU ranks) the offloaded run trains exactly like the plain one: the
     parameter gradients come out of the autograd function, so DDP's reducer sees them normally."""
     import os
-    import socket
     import subprocess
     import sys
     from pathlib import Path
@@ -526,10 +526,7 @@ def test_ddp_two_ranks_same_result_as_plain(tmp_path):
         out = tmp_path / mode
         out.mkdir()
         for attempt in range(2):  # a free port can be taken by another process before rank 0 binds it
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+            env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
             proc = subprocess.run(
                 [sys.executable, str(script), str(out), mode],
                 env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=240,

@@ -14,6 +14,7 @@ pytest.importorskip("jsonargparse", reason="LightningCLI needs jsonargparse[sign
 yaml = pytest.importorskip("yaml")
 
 import lightning_utils.cli.lightning as cli_lightning
+from free_port import free_port
 from lightning_utils.cli import main
 from lightning_utils.cli.lightning import run_lightning_cli
 
@@ -136,14 +137,6 @@ def test_console_entry_point_in_a_subprocess(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert record(tmp_path)["fit"]["global_step"] == 2
     assert (tmp_path / "ckpts" / "last.ckpt").is_file()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.ddp

@@ -5,27 +5,21 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from free_port import free_port
 import pytest
 
 SCRIPT = Path(__file__).parent / "samplers_scripts" / "ddp_resume.py"
 RESUME_STEPS = {"random": [2, 4], "batched": [3]}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(out: Path, use_distributed_sampler: bool, kinds: list[str]) -> None:
     # Both ranks are started here (LOCAL_RANK set), so Lightning does not re-launch the script and
     # each process can run several Trainers one after the other.
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(2):
         env = dict(

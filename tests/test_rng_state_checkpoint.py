@@ -11,6 +11,7 @@ import torch
 from io_fixtures import trainer
 from lightning.pytorch.callbacks import Callback
 
+from free_port import free_port
 from lightning_utils.callbacks import RNGStateCheckpoint, SafetensorsModelCheckpoint
 from lightning_utils.callbacks.rng_state_checkpoint import _apply, _collect
 from lightning_utils.io import SafetensorsCheckpointIO, load_state
@@ -251,7 +252,6 @@ def test_other_world_size_warns_instead_of_guessing(saved_ranks, world_size, ran
 def test_ddp_each_rank_gets_its_own_state_back(tmp_path):
     import json
     import os
-    import socket
     import subprocess
     import sys
     from pathlib import Path
@@ -259,10 +259,7 @@ def test_ddp_each_rank_gets_its_own_state_back(tmp_path):
     script = Path(__file__).parent / "rng_scripts" / "ddp_rng.py"
 
     def run(out, steps, ckpt=None):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
         args = [sys.executable, str(script), str(out), str(steps)] + ([str(ckpt)] if ckpt else [])
         proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from control_scripts.proc import Driven, child_env, free_port  # noqa: E402
+from control_scripts.proc import Driven, child_env  # noqa: E402
+from free_port import free_port  # noqa: E402
 
 pytestmark = pytest.mark.ddp
 
