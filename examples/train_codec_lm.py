@@ -50,7 +50,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from lightning_utils.callbacks import (
     ActivationOffload,
@@ -136,12 +136,16 @@ class Collate:
 
 
 def make_loader(dataset: SyntheticCodecDataset, batch_size: int, seed: int, workers: int = 0) -> ResumableDataLoader:
-    """Duration-bucketed batches (at most ``batch_size`` utterances, ~1.6 s of padded audio each)."""
+    """Duration-bucketed batches: at most ``batch_size`` utterances and 1.6 s × ``batch_size`` of
+    padded audio each, reshuffled every epoch."""
+    order = sorted(range(len(dataset)), key=dataset.duration)  # utterances by duration
     buckets: dict[int, list[tuple[int, float]]] = {}
-    for i in sorted(range(len(dataset)), key=dataset.duration):
+    for i in order:
         buckets.setdefault(round(dataset.duration(i)), []).append((i, dataset.duration(i)))
     sampler = BatchedOrderedSampler(buckets, max_duration=1.6 * batch_size, max_batch_size=batch_size, shuffle=True, drop_last=False, seed=seed)
-    return ResumableDataLoader(dataset, batch_sampler=sampler, collate_fn=Collate(dataset.cfg.vocab), num_workers=workers)
+    # The sampler yields positions in the bucket order (the i-th pair over all buckets), so the
+    # loader reads the dataset in that same order.
+    return ResumableDataLoader(Subset(dataset, order), batch_sampler=sampler, collate_fn=Collate(dataset.cfg.vocab), num_workers=workers)
 
 
 class CodecData(pl.LightningDataModule):

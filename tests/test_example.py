@@ -47,3 +47,22 @@ def test_lightning_cli_config_runs_and_resumes_from_sft(tmp_path):
     assert state["global_step"] == 9
     assert type(state["optimizer_states"][0]["state"][0]["seed"]) is int  # APOLLO state, no pickle
     assert (tmp_path / "codec_lm_run" / "export" / "weights-step=9.sft").is_file()
+
+
+def test_example_loader_batches_respect_the_duration_cap():
+    # BatchedOrderedSampler yields positions in bucket order; the example must read the dataset
+    # in that order, or its batches are not duration-bucketed at all.
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        from train_codec_lm import DataConfig, SyntheticCodecDataset, make_loader
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    cfg = DataConfig(items=96)
+    dataset = SyntheticCodecDataset(cfg)
+    seen = []
+    for batch in make_loader(dataset, batch_size=8, seed=0):
+        lengths = [dataset.lengths[i] for i in batch["index"].tolist()]
+        assert lengths == batch["lengths"].tolist()  # the collated items are the sampled ones
+        assert max(lengths) / cfg.frame_rate * len(lengths) <= 1.6 * 8 + 1e-9
+        seen += batch["index"].tolist()
+    assert sorted(seen) == list(range(96))  # one epoch covers every utterance once
