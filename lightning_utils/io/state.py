@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import mmap as mmap_module
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -131,39 +131,51 @@ def load_state(path: str | os.PathLike, map_location: Any = None, weights_only: 
     private to the process. The file may be replaced or deleted meanwhile (our writers rename),
     but must not be truncated in place. ``mmap=False`` reads every tensor into fresh memory.
     """
-    _check_local(path)
-    fmt = checkpoint_format(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{os.fspath(path)}: no such checkpoint file")
+    fmt = _existing_checkpoint(path)
     check_map_location(map_location)
     if fmt == "torch":
         return load_torch(path, map_location=map_location, weights_only=weights_only)
     return _load_safetensors(os.fspath(path), map_location, use_mmap=mmap)
 
 
+def _existing_checkpoint(path: str | os.PathLike) -> Format:
+    """The format of ``path``, which must be a local file that exists."""
+    _check_local(path)
+    fmt = checkpoint_format(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{os.fspath(path)}: no such checkpoint file")
+    return fmt
+
+
 def _load_safetensors(path: str, map_location: Any, use_mmap: bool) -> Any:
     with open(path, "rb", buffering=0) as f:
         header = sft.read_header(f, path)
-        by_name = {e.name: e for e in header.entries}
-        metadata = header.metadata or {}
         has_data = any(e.nbytes for e in header.entries)
         mapped = mmap_module.mmap(f.fileno(), 0, access=mmap_module.ACCESS_COPY) if use_mmap and has_data else None
+        return _assemble(path, header, lambda e, location: place(sft.read_entry(f, header, e, path, mapped), location, map_location))
 
-        def entry(name: str, location: str) -> torch.Tensor:
-            if name not in by_name:
-                raise SkeletonError(f"skeleton refers to missing tensor entry {name!r}")
-            return place(sft.read_entry(f, header, by_name[name], path, mapped), location, map_location)
 
-        if SKELETON_KEY in metadata:
-            try:
-                skeleton = json.loads(metadata[SKELETON_KEY])
-                return decode(skeleton, entry)
-            except CheckpointFormatError:
-                raise  # e.g. a damaged tensor entry: already names the file and the problem
-            except (SkeletonError, ValueError, RecursionError) as exc:
-                raise CheckpointFormatError(path, f"corrupted lightning-utils skeleton: {exc}") from None
-        tensors = {e.name: entry(e.name, "cpu") for e in header.entries}
-    return _plain_file_object(tensors, metadata)
+def _assemble(path: str, header: sft.Header, tensor: Callable[[sft.Entry, str], torch.Tensor]) -> Any:
+    """The object a safetensors file holds, with ``tensor(entry, saved_location)`` giving each tensor.
+
+    Files with our skeleton decode to the saved object; other files are plain weights files.
+    """
+    by_name = {e.name: e for e in header.entries}
+    metadata = header.metadata or {}
+
+    def entry(name: str, location: str) -> torch.Tensor:
+        if name not in by_name:
+            raise SkeletonError(f"skeleton refers to missing tensor entry {name!r}")
+        return tensor(by_name[name], location)
+
+    if SKELETON_KEY not in metadata:
+        return _plain_file_object({e.name: entry(e.name, "cpu") for e in header.entries}, metadata)
+    try:
+        return decode(json.loads(metadata[SKELETON_KEY]), entry)
+    except CheckpointFormatError:
+        raise  # e.g. a damaged tensor entry: already names the file and the problem
+    except (SkeletonError, ValueError, RecursionError) as exc:
+        raise CheckpointFormatError(path, f"corrupted lightning-utils skeleton: {exc}") from None
 
 
 def _plain_file_object(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Any:
@@ -209,31 +221,10 @@ def load_structure(path: str | os.PathLike, weights_only: bool | None = None) ->
     For safetensors files no tensor data is read (only the header), so inspecting a huge
     checkpoint is instant. Torch files are memory-mapped and their tensors replaced by meta ones.
     """
-    _check_local(path)
-    fmt = checkpoint_format(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{os.fspath(path)}: no such checkpoint file")
-    if fmt == "torch":
+    if _existing_checkpoint(path) == "torch":
         return load_torch(path, map_location="meta", weights_only=weights_only)
     path = os.fspath(path)
-    header = read_safetensors_header(path)
-    by_name = {e.name: e for e in header.entries}
-    metadata = header.metadata or {}
-
-    def entry(name: str, location: str) -> torch.Tensor:
-        if name not in by_name:
-            raise SkeletonError(f"skeleton refers to missing tensor entry {name!r}")
-        e = by_name[name]
-        return torch.empty(e.shape, dtype=e.dtype, device="meta")
-
-    if SKELETON_KEY in metadata:
-        try:
-            return decode(json.loads(metadata[SKELETON_KEY]), entry)
-        except CheckpointFormatError:
-            raise
-        except (SkeletonError, ValueError, RecursionError) as exc:
-            raise CheckpointFormatError(path, f"corrupted lightning-utils skeleton: {exc}") from None
-    return _plain_file_object({e.name: entry(e.name, "cpu") for e in header.entries}, metadata)
+    return _assemble(path, read_safetensors_header(path), lambda e, location: torch.empty(e.shape, dtype=e.dtype, device="meta"))
 
 
 def pick_path(path: str | os.PathLike, *suffixes: str) -> Path:
