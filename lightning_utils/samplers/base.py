@@ -25,6 +25,7 @@ from typing import Any, ClassVar, Optional
 
 from torch.utils.data.distributed import DistributedSampler
 
+from lightning_utils.samplers.permutation import KeyedPermutation
 from lightning_utils.samplers.rank import check_replica_args, resolve_replicas
 
 __all__ = ["Pass", "ResumableSampler"]
@@ -63,6 +64,7 @@ class ResumableSampler(DistributedSampler):
         self._num_replicas_arg, self._rank_arg = check_replica_args(num_replicas, rank)
         self._drop_last = bool(drop_last)
         self._seed = operator.index(seed)
+        self._perm: Optional[KeyedPermutation] = None  # the last permutation asked for, reused
         self._epoch = 0
         self._pos = 0  # committed position; a running pass adds what its cursor has yielded
         self._cursor: Optional[tuple[Any, int, int, int, int]] = None
@@ -73,6 +75,13 @@ class ResumableSampler(DistributedSampler):
         self._epoch_arg: Optional[int] = None
         self._token = object()  # identifies the pass allowed to advance ``_position``
         self._last_num_replicas: Optional[int] = None
+
+    def _keyed_permutation(self, n: int, epoch: int) -> KeyedPermutation:
+        """The keyed permutation of ``range(n)`` for ``epoch``, cached until another one is asked for."""
+        perm = self._perm
+        if perm is None or perm.epoch != epoch or perm.n != n:
+            perm = self._perm = KeyedPermutation(n, self._seed, epoch)
+        return perm
 
     # -- position ------------------------------------------------------------------------------
     @property

@@ -149,7 +149,6 @@ class BatchedOrderedSampler(ResumableSampler):
         super().__init__(
             num_replicas=num_replicas, rank=rank, drop_last=drop_last, seed=default_seed() if seed is None else seed
         )
-        self._perm: Optional[KeyedPermutation] = None
 
     @property
     def shuffle(self) -> bool:  # type: ignore[override]
@@ -159,10 +158,7 @@ class BatchedOrderedSampler(ResumableSampler):
         """The batch permutation of ``epoch`` (``None`` when not shuffling)."""
         if not self._shuffle:
             return None
-        perm = self._perm
-        if perm is None or perm.epoch != epoch:
-            perm = self._perm = KeyedPermutation(len(self.batches), self._seed, epoch)
-        return perm
+        return self._keyed_permutation(len(self.batches), epoch)
 
     def _epoch_size(self) -> int:
         return len(self.batches)

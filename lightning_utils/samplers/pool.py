@@ -64,14 +64,10 @@ class PoolSampler(ResumableSampler):
         super().__init__(
             num_replicas=num_replicas, rank=rank, drop_last=False, seed=default_seed() if seed is None else seed
         )
-        self._perm: Optional[KeyedPermutation] = None
 
     # -- the draw sequence ------------------------------------------------------------------------
     def _bag(self, bag_epoch: int) -> KeyedPermutation:
-        perm = self._perm
-        if perm is None or perm.epoch != bag_epoch:
-            perm = self._perm = KeyedPermutation(self.length, self._seed, bag_epoch)
-        return perm
+        return self._keyed_permutation(self.length, bag_epoch)
 
     def _epoch_size(self) -> int:
         return self.length

@@ -48,14 +48,10 @@ class RandomSampler(ResumableSampler):
         if self.length >= MAX_LENGTH:
             raise ValueError(f"RandomSampler: length must be < 2**62, got {self.length}")
         super().__init__(num_replicas=num_replicas, rank=rank, drop_last=drop_last, seed=seed)
-        self._perm: Optional[KeyedPermutation] = None
 
     def permutation(self, epoch: int) -> KeyedPermutation:
         """The permutation epoch ``epoch`` uses (``perm[i]`` is the i-th global index)."""
-        perm = self._perm
-        if perm is None or perm.epoch != epoch:
-            perm = self._perm = KeyedPermutation(self.length, self._seed, epoch)
-        return perm
+        return self._keyed_permutation(self.length, epoch)
 
     def _epoch_size(self) -> int:
         return self.length
