@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from cpu_trainer import cpu_trainer
+from cpu_trainer import OptimizerHoldsModelParameters, cpu_trainer
 from free_port import free_port
 from lightning_utils.io import SafetensorsCheckpointIO, load_state
 
@@ -359,11 +359,7 @@ class TinyLM(pl.LightningModule):
 _trainer = functools.partial(cpu_trainer, num_sanity_val_steps=0)
 
 
-class _CheckOptimizer(pl.Callback):
-    def on_train_start(self, trainer, pl_module):
-        opt_ids = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
-        assert opt_ids == {id(p) for p in pl_module.parameters()}
-        self.ok = True
+_CheckOptimizer = OptimizerHoldsModelParameters
 
 
 @pytest.mark.parametrize(("late", "suffix"), [(False, ".ckpt"), (True, ".sft")], ids=["init-ckpt", "configure_model-sft"])

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from cpu_trainer import cpu_trainer
+from cpu_trainer import OptimizerHoldsModelParameters, cpu_trainer
 from lightning_utils.io import SafetensorsCheckpointIO, load_state
 
 from lightning_utils.callbacks.compile_modules import CompileModules
@@ -119,11 +119,7 @@ class LM(pl.LightningModule):
         return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 8, generator=g)), batch_size=4)
 
 
-class _CheckOptimizer(pl.Callback):
-    def on_train_start(self, trainer, pl_module):
-        opt = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
-        assert opt == {id(p) for p in pl_module.parameters()}
-        self.ok = True
+_CheckOptimizer = OptimizerHoldsModelParameters
 
 
 _trainer = cpu_trainer

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from cpu_trainer import cpu_trainer
+from cpu_trainer import OptimizerHoldsModelParameters, cpu_trainer
 from lightning_utils.io import SafetensorsCheckpointIO, load_state
 
 from lightning_utils.callbacks.replace_modules import ReplaceModules
@@ -287,12 +287,9 @@ class LM(pl.LightningModule):
         return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 8, generator=g)), batch_size=4)
 
 
-class _CheckOptimizer(pl.Callback):
-    def on_train_start(self, trainer, pl_module):
-        opt = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
-        assert opt == {id(p) for p in pl_module.parameters()}
-        assert {id(p) for p in pl_module.model[0].parameters()} <= opt
-        self.ok = True
+class _CheckOptimizer(OptimizerHoldsModelParameters):
+    def check_more(self, held, pl_module):
+        assert {id(p) for p in pl_module.model[0].parameters()} <= held
 
 
 _trainer = cpu_trainer
@@ -533,10 +530,7 @@ def test_wrong_callback_order_is_a_clear_error(tmp_path):
         _trainer(tmp_path, callbacks, 1).fit(_StackLM())
 
 
-class _CheckOptimizerAll(pl.Callback):
-    def on_train_start(self, trainer, pl_module):
-        opt = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
-        assert opt == {id(p) for p in pl_module.parameters()}
+_CheckOptimizerAll = OptimizerHoldsModelParameters
 
 
 def test_sdpa_from_module_refuses_a_wrapped_module():
