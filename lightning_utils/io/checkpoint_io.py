@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import shutil
 import threading
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import torch
 from lightning.pytorch.plugins.io import AsyncCheckpointIO as _LightningAsyncCheckpointIO
 from lightning.pytorch.plugins.io import CheckpointIO
 
+from lightning_utils.io.skeleton import DICT_TYPES
 from lightning_utils.io.state import load_state, save_state
 
 
@@ -148,7 +148,7 @@ def _snapshot(obj: Any) -> Any:
             elif value.requires_grad:
                 out.requires_grad_(True)
             out.__dict__.update(value.__dict__)
-        elif type(value) in (dict, OrderedDict) or isinstance(value, dict) and type(value).__name__ == "AttributeDict":
+        elif type(value) in DICT_TYPES:  # the dict types a checkpoint may hold (see skeleton)
             out = type(value)()
             memo[id(value)] = out
             for k, v in value.items():

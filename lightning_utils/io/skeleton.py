@@ -46,6 +46,7 @@ _DICT_TAGS: dict[type, str] = {dict: "dict", OrderedDict: "odict"}
 if _AttributeDict is not None:
     _DICT_TAGS[_AttributeDict] = "attrdict"
 _DICT_TYPES = {v: k for k, v in _DICT_TAGS.items()}
+DICT_TYPES = tuple(_DICT_TAGS)  # the exact dict types a checkpoint may hold
 _PATH_TYPES = {c.__name__: c for c in (pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath, pathlib.PureWindowsPath)}
 _NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 _CONTAINERS = (dict, list, tuple, set, frozenset)
