@@ -2,8 +2,8 @@
 
 Subcommands each live in their own module of this package and expose two functions:
 ``add_arguments(parser)`` and ``run(args) -> int`` (the exit code). The table below maps names
-to modules; a subcommand's module is imported only when that subcommand runs, so optional
-back ends (matplotlib, jsonargparse) are never imported by the others.
+to modules; only the module of the subcommand being run is imported, so neither torch nor an
+optional back end (matplotlib, jsonargparse) is loaded by a subcommand that does not need it.
 
 Lightning's own subcommands (``fit``, ``validate``, ``test``, ``predict``) are handed to
 ``LightningCLI`` (see :mod:`lightning_utils.cli.lightning`), so
@@ -27,7 +27,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported (to add its arguments)."""
     parser = argparse.ArgumentParser(
         prog="lightning-utils",
         description="Tools for lightning-utils checkpoints and runs. "
@@ -37,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
-        importlib.import_module(module).add_arguments(p)
+        if name == command:
+            importlib.import_module(module).add_arguments(p)
     return parser
 
 
@@ -47,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from lightning_utils.cli.lightning import run_lightning_cli
 
         return run_lightning_cli(argv)
-    parser = build_parser()
+    parser = build_parser(argv[0] if argv and argv[0] in SUBCOMMANDS else None)
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
