@@ -79,7 +79,7 @@ class LM(nn.Module):
 
 
 def run_variant(name, model, opt, tokens, steps, warmup):
-    from lightning_utils.offload import apply_activation_offload, remove_activation_offload
+    from lightning_utils.modules.offload import apply_activation_offload, remove_activation_offload
 
     model.use_checkpoint = name == "checkpoint"
     if name == "offload":
@@ -173,7 +173,7 @@ def _block_input_bytes(model: "LM", run) -> int:
 
 
 def cpu_proxies(args) -> None:
-    from lightning_utils.offload import apply_activation_offload, remove_activation_offload
+    from lightning_utils.modules.offload import apply_activation_offload, remove_activation_offload
 
     torch.set_num_threads(max(1, min(torch.get_num_threads(), args.cpu_threads)))
     torch.manual_seed(0)

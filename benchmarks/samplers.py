@@ -26,8 +26,8 @@ import time
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_utils.dataloader import ResumableDataLoader
-from lightning_utils.samplers import RandomSampler
+from lightning_utils.data.loader import ResumableDataLoader
+from lightning_utils.data.samplers import RandomSampler
 from peak_rss import PeakRSS  # benchmarks/peak_rss.py (the script's own folder is on sys.path)
 
 

@@ -30,7 +30,7 @@ from control_scripts.fakes import FakeTrainer  # noqa: E402
 
 from lightning_utils.callbacks.metrics_printer import MetricsPrinter  # noqa: E402
 from lightning_utils.callbacks.training_control import TrainingControl  # noqa: E402
-from lightning_utils.command_sources import StdinSource  # noqa: E402
+from lightning_utils.control.sources import StdinSource  # noqa: E402
 
 
 class RunningMeanPrinter(MetricsPrinter):

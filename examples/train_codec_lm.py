@@ -60,11 +60,12 @@ from lightning_utils.callbacks import (
     SafetensorsModelCheckpoint,
     TrainingControl,
 )
-from lightning_utils.dataloader import ResumableDataLoader
-from lightning_utils.io import SafetensorsCheckpointIO, load_state
+from lightning_utils.data.loader import ResumableDataLoader
+from lightning_utils.io import load_state
+from lightning_utils.plugins import SafetensorsCheckpointIO
 from lightning_utils.optim import ApolloMini, WarmupLR, apollo_param_groups
 from lightning_utils.patterns import CodebooksPatternProvider, DelayedPatternProvider
-from lightning_utils.samplers import BatchedOrderedSampler
+from lightning_utils.data.samplers import BatchedOrderedSampler
 
 # --------------------------------------------------------------------------------------------
 # data

@@ -6,7 +6,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from lightning_utils.io import SafetensorsCheckpointIO
+from lightning_utils.plugins import SafetensorsCheckpointIO
 
 
 def cpu_trainer(root: Any, callbacks: list, max_steps: int, suffix: str = ".ckpt", **kwargs: Any) -> pl.Trainer:

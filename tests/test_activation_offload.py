@@ -1,4 +1,4 @@
-"""ActivationOffload / lightning_utils.offload on CPU: gradient parity, structure, Lightning resume."""
+"""ActivationOffload / lightning_utils.modules.offload on CPU: gradient parity, structure, Lightning resume."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ from torch import nn
 
 from cpu_trainer import OptimizerHoldsModelParameters, cpu_trainer
 from free_port import free_port
-from lightning_utils.io import SafetensorsCheckpointIO, load_state
+from lightning_utils.io import load_state
+from lightning_utils.plugins import SafetensorsCheckpointIO
 
 from lightning_utils.callbacks.activation_offload import ActivationOffload
-from lightning_utils.offload import (
+from lightning_utils.modules.offload import (
     apply_activation_offload,
     is_offloaded,
     offloaded_checkpoint,
@@ -445,7 +446,7 @@ class _FakeOps:
 
 @pytest.fixture
 def fake_ops(monkeypatch):
-    import lightning_utils.offload as offload_mod
+    import lightning_utils.modules.offload as offload_mod
 
     ops = _FakeOps()
     monkeypatch.setattr(offload_mod, "_ops", ops)

@@ -13,13 +13,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 
 from lightning_utils.callbacks import SafetensorsModelCheckpoint
-from lightning_utils.io import (
-    AsyncCheckpointIO,
-    SafetensorsCheckpointIO,
-    check_strategy_writes_through_checkpoint_io,
-    load_from_checkpoint,
-    load_state,
-)
+from lightning_utils.io import load_state
+from lightning_utils.plugins import AsyncCheckpointIO, SafetensorsCheckpointIO, check_strategy_writes_through_checkpoint_io, load_from_checkpoint
 
 from test_io_roundtrip import assert_same
 
@@ -102,7 +97,7 @@ def test_async_checkpoint_io_orders_removals_after_saves(tmp_path):
 
 
 def test_remove_checkpoint_waits_for_a_save_in_progress(tmp_path, monkeypatch):
-    import lightning_utils.io.checkpoint_io as module
+    import lightning_utils.plugins.checkpoint_io as module
 
     real = module.save_state
 

@@ -198,7 +198,7 @@ def test_ckpt_path_to_a_weights_file_is_refused_with_its_name(tmp_path, capsys):
 
     weights = tmp_path / "model.sft"
     save_weights({"net.0.weight": torch.zeros(6, 4)}, weights)
-    config = write_config(tmp_path, trainer__plugins=[{"class_path": "lightning_utils.io.SafetensorsCheckpointIO"}])
+    config = write_config(tmp_path, trainer__plugins=[{"class_path": "lightning_utils.plugins.SafetensorsCheckpointIO"}])
     assert run_lightning_cli(["fit", "--config", str(config), "--ckpt_path", str(weights)]) == 2
     err = capsys.readouterr().err
     assert str(weights) in err and "not a Lightning training checkpoint" in err
@@ -210,7 +210,7 @@ def test_safetensors_checkpoints_resume_and_reload_by_class_path(tmp_path):
     config = write_config(
         tmp_path,
         max_steps=2,
-        trainer__plugins=[{"class_path": "lightning_utils.io.SafetensorsCheckpointIO"}],
+        trainer__plugins=[{"class_path": "lightning_utils.plugins.SafetensorsCheckpointIO"}],
         trainer__callbacks=[
             {"class_path": f"{FIXTURES}.RunRecorder", "init_args": {"path": str(tmp_path / "record.json")}},
             {
@@ -261,7 +261,7 @@ def test_ckpt_path_hyperparameters_override_the_config_and_ignored_ones_come_fro
                     "pattern": {"class_path": "lightning_utils.patterns.DelayedPatternProvider", "init_args": {"n_q": n_q}},
                 },
             },
-            trainer__plugins=[{"class_path": "lightning_utils.io.SafetensorsCheckpointIO"}] if sft else [],
+            trainer__plugins=[{"class_path": "lightning_utils.plugins.SafetensorsCheckpointIO"}] if sft else [],
             trainer__callbacks=[
                 {"class_path": f"{FIXTURES}.RunRecorder", "init_args": {"path": str(tmp_path / "record.json")}},
                 {"class_path": checkpoint_cls, "init_args": {"dirpath": str(tmp_path / "ckpts"), "save_last": True}},

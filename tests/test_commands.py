@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lightning_utils.commands import (
+from lightning_utils.control.commands import (
     ClearEvents,
     CommandError,
     Eval,

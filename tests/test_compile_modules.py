@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from cpu_trainer import OptimizerHoldsModelParameters, cpu_trainer
-from lightning_utils.io import SafetensorsCheckpointIO, load_state
+from lightning_utils.io import load_state
+from lightning_utils.plugins import SafetensorsCheckpointIO
 
 from lightning_utils.callbacks.compile_modules import CompileModules
 

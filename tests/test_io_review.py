@@ -24,15 +24,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file, save_model
 
 from lightning_utils.cli import main
-from lightning_utils.io import (
-    AsyncCheckpointIO,
-    CheckpointFormatError,
-    SafetensorsCheckpointIO,
-    UnsafeCheckpointError,
-    load_state,
-    save_state,
-    save_weights,
-)
+from lightning_utils.io import CheckpointFormatError, UnsafeCheckpointError, load_state, save_state, save_weights
+from lightning_utils.plugins import AsyncCheckpointIO, SafetensorsCheckpointIO
 from lightning_utils.io import safetensors_file as sft_file
 from lightning_utils.io.state import SKELETON_KEY, load_structure
 from test_io_roundtrip import assert_same
@@ -132,8 +125,8 @@ def test_lightning_async_wrapper_under_sft_model_checkpoint_has_no_remove_race(t
     from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
     from lightning.pytorch.plugins.io import AsyncCheckpointIO as LightningAsyncCheckpointIO
 
-    import lightning_utils.io.checkpoint_io as module
-    from lightning_utils.io import ensure_safetensors_checkpoint_io
+    import lightning_utils.plugins.checkpoint_io as module
+    from lightning_utils.plugins import ensure_safetensors_checkpoint_io
 
     gate = threading.Event()
     real = module.save_state
@@ -643,7 +636,7 @@ def test_load_from_checkpoint_follows_lightning_for_hparams_file_and_overrides(t
     merged into ``checkpoint["hyper_parameters"]`` before ``on_load_checkpoint`` sees it."""
     from io_fixtures import TinyModule
 
-    from lightning_utils.io import load_from_checkpoint
+    from lightning_utils.plugins import load_from_checkpoint
 
     class Recording(TinyModule):
         def on_load_checkpoint(self, checkpoint):

@@ -78,7 +78,7 @@ def _clean():
 
 
 def test_cuda_gradients_match_plain_with_dropout():
-    from lightning_utils.offload import _order, apply_activation_offload
+    from lightning_utils.modules.offload import _order, apply_activation_offload
 
     plain = _stack()
     off = copy.deepcopy(plain)
@@ -102,7 +102,7 @@ def _rng_after(model, x):  # kept tiny: used by the RNG test below
 
 
 def test_cuda_rng_stream_unchanged_by_recompute():
-    from lightning_utils.offload import apply_activation_offload
+    from lightning_utils.modules.offload import apply_activation_offload
 
     plain, off = _stack(), _stack()
     apply_activation_offload(off, Block)
@@ -111,7 +111,7 @@ def test_cuda_rng_stream_unchanged_by_recompute():
 
 
 def test_saved_input_is_pinned_host_copy_made_on_side_stream():
-    from lightning_utils.offload import _ops, apply_activation_offload
+    from lightning_utils.modules.offload import _ops, apply_activation_offload
 
     off = _stack(n=2)
     apply_activation_offload(off, Block)
@@ -132,7 +132,7 @@ def test_saved_input_is_pinned_host_copy_made_on_side_stream():
 
 
 def test_unpinned_and_min_bytes_paths():
-    from lightning_utils.offload import apply_activation_offload
+    from lightning_utils.modules.offload import apply_activation_offload
 
     plain = _stack(n=2)
     for kwargs in ({"pin_memory": False}, {"min_bytes": 1 << 40}, {"offload": False}):
@@ -154,7 +154,7 @@ def test_unpinned_and_min_bytes_paths():
 
 
 def test_in_place_change_of_offloaded_input_is_caught():
-    from lightning_utils.offload import apply_activation_offload
+    from lightning_utils.modules.offload import apply_activation_offload
 
     off = _stack(n=1)
     apply_activation_offload(off, Block)
@@ -166,7 +166,7 @@ def test_in_place_change_of_offloaded_input_is_caught():
 
 
 def test_activation_memory_is_lower():
-    from lightning_utils.offload import apply_activation_offload
+    from lightning_utils.modules.offload import apply_activation_offload
 
     n = 8
     plain = _stack(n=n, cls=AttnBlock)
@@ -195,7 +195,7 @@ def test_activation_memory_is_lower():
 
 
 def test_bf16_autocast_gradients_match():
-    from lightning_utils.offload import apply_activation_offload
+    from lightning_utils.modules.offload import apply_activation_offload
 
     plain = _stack(n=3, cls=AttnBlock)
     off = copy.deepcopy(plain)
@@ -216,7 +216,7 @@ def test_lightning_bf16_fit_with_activation_offload(tmp_path):
     import lightning.pytorch as pl
 
     from lightning_utils.callbacks.activation_offload import ActivationOffload
-    from lightning_utils.offload import is_offloaded
+    from lightning_utils.modules.offload import is_offloaded
 
     class LM(pl.LightningModule):
         def __init__(self):
@@ -271,7 +271,7 @@ def test_lightning_bf16_fit_with_activation_offload(tmp_path):
 def test_torchao_float8_preset():
     pytest.importorskip("torchao", reason="torchao not installed (extra `lowp`)")
     from lightning_utils.callbacks.replace_modules import ReplaceModules
-    from lightning_utils.replacements import float8_supported, torchao_linear
+    from lightning_utils.modules.presets import float8_supported, torchao_linear
 
     if not float8_supported():
         pytest.skip(f"float8 needs compute capability >= 8.9, this GPU has {torch.cuda.get_device_capability()}")
@@ -297,7 +297,7 @@ def test_torchao_float8_preset():
 def test_torchao_int8_weight_only_preset_on_cuda():
     pytest.importorskip("torchao", reason="torchao not installed (extra `lowp`)")
     from lightning_utils.callbacks.replace_modules import ReplaceModules
-    from lightning_utils.replacements import torchao_linear
+    from lightning_utils.modules.presets import torchao_linear
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 256)).cuda().to(torch.bfloat16)
@@ -312,7 +312,7 @@ def test_torchao_int8_weight_only_preset_on_cuda():
 def test_bnb_linear_8bit_and_stable_embedding_presets():
     pytest.importorskip("bitsandbytes", reason="bitsandbytes not installed (extra `bnb`)")
     from lightning_utils.callbacks.replace_modules import ReplaceModules
-    from lightning_utils.replacements import bnb_linear_8bit, bnb_stable_embedding
+    from lightning_utils.modules.presets import bnb_linear_8bit, bnb_stable_embedding
 
     def build():
         torch.manual_seed(0)
@@ -342,7 +342,7 @@ def test_bnb_linear_8bit_and_stable_embedding_presets():
 def test_host_copy_keeps_layout_and_is_released_by_backward():
     import weakref
 
-    from lightning_utils.offload import apply_activation_offload
+    from lightning_utils.modules.offload import apply_activation_offload
 
     off = _stack(n=2)
     apply_activation_offload(off, Block)
@@ -358,7 +358,7 @@ def test_host_copy_keeps_layout_and_is_released_by_backward():
 
 
 def test_cuda_recompute_replays_autocast_off_under_an_autocast_backward():
-    from lightning_utils.offload import apply_activation_offload
+    from lightning_utils.modules.offload import apply_activation_offload
 
     plain = _stack(n=2)
     off = copy.deepcopy(plain)

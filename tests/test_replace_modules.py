@@ -10,12 +10,13 @@ import torch
 from torch import nn
 
 from cpu_trainer import OptimizerHoldsModelParameters, cpu_trainer
-from lightning_utils.io import SafetensorsCheckpointIO, load_state
+from lightning_utils.io import load_state
+from lightning_utils.plugins import SafetensorsCheckpointIO
 
 from lightning_utils.callbacks.replace_modules import ReplaceModules
-from lightning_utils.module_swap import build_like, replace_modules
-from lightning_utils.module_targets import find_targets, passes_policy
-from lightning_utils.replacements import (
+from lightning_utils.modules.swap import build_like, replace_modules
+from lightning_utils.modules.targets import find_targets, passes_policy
+from lightning_utils.modules.presets import (
     SDPAMultiheadAttention,
     bnb_linear_8bit,
     bnb_stable_embedding,
@@ -360,7 +361,7 @@ def test_torchao_float8_construction_path(monkeypatch):
     """Builds Float8Linear modules (their forward needs a float8-capable GPU: see
     tests/test_offload_cuda.py); keys and Parameter objects stay the same."""
     pytest.importorskip("torchao", reason="torchao not installed (extra `lowp`)")
-    import lightning_utils.replacements as replacements
+    import lightning_utils.modules.presets as replacements
 
     monkeypatch.setattr(replacements, "float8_supported", lambda: True)
     net = Net()
@@ -402,7 +403,7 @@ def test_ties_survive_a_dtype_changing_replacement():
 def test_refuses_to_replace_a_module_already_offloaded_or_compiled():
     """Replacing a wrapped module would silently drop (or, with from_module, misroute) the
     wrapping: the SDPA module would keep running the stock forward of the old module."""
-    from lightning_utils.offload import apply_activation_offload
+    from lightning_utils.modules.offload import apply_activation_offload
 
     root = nn.Sequential(nn.MultiheadAttention(16, 4, batch_first=True))
     apply_activation_offload(root, nn.MultiheadAttention)
@@ -474,7 +475,7 @@ def _three(counting):
 
 
 def test_replace_offload_compile_in_one_trainer_fit_resume_validate(tmp_path):
-    from lightning_utils.offload import is_offloaded
+    from lightning_utils.modules.offload import is_offloaded
 
     def counting(gm, example_inputs):
         return gm.forward
@@ -534,7 +535,7 @@ _CheckOptimizerAll = OptimizerHoldsModelParameters
 
 
 def test_sdpa_from_module_refuses_a_wrapped_module():
-    from lightning_utils.offload import apply_activation_offload
+    from lightning_utils.modules.offload import apply_activation_offload
 
     mha = nn.MultiheadAttention(16, 4, batch_first=True)
     apply_activation_offload(mha, nn.MultiheadAttention)

@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).parent / "samplers_scripts"))
 
 import samplers_harness as H  # noqa: E402
 
-from lightning_utils.dataloader import ResumableDataLoader  # noqa: E402
-from lightning_utils.samplers import BatchedOrderedSampler, OrderedSampler, PoolSampler, RandomSampler  # noqa: E402
+from lightning_utils.data.loader import ResumableDataLoader  # noqa: E402
+from lightning_utils.data.samplers import BatchedOrderedSampler, OrderedSampler, PoolSampler, RandomSampler  # noqa: E402
 
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -14,7 +14,8 @@ from lightning.pytorch.callbacks import Callback
 from free_port import free_port
 from lightning_utils.callbacks import RNGStateCheckpoint, SafetensorsModelCheckpoint
 from lightning_utils.callbacks.rng_state_checkpoint import _apply, _collect
-from lightning_utils.io import SafetensorsCheckpointIO, load_state
+from lightning_utils.io import load_state
+from lightning_utils.plugins import SafetensorsCheckpointIO
 
 
 class NoisyModule(pl.LightningModule):

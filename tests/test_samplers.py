@@ -1,4 +1,4 @@
-"""Unit tests for lightning_utils.samplers (reference §15 cases 12-24, plus state and sharding)."""
+"""Unit tests for lightning_utils.data.samplers (reference §15 cases 12-24, plus state and sharding)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from lightning_utils.samplers import (
+from lightning_utils.data.samplers import (
     BatchedOrderedSampler,
     KeyedPermutation,
     OrderedSampler,
@@ -323,7 +323,7 @@ def test_uneven_shards_pad_or_drop():
 
 
 def test_replicas_are_read_from_torch_distributed_when_iteration_starts(monkeypatch):
-    import lightning_utils.samplers.rank as rank_mod
+    import lightning_utils.data.samplers.rank as rank_mod
 
     s = RandomSampler(10, seed=4)  # built before the "process group" exists
     monkeypatch.setattr(rank_mod.dist, "is_available", lambda: True)

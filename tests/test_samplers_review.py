@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from lightning_utils.samplers import KeyedPermutation, OrderedSampler, RandomSampler
+from lightning_utils.data.samplers import KeyedPermutation, OrderedSampler, RandomSampler
 
 
 def test_set_epoch_of_the_same_lightning_epoch_keeps_a_rolled_over_position():
@@ -59,7 +59,7 @@ def test_permutation_is_a_bijection_for_awkward_sizes(n):
 
 
 def test_a_loader_state_given_to_a_sampler_says_so():
-    from lightning_utils.dataloader import ResumableDataLoader
+    from lightning_utils.data.loader import ResumableDataLoader
 
     loader = ResumableDataLoader(list(range(5)), batch_size=2, sampler=OrderedSampler(5))
     with pytest.raises(ValueError, match="ResumableDataLoader state .*'sampler' entry"):

@@ -394,7 +394,8 @@ def test_fit_signal_only_sets_a_flag_and_saves_at_the_next_boundary(tmp_path):
 # .sft checkpoints through lightning_utils.io
 # ---------------------------------------------------------------------------------------------
 def test_sft_save_through_checkpoint_io_and_resume_keeps_schedules(tmp_path):
-    from lightning_utils.io import SafetensorsCheckpointIO, load_state
+    from lightning_utils.io import load_state
+    from lightning_utils.plugins import SafetensorsCheckpointIO
 
     holder = {}
     control = TrainingControl(source=StepScript(lambda: holder["t"].global_step, {1: ["export@9", "save"]}),
@@ -441,7 +442,7 @@ def test_callbacks_build_from_lightning_cli_class_paths(tmp_path):
 
     from lightning_utils.callbacks.export_weights import ExportWeights
     from lightning_utils.callbacks.metrics_printer import MetricsPrinter
-    from lightning_utils.command_sources import FileSource
+    from lightning_utils.control.sources import FileSource
 
     parser = jsonargparse.ArgumentParser()
     parser.add_argument("--callbacks", type=list[Callback])

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from control_scripts.tiny_model import TinyModule  # noqa: E402
 
 from lightning_utils.callbacks.training_control import TrainingControl  # noqa: E402
-from lightning_utils.command_sources import FileSource, SignalFlag, StdinSource, resolve_source  # noqa: E402
+from lightning_utils.control.sources import FileSource, SignalFlag, StdinSource, resolve_source  # noqa: E402
 
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="POSIX file descriptors, FIFOs and ptys")
 
@@ -252,7 +252,7 @@ os.dup2(fd, 0)
 assert os.tcgetpgrp(0) == os.getpgrp()
 reader = r'''
 import os, sys, time
-from lightning_utils.command_sources import StdinSource
+from lightning_utils.control.sources import StdinSource
 source = StdinSource()
 source.start()
 print("READER background=%s" % (os.tcgetpgrp(0) != os.getpgrp()), flush=True)
@@ -347,7 +347,7 @@ def test_interpreter_exits_cleanly_with_readers_still_waiting(tmp_path):
 
     fifo = tmp_path / "control.fifo"
     os.mkfifo(fifo)
-    code = ("import sys; from lightning_utils.command_sources import StdinSource, FileSource; "
+    code = ("import sys; from lightning_utils.control.sources import StdinSource, FileSource; "
             "s = StdinSource(); s.start(); f = FileSource(sys.argv[1]); f.start(); "
             "print(s.is_reading, f.is_reading, flush=True)")
     r, w = os.pipe()  # stdin that stays open, with no data

@@ -9,7 +9,7 @@ copied anywhere (there is no device memory to save) but the blocks are still che
 The callback acts in ``setup`` (and right after ``configure_model``), before the checkpoint
 restore and before the optimizers exist; it changes no parameter and no state-dict key, so
 checkpoints with and without it are interchangeable. It must never wrap a module twice or
-offload parameters and buffers. The mechanism lives in ``lightning_utils.offload``.
+offload parameters and buffers. The mechanism lives in ``lightning_utils.modules.offload``.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_utils.model_surgery import check_not_wrapped, transform_before_restore
-from lightning_utils.module_targets import Target, resolve_target
-from lightning_utils.offload import apply_activation_offload
+from lightning_utils.callbacks.module_transform import check_not_wrapped, transform_before_restore
+from lightning_utils.modules.targets import Target, resolve_target
+from lightning_utils.modules.offload import apply_activation_offload
 
 __all__ = ["ActivationOffload"]
 

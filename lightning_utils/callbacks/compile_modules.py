@@ -21,8 +21,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_utils.model_surgery import check_not_wrapped, transform_before_restore
-from lightning_utils.module_targets import Target, find_targets, resolve_target
+from lightning_utils.callbacks.module_transform import check_not_wrapped, transform_before_restore
+from lightning_utils.modules.targets import Target, find_targets, resolve_target
 
 __all__ = ["CompileModules"]
 

@@ -4,8 +4,8 @@ The callback replaces every matching submodule in ``setup`` (and right after
 ``configure_model``), i.e. before Lightning loads a checkpoint into the model and before the
 strategy builds the optimizers. So ``fit(ckpt_path=...)`` loads with ``strict=True`` into the
 replaced model and the optimizer holds the new parameters. Weights are carried over (see
-``lightning_utils.module_swap``) so an exact replacement gives identical outputs. Presets for
-torchao / bitsandbytes / SDPA live in ``lightning_utils.replacements``.
+``lightning_utils.modules.swap``) so an exact replacement gives identical outputs. Presets for
+torchao / bitsandbytes / SDPA live in ``lightning_utils.modules.presets``.
 
 It must never replace modules after the optimizers exist or on a DDP-wrapped model, and never
 replace a module it produced itself (``setup`` runs again for each trainer entry point).
@@ -20,9 +20,9 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_utils.model_surgery import check_not_wrapped, transform_before_restore
-from lightning_utils.module_swap import Replacement, replace_modules
-from lightning_utils.module_targets import Target, resolve_target
+from lightning_utils.callbacks.module_transform import check_not_wrapped, transform_before_restore
+from lightning_utils.modules.swap import Replacement, replace_modules
+from lightning_utils.modules.targets import Target, resolve_target
 
 __all__ = ["ReplaceModules"]
 
@@ -35,7 +35,7 @@ class ReplaceModules(Callback):
             predicate ``(name, module) -> bool``.
         replacement: an ``nn.Module`` class (built from the old module's attributes, or with
             its ``from_module(old)``), or a factory ``(qualified_name, old) -> new`` such as the
-            presets in ``lightning_utils.replacements``.
+            presets in ``lightning_utils.modules.presets``.
         include / exclude: qualified-name patterns (dotted prefix or glob). ``exclude`` is
             checked first; ``include=None`` means everything, ``include=[]`` nothing.
         copy_weights: carry the old parameters and buffers over under the same keys.

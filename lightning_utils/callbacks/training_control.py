@@ -2,8 +2,8 @@
 periodic save/eval/export, all at step boundaries and identically on every rank.
 
 Commands come from standard input (the default), a command file or FIFO, or a signal
-(:mod:`lightning_utils.command_sources`), and follow the grammar of
-:mod:`lightning_utils.commands`. Global rank 0 reads; at each optimizer-step boundary
+(:mod:`lightning_utils.control.sources`), and follow the grammar of
+:mod:`lightning_utils.control.commands`. Global rank 0 reads; at each optimizer-step boundary
 (``on_train_batch_end`` after ``global_step`` moved) the lines it received are broadcast
 through :func:`lightning_utils.distributed.broadcast_object` (the strategy's broadcast), so every rank runs the same commands at the same step
 and collective work (``trainer.save_checkpoint``, gathering weights for an export) lines up.
@@ -28,8 +28,8 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from lightning_utils.command_sources import CommandSource, SignalFlag, resolve_source
-from lightning_utils.commands import (
+from lightning_utils.control.sources import CommandSource, SignalFlag, resolve_source
+from lightning_utils.control.commands import (
     HELP_TEXT,
     ClearEvents,
     Command,
@@ -115,7 +115,7 @@ class TrainingControl(Callback):
 
     Args:
         source: ``"stdin"`` (default), a command file or FIFO path (``echo save >> PATH``),
-            a :class:`~lightning_utils.command_sources.CommandSource`, or ``None`` (no reader:
+            a :class:`~lightning_utils.control.sources.CommandSource`, or ``None`` (no reader:
             schedules, the signal and periodic work only). Only global rank 0 reads.
         save_every_n_steps: periodic checkpoint every N optimizer steps. ``None``/0 falls back
             to ``eval_every_n_steps`` (as in the original); both ``None``: no periodic save.
@@ -245,8 +245,8 @@ class TrainingControl(Callback):
         if self.file_extension is not None and self.file_extension.lower() in (".sft", ".safetensors"):
             # A '.sft' name must hold a safetensors file, never a torch pickle: make the trainer
             # write through SafetensorsCheckpointIO (as SafetensorsModelCheckpoint does).
-            from lightning_utils.io.checkpoint_io import ensure_safetensors_checkpoint_io
-            from lightning_utils.io.module_loading import check_strategy_writes_through_checkpoint_io
+            from lightning_utils.plugins.checkpoint_io import ensure_safetensors_checkpoint_io
+            from lightning_utils.plugins.module_loading import check_strategy_writes_through_checkpoint_io
 
             check_strategy_writes_through_checkpoint_io(trainer.strategy, self.file_extension)
             ensure_safetensors_checkpoint_io(trainer.strategy)
@@ -508,7 +508,7 @@ class TrainingControl(Callback):
         chosen = getattr(ckpt, "FILE_EXTENSION", None) if ckpt is not None else None
         if chosen and chosen != ".ckpt":  # e.g. SafetensorsModelCheckpoint's ".sft"
             return str(chosen)
-        from lightning_utils.io import SafetensorsCheckpointIO
+        from lightning_utils.plugins import SafetensorsCheckpointIO
 
         io = getattr(trainer.strategy, "checkpoint_io", None)
         while io is not None and not isinstance(io, SafetensorsCheckpointIO):

@@ -4,7 +4,7 @@ What it is for: ``python -m lightning_utils.cli fit --config run.yaml`` (or the
 ``lightning-utils`` console script) runs :class:`lightning.pytorch.cli.LightningCLI` with every
 component chosen by class path in the YAML: ``model`` (any LightningModule), ``data`` (any
 LightningDataModule, optional), ``trainer`` with its ``callbacks``, ``plugins`` (e.g.
-``lightning_utils.io.SafetensorsCheckpointIO``) and ``logger``, and ``optimizer`` /
+``lightning_utils.plugins.SafetensorsCheckpointIO``) and ``logger``, and ``optimizer`` /
 ``lr_scheduler`` (e.g. ``torch.optim.AdamW``), which LightningCLI wires into the model's
 ``configure_optimizers``. ``fit --ckpt_path last.sft`` also works for safetensors checkpoints.
 
@@ -125,7 +125,7 @@ def run_lightning_cli(argv: Sequence[str]) -> int:
         trainer:
           max_steps: 1000
           plugins:
-            - class_path: lightning_utils.io.SafetensorsCheckpointIO
+            - class_path: lightning_utils.plugins.SafetensorsCheckpointIO
           callbacks:
             - class_path: lightning.pytorch.callbacks.LearningRateMonitor
     """

@@ -20,6 +20,7 @@ naming its key path: nothing is silently dropped, nothing is pickled.
 from __future__ import annotations
 
 import base64
+import importlib
 import math
 import pathlib
 from collections import OrderedDict
@@ -37,16 +38,28 @@ _BIG_INT_BITS = 8192  # above this, ints are stored as hex (json refuses > 4300 
 # as ordinary safetensors names ("layer.weight") to other tools.
 _BARE_NAME_ROOTS = ("state_dict", "module")
 
-try:  # Lightning's hparams container; optional only so this module imports without Lightning
-    from lightning.fabric.utilities.data import AttributeDict as _AttributeDict
-except ImportError:  # pragma: no cover
-    _AttributeDict = None
-
 _DICT_TAGS: dict[type, str] = {dict: "dict", OrderedDict: "odict"}
-if _AttributeDict is not None:
-    _DICT_TAGS[_AttributeDict] = "attrdict"
-_DICT_TYPES = {v: k for k, v in _DICT_TAGS.items()}
-DICT_TYPES = tuple(_DICT_TAGS)  # the exact dict types a checkpoint may hold
+# Lightning's hparams container, a plain dict subclass. It is recognised by its import path so
+# that this module never imports Lightning; decoding one imports it from there (a file holding
+# one was written where Lightning is installed).
+_ATTRDICT_PATH = ("lightning.fabric.utilities.data", "AttributeDict")
+
+
+def dict_tag(t: type) -> str | None:
+    """The skeleton tag of an exact dict type a checkpoint may hold, else None."""
+    tag = _DICT_TAGS.get(t)
+    if tag is None and issubclass(t, dict) and (t.__module__, t.__qualname__) == _ATTRDICT_PATH:
+        return "attrdict"
+    return tag
+
+
+def _dict_class(tag: str) -> type | None:
+    if tag == "attrdict":
+        return getattr(importlib.import_module(_ATTRDICT_PATH[0]), _ATTRDICT_PATH[1])  # type: ignore[no-any-return]
+    return _DICT_CLASSES.get(tag)
+
+
+_DICT_CLASSES = {v: k for k, v in _DICT_TAGS.items()}
 _PATH_TYPES = {c.__name__: c for c in (pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath, pathlib.PureWindowsPath)}
 _NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 _CONTAINERS = (dict, list, tuple, set, frozenset)
@@ -90,7 +103,7 @@ class _Encoder:
                 if obj.__dict__:
                     walk(obj.__dict__, path + ("<attributes>",))
                 return
-            if type(obj) not in _DICT_TAGS and type(obj) not in (list, tuple, set, frozenset):
+            if dict_tag(type(obj)) is None and type(obj) not in (list, tuple, set, frozenset):
                 return
             key = id(obj)
             if key in active:
@@ -130,7 +143,7 @@ class _Encoder:
             return _float_node(obj)
         if isinstance(obj, torch.Tensor):
             return self.tensor_node(obj, path)
-        if t in _DICT_TAGS or t in (list, tuple, set, frozenset):
+        if dict_tag(t) is not None or t in (list, tuple, set, frozenset):
             key = id(obj)
             if key in self._container_nodes:  # the same object again (pickle's memo, in .pt terms)
                 return {"$": "ref", "id": self._container_nodes[key]["id"]}
@@ -166,7 +179,7 @@ class _Encoder:
             return [self.node(v, path + (i,)) for i, v in enumerate(obj)]
         if t in (tuple, set, frozenset):
             return {"$": t.__name__, "v": [self.node(v, path + (i,)) for i, v in enumerate(obj)]}
-        tag = _DICT_TAGS[t]
+        tag = dict_tag(t)
         if all(type(k) is str for k in obj):
             node: dict[str, Any] = {"$": tag, "v": {k: self.node(v, path + (k,)) for k, v in obj.items()}}
         else:
@@ -435,8 +448,8 @@ def decode(skeleton: Any, entry: Callable[[str, str], torch.Tensor]) -> Any:
         if not isinstance(n, dict):
             raise SkeletonError(f"unexpected skeleton node {n!r}")
         tag = n.get("$")
-        if tag in _DICT_TYPES:
-            cls = _DICT_TYPES[tag]
+        cls = _dict_class(tag) if isinstance(tag, str) else None
+        if cls is not None:
             if "v" in n and isinstance(n["v"], dict):
                 out = cls((k, node(v, depth + 1)) for k, v in n["v"].items())
             elif "kv" in n and isinstance(n["kv"], list):

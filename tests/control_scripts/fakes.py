@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from lightning_utils.command_sources import CommandSource
+from lightning_utils.control.sources import CommandSource
 
 
 class StepScript(CommandSource):

@@ -63,7 +63,7 @@ def main() -> None:
     # Lightning's own CheckpointIO unless a .sft file is written or read (the plugin writes
     # .ckpt files in torch's format too)
     if ".sft" in suffixes and args.save_dir is not None or args.resume is not None and args.resume.suffix == ".sft":
-        from lightning_utils.io import SafetensorsCheckpointIO
+        from lightning_utils.plugins import SafetensorsCheckpointIO
 
         plugins.append(SafetensorsCheckpointIO())
     model = StepDataLM(update_proj_gap=2)

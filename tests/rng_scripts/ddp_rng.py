@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_utils.callbacks import RNGStateCheckpoint, SafetensorsModelCheckpoint
-from lightning_utils.io import SafetensorsCheckpointIO
+from lightning_utils.plugins import SafetensorsCheckpointIO
 
 
 class Noisy(pl.LightningModule):

@@ -11,8 +11,8 @@ import lightning as L
 import torch
 from torch.utils.data import Dataset
 
-from lightning_utils.dataloader import ResumableDataLoader
-from lightning_utils.samplers import BatchedOrderedSampler, OrderedSampler, PoolSampler, RandomSampler
+from lightning_utils.data.loader import ResumableDataLoader
+from lightning_utils.data.samplers import BatchedOrderedSampler, OrderedSampler, PoolSampler, RandomSampler
 
 N_ITEMS = 22
 BATCH_SIZE = 4
@@ -119,7 +119,7 @@ def every_n_steps_checkpoint(dirpath: str, n: int, fmt: str = "ckpt") -> L.pytor
 def plugins_for(fmt: str) -> list:
     """Trainer plugins for a checkpoint format: ``.sft`` goes through SafetensorsCheckpointIO."""
     if fmt == "sft":
-        from lightning_utils.io import SafetensorsCheckpointIO
+        from lightning_utils.plugins import SafetensorsCheckpointIO
 
         return [SafetensorsCheckpointIO()]
     return []

@@ -1,7 +1,7 @@
 """Swap submodules for replacements, carrying the weights over and keeping state-dict keys.
 
 ``replace_modules(root, target, replacement, ...)`` finds matching submodules (see
-``lightning_utils.module_targets``) and puts ``replacement`` in their place in every parent that
+``lightning_utils.modules.targets``) and puts ``replacement`` in their place in every parent that
 holds them. ``replacement`` is either
 
 * a class: built from the old module's constructor-named attributes (``in_features``,
@@ -15,7 +15,7 @@ object (so weight tying and ``requires_grad`` survive, at no copy cost); anythin
 with ``load_state_dict``, and a parameter shared by several replaced modules (tied weights) is
 shared again by their replacements. A key of the old module that the new one lacks is an error, never a
 silent drop. A factory that converts weights itself says so with a ``copies_weights = True``
-attribute (the presets in ``lightning_utils.replacements`` do), and is then left alone.
+attribute (the presets in ``lightning_utils.modules.presets`` do), and is then left alone.
 
 It must never operate on a DDP-wrapped model, replace a module it produced itself, or replace a
 module already wrapped by ``ActivationOffload`` or compiled in place (it refuses: replace first).
@@ -31,7 +31,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from lightning_utils.module_targets import Target, find_targets
+from lightning_utils.modules.targets import Target, find_targets
 
 Factory = Callable[[str, nn.Module], nn.Module]
 Replacement = Union[type, Factory]
@@ -179,7 +179,7 @@ def check_not_transformed(name: str, old: nn.Module) -> None:
     # An instance-level offload wrapper or compiled call belongs to the old object: a fresh
     # replacement would silently lose it, and a re-classed copy (from_module) would keep calling
     # the old module's forward through it.
-    from lightning_utils.offload import is_offloaded
+    from lightning_utils.modules.offload import is_offloaded
 
     by = "ActivationOffload" if is_offloaded(old) else None
     if getattr(old, "_compiled_call_impl", None) is not None:

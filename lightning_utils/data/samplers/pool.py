@@ -15,9 +15,9 @@ from typing import Any, ClassVar, Optional
 
 import torch
 
-from lightning_utils.samplers.base import ResumableSampler
-from lightning_utils.samplers.permutation import KeyedPermutation
-from lightning_utils.samplers.rank import resolve_replicas
+from lightning_utils.data.samplers.base import ResumableSampler
+from lightning_utils.data.samplers.permutation import KeyedPermutation
+from lightning_utils.data.samplers.rank import resolve_replicas
 
 __all__ = ["PoolSampler"]
 

@@ -207,7 +207,7 @@ class SDPAMultiheadAttention(nn.MultiheadAttention):
     @classmethod
     def from_module(cls, old: nn.Module, weights_fallback: bool = False) -> "SDPAMultiheadAttention":
         """The same module (same Parameter objects) re-classed; no weights are copied."""
-        from lightning_utils.module_swap import check_not_transformed
+        from lightning_utils.modules.swap import check_not_transformed
 
         _expect(old, nn.MultiheadAttention, "SDPAMultiheadAttention")
         cls._check_supported(old)  # type: ignore[arg-type]

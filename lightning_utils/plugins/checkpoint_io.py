@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch.plugins.io import AsyncCheckpointIO as _LightningAsyncCheckpointIO
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from lightning_utils.io.skeleton import DICT_TYPES
+from lightning_utils.io.skeleton import dict_tag
 from lightning_utils.io.state import load_state, save_state
 
 
@@ -148,7 +148,7 @@ def _snapshot(obj: Any) -> Any:
             elif value.requires_grad:
                 out.requires_grad_(True)
             out.__dict__.update(value.__dict__)
-        elif type(value) in DICT_TYPES:  # the dict types a checkpoint may hold (see skeleton)
+        elif dict_tag(type(value)) is not None:  # the dict types a checkpoint may hold (see skeleton)
             out = type(value)()
             memo[id(value)] = out
             for k, v in value.items():

@@ -11,7 +11,7 @@ import operator
 from collections.abc import Sized
 from typing import Any, ClassVar, Optional, Union
 
-from lightning_utils.samplers.base import ResumableSampler
+from lightning_utils.data.samplers.base import ResumableSampler
 
 __all__ = ["OrderedSampler"]
 

@@ -1,6 +1,6 @@
 """``RandomSampler``: a fresh, reproducible permutation of ``[0, length)`` every epoch.
 
-The permutation of epoch ``e`` is a :class:`~lightning_utils.samplers.permutation.KeyedPermutation`
+The permutation of epoch ``e`` is a :class:`~lightning_utils.data.samplers.permutation.KeyedPermutation`
 keyed by ``(seed, e)``, evaluated in small blocks as iteration proceeds, so ``RandomSampler(10**8)``
 saves, restores and yields its next index in well under a millisecond with a state of a few
 integers. This module must never call ``torch.randperm`` or touch global RNG state.
@@ -13,9 +13,9 @@ from typing import Any, ClassVar, Optional, Union
 
 import torch
 
-from lightning_utils.samplers.base import ResumableSampler
-from lightning_utils.samplers.ordered import _length_of
-from lightning_utils.samplers.permutation import MAX_LENGTH, KeyedPermutation
+from lightning_utils.data.samplers.base import ResumableSampler
+from lightning_utils.data.samplers.ordered import _length_of
+from lightning_utils.data.samplers.permutation import MAX_LENGTH, KeyedPermutation
 
 __all__ = ["RandomSampler"]
 

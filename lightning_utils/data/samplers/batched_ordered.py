@@ -20,9 +20,9 @@ from typing import Any, ClassVar, Literal, Optional
 
 import torch
 
-from lightning_utils.samplers.base import ResumableSampler
-from lightning_utils.samplers.permutation import KeyedPermutation
-from lightning_utils.samplers.pool import default_seed
+from lightning_utils.data.samplers.base import ResumableSampler
+from lightning_utils.data.samplers.permutation import KeyedPermutation
+from lightning_utils.data.samplers.pool import default_seed
 
 __all__ = ["BatchedOrderedSampler"]
 

@@ -60,7 +60,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_utils.module_targets import Target, find_targets
+from lightning_utils.modules.targets import Target, find_targets
 
 __all__ = ["offloaded_checkpoint", "apply_activation_offload", "remove_activation_offload", "is_offloaded"]
 

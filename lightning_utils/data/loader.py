@@ -3,7 +3,7 @@
 Lightning stores ``state_dict()`` of every train loader that has ``state_dict`` and
 ``load_state_dict`` under ``checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]``
 and calls ``load_state_dict`` before it creates the iterator. This loader's state is the
-position of its :class:`~lightning_utils.samplers.ResumableSampler` after the batches the
+position of its :class:`~lightning_utils.data.samplers.ResumableSampler` after the batches the
 training loop has **consumed**: the batches handed to the main process, minus the ones
 Lightning's fetcher still holds (its one-batch prefetch for loaders without a length, V5).
 It is never the sampler's own counter, which runs ``num_workers * prefetch_factor`` batches
@@ -50,10 +50,10 @@ from typing import Any, Callable, Optional
 
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, SequentialSampler
 
-from lightning_utils.samplers.base import Pass, ResumableSampler
-from lightning_utils.samplers.ordered import OrderedSampler
-from lightning_utils.samplers.pool import default_seed
-from lightning_utils.samplers.random import RandomSampler
+from lightning_utils.data.samplers.base import Pass, ResumableSampler
+from lightning_utils.data.samplers.ordered import OrderedSampler
+from lightning_utils.data.samplers.pool import default_seed
+from lightning_utils.data.samplers.random import RandomSampler
 
 __all__ = ["ResumableDataLoader"]
 
@@ -304,10 +304,10 @@ class ResumableDataLoader(DataLoader):
     """A ``DataLoader`` with ``state_dict`` / ``load_state_dict`` for exact mid-epoch resume.
 
     Takes the arguments of ``torch.utils.data.DataLoader``. The index order must come from a
-    sampler of :mod:`lightning_utils.samplers`:
+    sampler of :mod:`lightning_utils.data.samplers`:
 
     - ``sampler=`` one of them (with ``batch_size``), or
-    - ``batch_sampler=`` a :class:`~lightning_utils.samplers.BatchedOrderedSampler` (or a
+    - ``batch_sampler=`` a :class:`~lightning_utils.data.samplers.BatchedOrderedSampler` (or a
       ``torch.utils.data.BatchSampler`` over one of them), or
     - neither: ``shuffle=True`` builds a ``RandomSampler(len(dataset))`` seeded from
       ``generator`` (else ``PL_GLOBAL_SEED``, else 0) and ``shuffle=False`` an ``OrderedSampler``.
@@ -357,7 +357,7 @@ class ResumableDataLoader(DataLoader):
                 batch_units, loader_drop_last = inner.batch_size, inner.drop_last
             else:
                 raise TypeError(
-                    "ResumableDataLoader: `batch_sampler` must be a lightning_utils.samplers sampler (e.g. "
+                    "ResumableDataLoader: `batch_sampler` must be a lightning_utils.data.samplers sampler (e.g. "
                     "BatchedOrderedSampler) or a torch BatchSampler over one, got "
                     f"{type(batch_sampler).__name__}"
                 )
@@ -374,7 +374,7 @@ class ResumableDataLoader(DataLoader):
                 sampler = OrderedSampler(len(sampler))
             if not isinstance(sampler, ResumableSampler):
                 raise TypeError(
-                    "ResumableDataLoader: `sampler` must be a lightning_utils.samplers sampler "
+                    "ResumableDataLoader: `sampler` must be a lightning_utils.data.samplers sampler "
                     f"(OrderedSampler, RandomSampler, PoolSampler), got {type(sampler).__name__}"
                 )
             resumable = sampler

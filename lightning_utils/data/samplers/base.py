@@ -25,8 +25,8 @@ from typing import Any, ClassVar, Optional
 
 from torch.utils.data.distributed import DistributedSampler
 
-from lightning_utils.samplers.permutation import KeyedPermutation
-from lightning_utils.samplers.rank import check_replica_args, resolve_replicas
+from lightning_utils.data.samplers.permutation import KeyedPermutation
+from lightning_utils.data.samplers.rank import check_replica_args, resolve_replicas
 
 __all__ = ["Pass", "ResumableSampler"]
 
