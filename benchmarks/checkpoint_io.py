@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from peak_rss import PeakRSS  # benchmarks/peak_rss.py (the script's own folder is on sys.path)
 
 from lightning_utils.io import load_state, save_state
 from lightning_utils.io.atomic import write_all
-from peak_rss import PeakRSS  # benchmarks/peak_rss.py (the script's own folder is on sys.path)
 
 
 def build_checkpoint(params: float) -> dict:
@@ -128,7 +128,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", type=float, default=100e6, help="model parameters (default 100e6)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per measurement; the median is reported")
-    ap.add_argument("--dir", type=Path, default=None, help="where to write (default: a temp dir under the current directory)")
+    ap.add_argument(
+        "--dir", type=Path, default=None, help="where to write (default: a temp dir under the current directory)"
+    )
     args = ap.parse_args()
     torch.manual_seed(0)
     ckpt = build_checkpoint(args.params)
@@ -179,14 +181,22 @@ def main() -> None:
     print(f"  raw write + fdatasync        {t_raw:7.2f} s   (physical limit)")
     print(f"  ours save_state(.sft)+fsync  {t_ours:7.2f} s   {t_ours / t_raw:5.2f}x raw   (target <= 1.3x)")
     print(f"  TorchCheckpointIO (no fsync) {t_lio:7.2f} s   {t_lio / t_ours:5.2f}x slower than ours (target >= 5x)")
-    print(f"  TorchCheckpointIO + os.sync  {t_lio_durable:7.2f} s   {t_lio_durable / t_ours:5.2f}x slower than ours (same durability)")
+    print(
+        f"  TorchCheckpointIO + os.sync  {t_lio_durable:7.2f} s   {t_lio_durable / t_ours:5.2f}x slower than ours (same durability)"
+    )
     print(f"  torch.save (no fsync)        {t_torch:7.2f} s   {t_torch / t_ours:5.2f}x slower than ours")
     print(f"\nload, every byte touched (median of {args.repeat}, methods interleaved):")
     ours = results["ours (.sft)"]
     for name, t in results.items():
-        note = "" if name == "ours (.sft)" else f"   {t / ours:5.2f}x slower than ours" + (" (target >= 2x)" if name == "TorchCheckpointIO" else "")
+        note = (
+            ""
+            if name == "ours (.sft)"
+            else f"   {t / ours:5.2f}x slower than ours" + (" (target >= 2x)" if name == "TorchCheckpointIO" else "")
+        )
         print(f"  {name:28s} {t:7.2f} s{note}")
-    print(f"\npeak extra RSS during our save: {peak.extra / 1e6:.0f} MB = {peak.extra / size:.3f}x the checkpoint (target <= 0.5x)")
+    print(
+        f"\npeak extra RSS during our save: {peak.extra / 1e6:.0f} MB = {peak.extra / size:.3f}x the checkpoint (target <= 0.5x)"
+    )
 
 
 if __name__ == "__main__":

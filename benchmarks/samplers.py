@@ -24,11 +24,11 @@ import statistics
 import time
 
 import torch
+from peak_rss import PeakRSS  # benchmarks/peak_rss.py (the script's own folder is on sys.path)
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_utils.data.loader import ResumableDataLoader
 from lightning_utils.data.samplers import RandomSampler
-from peak_rss import PeakRSS  # benchmarks/peak_rss.py (the script's own folder is on sys.path)
 
 
 class IndexDataset(Dataset):
@@ -129,7 +129,9 @@ def main() -> None:
         results = {}
         for name, make in rows.items():
             r = results[name] = state_roundtrip(make)
-            print(f"{n:>12.0e} {name:<22} {fmt_bytes(r['bytes']):>10} {r['seconds'] * 1e3:>8.2f}ms {fmt_bytes(r['rss']):>15}")
+            print(
+                f"{n:>12.0e} {name:<22} {fmt_bytes(r['bytes']):>10} {r['seconds'] * 1e3:>8.2f}ms {fmt_bytes(r['rss']):>15}"
+            )
         ours, theirs = results["ours"], results["torchdata Stateful"]
         print(
             f"{'':>12} {'ratio torchdata/ours':<22} {theirs['bytes'] / ours['bytes']:>9.1f}x "
@@ -152,8 +154,12 @@ def main() -> None:
     )
     plain_same, ours, plain_torch, stateful = (timed[k] for k in ("plain_same", "ours", "plain_torch", "stateful"))
     print(f"  DataLoader(sampler=our RandomSampler)      {plain_same * 1e6:8.1f} us")
-    print(f"  ResumableDataLoader(our RandomSampler)     {ours * 1e6:8.1f} us   {ours / plain_same:.3f}x the plain loader (goal <= 1.05x)")
-    print(f"  DataLoader(shuffle=True), torch sampler    {plain_torch * 1e6:8.1f} us   ours is {ours / plain_torch:.3f}x")
+    print(
+        f"  ResumableDataLoader(our RandomSampler)     {ours * 1e6:8.1f} us   {ours / plain_same:.3f}x the plain loader (goal <= 1.05x)"
+    )
+    print(
+        f"  DataLoader(shuffle=True), torch sampler    {plain_torch * 1e6:8.1f} us   ours is {ours / plain_torch:.3f}x"
+    )
     print(f"  torchdata StatefulDataLoader(shuffle=True) {stateful * 1e6:8.1f} us   ours is {ours / stateful:.3f}x")
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule
@@ -124,11 +124,11 @@ class RunRecorder(Callback):
 class CountingCheckpointIO(TorchCheckpointIO):
     """Lightning's torch checkpoint I/O that also appends every path it saves to ``log``."""
 
-    def __init__(self, log: Optional[str] = None) -> None:
+    def __init__(self, log: str | None = None) -> None:
         super().__init__()
         self.log = log
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         super().save_checkpoint(checkpoint, path, storage_options)
         if self.log:
             with open(self.log, "a") as f:

@@ -55,9 +55,9 @@ def loader(n: int = 32, batch_size: int = 4) -> DataLoader:
 
 
 def trainer(tmp: pathlib.Path, **kwargs: Any) -> pl.Trainer:
-    defaults: dict[str, Any] = dict(
-        default_root_dir=tmp, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, max_epochs=-1, deterministic=True,
-    )  # fmt: skip
+    defaults: dict[str, Any] = {
+        "default_root_dir": tmp, "accelerator": "cpu", "devices": 1, "logger": False, "enable_progress_bar": False,
+        "enable_model_summary": False, "max_epochs": -1, "deterministic": True,
+    }  # fmt: skip
     defaults.update(kwargs)
     return pl.Trainer(**defaults)

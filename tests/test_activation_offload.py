@@ -9,14 +9,12 @@ import pickle
 import lightning.pytorch as pl
 import pytest
 import torch
-from torch import nn
-
 from cpu_trainer import OptimizerHoldsModelParameters, cpu_trainer
 from free_port import free_port
-from lightning_utils.io import load_state
-from lightning_utils.plugins import SafetensorsCheckpointIO
+from torch import nn
 
 from lightning_utils.callbacks.activation_offload import ActivationOffload
+from lightning_utils.io import load_state
 from lightning_utils.modules.offload import (
     apply_activation_offload,
     is_offloaded,
@@ -363,7 +361,9 @@ _trainer = functools.partial(cpu_trainer, num_sanity_val_steps=0)
 _CheckOptimizer = OptimizerHoldsModelParameters
 
 
-@pytest.mark.parametrize(("late", "suffix"), [(False, ".ckpt"), (True, ".sft")], ids=["init-ckpt", "configure_model-sft"])
+@pytest.mark.parametrize(
+    ("late", "suffix"), [(False, ".ckpt"), (True, ".sft")], ids=["init-ckpt", "configure_model-sft"]
+)
 def test_lightning_fit_matches_plain_and_resumes(tmp_path, late, suffix):
     pl.seed_everything(0)
     plain = TinyLM(late)
@@ -526,7 +526,11 @@ def test_ddp_two_ranks_same_result_as_plain(tmp_path):
             env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
             proc = subprocess.run(
                 [sys.executable, str(script), str(out), mode],
-                env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=240,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=240,
             )
             if proc.returncode == 0 or "address already in use" not in proc.stderr.lower():
                 break
@@ -697,7 +701,7 @@ def test_buffers_and_parameter_views_passed_as_arguments_are_not_offloaded(fake_
     apply_activation_offload(model, RopeBlock)
     x = torch.randn(8, D, requires_grad=True)
     out = model(x * 1.0)
-    copies = [c for ctx in (out.grad_fn, out.grad_fn.next_functions[0][0]) for c in getattr(ctx, "group").copies]
+    copies = [c for ctx in (out.grad_fn, out.grad_fn.next_functions[0][0]) for c in ctx.group.copies]
     assert len(copies) == 2  # one per block: x only, not the cache or the parameter slice
     out.sum().backward()
     assert model.blocks[0].fc.weight.grad is not None

@@ -11,12 +11,16 @@ import torch
 from io_fixtures import CountingCallback, TinyModule, loader, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
+from test_io_roundtrip import assert_same
 
 from lightning_utils.callbacks import SafetensorsModelCheckpoint
 from lightning_utils.io import load_state
-from lightning_utils.plugins import AsyncCheckpointIO, SafetensorsCheckpointIO, check_strategy_writes_through_checkpoint_io, load_from_checkpoint
-
-from test_io_roundtrip import assert_same
+from lightning_utils.plugins import (
+    AsyncCheckpointIO,
+    SafetensorsCheckpointIO,
+    check_strategy_writes_through_checkpoint_io,
+    load_from_checkpoint,
+)
 
 
 def _fit(tmp, max_steps, callbacks, ckpt_path=None, plugins=None):
@@ -70,7 +74,9 @@ def test_resume_mid_training_matches_uninterrupted_run(tmp_path, suffix):
 
 
 def test_ckpt_path_last_and_top_k(tmp_path):
-    cb = SafetensorsModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=2, monitor="step", mode="max", save_last=True)
+    cb = SafetensorsModelCheckpoint(
+        dirpath=tmp_path, every_n_train_steps=2, save_top_k=2, monitor="step", mode="max", save_last=True
+    )
     _fit(tmp_path, 8, [cb])  # no plugin given: the callback installs SafetensorsCheckpointIO
     files = sorted(p.name for p in tmp_path.glob("*.sft"))
     assert files == ["epoch=0-step=6.sft", "epoch=0-step=8.sft", "last.sft"]
@@ -123,7 +129,9 @@ def test_plugin_signature_and_errors(tmp_path):
         io.save_checkpoint({"a": 1}, tmp_path / "x.sft", storage_options={"x": 1})
     io.save_checkpoint({"w": torch.ones(2)}, tmp_path / "x.sft")
     for ml in (None, "cpu", torch.device("cpu"), {"cpu": "cpu"}, lambda s, loc: s):
-        assert torch.equal(io.load_checkpoint(tmp_path / "x.sft", map_location=ml, weights_only=True)["w"], torch.ones(2))
+        assert torch.equal(
+            io.load_checkpoint(tmp_path / "x.sft", map_location=ml, weights_only=True)["w"], torch.ones(2)
+        )
     with pytest.raises(FileNotFoundError):
         io.load_checkpoint(tmp_path / "missing.sft")
 

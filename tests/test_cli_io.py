@@ -7,11 +7,11 @@ import sys
 
 import pytest
 import torch
+from test_io_roundtrip import assert_same
+from test_io_torch import Custom
 
 from lightning_utils.cli import main
 from lightning_utils.io import load_state, save_state
-from test_io_roundtrip import assert_same
-from test_io_torch import Custom
 
 
 @pytest.fixture
@@ -20,7 +20,12 @@ def ckpt():
     opt = torch.optim.AdamW(model.parameters())
     model(torch.randn(2, 4)).sum().backward()
     opt.step()
-    return {"state_dict": model.state_dict(), "optimizer_states": [opt.state_dict()], "epoch": 1, "bf": torch.zeros(2, 2, dtype=torch.bfloat16)}
+    return {
+        "state_dict": model.state_dict(),
+        "optimizer_states": [opt.state_dict()],
+        "epoch": 1,
+        "bf": torch.zeros(2, 2, dtype=torch.bfloat16),
+    }
 
 
 def test_inspect_sft_and_ckpt(tmp_path, ckpt, capsys):

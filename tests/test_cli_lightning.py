@@ -13,8 +13,9 @@ import pytest
 pytest.importorskip("jsonargparse", reason="LightningCLI needs jsonargparse[signatures] (the cli extra)")
 yaml = pytest.importorskip("yaml")
 
-import lightning_utils.cli.lightning as cli_lightning
 from free_port import free_port
+
+import lightning_utils.cli.lightning as cli_lightning
 from lightning_utils.cli import main
 from lightning_utils.cli.lightning import run_lightning_cli
 
@@ -198,7 +199,9 @@ def test_ckpt_path_to_a_weights_file_is_refused_with_its_name(tmp_path, capsys):
 
     weights = tmp_path / "model.sft"
     save_weights({"net.0.weight": torch.zeros(6, 4)}, weights)
-    config = write_config(tmp_path, trainer__plugins=[{"class_path": "lightning_utils.plugins.SafetensorsCheckpointIO"}])
+    config = write_config(
+        tmp_path, trainer__plugins=[{"class_path": "lightning_utils.plugins.SafetensorsCheckpointIO"}]
+    )
     assert run_lightning_cli(["fit", "--config", str(config), "--ckpt_path", str(weights)]) == 2
     err = capsys.readouterr().err
     assert str(weights) in err and "not a Lightning training checkpoint" in err
@@ -258,7 +261,10 @@ def test_ckpt_path_hyperparameters_override_the_config_and_ignored_ones_come_fro
                 "init_args": {
                     "hidden": hidden,
                     "note": note,
-                    "pattern": {"class_path": "lightning_utils.patterns.DelayedPatternProvider", "init_args": {"n_q": n_q}},
+                    "pattern": {
+                        "class_path": "lightning_utils.patterns.DelayedPatternProvider",
+                        "init_args": {"n_q": n_q},
+                    },
                 },
             },
             trainer__plugins=[{"class_path": "lightning_utils.plugins.SafetensorsCheckpointIO"}] if sft else [],
@@ -276,4 +282,7 @@ def test_ckpt_path_hyperparameters_override_the_config_and_ignored_ones_come_fro
     assert run_lightning_cli(argv) == 0
     fit = record(tmp_path)["fit"]
     assert fit["global_step"] == 4 and fit["hidden"] == fit["layer_width"] == 6  # the checkpoint's, not 10
-    assert fit["note"] == "second" and fit["pattern"] == "DelayedPatternProvider(n_q=3, delays=[0, 1, 2], flatten_first=0, empty_initial=0)"
+    assert (
+        fit["note"] == "second"
+        and fit["pattern"] == "DelayedPatternProvider(n_q=3, delays=[0, 1, 2], flatten_first=0, empty_initial=0)"
+    )

@@ -25,7 +25,7 @@ from lightning_utils.control.commands import (
 
 
 @pytest.mark.parametrize(
-    "line, expected",
+    ("line", "expected"),
     [
         ("save", Save()),
         ("  SAVE \t", Save()),
@@ -55,7 +55,7 @@ def test_parses(line, expected):
 
 
 @pytest.mark.parametrize(
-    "line, message",
+    ("line", "message"),
     [
         ("reexport", "unknown command 'reexport' (did you mean 'export'?)"),  # no substring match
         ("savefile", "unknown command"),

@@ -11,13 +11,11 @@ import shutil
 import lightning.pytorch as pl
 import pytest
 import torch
+from cpu_trainer import OptimizerHoldsModelParameters, cpu_trainer
 from torch import nn
 
-from cpu_trainer import OptimizerHoldsModelParameters, cpu_trainer
-from lightning_utils.io import load_state
-from lightning_utils.plugins import SafetensorsCheckpointIO
-
 from lightning_utils.callbacks.compile_modules import CompileModules
+from lightning_utils.io import load_state
 
 
 class CountingBackend:
@@ -90,7 +88,9 @@ def test_bad_arguments():
         CompileModules(target=3.5)
 
 
-@pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None, reason="inductor on CPU needs a C compiler")
+@pytest.mark.skipif(
+    shutil.which("gcc") is None and shutil.which("cc") is None, reason="inductor on CPU needs a C compiler"
+)
 def test_inductor_backend_on_cpu():
     net = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     x = torch.randn(2, 4)
@@ -117,7 +117,9 @@ class LM(pl.LightningModule):
 
     def train_dataloader(self):
         g = torch.Generator().manual_seed(0)
-        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 8, generator=g)), batch_size=4)
+        return torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(torch.randn(16, 8, generator=g)), batch_size=4
+        )
 
 
 _CheckOptimizer = OptimizerHoldsModelParameters

@@ -13,8 +13,17 @@ import torch.distributed as dist
 
 from lightning_utils import distributed as D
 
-ENV = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK", "WORLD_SIZE", "SLURM_NTASKS",
-       "JSM_NAMESPACE_SIZE", "SLURM_LOCALID", "JSM_NAMESPACE_LOCAL_RANK")
+ENV = (
+    "RANK",
+    "LOCAL_RANK",
+    "SLURM_PROCID",
+    "JSM_NAMESPACE_RANK",
+    "WORLD_SIZE",
+    "SLURM_NTASKS",
+    "JSM_NAMESPACE_SIZE",
+    "SLURM_LOCALID",
+    "JSM_NAMESPACE_LOCAL_RANK",
+)
 
 
 @pytest.fixture

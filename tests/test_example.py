@@ -32,9 +32,23 @@ def test_lightning_cli_config_runs_and_resumes_from_sft(tmp_path):
     import os
 
     config = str(ROOT / "examples" / "configs" / "codec_lm.yaml")
-    small = ["--trainer.enable_progress_bar", "false", "--data.init_args.items", "64", "--data.init_args.batch_size", "8"]
+    small = [
+        "--trainer.enable_progress_bar",
+        "false",
+        "--data.init_args.items",
+        "64",
+        "--data.init_args.batch_size",
+        "8",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "examples")}
-    run = dict(capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL, cwd=tmp_path, env=env)
+    run = {
+        "capture_output": True,
+        "text": True,
+        "timeout": 600,
+        "stdin": subprocess.DEVNULL,
+        "cwd": tmp_path,
+        "env": env,
+    }
     first = subprocess.run([sys.executable, str(ROOT / "examples" / "train_codec_lm.py"), "fit", "--config", config,
                             "--trainer.max_steps", "6", *small], **run)  # fmt: skip
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]

@@ -14,11 +14,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from control_scripts.fakes import StepScript  # noqa: E402
-from control_scripts.tiny_model import TinyModule  # noqa: E402
+from control_scripts.fakes import StepScript
+from control_scripts.tiny_model import TinyModule
 
-from lightning_utils.callbacks.export_weights import ExportWeights  # noqa: E402
-from lightning_utils.callbacks.training_control import TrainingControl  # noqa: E402
+from lightning_utils.callbacks.export_weights import ExportWeights
+from lightning_utils.callbacks.training_control import TrainingControl
 
 
 class Tied(TinyModule):
@@ -30,8 +30,15 @@ class Tied(TinyModule):
 
 
 def fit(tmp_path, callbacks, model=None, **kwargs):
-    trainer = Trainer(callbacks=callbacks, default_root_dir=tmp_path, enable_progress_bar=False,
-                      enable_model_summary=False, logger=False, enable_checkpointing=False, **kwargs)
+    trainer = Trainer(
+        callbacks=callbacks,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        enable_checkpointing=False,
+        **kwargs,
+    )
     model = model or TinyModule()
     trainer.fit(model)
     return trainer, model
@@ -63,8 +70,13 @@ def test_export_on_train_end_bf16_with_metadata(tmp_path):
 
 
 def test_strip_prefix_dtype_none_extra_metadata_and_name(tmp_path):
-    exporter = ExportWeights(dirpath=tmp_path / "hf", filename="model-{epoch}-{step}.safetensors", dtype=None,
-                             strip_prefix="model.", metadata=lambda t, m: {"symmap": {"a": 1}, "note": "hi"})
+    exporter = ExportWeights(
+        dirpath=tmp_path / "hf",
+        filename="model-{epoch}-{step}.safetensors",
+        dtype=None,
+        strip_prefix="model.",
+        metadata=lambda t, m: {"symmap": {"a": 1}, "note": "hi"},
+    )
     trainer, _ = fit(tmp_path, [exporter], model=Tied(), max_steps=2)
     path = tmp_path / "hf" / f"model-{trainer.current_epoch}-2.safetensors"  # Lightning's epoch at train end
     tensors = load_file(path)
@@ -83,10 +95,22 @@ def test_export_on_every_checkpoint(tmp_path):
 def test_training_control_export_command_uses_the_callback_in_trainer(tmp_path):
     holder = {}
     exporter = ExportWeights(dtype="fp16", export_on_train_end=True)
-    control = TrainingControl(source=StepScript(lambda: holder["t"].global_step, {2: ["export"], 3: ["quit"]}),
-                              signal=None, save_on_export=False, export_on_quit=True, save_on_quit=False)
-    trainer = Trainer(callbacks=[control, exporter], default_root_dir=tmp_path, max_steps=50, enable_progress_bar=False,
-                      enable_model_summary=False, logger=False, enable_checkpointing=False)
+    control = TrainingControl(
+        source=StepScript(lambda: holder["t"].global_step, {2: ["export"], 3: ["quit"]}),
+        signal=None,
+        save_on_export=False,
+        export_on_quit=True,
+        save_on_quit=False,
+    )
+    trainer = Trainer(
+        callbacks=[control, exporter],
+        default_root_dir=tmp_path,
+        max_steps=50,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        enable_checkpointing=False,
+    )
     holder["t"] = trainer
     trainer.fit(TinyModule())
     # export at 2 (command), at 3 (quit); the train-end export of step 3 is not written twice
@@ -97,10 +121,18 @@ def test_training_control_export_command_uses_the_callback_in_trainer(tmp_path):
 
 def test_training_control_default_exporter(tmp_path):
     holder = {}
-    control = TrainingControl(source=StepScript(lambda: holder["t"].global_step, {1: ["export"]}), signal=None,
-                              save_on_train_end=False)
-    trainer = Trainer(callbacks=[control], default_root_dir=tmp_path, max_steps=2, enable_progress_bar=False,
-                      enable_model_summary=False, logger=False, enable_checkpointing=False)
+    control = TrainingControl(
+        source=StepScript(lambda: holder["t"].global_step, {1: ["export"]}), signal=None, save_on_train_end=False
+    )
+    trainer = Trainer(
+        callbacks=[control],
+        default_root_dir=tmp_path,
+        max_steps=2,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        enable_checkpointing=False,
+    )
     holder["t"] = trainer
     trainer.fit(TinyModule())
     assert load_file(tmp_path / "export" / "weights-step=1.sft")["layer.weight"].dtype == torch.float32
@@ -110,9 +142,14 @@ def test_training_control_default_exporter(tmp_path):
 def test_only_global_rank_zero_writes(tmp_path):
     exporter = ExportWeights(dirpath=tmp_path)
     module = TinyModule()
-    trainer = SimpleNamespace(global_step=4, current_epoch=0, is_global_zero=False, default_root_dir=str(tmp_path),
-                              strategy=SimpleNamespace(lightning_module_state_dict=module.state_dict),
-                              callback_metrics={})
+    trainer = SimpleNamespace(
+        global_step=4,
+        current_epoch=0,
+        is_global_zero=False,
+        default_root_dir=str(tmp_path),
+        strategy=SimpleNamespace(lightning_module_state_dict=module.state_dict),
+        callback_metrics={},
+    )
     assert exporter.export(trainer, module) is None
     assert list(tmp_path.iterdir()) == []
     trainer.is_global_zero = True
@@ -135,9 +172,14 @@ def test_bad_arguments():
 def test_nothing_under_prefix_is_a_clear_error(tmp_path):
     exporter = ExportWeights(dirpath=tmp_path, strip_prefix="nothing.")
     module = TinyModule()
-    trainer = SimpleNamespace(global_step=1, current_epoch=0, is_global_zero=True, default_root_dir=str(tmp_path),
-                              strategy=SimpleNamespace(lightning_module_state_dict=module.state_dict),
-                              callback_metrics={})
+    trainer = SimpleNamespace(
+        global_step=1,
+        current_epoch=0,
+        is_global_zero=True,
+        default_root_dir=str(tmp_path),
+        strategy=SimpleNamespace(lightning_module_state_dict=module.state_dict),
+        callback_metrics={},
+    )
     with pytest.raises(ValueError, match="no tensors under prefix 'nothing.'"):
         exporter.export(trainer, module)
 
@@ -154,8 +196,9 @@ class CountingTrainer(SimpleNamespace):
                 trainer.calls.append("gather state dict")  # an all-gather under FSDP/DeepSpeed
                 return module.state_dict()
 
-        super().__init__(global_step=3, current_epoch=0, is_global_zero=rank == 0, default_root_dir=str(root),
-                         strategy=Strategy())
+        super().__init__(
+            global_step=3, current_epoch=0, is_global_zero=rank == 0, default_root_dir=str(root), strategy=Strategy()
+        )
 
     @property
     def callback_metrics(self):
@@ -188,9 +231,14 @@ def test_metadata_reserved_keys_are_refused_up_front_and_values_round_trip(tmp_p
         ExportWeights(metadata=3)
     exporter = ExportWeights(dirpath=tmp_path, metadata=lambda t, m: {"module": "oops"})
     module = TinyModule()
-    trainer = SimpleNamespace(global_step=1, current_epoch=0, is_global_zero=True, default_root_dir=str(tmp_path),
-                              strategy=SimpleNamespace(lightning_module_state_dict=module.state_dict),
-                              callback_metrics={})
+    trainer = SimpleNamespace(
+        global_step=1,
+        current_epoch=0,
+        is_global_zero=True,
+        default_root_dir=str(tmp_path),
+        strategy=SimpleNamespace(lightning_module_state_dict=module.state_dict),
+        callback_metrics={},
+    )
     with pytest.raises(ValueError, match=r"ExportWeights\(metadata=\.\.\.\).*'module' is reserved"):
         exporter.export(trainer, module)
     assert list(tmp_path.iterdir()) == []
@@ -211,9 +259,14 @@ def test_strip_prefix_matches_whole_module_names(tmp_path):
             self.model_ema = torch.nn.Linear(2, 2)
 
     module = Two()
-    trainer = SimpleNamespace(global_step=1, current_epoch=0, is_global_zero=True, default_root_dir=str(tmp_path),
-                              strategy=SimpleNamespace(lightning_module_state_dict=module.state_dict),
-                              callback_metrics={})
+    trainer = SimpleNamespace(
+        global_step=1,
+        current_epoch=0,
+        is_global_zero=True,
+        default_root_dir=str(tmp_path),
+        strategy=SimpleNamespace(lightning_module_state_dict=module.state_dict),
+        callback_metrics={},
+    )
     for prefix in ("model", "model."):
         path = ExportWeights(dirpath=tmp_path / prefix, strip_prefix=prefix).export(trainer, module)
         assert set(load_file(path)) == {"weight", "bias"}

@@ -7,8 +7,9 @@ from lightning_utils._internals import PRIVATE_NAMES, PrivateName, _resolve, mis
 
 def test_every_listed_private_name_exists_in_the_installed_lightning_and_torch() -> None:
     missing = missing_private_names()
-    assert not missing, "private names gone from the installed Lightning/torch; update lightning_utils._internals:\n" + "\n".join(
-        f"  {m.module}.{m.attribute} (used by {m.used_by}: {m.why})" for m in missing
+    assert not missing, (
+        "private names gone from the installed Lightning/torch; update lightning_utils._internals:\n"
+        + "\n".join(f"  {m.module}.{m.attribute} (used by {m.used_by}: {m.why})" for m in missing)
     )
 
 
@@ -20,4 +21,8 @@ def test_every_entry_says_why_and_which_public_alternative_was_checked() -> None
 def test_the_check_notices_a_vanished_name() -> None:
     assert not _resolve(PrivateName("torch", "_no_such_private_name", "test", "test", "test"))
     assert not _resolve(PrivateName("lightning.pytorch.loops.fit_loop", "_FitLoop.<instance>._nope", "t", "t", "t"))
-    assert _resolve(PrivateName("lightning.pytorch.loops.fit_loop", "_FitLoop.<instance>._combined_loader_states_to_load", "t", "t", "t"))
+    assert _resolve(
+        PrivateName(
+            "lightning.pytorch.loops.fit_loop", "_FitLoop.<instance>._combined_loader_states_to_load", "t", "t", "t"
+        )
+    )

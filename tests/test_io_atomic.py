@@ -68,10 +68,9 @@ def test_killed_writer_leaves_previous_file_intact(tmp_path, suffix):
 def test_exception_mid_write_keeps_old_file_and_removes_temp(tmp_path):
     path = tmp_path / "f.bin"
     path.write_bytes(b"old")
-    with pytest.raises(RuntimeError, match="boom"):
-        with atomic_write(path) as f:
-            f.write(b"partial")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), atomic_write(path) as f:
+        f.write(b"partial")
+        raise RuntimeError("boom")
     assert path.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["f.bin"]
 

@@ -94,7 +94,9 @@ def test_lying_entries(tmp_path, valid_file, data):
     name = data.draw(st.sampled_from(sorted(k for k in header if k != "__metadata__")))
     field = data.draw(st.sampled_from(["dtype", "shape", "data_offsets"]))
     header[name][field] = data.draw(
-        st.one_of(json_values, st.lists(st.integers(-5, 2**63), max_size=4), st.sampled_from(["F32", "I64", "XX", "BOOL"]))
+        st.one_of(
+            json_values, st.lists(st.integers(-5, 2**63), max_size=4), st.sampled_from(["F32", "I64", "XX", "BOOL"])
+        )
     )
     p = tmp_path / "e.sft"
     p.write_bytes(_with_header(valid_file, header))

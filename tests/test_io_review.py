@@ -22,13 +22,13 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file, save_model
+from test_io_roundtrip import assert_same
 
 from lightning_utils.cli import main
 from lightning_utils.io import CheckpointFormatError, UnsafeCheckpointError, load_state, save_state, save_weights
-from lightning_utils.plugins import AsyncCheckpointIO, SafetensorsCheckpointIO
 from lightning_utils.io import safetensors_file as sft_file
 from lightning_utils.io.state import SKELETON_KEY, load_structure
-from test_io_roundtrip import assert_same
+from lightning_utils.plugins import AsyncCheckpointIO, SafetensorsCheckpointIO
 
 
 class Custom:
@@ -203,7 +203,11 @@ def test_what_save_state_writes_load_state_reads_deep_nesting(tmp_path):
     assert load_state(target) == {"x": obj}
 
 
-@pytest.mark.parametrize("obj", [{"k\ud800": 1}, {"k": "v\udc80"}, {"state_dict": {"w\udcff": torch.ones(2)}}], ids=["key", "value", "tensor-key"])
+@pytest.mark.parametrize(
+    "obj",
+    [{"k\ud800": 1}, {"k": "v\udc80"}, {"state_dict": {"w\udcff": torch.ones(2)}}],
+    ids=["key", "value", "tensor-key"],
+)
 def test_lone_surrogates_round_trip_like_pt(tmp_path, obj):
     """Finding 11b: strings with lone surrogates (torch.save keeps them) make save_state fail with
     UnicodeEncodeError from the header encoder (ensure_ascii=False), not a TypeError naming the
@@ -255,7 +259,10 @@ def test_crafted_skeleton_devices_raise_checkpoint_format_error(tmp_path, device
     """Finding 9b: the skeleton's "devices" map is not validated: a list gives AttributeError,
     a bad device string RuntimeError (both escape decode's error mapping through _EntryFailure)."""
     skeleton = {"version": 1, "root": {"$": "tensor", "e": "w"}, "devices": devices}
-    header = {"__metadata__": {SKELETON_KEY: json.dumps(skeleton)}, "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
+    header = {
+        "__metadata__": {SKELETON_KEY: json.dumps(skeleton)},
+        "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+    }
     p = _raw_sft(tmp_path / "dev.sft", header, b"\0" * 4)
     with pytest.raises(CheckpointFormatError, match="dev.sft"):
         load_state(p)
@@ -489,7 +496,11 @@ def test_resave_a_loaded_checkpoint_over_its_own_file(tmp_path):
     again = load_state(target)
     sd = again["state_dict"]
     assert again["step"] == 2 and torch.equal(sd["a"], w * 2) and torch.equal(sd["v"], (w * 2)[2:5])
-    assert sd["a"].untyped_storage().data_ptr() == sd["b"].untyped_storage().data_ptr() == sd["v"].untyped_storage().data_ptr()
+    assert (
+        sd["a"].untyped_storage().data_ptr()
+        == sd["b"].untyped_storage().data_ptr()
+        == sd["v"].untyped_storage().data_ptr()
+    )
     assert _listing(tmp_path) == ["last.sft"]
 
 
@@ -516,7 +527,10 @@ def test_view_before_base_overlap_expand_and_offset_scalars(tmp_path):
     }
     sft, pt = _both(obj, tmp_path)
     assert_same(sft, pt)
-    ptrs = {sft[k].untyped_storage().data_ptr() for k in ("view_first", "base", "overlap_a", "overlap_b", "scalar_view", "reshaped")}
+    ptrs = {
+        sft[k].untyped_storage().data_ptr()
+        for k in ("view_first", "base", "overlap_a", "overlap_b", "scalar_view", "reshaped")
+    }
     assert len(ptrs) == 1
     assert sft["scalar_view"].dim() == 0 and sft["expanded"].stride() == (1, 0)
     sft["base"][7] = -1.0
@@ -622,7 +636,10 @@ def test_unaligned_foreign_entries_are_read_correctly(tmp_path):
     """A foreign file whose entries are not aligned to their dtype (older writers) falls back
     from the zero-copy mmap path to a read; values must be right either way."""
     a, b = torch.tensor([1, 2, 3], dtype=torch.uint8), torch.tensor([1.5, -2.25], dtype=torch.float32)
-    header = {"a": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]}, "b": {"dtype": "F32", "shape": [2], "data_offsets": [3, 11]}}
+    header = {
+        "a": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]},
+        "b": {"dtype": "F32", "shape": [2], "data_offsets": [3, 11]},
+    }
     p = _raw_sft(tmp_path / "u.safetensors", header, a.numpy().tobytes() + b.numpy().tobytes())
     for mm in (True, False):
         out = load_state(p, mmap=mm)
@@ -643,7 +660,11 @@ def test_load_from_checkpoint_follows_lightning_for_hparams_file_and_overrides(t
             self.seen_lr = checkpoint["hyper_parameters"]["lr"]
 
     model = TinyModule(hidden=8)
-    ckpt = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams), "pytorch-lightning_version": "2.6.6"}
+    ckpt = {
+        "state_dict": model.state_dict(),
+        "hyper_parameters": dict(model.hparams),
+        "pytorch-lightning_version": "2.6.6",
+    }
     save_state(ckpt, tmp_path / "m.sft")
     (tmp_path / "h.yaml").write_text("hidden: 8\nlr: 0.5\n")
     loaded = load_from_checkpoint(TinyModule, tmp_path / "m.sft", hparams_file=tmp_path / "h.yaml")

@@ -39,7 +39,14 @@ def assert_same(a, b, path="root"):
         assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride(), path
         assert a.requires_grad == b.requires_grad, path
         if a.numel():
-            assert torch.equal(a.detach().reshape(-1).view(torch.uint8), b.detach().reshape(-1).view(torch.uint8)) if a.is_contiguous() else torch.equal(a.detach().contiguous().reshape(-1).view(torch.uint8), b.detach().contiguous().reshape(-1).view(torch.uint8)), path
+            assert (
+                torch.equal(a.detach().reshape(-1).view(torch.uint8), b.detach().reshape(-1).view(torch.uint8))
+                if a.is_contiguous()
+                else torch.equal(
+                    a.detach().contiguous().reshape(-1).view(torch.uint8),
+                    b.detach().contiguous().reshape(-1).view(torch.uint8),
+                )
+            ), path
     elif isinstance(a, dict):
         assert list(a.keys()) == list(b.keys()), path
         for k in a:
@@ -160,7 +167,11 @@ def test_real_optimizer_and_scheduler_state(tmp_path):
         model(torch.randn(5, 4)).sum().backward()
         opt.step()
         sched.step(1.0)
-    obj = {"state_dict": model.state_dict(), "optimizer_states": [opt.state_dict()], "lr_schedulers": [sched.state_dict()]}
+    obj = {
+        "state_dict": model.state_dict(),
+        "optimizer_states": [opt.state_dict()],
+        "lr_schedulers": [sched.state_dict()],
+    }
     out = roundtrip(obj, tmp_path)
     assert out["optimizer_states"][0]["param_groups"][0]["betas"] == (0.9, 0.95)
     assert out["lr_schedulers"][0]["best"] == sched.state_dict()["best"]  # inf or a float
@@ -169,7 +180,7 @@ def test_real_optimizer_and_scheduler_state(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "bad, where",
+    ("bad", "where"),
     [({"hp": {"fn": lambda x: x}}, "['hp']['fn']"), ({"cls": [int]}, "['cls'][0]"), ({"o": object()}, "['o']"),
      ({"dd": collections.defaultdict(list)}, "['dd']"), ({"sparse": torch.eye(2).to_sparse()}, "['sparse']"),
      ({"enum": [StrEnum.A]}, "['enum'][0]"), ({"np": {"x": 1, "y": IntEnum.B}}, "['np']['y']")],
@@ -233,7 +244,12 @@ def test_plain_safetensors_files_load(tmp_path):
 
 def test_original_utils_export_layout_loads_wrapped(tmp_path):
     # The original utilities' export: one flat tensor dict plus JSON-valued metadata.
-    meta = {"stats": json.dumps({"global_step": 5}), "userdata": json.dumps({"symmap": {"a": 1}}), "name": "x", "step": "5"}
+    meta = {
+        "stats": json.dumps({"global_step": 5}),
+        "userdata": json.dumps({"symmap": {"a": 1}}),
+        "name": "x",
+        "step": "5",
+    }
     save_file({"w": torch.ones(2, 3)}, tmp_path / "fp32.sft", metadata=meta)
     out = load_state(tmp_path / "fp32.sft")
     assert set(out) == {"module", "stats", "userdata", "name", "step"}

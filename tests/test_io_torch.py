@@ -16,7 +16,10 @@ class Custom:  # an arbitrary object: weights_only=True must refuse it
 
 
 def test_lightning_style_hparams_with_paths_load_by_default(tmp_path):
-    ckpt = {"hyper_parameters": {"root": pathlib.Path("/data"), "win": pathlib.PureWindowsPath("C:/x")}, "state_dict": {"w": torch.ones(1)}}
+    ckpt = {
+        "hyper_parameters": {"root": pathlib.Path("/data"), "win": pathlib.PureWindowsPath("C:/x")},
+        "state_dict": {"w": torch.ones(1)},
+    }
     save_state(ckpt, tmp_path / "c.ckpt")
     out = load_state(tmp_path / "c.ckpt")  # weights_only=None -> torch's default, True
     assert out["hyper_parameters"]["root"] == pathlib.Path("/data")

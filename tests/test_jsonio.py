@@ -10,7 +10,10 @@ from lightning_utils.io import json_dumps, json_read, json_write
 def test_truncate_rounds_long_decimals_only(tmp_path):
     json_write({"a": 1.123456789, "b": 1.1234567}, tmp_path / "m.json", truncate=True)
     assert (tmp_path / "m.json").read_text() == '{"a":1.1235,"b":1.1234567}'
-    assert json.loads(json_dumps({"e": 1.23456789e-05, "n": [0.123456789]}, truncate=True)) == {"e": 1.2346e-05, "n": [0.1235]}
+    assert json.loads(json_dumps({"e": 1.23456789e-05, "n": [0.123456789]}, truncate=True)) == {
+        "e": 1.2346e-05,
+        "n": [0.1235],
+    }
 
 
 def test_read_default_and_roundtrip(tmp_path):

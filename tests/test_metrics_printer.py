@@ -13,14 +13,21 @@ import pytest
 from lightning.pytorch import Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from control_scripts.tiny_model import TinyModule, TinyModuleWithVal  # noqa: E402
+from control_scripts.tiny_model import TinyModule, TinyModuleWithVal
 
-from lightning_utils.callbacks.metrics_printer import MetricsPrinter  # noqa: E402
+from lightning_utils.callbacks.metrics_printer import MetricsPrinter
 
 
 def fit(tmp_path, printer, model=None, **kwargs):
-    trainer = Trainer(callbacks=[printer], default_root_dir=tmp_path, enable_progress_bar=False,
-                      enable_model_summary=False, logger=False, enable_checkpointing=False, **kwargs)
+    trainer = Trainer(
+        callbacks=[printer],
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        enable_checkpointing=False,
+        **kwargs,
+    )
     model = model or TinyModule()
     trainer.fit(model)
     trainer.model_losses = model.losses
@@ -40,7 +47,7 @@ def test_file_lines_with_running_mean(tmp_path, capsys):
     assert {"step", "epoch", "loss", "loss_mean", "lr", "step_time"} <= set(rows[0])
     losses = [r["loss"] for r in rows]
     for i, row in enumerate(rows):
-        window = losses[max(0, i - 2): i + 1]
+        window = losses[max(0, i - 2) : i + 1]
         assert row["loss_mean"] == pytest.approx(sum(window) / len(window), rel=1e-4)
     assert all(r["lr"] == 0.1 and r["step_time"] >= 0 for r in rows)
     assert capsys.readouterr().out == ""  # a path and no stdout=True: nothing printed
@@ -66,8 +73,16 @@ def test_gradient_accumulation_one_line_per_optimizer_step(tmp_path):
 
 def test_validation_metrics_appear_after_validation(tmp_path):
     path = tmp_path / "m.jsonl"
-    fit(tmp_path, MetricsPrinter(path=path, mean_keys=["loss"]), model=TinyModuleWithVal(), max_steps=6,
-        val_check_interval=3, check_val_every_n_epoch=None, limit_val_batches=1, num_sanity_val_steps=0)
+    fit(
+        tmp_path,
+        MetricsPrinter(path=path, mean_keys=["loss"]),
+        model=TinyModuleWithVal(),
+        max_steps=6,
+        val_check_interval=3,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+    )
     rows = read(path)
     assert "val_loss" not in rows[1] and "val_loss" in rows[3]
     assert "val_loss_mean" not in rows[3] and "loss_mean" in rows[3]
@@ -84,13 +99,14 @@ def test_arguments_are_checked():
 
 def test_running_mean_sees_unprinted_steps_and_is_exact(tmp_path):
     path = tmp_path / "m.jsonl"
-    trainer = fit(tmp_path, MetricsPrinter(path=path, window=3, every_n_steps=2, digits=None, keys=["loss"]),
-                  max_steps=7)
+    trainer = fit(
+        tmp_path, MetricsPrinter(path=path, window=3, every_n_steps=2, digits=None, keys=["loss"]), max_steps=7
+    )
     losses = trainer.model_losses  # float32 values, exactly representable in the float64 window
     rows = read(path)
     assert [r["step"] for r in rows] == [2, 4, 6]
     for row in rows:
-        window = losses[max(0, row["step"] - 3): row["step"]]
+        window = losses[max(0, row["step"] - 3) : row["step"]]
         assert row["loss"] == pytest.approx(losses[row["step"] - 1], rel=1e-7)
         assert row["loss_mean"] == pytest.approx(sum(window) / len(window), rel=1e-12, abs=0)
 

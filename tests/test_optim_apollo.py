@@ -34,9 +34,7 @@ def _step_delta(opt: torch.optim.Optimizer, p: torch.Tensor, grad: torch.Tensor)
 
 
 def _state_bytes(opt: torch.optim.Optimizer) -> int:
-    return sum(
-        v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v)
-    )
+    return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
 
 
 # --- case 33: rank 0 is AdamW with eps after the sqrt and decoupled weight decay ----------
@@ -67,7 +65,7 @@ def _manual_adamw(p, grads, lr, betas, eps, wd):
     return p
 
 
-@pytest.mark.parametrize("shape,options", [((6, 5), {"rank": 0}), ((7,), {"rank": 4}), ((), {"rank": 4})])
+@pytest.mark.parametrize(("shape", "options"), [((6, 5), {"rank": 0}), ((7,), {"rank": 4}), ((), {"rank": 4})])
 def test_adamw_path_matches_formula_over_steps(shape, options):
     p = _param(*shape)
     start = p.detach().clone()
@@ -106,7 +104,7 @@ def test_tensor_scaling_is_one_scalar_times_the_gradient():
     assert (ratio.std() / ratio.abs().mean()).item() < 1e-5
 
 
-@pytest.mark.parametrize("shape,constant_dim", [((512, 64), 1), ((64, 512), 0)])
+@pytest.mark.parametrize(("shape", "constant_dim"), [((512, 64), 1), ((64, 512), 0)])
 def test_channel_scaling_is_constant_per_row_or_column(shape, constant_dim):
     p = _zeros(*shape)
     g = _grad_like(p, 1)
@@ -236,21 +234,21 @@ def test_projection_is_identical_on_cpu_and_cuda():
 
 # --- case 38: presets and group keys ------------------------------------------------------------
 
-_APOLLO_DEFAULTS = dict(
-    lr=1e-3,
-    betas=(0.9, 0.999),
-    eps=1e-6,
-    weight_decay=0.0,
-    correct_bias=True,
-    rank=256,
-    proj="random",
-    scale_type="channel",
-    scale=1.0,
-    update_proj_gap=200,  # the paper's value; the original utils defaulted to 1 (quirk 17)
-    proj_type="std",
-    min_numel=0,
-    exclude_dims=(),
-)
+_APOLLO_DEFAULTS = {
+    "lr": 1e-3,
+    "betas": (0.9, 0.999),
+    "eps": 1e-6,
+    "weight_decay": 0.0,
+    "correct_bias": True,
+    "rank": 256,
+    "proj": "random",
+    "scale_type": "channel",
+    "scale": 1.0,
+    "update_proj_gap": 200,  # the paper's value; the original utils defaulted to 1 (quirk 17)
+    "proj_type": "std",
+    "min_numel": 0,
+    "exclude_dims": (),
+}
 
 
 def test_presets_and_defaults():
@@ -463,7 +461,7 @@ def test_changing_rank_after_state_exists_is_a_clear_error():
 
 
 @pytest.mark.parametrize(
-    "option,value",
+    ("option", "value"),
     [
         ("lr", -1.0),
         ("lr", "fast"),

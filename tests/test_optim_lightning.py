@@ -13,23 +13,23 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "optim_scripts"))
-from optim_lm import VOCAB, TinyLM, TinyLMBase, TokenData  # noqa: E402
+from optim_lm import VOCAB, TinyLM, TinyLMBase, TokenData
 
-from lightning_utils.optim import Apollo, ApolloMini, WarmupLR  # noqa: E402
+from lightning_utils.optim import Apollo, ApolloMini, WarmupLR
 
 SCRIPTS = Path(__file__).resolve().parent / "optim_scripts"
 
 
 def _trainer(tmp_path: Path, **kwargs) -> L.Trainer:
-    options = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    options = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": tmp_path,
+    }
     options.update(kwargs)
     return L.Trainer(**options)
 
@@ -92,9 +92,7 @@ def test_bf16_mixed_precision_on_cpu(tmp_path):
     assert all(torch.isfinite(torch.tensor(model.losses)))
     assert model.block[0].weight.dtype == torch.float32
     assert not torch.equal(before, model.block[0].weight.detach())
-    assert all(
-        v.dtype == torch.float32 for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)
-    )
+    assert all(v.dtype == torch.float32 for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
 
 
 # --- LightningCLI by class path ------------------------------------------------------------------
@@ -241,9 +239,7 @@ def test_resume_in_fresh_process_is_bit_identical(tmp_path):
         if suffix == ".ckpt":
             checkpoint = torch.load(ckpt, weights_only=True)  # no pickled projector objects
             state = checkpoint["optimizer_states"][0]["state"]
-            assert all(
-                torch.is_tensor(v) or isinstance(v, (int, float)) for s in state.values() for v in s.values()
-            )
+            assert all(torch.is_tensor(v) or isinstance(v, (int, float)) for s in state.values() for v in s.values())
             assert checkpoint["global_step"] == 5
         else:
             from lightning_utils.io import load_state

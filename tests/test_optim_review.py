@@ -29,9 +29,9 @@ def _trained(params, **options):
 
 
 def _snapshot(opt):
-    return {
-        id(p): {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()} for p, s in opt.state.items()
-    }, [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    return {id(p): {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()} for p, s in opt.state.items()}, [
+        {k: v for k, v in g.items() if k != "params"} for g in opt.param_groups
+    ]
 
 
 def _same(a, b):
@@ -216,7 +216,7 @@ def test_bias_correction_and_limiter_match_a_direct_formula_over_steps():
 # torch.save would write all of it; LAPACK's output layout decides, so the basis is copied.
 
 
-@pytest.mark.parametrize("shape,basis_shape", [((64, 32), (4, 32)), ((32, 64), (32, 4))])
+@pytest.mark.parametrize(("shape", "basis_shape"), [((64, 32), (4, 32)), ((32, 64), (32, 4))])
 def test_svd_basis_in_state_owns_only_its_own_storage(shape, basis_shape):
     p = _param(*shape)
     opt = Apollo([p], lr=1e-3, rank=4, proj="svd")
@@ -231,8 +231,15 @@ def test_svd_basis_in_state_owns_only_its_own_storage(shape, basis_shape):
 
 
 def test_each_group_follows_its_own_options_bit_for_bit():
-    options_a = dict(rank=3, scale_type="channel", proj_type="reverse_std", betas=(0.8, 0.9), eps=1e-5)
-    options_b = dict(rank=2, scale_type="tensor", scale=16.0, update_proj_gap=2, weight_decay=0.1, lr=3e-2)
+    options_a = {"rank": 3, "scale_type": "channel", "proj_type": "reverse_std", "betas": (0.8, 0.9), "eps": 1e-5}
+    options_b = {
+        "rank": 2,
+        "scale_type": "tensor",
+        "scale": 16.0,
+        "update_proj_gap": 2,
+        "weight_decay": 0.1,
+        "lr": 3e-2,
+    }
     a, b, c = _param(12, 8, seed=1), _param(8, 12, seed=2), _param(5, seed=3)
     together = Apollo([{"params": [a], **options_a}, {"params": [b, c], **options_b}], lr=1e-2)
     a2, b2, c2 = (torch.nn.Parameter(x.detach().clone()) for x in (a, b, c))
@@ -274,7 +281,7 @@ def test_a_step_without_gradient_leaves_parameter_and_state_alone():
 def test_cuda_steps_match_cpu_steps(scale_type):
     cpu = [_param(64, 32, seed=1), _param(32, 64, seed=2), _param(32, seed=3)]
     cuda = [torch.nn.Parameter(p.detach().cuda()) for p in cpu]
-    options = dict(lr=1e-2, rank=8, scale_type=scale_type, update_proj_gap=2, weight_decay=0.01)
+    options = {"lr": 1e-2, "rank": 8, "scale_type": scale_type, "update_proj_gap": 2, "weight_decay": 0.01}
     o_cpu, o_cuda = Apollo(cpu, **options), Apollo(cuda, **options)
     for seed in range(4):
         _grads(cpu, seed)

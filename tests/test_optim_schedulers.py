@@ -42,7 +42,7 @@ def test_noam_values():
 
 
 @pytest.mark.parametrize(
-    "scheduler_cls,kwargs",
+    ("scheduler_cls", "kwargs"),
     [(WarmupLR, {"warmup_steps": 3, "decay_factor": 0.2}), (NoamLR, {"warmup_steps": 3, "d_model": 64})],
 )
 def test_state_dict_resume_continues_the_schedule(scheduler_cls, kwargs):
@@ -85,7 +85,7 @@ def test_closed_form_step_with_epoch():
 
 
 @pytest.mark.parametrize(
-    "scheduler_cls,kwargs,option",
+    ("scheduler_cls", "kwargs", "option"),
     [
         (WarmupLR, {"warmup_steps": -1}, "warmup_steps"),
         (WarmupLR, {"warmup_steps": 2.5}, "warmup_steps"),

@@ -396,7 +396,9 @@ def test_special_token_is_never_truncated():
     assert math.isnan(out[0, 0, 0, 2].item())
 
 
-@pytest.mark.parametrize("dtype, token", [(torch.uint8, 256), (torch.uint8, -1), (torch.int16, 2**15), (torch.int32, 2**31)])
+@pytest.mark.parametrize(
+    ("dtype", "token"), [(torch.uint8, 256), (torch.uint8, -1), (torch.int16, 2**15), (torch.int32, 2**31)]
+)
 def test_special_token_that_does_not_fit_integer_codes_is_refused(dtype, token):
     """uint8 codes with special_token=-1 would silently become 255, a real code; say so instead."""
     pattern = DelayedPatternProvider(2).get_pattern(3)
@@ -482,7 +484,7 @@ def test_uncached_provider_and_custom_subclass():
 
 
 @pytest.mark.parametrize(
-    "make, name",
+    ("make", "name"),
     [
         (lambda: DelayedPatternProvider(3, delays=[0, 2, 1]), "delays"),
         (lambda: DelayedPatternProvider(3, delays=[0, 1]), "delays"),
@@ -516,7 +518,7 @@ def test_invalid_arguments_raise_value_error_naming_them(make, name):
 
 
 @pytest.mark.parametrize(
-    "call, name",
+    ("call", "name"),
     [
         (lambda p: p.build_pattern_sequence(torch.zeros(3, 4, dtype=torch.long), 0), "z"),
         (lambda p: p.build_pattern_sequence(torch.zeros(1, 2, 4, dtype=torch.long), 0), "z"),

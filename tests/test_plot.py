@@ -23,7 +23,9 @@ def parse(argv):
 @pytest.fixture
 def metrics_file(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    lines = [json.dumps({"step": s, "epoch": 0, "loss": 3.0 / s, "loss_mean": 3.5 / s, "lr": 0.1}) for s in range(1, 21)]
+    lines = [
+        json.dumps({"step": s, "epoch": 0, "loss": 3.0 / s, "loss_mean": 3.5 / s, "lr": 0.1}) for s in range(1, 21)
+    ]
     lines.insert(3, "[training control] saved checkpoint x.ckpt")  # interleaved log output
     lines.insert(5, 'Training Metrics: {"step": 99, "loss": 0.01}')  # the original's prefix
     path.write_text("\n".join(lines) + "\n")
@@ -91,8 +93,12 @@ def test_module_does_not_import_matplotlib():
 def test_python_dash_m_entry_point(metrics_file, tmp_path):
     pytest.importorskip("matplotlib", reason="matplotlib is the optional 'plot' extra")
     out = tmp_path / "cli.png"
-    proc = subprocess.run([sys.executable, "-m", "lightning_utils.cli.plot", str(metrics_file), "-o", str(out)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_utils.cli.plot", str(metrics_file), "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert out.is_file()
 
@@ -106,8 +112,15 @@ def test_reads_what_metrics_printer_writes(tmp_path):
     from lightning_utils.callbacks.metrics_printer import MetricsPrinter
 
     path = tmp_path / "metrics.jsonl"
-    Trainer(callbacks=[MetricsPrinter(path=path, window=4)], default_root_dir=tmp_path, max_steps=6, logger=False,
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False).fit(TinyModule())
+    Trainer(
+        callbacks=[MetricsPrinter(path=path, window=4)],
+        default_root_dir=tmp_path,
+        max_steps=6,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    ).fit(TinyModule())
     records, skipped = plot.read_metrics(path)
     series = plot.select_series(records)
     assert skipped == 0 and {"loss", "loss_mean"} <= set(series)

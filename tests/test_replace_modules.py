@@ -7,15 +7,11 @@ import sys
 import lightning.pytorch as pl
 import pytest
 import torch
+from cpu_trainer import OptimizerHoldsModelParameters, cpu_trainer
 from torch import nn
 
-from cpu_trainer import OptimizerHoldsModelParameters, cpu_trainer
-from lightning_utils.io import load_state
-from lightning_utils.plugins import SafetensorsCheckpointIO
-
 from lightning_utils.callbacks.replace_modules import ReplaceModules
-from lightning_utils.modules.swap import build_like, replace_modules
-from lightning_utils.modules.targets import find_targets, passes_policy
+from lightning_utils.io import load_state
 from lightning_utils.modules.presets import (
     SDPAMultiheadAttention,
     bnb_linear_8bit,
@@ -24,6 +20,8 @@ from lightning_utils.modules.presets import (
     sdpa_attention,
     torchao_linear,
 )
+from lightning_utils.modules.swap import build_like, replace_modules
+from lightning_utils.modules.targets import find_targets, passes_policy
 
 
 class MyLinear(nn.Linear):
@@ -67,7 +65,7 @@ def test_exact_replacement_identical_outputs_keys_and_policy():
     x = torch.randn(3, 8)
     before = net.head(net.model(x))
     keys = list(net.state_dict())
-    params = {n: p for n, p in net.named_parameters()}
+    params = dict(net.named_parameters())
     cb = ReplaceModules(nn.Linear, MyLinear, include=["model"])
     assert cb.apply(net) is net
     assert cb.replaced == ["model.0", "model.2"]
@@ -285,7 +283,9 @@ class LM(pl.LightningModule):
 
     def train_dataloader(self):
         g = torch.Generator().manual_seed(0)
-        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 8, generator=g)), batch_size=4)
+        return torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(torch.randn(16, 8, generator=g)), batch_size=4
+        )
 
 
 class _CheckOptimizer(OptimizerHoldsModelParameters):
@@ -458,7 +458,9 @@ class _StackLM(pl.LightningModule):
 
     def train_dataloader(self):
         g = torch.Generator().manual_seed(0)
-        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 8, generator=g)), batch_size=4)
+        return torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(torch.randn(16, 8, generator=g)), batch_size=4
+        )
 
     val_dataloader = train_dataloader
 

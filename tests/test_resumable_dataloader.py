@@ -15,14 +15,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import BatchSampler, IterableDataset, RandomSampler as TorchRandomSampler
+from torch.utils.data import BatchSampler, IterableDataset
+from torch.utils.data import RandomSampler as TorchRandomSampler
 
 sys.path.insert(0, str(Path(__file__).parent / "samplers_scripts"))
 
-import samplers_harness as H  # noqa: E402
+import samplers_harness as H
 
-from lightning_utils.data.loader import ResumableDataLoader  # noqa: E402
-from lightning_utils.data.samplers import BatchedOrderedSampler, OrderedSampler, PoolSampler, RandomSampler  # noqa: E402
+from lightning_utils.data.loader import ResumableDataLoader
+from lightning_utils.data.samplers import BatchedOrderedSampler, OrderedSampler, PoolSampler, RandomSampler
 
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -43,7 +44,9 @@ def batches(it, k=None):
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_in_a_plain_loop_counts_consumed_batches_not_prefetched(num_workers):
     def make():
-        return ResumableDataLoader(H.IndexDataset(), batch_size=4, sampler=RandomSampler(22, seed=3), num_workers=num_workers)
+        return ResumableDataLoader(
+            H.IndexDataset(), batch_size=4, sampler=RandomSampler(22, seed=3), num_workers=num_workers
+        )
 
     reference = make()
     full = batches(reference) + batches(reference)
@@ -60,7 +63,7 @@ def test_resume_in_a_plain_loop_counts_consumed_batches_not_prefetched(num_worke
     assert head + batches(resumed) + batches(resumed) == full
 
 
-@pytest.mark.parametrize("num_workers,persistent", [(0, False), (2, True)])
+@pytest.mark.parametrize(("num_workers", "persistent"), [(0, False), (2, True)])
 def test_new_pass_continues_after_an_abandoned_one(num_workers, persistent):
     def make():
         return ResumableDataLoader(
@@ -104,10 +107,14 @@ def test_batch_sampler_forms_and_loader_drop_last():
 
 
 def test_default_samplers_and_batch_size_change():
-    loader = ResumableDataLoader(H.IndexDataset(), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(5))
+    loader = ResumableDataLoader(
+        H.IndexDataset(), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(5)
+    )
     assert isinstance(loader.sampler, RandomSampler) and loader.sampler.seed == 5
     head = batches(loader, 2)
-    bigger = ResumableDataLoader(H.IndexDataset(), batch_size=7, shuffle=True, generator=torch.Generator().manual_seed(5))
+    bigger = ResumableDataLoader(
+        H.IndexDataset(), batch_size=7, shuffle=True, generator=torch.Generator().manual_seed(5)
+    )
     bigger.load_state_dict(loader.state_dict())  # positions count samples: another batch size continues
     rest = [i for b in batches(bigger) for i in b]
     assert sorted([i for b in head for i in b] + rest) == list(range(22))
@@ -190,12 +197,12 @@ def uninterrupted(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("kind,num_workers,fmt", CASES, ids=[f"{k}-w{w}-{f}" for k, w, f in CASES])
+@pytest.mark.parametrize(("kind", "num_workers", "fmt"), CASES, ids=[f"{k}-w{w}-{f}" for k, w, f in CASES])
 def test_lightning_resume_matches_uninterrupted(uninterrupted, kind, num_workers, fmt):
     root, ckpt_dir, full = uninterrupted(kind, num_workers, fmt)
     steps_per_epoch = len(full) // 2
     resume_steps = [3, steps_per_epoch] if num_workers else [3, steps_per_epoch, steps_per_epoch + 2]
-    assert steps_per_epoch in resume_steps and 3 < steps_per_epoch  # a mid-epoch and the boundary
+    assert steps_per_epoch in resume_steps and steps_per_epoch > 3  # a mid-epoch and the boundary
     for step in resume_steps:
         path = H.ckpt_for_step(ckpt_dir, step, fmt)
         saved = H.load_checkpoint_file(path)["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
@@ -207,7 +214,7 @@ def test_lightning_resume_matches_uninterrupted(uninterrupted, kind, num_workers
         assert rest == full[step:], f"resume from step {step}"
 
 
-@pytest.mark.parametrize("kind,fmt", [("random", "ckpt"), ("batched", "ckpt"), ("random", "sft")])
+@pytest.mark.parametrize(("kind", "fmt"), [("random", "ckpt"), ("batched", "ckpt"), ("random", "sft")])
 def test_lightning_resume_twice_in_one_epoch(uninterrupted, tmp_path, kind, fmt):
     root, ckpt_dir, full = uninterrupted(kind, 0, fmt)
     second_dir = str(tmp_path / "second")
@@ -222,7 +229,11 @@ def test_lightning_resume_twice_in_one_epoch(uninterrupted, tmp_path, kind, fmt)
     )
     assert part == full[3:5]
     _, rest = H.fit(
-        lambda: H.make_loader(kind), root, ckpt_path=H.ckpt_for_step(second_dir, 4, fmt), max_epochs=2, plugins=H.plugins_for(fmt)
+        lambda: H.make_loader(kind),
+        root,
+        ckpt_path=H.ckpt_for_step(second_dir, 4, fmt),
+        max_epochs=2,
+        plugins=H.plugins_for(fmt),
     )
     assert full[3:4] + rest == full[3:]
 
@@ -249,8 +260,10 @@ def test_lightning_resume_with_limit_train_batches(tmp_path, kind):
     """Truncated epochs: RandomSampler starts each Lightning epoch afresh (set_epoch), the endless
     PoolSampler continues its bag; either way a resume matches the uninterrupted run."""
     ckpt_dir = str(tmp_path / "ckpt")
-    kw = dict(max_epochs=3, limit_train_batches=3)
-    _, full = H.fit(lambda: H.make_loader(kind), str(tmp_path), callbacks=[H.every_n_steps_checkpoint(ckpt_dir, 1)], **kw)
+    kw = {"max_epochs": 3, "limit_train_batches": 3}
+    _, full = H.fit(
+        lambda: H.make_loader(kind), str(tmp_path), callbacks=[H.every_n_steps_checkpoint(ckpt_dir, 1)], **kw
+    )
     for step in (2, 3, 4):
         _, rest = H.fit(lambda: H.make_loader(kind), str(tmp_path), ckpt_path=H.ckpt_for_step(ckpt_dir, step), **kw)
         assert rest == full[step:], f"resume from step {step}"
@@ -294,4 +307,6 @@ def test_estimated_stepping_batches_with_a_lengthless_loader_fails_loudly(uninte
     _, ckpt_dir, _ = uninterrupted("random_nolen", 0)
     trainer = H.make_trainer(str(tmp_path), max_epochs=2)
     with pytest.raises(RuntimeError, match="20550"):
-        trainer.fit(_EstimatingModel(), train_dataloaders=H.make_loader("random_nolen"), ckpt_path=H.ckpt_for_step(ckpt_dir, 3))
+        trainer.fit(
+            _EstimatingModel(), train_dataloaders=H.make_loader("random_nolen"), ckpt_path=H.ckpt_for_step(ckpt_dir, 3)
+        )

@@ -9,8 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from free_port import free_port
 import pytest
+from free_port import free_port
 
 SCRIPT = Path(__file__).parent / "samplers_scripts" / "ddp_resume.py"
 RESUME_STEPS = {"random": [2, 4], "batched": [3]}
@@ -59,7 +59,7 @@ def _read(out: Path, kind: str, phase: str, rank: int) -> dict:
 
 @pytest.mark.ddp
 @pytest.mark.parametrize(
-    "use_distributed_sampler,specs",
+    ("use_distributed_sampler", "specs"),
     [(True, ["random:ckpt", "batched:ckpt"]), (False, ["random:sft"])],
     ids=["uds-true-ckpt", "uds-false-sft"],
 )
@@ -102,10 +102,12 @@ def _check_world_size_change(tmp_path: Path, kind: str, seen: list, steps_per_ep
 
     step = 2
     path = H.ckpt_for_step(str(tmp_path / f"ckpt-{kind}"), step, fmt)
-    _, rest = H.fit(lambda: H.make_loader(kind), str(tmp_path / "single"), ckpt_path=path, max_epochs=2, plugins=H.plugins_for(fmt))
+    _, rest = H.fit(
+        lambda: H.make_loader(kind), str(tmp_path / "single"), ckpt_path=path, max_epochs=2, plugins=H.plugins_for(fmt)
+    )
     done = {i for r in range(2) for batch in seen[r][:step] for i in batch}
     epoch0 = [i for batch in rest[: len(rest) - 6] for i in batch]
     assert sorted(epoch0) == sorted(set(range(22)) - done)  # the epoch goes on, one rank now
-    single_epoch1 = [batch for batch in rest[len(rest) - 6 :]]
+    single_epoch1 = list(rest[len(rest) - 6 :])
     two_rank_epoch1 = {i for r in range(2) for batch in seen[r][steps_per_epoch:] for i in batch}
     assert sorted(i for b in single_epoch1 for i in b) == sorted(two_rank_epoch1) == list(range(22))

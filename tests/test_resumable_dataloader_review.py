@@ -16,10 +16,10 @@ from lightning.pytorch.utilities import CombinedLoader
 
 sys.path.insert(0, str(Path(__file__).parent / "samplers_scripts"))
 
-import samplers_harness as H  # noqa: E402
+import samplers_harness as H
 
-from lightning_utils.data.loader import ResumableDataLoader  # noqa: E402
-from lightning_utils.data.samplers import OrderedSampler, RandomSampler  # noqa: E402
+from lightning_utils.data.loader import ResumableDataLoader
+from lightning_utils.data.samplers import OrderedSampler, RandomSampler
 
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -55,7 +55,9 @@ def test_every_validation_run_sees_the_whole_epoch_from_its_start(tmp_path, kind
 
     model = _ValRecordingModel()
     val = ResumableDataLoader(H.IndexDataset(10), batch_size=2, sampler=sampler())
-    trainer = _trainer(tmp_path, enable_checkpointing=False, num_sanity_val_steps=2, val_check_interval=0.5, limit_val_batches=3)
+    trainer = _trainer(
+        tmp_path, enable_checkpointing=False, num_sanity_val_steps=2, val_check_interval=0.5, limit_val_batches=3
+    )
     trainer.fit(model, train_dataloaders=H.make_loader("ordered"), val_dataloaders=val)
     assert len(model.val_runs) == 5  # the sanity check, then two per epoch
     for run, epoch in zip(model.val_runs, [0, 0, 0, 1, 1]):
@@ -106,13 +108,20 @@ def test_save_checkpoint_after_fit_without_a_length_counts_the_prefetched_batch_
     assert saved["sampler"]["position"] == 16 and saved["batches_consumed_in_pass"] == 4
 
 
-@pytest.mark.parametrize("kind,num_workers", [("random", 0), ("random_nolen", 2)])
+@pytest.mark.parametrize(("kind", "num_workers"), [("random", 0), ("random_nolen", 2)])
 def test_gradient_accumulation_resume_matches_uninterrupted(tmp_path, kind, num_workers):
     ckpt_dir = str(tmp_path / "ckpt")
-    kw = dict(max_epochs=2, accumulate_grad_batches=2)
-    _, full = H.fit(lambda: H.make_loader(kind, num_workers), str(tmp_path), callbacks=[H.every_n_steps_checkpoint(ckpt_dir, 1)], **kw)
+    kw = {"max_epochs": 2, "accumulate_grad_batches": 2}
+    _, full = H.fit(
+        lambda: H.make_loader(kind, num_workers),
+        str(tmp_path),
+        callbacks=[H.every_n_steps_checkpoint(ckpt_dir, 1)],
+        **kw,
+    )
     for step in (1, 3):  # optimizer steps: 2 and 6 micro-batches in, mid-epoch and in epoch 1
-        _, rest = H.fit(lambda: H.make_loader(kind, num_workers), str(tmp_path), ckpt_path=H.ckpt_for_step(ckpt_dir, step), **kw)
+        _, rest = H.fit(
+            lambda: H.make_loader(kind, num_workers), str(tmp_path), ckpt_path=H.ckpt_for_step(ckpt_dir, step), **kw
+        )
         assert rest == full[2 * step :], f"resume from optimizer step {step}"
 
 
@@ -124,7 +133,14 @@ def test_one_loader_for_training_and_validation_keeps_the_training_position(tmp_
     def run(ckpt_path=None, callbacks=None):
         model = _ValRecordingModel()
         loader = H.make_loader("random")
-        trainer = _trainer(tmp_path, callbacks=callbacks or [], enable_checkpointing=bool(callbacks), num_sanity_val_steps=2, val_check_interval=3, limit_val_batches=2)
+        trainer = _trainer(
+            tmp_path,
+            callbacks=callbacks or [],
+            enable_checkpointing=bool(callbacks),
+            num_sanity_val_steps=2,
+            val_check_interval=3,
+            limit_val_batches=2,
+        )
         trainer.fit(model, train_dataloaders=loader, val_dataloaders=loader, ckpt_path=ckpt_path)
         return model
 
@@ -232,13 +248,33 @@ def test_resume_mid_epoch_on_more_ranks_fails_loudly_instead_of_skipping(tmp_pat
     ends the epoch at the new length (3 per rank), which would skip samples. A single process
     with an explicit rank 0 of 2 shows what each DDP rank would do."""
     ckpt_dir = str(tmp_path / "ckpt")
-    _, full = H.fit(lambda: H.make_loader("random"), str(tmp_path), callbacks=[H.every_n_steps_checkpoint(ckpt_dir, 1)], max_epochs=2)
+    _, full = H.fit(
+        lambda: H.make_loader("random"),
+        str(tmp_path),
+        callbacks=[H.every_n_steps_checkpoint(ckpt_dir, 1)],
+        max_epochs=2,
+    )
     with pytest.raises(RuntimeError, match="written mid-epoch with 1 rank"):
-        H.fit(lambda: H.make_loader("random", num_replicas=2, rank=0), str(tmp_path), ckpt_path=H.ckpt_for_step(ckpt_dir, 2), max_epochs=2)
+        H.fit(
+            lambda: H.make_loader("random", num_replicas=2, rank=0),
+            str(tmp_path),
+            ckpt_path=H.ckpt_for_step(ckpt_dir, 2),
+            max_epochs=2,
+        )
     with pytest.raises(RuntimeError, match="moved on to epoch 1|would end the epoch"):
-        H.fit(lambda: H.make_loader("random", num_replicas=2, rank=0), str(tmp_path), ckpt_path=H.ckpt_for_step(ckpt_dir, 4), max_epochs=2)
+        H.fit(
+            lambda: H.make_loader("random", num_replicas=2, rank=0),
+            str(tmp_path),
+            ckpt_path=H.ckpt_for_step(ckpt_dir, 4),
+            max_epochs=2,
+        )
     # at the epoch boundary another world size is fine: epoch 1 starts in full on the 2 ranks
-    _, rest = H.fit(lambda: H.make_loader("random", num_replicas=2, rank=0), str(tmp_path), ckpt_path=H.ckpt_for_step(ckpt_dir, 6), max_epochs=2)
+    _, rest = H.fit(
+        lambda: H.make_loader("random", num_replicas=2, rank=0),
+        str(tmp_path),
+        ckpt_path=H.ckpt_for_step(ckpt_dir, 6),
+        max_epochs=2,
+    )
     reference = H.make_loader("random", num_replicas=2, rank=0)
     reference.sampler.set_epoch(1)
     assert rest == [b.tolist() for b in reference]

@@ -8,10 +8,10 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from free_port import free_port
 from io_fixtures import trainer
 from lightning.pytorch.callbacks import Callback
 
-from free_port import free_port
 from lightning_utils.callbacks import RNGStateCheckpoint, SafetensorsModelCheckpoint
 from lightning_utils.callbacks.rng_state_checkpoint import _apply, _collect
 from lightning_utils.io import load_state
@@ -115,7 +115,11 @@ def test_resume_with_random_batches_drawn_in_the_main_process(tmp_path, module):
     ckpt = SafetensorsModelCheckpoint(dirpath=tmp_path / "part", every_n_train_steps=5)
     _run(tmp_path / "part", 5, [ckpt, RNGStateCheckpoint()], module=module)
     resumed = _run(
-        tmp_path / "resumed", 10, [RNGStateCheckpoint()], ckpt_path=tmp_path / "part" / "epoch=0-step=5.sft", module=module
+        tmp_path / "resumed",
+        10,
+        [RNGStateCheckpoint()],
+        ckpt_path=tmp_path / "part" / "epoch=0-step=5.sft",
+        module=module,
     )
     if module is NoisyDataModule:
         assert resumed == full[5:]
@@ -159,7 +163,7 @@ class ValidatedModule(NoisyModule):
 def test_resume_when_validation_runs_at_the_saved_step(tmp_path, save):
     """A step-5 save lands before step 5's validation, which the resumed run does not redo; a
     monitored save lands after it. Either way the resumed run must match the uninterrupted one."""
-    kw = dict(val_check_interval=5, num_sanity_val_steps=1, module=ValidatedModule)
+    kw = {"val_check_interval": 5, "num_sanity_val_steps": 1, "module": ValidatedModule}
     full = _run(tmp_path / "full", 8, [RNGStateCheckpoint()], **kw)
     if save == "monitor":
         ckpt = SafetensorsModelCheckpoint(dirpath=tmp_path / "part", monitor="val_noise", filename="saved")
@@ -224,12 +228,14 @@ def test_cuda_states_fit_the_visible_devices(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": calls.append((int(s[0]), device)))
-    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: calls.extend((int(s[0]), i) for i, s in enumerate(states)))
+    monkeypatch.setattr(
+        torch.cuda, "set_rng_state_all", lambda states: calls.extend((int(s[0]), i) for i, s in enumerate(states))
+    )
     _apply(state)
     assert calls == [(0, 0), (1, 1)]
 
 
-@pytest.mark.parametrize("saved_ranks, world_size, rank", [(1, 2, 1), (2, 1, 0)])
+@pytest.mark.parametrize(("saved_ranks", "world_size", "rank"), [(1, 2, 1), (2, 1, 0)])
 def test_other_world_size_warns_instead_of_guessing(saved_ranks, world_size, rank):
     """More ranks than saved: the extra ones keep their seed; fewer: a warning too (the data split changed)."""
     torch.manual_seed(0)

@@ -214,15 +214,24 @@ def test_batched_duration_cap_is_enforced():  # case 20, intended behaviour
     s = BatchedOrderedSampler(BUCKETS, max_duration=3, max_batch_size=10)
     assert s.batches == [[0, 1, 2], [3], [4]]
     assert BatchedOrderedSampler(BUCKETS, max_duration=3, max_batch_size=10, drop_last=False).batches == [
-        [0, 1, 2], [3], [4], [5]
+        [0, 1, 2],
+        [3],
+        [4],
+        [5],
     ]
     # cost="sum" (packed batches) caps the total duration: the reference's batch layout
     assert BatchedOrderedSampler(BUCKETS, max_duration=3, max_batch_size=10, cost="sum").batches == [[0, 1, 2], [3, 4]]
     assert BatchedOrderedSampler(BUCKETS, max_duration=3, max_batch_size=10, cost="sum", drop_last=False).batches == [
-        [0, 1, 2], [3, 4], [5]
+        [0, 1, 2],
+        [3, 4],
+        [5],
     ]
     buckets2 = {1: [("p", 1.0), ("p", 1.5)], 2: [("p", 2.0)], 3: [("p", 3.0)]}
-    assert BatchedOrderedSampler(buckets2, max_duration=4, max_batch_size=10, drop_last=False).batches == [[0, 1], [2], [3]]
+    assert BatchedOrderedSampler(buckets2, max_duration=4, max_batch_size=10, drop_last=False).batches == [
+        [0, 1],
+        [2],
+        [3],
+    ]
 
 
 def test_batched_cost_never_exceeds_cap_unless_single_item():
@@ -432,7 +441,12 @@ def test_seed_mismatch_is_refused():
 
 
 def test_samplers_are_distributed_samplers_for_lightning():
-    for s in (OrderedSampler(3), RandomSampler(3), PoolSampler(range(3)), BatchedOrderedSampler(BUCKETS, max_batch_size=2)):
+    for s in (
+        OrderedSampler(3),
+        RandomSampler(3),
+        PoolSampler(range(3)),
+        BatchedOrderedSampler(BUCKETS, max_batch_size=2),
+    ):
         assert isinstance(s, DistributedSampler) and isinstance(s, ResumableSampler)
         assert s.num_replicas == 1 and s.rank == 0
         repr(s)

@@ -15,10 +15,10 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
-from control_scripts.fakes import FakeTrainer, RecordingExporter, StepScript, drive  # noqa: E402
-from control_scripts.tiny_model import TinyModule, TinyModuleWithVal  # noqa: E402
+from control_scripts.fakes import FakeTrainer, RecordingExporter, StepScript, drive
+from control_scripts.tiny_model import TinyModule, TinyModuleWithVal
 
-from lightning_utils.callbacks.training_control import TrainingControl  # noqa: E402
+from lightning_utils.callbacks.training_control import TrainingControl
 
 LOGGER = "lightning_utils.callbacks.training_control"
 
@@ -64,7 +64,9 @@ def test_case27_quit_without_save_still_exports(tmp_path):
 
 def test_case28_events(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger=LOGGER)
-    control, trainer = make(tmp_path, {1: ["export@3"], 3: ["save@2", "save"]}, save_every_n_steps=5, eval_every_n_steps=4)
+    control, trainer = make(
+        tmp_path, {1: ["export@3"], 3: ["save@2", "save"]}, save_every_n_steps=5, eval_every_n_steps=4
+    )
     trace = drive(control, trainer, 6)
     # export@3 -> one checkpoint and one export at step 3 (the typed 'save' adds no second save);
     # save@2 typed at step 3 is in the past: reported and never fires.
@@ -75,7 +77,9 @@ def test_case28_events(tmp_path, caplog):
 
 def test_case28_event_show_and_clear(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger=LOGGER)
-    control, trainer = make(tmp_path, {1: ["save@9", "eval @ 7", "lr 0.01@8", "event show"], 2: ["event clear", "event"]})
+    control, trainer = make(
+        tmp_path, {1: ["save@9", "eval @ 7", "lr 0.01@8", "event show"], 2: ["event clear", "event"]}
+    )
     drive(control, trainer, 12)
     assert "eval@7\n  lr 0.01@8\n  save@9" in caplog.text
     assert "cleared 3 scheduled command(s)" in caplog.text
@@ -107,7 +111,9 @@ def test_case29_lr_on_every_group_of_every_optimizer_and_bad_values(tmp_path, ca
     ]
     trainer = FakeTrainer(tmp_path, optimizers=opts)
     control = TrainingControl(
-        source=StepScript(lambda: trainer.global_step, {2: ["lr 1e-3"], 3: ["lr abc", "lr", "lr -1", "lr nan", "save@4_", "a@b@c"]}),
+        source=StepScript(
+            lambda: trainer.global_step, {2: ["lr 1e-3"], 3: ["lr abc", "lr", "lr -1", "lr nan", "save@4_", "a@b@c"]}
+        ),
         signal=None,
     )
     trace = drive(control, trainer, 5)
@@ -251,8 +257,12 @@ def test_state_dict_round_trip_restores_events(tmp_path):
     trainer.global_step = 1
     control.on_train_batch_end(trainer, None, None, None, 0)
     state = control.state_dict()
-    assert state == {"events": [["export", 7], ["lr 0.5", 9]], "last_save_step": 0, "last_eval_step": 0,
-                     "last_export_step": 0}
+    assert state == {
+        "events": [["export", 7], ["lr 0.5", 9]],
+        "last_save_step": 0,
+        "last_eval_step": 0,
+        "last_export_step": 0,
+    }
     fresh, trainer2 = make(tmp_path)
     fresh.load_state_dict(state)
     trainer2.global_step = 5  # resumed at step 5
@@ -287,8 +297,15 @@ def test_fit_commands_save_and_quit_with_real_trainer(tmp_path):
         signal=None,
     )
     model = TinyModule()
-    trainer = Trainer(callbacks=[control], default_root_dir=tmp_path, max_steps=50, enable_progress_bar=False,
-                      enable_model_summary=False, logger=False, enable_checkpointing=False)
+    trainer = Trainer(
+        callbacks=[control],
+        default_root_dir=tmp_path,
+        max_steps=50,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        enable_checkpointing=False,
+    )
     holder["t"] = trainer
     trainer.fit(model)
     assert trainer.global_step == 4  # fit returned normally after quit
@@ -309,8 +326,15 @@ def test_fit_final_save_resume_and_no_save_at_resumed_step(tmp_path):
     assert files == ["step=3.ckpt", "step=4.ckpt"]  # periodic + final
     os.remove(tmp_path / "checkpoints" / "step=4.ckpt")
     resumed = TrainingControl(source=None, signal=None, save_every_n_steps=3)
-    trainer = Trainer(callbacks=[resumed], default_root_dir=tmp_path, max_steps=7, enable_progress_bar=False,
-                      enable_model_summary=False, logger=False, enable_checkpointing=False)
+    trainer = Trainer(
+        callbacks=[resumed],
+        default_root_dir=tmp_path,
+        max_steps=7,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        enable_checkpointing=False,
+    )
     trainer.fit(TinyModule(), ckpt_path=tmp_path / "checkpoints" / "step=3.ckpt")
     files = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert files == ["step=3.ckpt", "step=6.ckpt", "step=7.ckpt"]
@@ -328,12 +352,26 @@ def test_fit_uses_model_checkpoint_dir_and_extension(tmp_path):
 
 def test_fit_eval_command_runs_the_validation_loop(tmp_path):
     holder = {}
-    control = TrainingControl(source=StepScript(lambda: holder["t"].global_step, {2: ["eval"]}), signal=None,
-                              eval_every_n_steps=5, save_on_train_end=False)
+    control = TrainingControl(
+        source=StepScript(lambda: holder["t"].global_step, {2: ["eval"]}),
+        signal=None,
+        eval_every_n_steps=5,
+        save_on_train_end=False,
+    )
     model = TinyModuleWithVal()
-    trainer = Trainer(callbacks=[control], default_root_dir=tmp_path, max_steps=6, enable_progress_bar=False,
-                      enable_model_summary=False, logger=False, enable_checkpointing=False, limit_val_batches=2,
-                      val_check_interval=1000, check_val_every_n_epoch=None, num_sanity_val_steps=0)
+    trainer = Trainer(
+        callbacks=[control],
+        default_root_dir=tmp_path,
+        max_steps=6,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        enable_checkpointing=False,
+        limit_val_batches=2,
+        val_check_interval=1000,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+    )
     holder["t"] = trainer
     trainer.fit(model)
     assert model.val_steps == [2, 5]
@@ -345,9 +383,17 @@ def test_fit_eval_quit_before_first_step(tmp_path):
     holder = {}
     control = TrainingControl(source=StepScript(lambda: holder["t"].global_step, {0: ["eval_quit"]}), signal=None)
     model = TinyModuleWithVal()
-    trainer = Trainer(callbacks=[control], default_root_dir=tmp_path, max_steps=6, enable_progress_bar=False,
-                      enable_model_summary=False, logger=False, enable_checkpointing=False, limit_val_batches=2,
-                      num_sanity_val_steps=0)
+    trainer = Trainer(
+        callbacks=[control],
+        default_root_dir=tmp_path,
+        max_steps=6,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        enable_checkpointing=False,
+        limit_val_batches=2,
+        num_sanity_val_steps=0,
+    )
     holder["t"] = trainer
     trainer.fit(model)
     assert trainer.global_step == 0 and model.lr_trace == []
@@ -360,10 +406,20 @@ def test_fit_gradient_accumulation_commands_once_per_step(tmp_path):
     evals = []
     control = TrainingControl(
         source=StepScript(lambda: holder["t"].global_step, {1: ["eval@2", "save"]}),
-        eval_fn=lambda t, m: evals.append(t.global_step), signal=None, save_on_train_end=False,
+        eval_fn=lambda t, m: evals.append(t.global_step),
+        signal=None,
+        save_on_train_end=False,
     )
-    trainer = Trainer(callbacks=[control], default_root_dir=tmp_path, max_steps=3, accumulate_grad_batches=2,
-                      enable_progress_bar=False, enable_model_summary=False, logger=False, enable_checkpointing=False)
+    trainer = Trainer(
+        callbacks=[control],
+        default_root_dir=tmp_path,
+        max_steps=3,
+        accumulate_grad_batches=2,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        enable_checkpointing=False,
+    )
     holder["t"] = trainer
     trainer.fit(TinyModule())
     assert evals == [2]
@@ -379,7 +435,9 @@ def test_fit_signal_only_sets_a_flag_and_saves_at_the_next_boundary(tmp_path):
             if self.trainer.global_step == 2:  # inside step 3, before its backward pass
                 os.kill(os.getpid(), signal.SIGUSR1)
                 # the handler has run by now; nothing may have been saved from inside it
-                seen["files_in_handler"] = list((tmp_path / "checkpoints").glob("*")) if (tmp_path / "checkpoints").exists() else []
+                seen["files_in_handler"] = (
+                    list((tmp_path / "checkpoints").glob("*")) if (tmp_path / "checkpoints").exists() else []
+                )
             return super().training_step(batch, batch_idx)
 
     before = signal.getsignal(signal.SIGUSR1)
@@ -398,10 +456,20 @@ def test_sft_save_through_checkpoint_io_and_resume_keeps_schedules(tmp_path):
     from lightning_utils.plugins import SafetensorsCheckpointIO
 
     holder = {}
-    control = TrainingControl(source=StepScript(lambda: holder["t"].global_step, {1: ["export@9", "save"]}),
-                              signal=None, save_on_train_end=False)
-    trainer = Trainer(callbacks=[control], default_root_dir=tmp_path, max_steps=3, plugins=[SafetensorsCheckpointIO()],
-                      enable_progress_bar=False, enable_model_summary=False, logger=False)
+    control = TrainingControl(
+        source=StepScript(lambda: holder["t"].global_step, {1: ["export@9", "save"]}),
+        signal=None,
+        save_on_train_end=False,
+    )
+    trainer = Trainer(
+        callbacks=[control],
+        default_root_dir=tmp_path,
+        max_steps=3,
+        plugins=[SafetensorsCheckpointIO()],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+    )
     holder["t"] = trainer
     trainer.fit(TinyModule())
     path = tmp_path / "checkpoints" / "step=1.sft"  # the default ModelCheckpoint is .ckpt; the plugin picks .sft
@@ -413,8 +481,16 @@ def test_sft_save_through_checkpoint_io_and_resume_keeps_schedules(tmp_path):
     assert state["global_step"] == 1
 
     resumed = TrainingControl(source=None, signal=None, save_on_train_end=False)
-    trainer = Trainer(callbacks=[resumed], default_root_dir=tmp_path, max_steps=5, plugins=[SafetensorsCheckpointIO()],
-                      enable_progress_bar=False, enable_model_summary=False, logger=False, enable_checkpointing=False)
+    trainer = Trainer(
+        callbacks=[resumed],
+        default_root_dir=tmp_path,
+        max_steps=5,
+        plugins=[SafetensorsCheckpointIO()],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        enable_checkpointing=False,
+    )
     trainer.fit(TinyModule(), ckpt_path=path)
     assert [str(c) for c, w in resumed.events] == ["export"] and resumed.events[0][1] == 9
 
@@ -424,8 +500,13 @@ def test_sft_extension_from_safetensors_model_checkpoint_and_explicit(tmp_path):
     from lightning_utils.io import load_state
 
     control = TrainingControl(source=None, signal=None)
-    fit(tmp_path / "a", control, callbacks=[SafetensorsModelCheckpoint(dirpath=tmp_path / "a" / "ck", save_top_k=0)],
-        enable_checkpointing=True, max_steps=2)
+    fit(
+        tmp_path / "a",
+        control,
+        callbacks=[SafetensorsModelCheckpoint(dirpath=tmp_path / "a" / "ck", save_top_k=0)],
+        enable_checkpointing=True,
+        max_steps=2,
+    )
     assert load_state(tmp_path / "a" / "ck" / "step=2.sft")["global_step"] == 2
     # an explicit ".sft" installs SafetensorsCheckpointIO, so the name never holds a pickle
     control = TrainingControl(source=None, signal=None, file_extension=".sft")
@@ -446,12 +527,31 @@ def test_callbacks_build_from_lightning_cli_class_paths(tmp_path):
 
     parser = jsonargparse.ArgumentParser()
     parser.add_argument("--callbacks", type=list[Callback])
-    cfg = parser.parse_args(["--callbacks", json.dumps([
-        {"class_path": "lightning_utils.callbacks.training_control.TrainingControl",
-         "init_args": {"source": str(tmp_path / "cmds.txt"), "save_every_n_steps": 100, "file_extension": ".sft"}},
-        {"class_path": "lightning_utils.callbacks.export_weights.ExportWeights", "init_args": {"dtype": "bf16"}},
-        {"class_path": "lightning_utils.callbacks.metrics_printer.MetricsPrinter", "init_args": {"window": 50}},
-    ])])
+    cfg = parser.parse_args(
+        [
+            "--callbacks",
+            json.dumps(
+                [
+                    {
+                        "class_path": "lightning_utils.callbacks.training_control.TrainingControl",
+                        "init_args": {
+                            "source": str(tmp_path / "cmds.txt"),
+                            "save_every_n_steps": 100,
+                            "file_extension": ".sft",
+                        },
+                    },
+                    {
+                        "class_path": "lightning_utils.callbacks.export_weights.ExportWeights",
+                        "init_args": {"dtype": "bf16"},
+                    },
+                    {
+                        "class_path": "lightning_utils.callbacks.metrics_printer.MetricsPrinter",
+                        "init_args": {"window": 50},
+                    },
+                ]
+            ),
+        ]
+    )
     control, exporter, printer = parser.instantiate(cfg).callbacks
     assert isinstance(control, TrainingControl) and isinstance(control.source, FileSource)
     assert control.save_every_n_steps == 100 and control.file_extension == ".sft"
@@ -551,19 +651,32 @@ def test_fit_lr_command_is_where_the_schedule_continues_from(tmp_path, scheduler
                 "warmup": lambda: WarmupLR(opt, warmup_steps=10),  # linear warmup: factor (s+1)/10
                 "onecycle": lambda: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[0.1, 0.05], total_steps=20),
                 "step": lambda: torch.optim.lr_scheduler.StepLR(opt, step_size=100, gamma=0.1),  # chainable
-                "sequential": lambda: torch.optim.lr_scheduler.SequentialLR(opt, [  # schedulers inside one
-                    torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 + 0.1 * s),
-                    torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.25)], milestones=[100]),
+                "sequential": lambda: torch.optim.lr_scheduler.SequentialLR(
+                    opt,
+                    [  # schedulers inside one
+                        torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 + 0.1 * s),
+                        torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.25),
+                    ],
+                    milestones=[100],
+                ),
             }[scheduler]()
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def run(script):
         holder = {}
-        control = TrainingControl(source=StepScript(lambda: holder["t"].global_step, script), signal=None,
-                                  save_on_train_end=False)
+        control = TrainingControl(
+            source=StepScript(lambda: holder["t"].global_step, script), signal=None, save_on_train_end=False
+        )
         model = Scheduled()
-        trainer = Trainer(callbacks=[control], default_root_dir=tmp_path, max_steps=6, enable_progress_bar=False,
-                          enable_model_summary=False, logger=False, enable_checkpointing=False)
+        trainer = Trainer(
+            callbacks=[control],
+            default_root_dir=tmp_path,
+            max_steps=6,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            logger=False,
+            enable_checkpointing=False,
+        )
         holder["t"] = trainer
         trainer.fit(model)
         return dict(model.lr_trace), trainer  # step -> the first group's lr after that step's scheduler step
@@ -588,12 +701,22 @@ def test_fit_loss_scale_drives_a_real_grad_scaler(tmp_path):
             scales.append((self.trainer.global_step, self.trainer.precision_plugin.scaler.get_scale()))
 
     holder = {}
-    control = TrainingControl(source=StepScript(lambda: holder["t"].global_step, {0: ["loss_scale 256"], 2: ["loss_scale 1024"]}),
-                              signal=None, save_on_train_end=False)
+    control = TrainingControl(
+        source=StepScript(lambda: holder["t"].global_step, {0: ["loss_scale 256"], 2: ["loss_scale 1024"]}),
+        signal=None,
+        save_on_train_end=False,
+    )
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)  # fp16 AMP with a scaler, here on CPU
-    trainer = Trainer(callbacks=[control], plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)], max_steps=4,
-                      default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False, logger=False,
-                      enable_checkpointing=False)
+    trainer = Trainer(
+        callbacks=[control],
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+        max_steps=4,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        enable_checkpointing=False,
+    )
     holder["t"] = trainer
     trainer.fit(Recording())
     # before the first step the scaler has no scale yet: it starts from 256; at step 2 it is set

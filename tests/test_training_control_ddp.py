@@ -10,16 +10,30 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from control_scripts.proc import Driven, child_env  # noqa: E402
-from free_port import free_port  # noqa: E402
+from control_scripts.proc import Driven, child_env
+from free_port import free_port
 
 pytestmark = pytest.mark.ddp
 
 
 def test_ddp_command_reaches_both_ranks_at_the_same_step_and_quit_ends_both(tmp_path):
     env = child_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    run = Driven(["--root", str(tmp_path), "--devices", "2", "--max-steps", "500", "--sleep", "0.02",
-                  "--print-steps", "--lightning-val", "--export-on-quit"], env=env)
+    run = Driven(
+        [
+            "--root",
+            str(tmp_path),
+            "--devices",
+            "2",
+            "--max-steps",
+            "500",
+            "--sleep",
+            "0.02",
+            "--print-steps",
+            "--lightning-val",
+            "--export-on-quit",
+        ],
+        env=env,
+    )
     try:
         run.wait_for("STEP 3", timeout=120)
         run.send("lr 0.5\neval\nsave@1000000\n")

@@ -14,10 +14,10 @@ import pytest
 from lightning.pytorch import Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from control_scripts.tiny_model import TinyModule  # noqa: E402
+from control_scripts.tiny_model import TinyModule
 
-from lightning_utils.callbacks.training_control import TrainingControl  # noqa: E402
-from lightning_utils.control.sources import FileSource, SignalFlag, StdinSource, resolve_source  # noqa: E402
+from lightning_utils.callbacks.training_control import TrainingControl
+from lightning_utils.control.sources import FileSource, SignalFlag, StdinSource, resolve_source
 
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="POSIX file descriptors, FIFOs and ptys")
 
@@ -217,8 +217,15 @@ def test_fit_driven_by_a_command_file(tmp_path):
     source = FileSource(path, poll_interval=0.02)
     control = TrainingControl(source=source, signal=None)
     model = Writes(sleep=0.01)
-    trainer = Trainer(callbacks=[control], default_root_dir=tmp_path, max_steps=300, enable_progress_bar=False,
-                      enable_model_summary=False, logger=False, enable_checkpointing=False)
+    trainer = Trainer(
+        callbacks=[control],
+        default_root_dir=tmp_path,
+        max_steps=300,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        enable_checkpointing=False,
+    )
     trainer.fit(model)
     stop = trainer.global_step
     assert 2 < stop < 300
@@ -280,9 +287,15 @@ def test_background_job_on_a_terminal_waits_for_the_foreground_instead_of_stoppi
 
     master, slave = os.openpty()
     try:
-        child = subprocess.Popen([sys.executable, "-c", _BACKGROUND_JOB, os.ttyname(slave), "1.0"],
-                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 text=True, start_new_session=True, cwd=Path(__file__).parent.parent)
+        child = subprocess.Popen(
+            [sys.executable, "-c", _BACKGROUND_JOB, os.ttyname(slave), "1.0"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+            cwd=Path(__file__).parent.parent,
+        )
         time.sleep(0.6)
         os.write(master, b"save\n")  # typed while the job is in the background
         out, _ = child.communicate(timeout=30)
@@ -307,8 +320,15 @@ def test_several_fits_in_one_process_leak_no_threads_or_fds(tmp_path):
         stdin = StdinSource(fd=r)
         for source in (stdin, FileSource(fifo), FileSource(tmp_path / "cmds.txt", poll_interval=0.05), stdin):
             control = TrainingControl(source=source)
-            trainer = Trainer(callbacks=[control], default_root_dir=tmp_path, max_steps=2, logger=False,
-                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+            trainer = Trainer(
+                callbacks=[control],
+                default_root_dir=tmp_path,
+                max_steps=2,
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+            )
             trainer.fit(TinyModule())
             assert trainer.global_step == 2 and (tmp_path / "checkpoints" / "step=2.ckpt").is_file()
             assert (fds(), threading.active_count()) == baseline, [t.name for t in threading.enumerate()]
@@ -347,13 +367,22 @@ def test_interpreter_exits_cleanly_with_readers_still_waiting(tmp_path):
 
     fifo = tmp_path / "control.fifo"
     os.mkfifo(fifo)
-    code = ("import sys; from lightning_utils.control.sources import StdinSource, FileSource; "
-            "s = StdinSource(); s.start(); f = FileSource(sys.argv[1]); f.start(); "
-            "print(s.is_reading, f.is_reading, flush=True)")
+    code = (
+        "import sys; from lightning_utils.control.sources import StdinSource, FileSource; "
+        "s = StdinSource(); s.start(); f = FileSource(sys.argv[1]); f.start(); "
+        "print(s.is_reading, f.is_reading, flush=True)"
+    )
     r, w = os.pipe()  # stdin that stays open, with no data
     try:
-        proc = subprocess.run([sys.executable, "-c", code, str(fifo)], stdin=r, capture_output=True, text=True,
-                              check=False, timeout=30, cwd=Path(__file__).parent.parent)
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(fifo)],
+            stdin=r,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=30,
+            cwd=Path(__file__).parent.parent,
+        )
     finally:
         os.close(r)
         os.close(w)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from control_scripts.proc import Driven  # noqa: E402
+from control_scripts.proc import Driven
 
 
 def result(root: Path, rank: int = 0) -> dict:
@@ -43,8 +43,11 @@ def test_dev_null_and_closed_stdin_finish_all_steps(tmp_path):
     closed_ok = sys.platform != "win32"  # closing fd 0 before exec is POSIX-only
     with open(os.devnull) as devnull:
         null_run = Driven(["--root", str(tmp_path / "null"), "--max-steps", "8"], stdin=devnull)
-    closed_run = (Driven(["--root", str(tmp_path / "closed"), "--max-steps", "5"], stdin=None,
-                         preexec_fn=lambda: os.close(0)) if closed_ok else None)
+    closed_run = (
+        Driven(["--root", str(tmp_path / "closed"), "--max-steps", "5"], stdin=None, preexec_fn=lambda: os.close(0))
+        if closed_ok
+        else None
+    )
     out = null_run.finish(timeout=90)
     assert null_run.proc.returncode == 0, out
     assert "FIT RETURNED 8" in out

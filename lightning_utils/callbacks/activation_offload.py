@@ -21,8 +21,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_utils.callbacks.module_transform import check_not_wrapped, transform_before_restore
-from lightning_utils.modules.targets import Target, resolve_target
 from lightning_utils.modules.offload import apply_activation_offload
+from lightning_utils.modules.targets import Target, resolve_target
 
 __all__ = ["ActivationOffload"]
 
@@ -90,7 +90,4 @@ class ActivationOffload(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.wrapped:
-            rank_zero_warn(
-                f"ActivationOffload: no submodule matched target={self.target!r}; nothing is "
-                "checkpointed"
-            )
+            rank_zero_warn(f"ActivationOffload: no submodule matched target={self.target!r}; nothing is checkpointed")

@@ -189,10 +189,7 @@ class MetricsPrinter(Callback):
         printed = record["step"] % self.every_n_steps == 0
         # The same decision on every rank (it depends on the step and the configuration only), so
         # the collective that reading the metrics can be happens on all ranks or on none.
-        if read_metrics and (printed or self.window):
-            metrics = self._scalars(trainer)
-        else:
-            metrics = {}
+        metrics = self._scalars(trainer) if read_metrics and (printed or self.window) else {}
         if not self._active:
             return
         for key, value in metrics.items():

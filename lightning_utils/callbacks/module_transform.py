@@ -25,7 +25,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
-__all__ = ["transform_before_restore", "check_not_wrapped"]
+__all__ = ["check_not_wrapped", "transform_before_restore"]
 
 _MISSING = object()
 

@@ -28,7 +28,6 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from lightning_utils.control.sources import CommandSource, SignalFlag, resolve_source
 from lightning_utils.control.commands import (
     HELP_TEXT,
     ClearEvents,
@@ -47,6 +46,7 @@ from lightning_utils.control.commands import (
     TimeLeft,
     parse_command,
 )
+from lightning_utils.control.sources import CommandSource, SignalFlag, resolve_source
 from lightning_utils.distributed import broadcast_object
 
 __all__ = ["TrainingControl"]
@@ -416,8 +416,10 @@ class TrainingControl(Callback):
             or (quit_now and self.save_on_quit)
             or _crossed(self.save_every_n_steps, previous, step)
         )
-        export = "export" in wants or (quit_now and self.export_on_quit) or _crossed(
-            self.export_every_n_steps, previous, step
+        export = (
+            "export" in wants
+            or (quit_now and self.export_on_quit)
+            or _crossed(self.export_every_n_steps, previous, step)
         )
         evaluate = "eval" in wants or _crossed(self.eval_every_n_steps, previous, step)
 

@@ -16,7 +16,9 @@ import sys
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="checkpoint to read (.ckpt/.pt/.pth/.bin or .sft/.safetensors)")
     parser.add_argument("dst", help="checkpoint to write; its suffix picks the format")
-    parser.add_argument("--unsafe", action="store_true", help="allow arbitrary pickled objects in SRC (runs code from the file)")
+    parser.add_argument(
+        "--unsafe", action="store_true", help="allow arbitrary pickled objects in SRC (runs code from the file)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
 
 

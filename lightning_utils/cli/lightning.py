@@ -72,7 +72,11 @@ def _cli_class() -> type:
             if not (ckpt_path and Path(ckpt_path).suffix.lower() in SAFETENSORS_SUFFIXES and Path(ckpt_path).is_file()):
                 return super()._parse_ckpt_path()
             checkpoint = load_state(ckpt_path, map_location="cpu")
-            if not (isinstance(checkpoint, dict) and "state_dict" in checkpoint and "pytorch-lightning_version" in checkpoint):
+            if not (
+                isinstance(checkpoint, dict)
+                and "state_dict" in checkpoint
+                and "pytorch-lightning_version" in checkpoint
+            ):
                 # e.g. a weights file from ExportWeights / save_weights; Lightning would fail
                 # later with a bare KeyError. parser.error prints this and exits with code 2.
                 keys = sorted(map(str, checkpoint))[:5] if isinstance(checkpoint, dict) else []

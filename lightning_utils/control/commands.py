@@ -26,22 +26,22 @@ import re
 from dataclasses import dataclass
 
 __all__ = [
+    "HELP_TEXT",
+    "ClearEvents",
     "Command",
     "CommandError",
-    "Save",
-    "Export",
     "Eval",
-    "Quit",
     "EvalQuit",
+    "Export",
     "Help",
-    "ShowEvents",
-    "ClearEvents",
+    "Quit",
+    "Save",
+    "Schedule",
     "SetLR",
     "SetLossScale",
+    "ShowEvents",
     "TimeLeft",
-    "Schedule",
     "parse_command",
-    "HELP_TEXT",
 ]
 
 

@@ -28,9 +28,9 @@ from typing import Any
 
 __all__ = [
     "CommandSource",
-    "StdinSource",
     "FileSource",
     "SignalFlag",
+    "StdinSource",
     "resolve_source",
 ]
 

@@ -45,8 +45,8 @@ from __future__ import annotations
 import sys
 import warnings
 import weakref
-from collections.abc import Iterator, Mapping
-from typing import Any, Callable, Optional
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, SequentialSampler
 
@@ -64,7 +64,7 @@ _STATE_VERSION = 1
 _SEARCH_DEPTH = 32  # frames between ``iter(loader)`` and Lightning's loop (about 8 in Lightning 2.6)
 
 
-def _find_lightning_caller() -> tuple[Optional["weakref.ReferenceType[Any]"], bool]:
+def _find_lightning_caller() -> tuple[weakref.ReferenceType[Any] | None, bool]:
     """The Lightning ``_PrefetchDataFetcher`` iterating this loader, and whether an evaluation loop
     (validation, sanity check, test, predict) asked for the iterator (looked up once per pass).
 
@@ -91,7 +91,7 @@ def _find_lightning_caller() -> tuple[Optional["weakref.ReferenceType[Any]"], bo
     if not eval_classes and not train_classes:
         return None, False  # Lightning's loops are not even imported
     eval_types, train_types = tuple(eval_classes), tuple(train_classes)
-    fetcher: Optional["weakref.ReferenceType[Any]"] = None
+    fetcher: weakref.ReferenceType[Any] | None = None
     any_fetcher = False
     try:
         frame: Any = sys._getframe(2)
@@ -195,14 +195,14 @@ def _apply_skipped_lightning_restore(can_apply: bool) -> None:
 class _PassTracker:
     """What the loader knows about one pass: its plan and the batches handed out."""
 
-    __slots__ = ("plan", "yielded", "fetcher", "held_after", "frozen")
+    __slots__ = ("fetcher", "frozen", "held_after", "plan", "yielded")
 
-    def __init__(self, plan: Pass, fetcher: Optional["weakref.ReferenceType[Any]"]) -> None:
+    def __init__(self, plan: Pass, fetcher: weakref.ReferenceType[Any] | None) -> None:
         self.plan = plan
         self.yielded = 0
         self.fetcher = fetcher
         self.held_after = 0  # batches the fetcher held after our last next(), for after teardown
-        self.frozen: Optional[int] = None  # consumption fixed when the next pass was requested
+        self.frozen: int | None = None  # consumption fixed when the next pass was requested
 
     def note_fetcher(self, returned: bool) -> None:
         fetcher = self.fetcher() if self.fetcher is not None else None
@@ -236,15 +236,15 @@ class _ResumableIterator(Iterator[Any]):
     """Lazy iterator: starts the sampler's pass and the DataLoader iterator at the first ``next()``."""
 
     def __init__(
-        self, loader: "ResumableDataLoader", fetcher: Optional["weakref.ReferenceType[Any]"], evaluating: bool
+        self, loader: ResumableDataLoader, fetcher: weakref.ReferenceType[Any] | None, evaluating: bool
     ) -> None:
         self._loader = loader
         self._fetcher = fetcher
         self._evaluating = evaluating
-        self._inner: Optional[Iterator[Any]] = None
-        self._tracker: Optional[_PassTracker] = None
+        self._inner: Iterator[Any] | None = None
+        self._tracker: _PassTracker | None = None
 
-    def __iter__(self) -> "_ResumableIterator":
+    def __iter__(self) -> _ResumableIterator:
         return self
 
     def __len__(self) -> int:
@@ -295,7 +295,9 @@ class _ResumableIterator(Iterator[Any]):
         tracker.yielded += 1
         if tracker.fetcher is not None:
             tracker.note_fetcher(returned=True)
-            if tracker.yielded == 2 and not self._evaluating:  # the first batch may have been prefetched before a skipped restore
+            if (
+                tracker.yielded == 2 and not self._evaluating
+            ):  # the first batch may have been prefetched before a skipped restore
                 _apply_skipped_lightning_restore(can_apply=False)
         return batch
 
@@ -320,20 +322,20 @@ class ResumableDataLoader(DataLoader):
     def __init__(
         self,
         dataset: Dataset[Any],
-        batch_size: Optional[int] = 1,
-        shuffle: Optional[bool] = None,
+        batch_size: int | None = 1,
+        shuffle: bool | None = None,
         sampler: Any = None,
         batch_sampler: Any = None,
         num_workers: int = 0,
-        collate_fn: Optional[Callable[[list[Any]], Any]] = None,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
         pin_memory: bool = False,
         drop_last: bool = False,
         timeout: float = 0,
-        worker_init_fn: Optional[Callable[[int], None]] = None,
+        worker_init_fn: Callable[[int], None] | None = None,
         multiprocessing_context: Any = None,
         generator: Any = None,
         *,
-        prefetch_factor: Optional[int] = None,
+        prefetch_factor: int | None = None,
         persistent_workers: bool = False,
         pin_memory_device: str = "",
         in_order: bool = True,
@@ -384,12 +386,12 @@ class ResumableDataLoader(DataLoader):
         self._resumable: ResumableSampler = resumable
         self._batch_units = int(batch_units)
         self._loader_drop_last = bool(loader_drop_last)
-        self._tracker: Optional[_PassTracker] = None
+        self._tracker: _PassTracker | None = None
         # The sampler position to return to after evaluation passes that ran before any training
         # pass: (epoch, position, set_epoch value).
-        self._idle_state: Optional[tuple[int, int, Optional[int]]] = None
+        self._idle_state: tuple[int, int, int | None] | None = None
         # (epoch, position, num_replicas) of the last loaded state, until the next pass checks it.
-        self._loaded: Optional[tuple[int, int, Optional[int]]] = None
+        self._loaded: tuple[int, int, int | None] | None = None
         super().__init__(
             dataset,
             batch_size=batch_size,

@@ -24,9 +24,9 @@ from lightning_utils.io.state import (
 )
 
 __all__ = [
-    "CheckpointFormatError",
     "SAFETENSORS_SUFFIXES",
     "TORCH_SUFFIXES",
+    "CheckpointFormatError",
     "UnsafeCheckpointError",
     "atomic_write",
     "checkpoint_format",

@@ -43,9 +43,7 @@ _DTYPE_NAMES: dict[str, str] = {
     "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz",
     "F8_E8M0": "float8_e8m0fnu", "C64": "complex64",
 }  # fmt: skip
-DTYPE_FROM_NAME: dict[str, torch.dtype] = {
-    k: getattr(torch, v) for k, v in _DTYPE_NAMES.items() if hasattr(torch, v)
-}
+DTYPE_FROM_NAME: dict[str, torch.dtype] = {k: getattr(torch, v) for k, v in _DTYPE_NAMES.items() if hasattr(torch, v)}
 NAME_FROM_DTYPE: dict[torch.dtype, str] = {v: k for k, v in DTYPE_FROM_NAME.items()}
 
 
@@ -98,7 +96,11 @@ def write_file(f: BinaryIO, tensors: Sequence[tuple[str, torch.Tensor]], metadat
     for i in order:
         name, t = tensors[i]
         nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": NAME_FROM_DTYPE[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": NAME_FROM_DTYPE[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-(8 + len(raw)) % 8)  # pad so the data buffer starts 8-byte aligned
@@ -147,7 +149,9 @@ def read_header(f: BinaryIO, path: str) -> Header:
         raise _fail(path, "header is not a JSON object")
     metadata = doc.pop(METADATA_KEY, None)
     if metadata is not None:
-        if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        if not isinstance(metadata, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+        ):
             raise _fail(path, "__metadata__ must map strings to strings")
     data_len = size - 8 - n
     entries: list[Entry] = []
@@ -169,7 +173,10 @@ def read_header(f: BinaryIO, path: str) -> Header:
         dtype = DTYPE_FROM_NAME[dtype_name]
         itemsize = torch.empty((), dtype=dtype).element_size()
         if math.prod(shape) * itemsize != end - begin:
-            raise _fail(path, f"entry {name!r}: shape {shape} of {dtype_name} needs {math.prod(shape) * itemsize} bytes, offsets give {end - begin}")
+            raise _fail(
+                path,
+                f"entry {name!r}: shape {shape} of {dtype_name} needs {math.prod(shape) * itemsize} bytes, offsets give {end - begin}",
+            )
         entries.append(Entry(name, dtype, tuple(shape), begin, end))
     # The entries must tile the data buffer exactly, as the reference implementation requires.
     cursor = 0
@@ -178,7 +185,9 @@ def read_header(f: BinaryIO, path: str) -> Header:
             raise _fail(path, f"entry {e.name!r} starts at {e.begin}, expected {cursor} (overlap or gap)")
         cursor = e.end
     if cursor != data_len:
-        raise _fail(path, f"entries cover {cursor} bytes but the data buffer holds {data_len} (truncated or trailing bytes)")
+        raise _fail(
+            path, f"entries cover {cursor} bytes but the data buffer holds {data_len} (truncated or trailing bytes)"
+        )
     return Header(entries, metadata, 8 + n)
 
 

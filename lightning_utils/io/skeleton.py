@@ -60,7 +60,9 @@ def _dict_class(tag: str) -> type | None:
 
 
 _DICT_CLASSES = {v: k for k, v in _DICT_TAGS.items()}
-_PATH_TYPES = {c.__name__: c for c in (pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath, pathlib.PureWindowsPath)}
+_PATH_TYPES = {
+    c.__name__: c for c in (pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath, pathlib.PureWindowsPath)
+}
 _NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 _CONTAINERS = (dict, list, tuple, set, frozenset)
 
@@ -98,7 +100,9 @@ class _Encoder:
 
         def walk(obj: Any, path: tuple[Any, ...]) -> None:
             if len(path) > MAX_DEPTH:
-                raise TypeError(f"{format_key_path(path[:3])}...: nesting deeper than {MAX_DEPTH} levels cannot be stored")
+                raise TypeError(
+                    f"{format_key_path(path[:3])}...: nesting deeper than {MAX_DEPTH} levels cannot be stored"
+                )
             if isinstance(obj, torch.Tensor):
                 if obj.__dict__:
                     walk(obj.__dict__, path + ("<attributes>",))
@@ -107,7 +111,9 @@ class _Encoder:
                 return
             key = id(obj)
             if key in active:
-                raise TypeError(f"{format_key_path(path)} contains itself; a cycle cannot be stored in a safetensors checkpoint")
+                raise TypeError(
+                    f"{format_key_path(path)} contains itself; a cycle cannot be stored in a safetensors checkpoint"
+                )
             if key in seen:
                 self._repeated.add(key)
                 return
@@ -183,7 +189,10 @@ class _Encoder:
         if all(type(k) is str for k in obj):
             node: dict[str, Any] = {"$": tag, "v": {k: self.node(v, path + (k,)) for k, v in obj.items()}}
         else:
-            node = {"$": tag, "kv": [[self.node(k, path + (f"<key {k!r}>",)), self.node(v, path + (k,))] for k, v in obj.items()]}
+            node = {
+                "$": tag,
+                "kv": [[self.node(k, path + (f"<key {k!r}>",)), self.node(v, path + (k,))] for k, v in obj.items()],
+            }
         meta = getattr(obj, "_metadata", None) if t is OrderedDict else None
         if meta is not None:  # Module.state_dict() records per-module versions here
             node["meta"] = self.node(meta, path + ("_metadata",))
@@ -196,7 +205,9 @@ class _Encoder:
                 seen["id"] = self._new_id()
             return {"$": "ref", "id": seen["id"]}
         if type(t) not in (torch.Tensor, torch.nn.Parameter):
-            raise TypeError(f"{format_key_path(path)} is a tensor subclass {type(t).__qualname__}; materialise it to a plain tensor first")
+            raise TypeError(
+                f"{format_key_path(path)} is a tensor subclass {type(t).__qualname__}; materialise it to a plain tensor first"
+            )
         if t.layout != torch.strided or t.is_quantized or t.is_nested:
             raise TypeError(f"{format_key_path(path)} is a {t.layout} tensor; only dense strided tensors can be stored")
         if t.device.type == "meta":
@@ -296,7 +307,11 @@ class _Encoder:
         for t, node, path in items:
             storage = t.untyped_storage()
             byte_offset = storage.data_ptr() - base_ptr + t.storage_offset() * t.element_size()
-            if storage.data_ptr() < base_ptr or storage.data_ptr() + storage.nbytes() > base_end or byte_offset % t.element_size():
+            if (
+                storage.data_ptr() < base_ptr
+                or storage.data_ptr() + storage.nbytes() > base_end
+                or byte_offset % t.element_size()
+            ):
                 # Partly overlapping foreign buffers (or misaligned views): keep the values,
                 # give up the sharing for this tensor alone.
                 own = self._name_for(path)
@@ -319,7 +334,9 @@ class _Encoder:
 
 
 def _covers_storage(t: torch.Tensor) -> bool:
-    return t.is_contiguous() and t.storage_offset() == 0 and t.numel() * t.element_size() == t.untyped_storage().nbytes()
+    return (
+        t.is_contiguous() and t.storage_offset() == 0 and t.numel() * t.element_size() == t.untyped_storage().nbytes()
+    )
 
 
 def _dense_permutation(t: torch.Tensor) -> bool:
@@ -496,7 +513,16 @@ def decode(skeleton: Any, entry: Callable[[str, str], torch.Tensor]) -> Any:
         return node(skeleton["root"])
     except _EntryFailure as failure:
         raise failure.exc from None
-    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError, OverflowError, RecursionError) as exc:
+    except (
+        KeyError,
+        TypeError,
+        ValueError,
+        RuntimeError,
+        IndexError,
+        AttributeError,
+        OverflowError,
+        RecursionError,
+    ) as exc:
         if isinstance(exc, SkeletonError):
             raise
         raise SkeletonError(f"malformed skeleton ({type(exc).__name__}: {exc})") from None

@@ -62,7 +62,7 @@ from torch import Tensor, nn
 
 from lightning_utils.modules.targets import Target, find_targets
 
-__all__ = ["offloaded_checkpoint", "apply_activation_offload", "remove_activation_offload", "is_offloaded"]
+__all__ = ["apply_activation_offload", "is_offloaded", "offloaded_checkpoint", "remove_activation_offload"]
 
 
 @dataclass
@@ -195,7 +195,7 @@ class _HostCopy:
     """A device tensor copied to host memory: the buffer, the event that completes the copy and,
     once the backward of the block that follows it has started, a prefetched device copy."""
 
-    __slots__ = ("host", "pinned", "device", "event", "prefetched", "prefetch_event", "source", "version")
+    __slots__ = ("device", "event", "host", "pinned", "prefetch_event", "prefetched", "source", "version")
 
     def __init__(self, t: Tensor, pin_memory: bool):
         compute = _ops.current_stream(t.device)
@@ -269,7 +269,7 @@ class _Group:
     """The host copies of one block call; groups are kept in forward order so that the
     backward of one block can prefetch the inputs of the block before it."""
 
-    __slots__ = ("copies", "__weakref__")
+    __slots__ = ("__weakref__", "copies")
 
     def __init__(self, copies: list[_HostCopy]):
         self.copies = copies
@@ -306,7 +306,7 @@ def _pop_previous(group: _Group) -> _Group | None:
 class _Saved:
     """How one tensor input was saved: by reference (index into saved_tensors) or as a host copy."""
 
-    __slots__ = ("index", "copy", "requires_grad")
+    __slots__ = ("copy", "index", "requires_grad")
 
     def __init__(self, index: int, copy: _HostCopy | None, requires_grad: bool):
         self.index = index
@@ -344,7 +344,7 @@ def _autocast_state(tensors: Iterable[Tensor]) -> dict[str, dict[str, Any]]:
 
 class _OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, run: "_Run", *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+    def forward(ctx: Any, run: _Run, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
         n_inputs = run.n_inputs
         inputs, params = tensors[:n_inputs], tensors[n_inputs:]
         ctx.run = run
@@ -456,7 +456,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
 
     @staticmethod
     def _gradients(
-        ctx: Any, run: "_Run", inputs: list[Tensor], output: Any, grad_outputs: tuple[Tensor | None, ...]
+        ctx: Any, run: _Run, inputs: list[Tensor], output: Any, grad_outputs: tuple[Tensor | None, ...]
     ) -> tuple[Tensor | None, ...]:
         leaves: list[Tensor] = []
         _flatten(output, leaves)
@@ -478,10 +478,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
                 grads.append(g)
         if not run.checked:
             run.check_graph(outs, wrt)
-        if outs and wrt:
-            computed = list(torch.autograd.grad(outs, wrt, grads, allow_unused=True))
-        else:
-            computed = [None] * len(wrt)
+        computed = list(torch.autograd.grad(outs, wrt, grads, allow_unused=True)) if outs and wrt else [None] * len(wrt)
 
         it = iter(computed)
         result: list[Tensor | None] = [None]  # for `run`
@@ -541,7 +538,7 @@ class _Run:
         params: list[Tensor],
         options: OffloadOptions,
         name: str,
-        checker: "_GraphCheck",
+        checker: _GraphCheck,
         module: nn.Module | None = None,
         state_of: nn.Module | None = None,
     ):
@@ -683,7 +680,14 @@ class _OffloadedForward:
         module = self.module
         root = self._root()
         return _checkpoint_call(
-            self._forward, args, kwargs, params, self.options, self.name, self.checker, module,
+            self._forward,
+            args,
+            kwargs,
+            params,
+            self.options,
+            self.name,
+            self.checker,
+            module,
             root if root is not None else module,
         )
 
@@ -701,7 +705,7 @@ class _OffloadedForward:
         state["checker"] = _GraphCheck()
         return state
 
-    def __deepcopy__(self, memo: dict) -> "_OffloadedForward":
+    def __deepcopy__(self, memo: dict) -> _OffloadedForward:
         new = _OffloadedForward.__new__(_OffloadedForward)
         memo[id(self)] = new
         new.__setstate__(copy.deepcopy(self.__getstate__(), memo))

@@ -30,12 +30,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
-    "torchao_linear",
+    "SDPAMultiheadAttention",
     "bnb_linear_8bit",
     "bnb_stable_embedding",
-    "sdpa_attention",
-    "SDPAMultiheadAttention",
     "float8_supported",
+    "sdpa_attention",
+    "torchao_linear",
 ]
 
 
@@ -200,12 +200,10 @@ class SDPAMultiheadAttention(nn.MultiheadAttention):
     @staticmethod
     def _check_supported(m: nn.MultiheadAttention) -> None:
         if m.bias_k is not None or m.add_zero_attn:
-            raise ValueError(
-                "SDPAMultiheadAttention does not support add_bias_kv=True or add_zero_attn=True"
-            )
+            raise ValueError("SDPAMultiheadAttention does not support add_bias_kv=True or add_zero_attn=True")
 
     @classmethod
-    def from_module(cls, old: nn.Module, weights_fallback: bool = False) -> "SDPAMultiheadAttention":
+    def from_module(cls, old: nn.Module, weights_fallback: bool = False) -> SDPAMultiheadAttention:
         """The same module (same Parameter objects) re-classed; no weights are copied."""
         from lightning_utils.modules.swap import check_not_transformed
 

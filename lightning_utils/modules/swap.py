@@ -36,7 +36,7 @@ from lightning_utils.modules.targets import Target, find_targets
 Factory = Callable[[str, nn.Module], nn.Module]
 Replacement = Union[type, Factory]
 
-__all__ = ["Replacement", "replace_modules", "build_like", "copy_module_state", "check_not_transformed"]
+__all__ = ["Replacement", "build_like", "check_not_transformed", "copy_module_state", "replace_modules"]
 
 _MISSING = object()
 _ALIASES = {"input_features": "in_features", "output_features": "out_features"}
@@ -104,7 +104,7 @@ def copy_module_state(
     old: nn.Module,
     new: nn.Module,
     name: str = "",
-    converted: "dict[int, tuple[nn.Parameter, nn.Parameter]] | None" = None,
+    converted: dict[int, tuple[nn.Parameter, nn.Parameter]] | None = None,
 ) -> None:
     """Carry ``old``'s parameters and buffers into ``new`` under the same keys (see module doc).
 
@@ -135,11 +135,7 @@ def copy_module_state(
                 f"ReplaceModules: cannot copy {key!r} of {label}: shape {tuple(value.shape)} "
                 f"vs {tuple(target.shape)} in the replacement"
             )
-        if (
-            type(value) is nn.Parameter
-            and type(target) is nn.Parameter
-            and value.dtype == target.dtype
-        ):
+        if type(value) is nn.Parameter and type(target) is nn.Parameter and value.dtype == target.dtype:
             owner, leaf = _owner(new, key)
             setattr(owner, leaf, value)  # the same Parameter: ties and requires_grad survive
             continue
@@ -207,7 +203,7 @@ def replace_modules(
     include: Iterable[str] | None = None,
     exclude: Iterable[str] | None = None,
     copy_weights: bool = True,
-    produced: "weakref.WeakSet[nn.Module] | None" = None,
+    produced: weakref.WeakSet[nn.Module] | None = None,
     allow_root: bool = True,
 ) -> tuple[nn.Module, dict[str, nn.Module]]:
     """Replace matching submodules of ``root``; returns ``(root_or_its_replacement, {name: new})``.
@@ -242,7 +238,7 @@ def _replace_all(
     targets: list[tuple[str, nn.Module]],
     replacement: Replacement,
     copy_weights: bool,
-    produced: "weakref.WeakSet[nn.Module]",
+    produced: weakref.WeakSet[nn.Module],
     allow_root: bool,
 ) -> tuple[nn.Module, dict[str, nn.Module]]:
     done: dict[str, nn.Module] = {}
@@ -263,9 +259,7 @@ def _replace_all(
         else:
             new = replacement(name, old)
             if not isinstance(new, nn.Module):
-                raise TypeError(
-                    f"`replacement` factory returned {type(new).__name__} for {name!r}, not an nn.Module"
-                )
+                raise TypeError(f"`replacement` factory returned {type(new).__name__} for {name!r}, not an nn.Module")
             handles_weights = bool(getattr(replacement, "copies_weights", False))
         if copy_weights and not handles_weights and new is not old:
             copy_module_state(old, new, name, converted)
@@ -283,4 +277,3 @@ def _replace_all(
             new_root = new
         done[name] = new
     return new_root, done
-

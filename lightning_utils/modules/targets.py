@@ -25,9 +25,9 @@ from typing import Union
 from torch import nn
 
 Predicate = Callable[[str, nn.Module], bool]
-Target = Union[type, str, Sequence[Union[type, str]], Predicate]
+Target = Union[type, str, Sequence[type | str], Predicate]
 
-__all__ = ["Predicate", "Target", "resolve_target", "passes_policy", "find_targets"]
+__all__ = ["Predicate", "Target", "find_targets", "passes_policy", "resolve_target"]
 
 
 def _import_class(path: str, argument: str) -> type:

@@ -104,9 +104,7 @@ def _validate(options: dict[str, Any], where: str) -> None:
     if not _is_number(options["scale"]) or not options["scale"] > 0.0:
         raise ValueError(f"{where}: invalid scale={options['scale']!r}; it must be a number > 0")
     if not _is_int(options["update_proj_gap"]) or options["update_proj_gap"] < 1:
-        raise ValueError(
-            f"{where}: invalid update_proj_gap={options['update_proj_gap']!r}; it must be an int >= 1"
-        )
+        raise ValueError(f"{where}: invalid update_proj_gap={options['update_proj_gap']!r}; it must be an int >= 1")
     if not _is_int(options["min_numel"]) or options["min_numel"] < 0:
         raise ValueError(f"{where}: invalid min_numel={options['min_numel']!r}; it must be an int >= 0")
     dims = options["exclude_dims"]
@@ -152,7 +150,7 @@ def _clamped_rank(m: int, n: int, side: Side, group: dict[str, Any]) -> int:
 class _Planned:
     """One APOLLO parameter of the current step: its state and 2-D geometry (no tensors kept)."""
 
-    __slots__ = ("param", "state", "m", "n", "side", "rank")
+    __slots__ = ("m", "n", "param", "rank", "side", "state")
 
     def __init__(self, param: torch.Tensor, state: dict[str, Any], m: int, n: int, side: Side, rank: int) -> None:
         self.param, self.state, self.m, self.n, self.side, self.rank = param, state, m, n, side, rank
@@ -223,21 +221,21 @@ class Apollo(Optimizer):
         min_numel: int = 0,
         exclude_dims: Sequence[int] = (),
     ) -> None:
-        defaults: dict[str, Any] = dict(
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            correct_bias=correct_bias,
-            rank=rank,
-            proj=proj,
-            scale_type=scale_type,
-            scale=scale,
-            update_proj_gap=update_proj_gap,
-            proj_type=proj_type,
-            min_numel=min_numel,
-            exclude_dims=exclude_dims,
-        )
+        defaults: dict[str, Any] = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "correct_bias": correct_bias,
+            "rank": rank,
+            "proj": proj,
+            "scale_type": scale_type,
+            "scale": scale,
+            "update_proj_gap": update_proj_gap,
+            "proj_type": proj_type,
+            "min_numel": min_numel,
+            "exclude_dims": exclude_dims,
+        }
         _validate(defaults, type(self).__name__)
         # Random projections cached until their next refresh; rebuilt from (seed, step) on demand,
         # never saved. Keyed by parameter.

@@ -50,9 +50,7 @@ def matrix_shape(shape: Sequence[int]) -> tuple[int, int] | None:
     return int(shape[0]), int(math.prod(shape[1:]))
 
 
-def uses_apollo(
-    shape: Sequence[int], *, rank: int, min_numel: int = 0, exclude_dims: Iterable[int] = ()
-) -> bool:
+def uses_apollo(shape: Sequence[int], *, rank: int, min_numel: int = 0, exclude_dims: Iterable[int] = ()) -> bool:
     """Whether a parameter of ``shape`` is projected under these group options (see module doc)."""
     if rank <= 0 or len(shape) < 2:
         return False
@@ -102,7 +100,7 @@ def apollo_param_groups(
             raise ValueError(f"apollo_options/adamw_options must not set {key!r}")
     adamw_opts["rank"] = 0
 
-    used: dict[str, bool] = {pattern: False for pattern in (*include, *exclude)}
+    used: dict[str, bool] = dict.fromkeys((*include, *exclude), False)
     apollo_params: list[torch.nn.Parameter] = []
     apollo_names: list[str] = []
     adamw_params: list[torch.nn.Parameter] = []

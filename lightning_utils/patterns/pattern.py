@@ -24,7 +24,7 @@ import numbers
 import operator
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any, NamedTuple, Optional, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
@@ -45,7 +45,7 @@ class LayoutCoord(NamedTuple):
 PatternLayout = list[list[LayoutCoord]]
 
 
-def _as_int(name: str, value: Any, minimum: Optional[int] = None) -> int:
+def _as_int(name: str, value: Any, minimum: int | None = None) -> int:
     """``value`` as a Python int, or a ValueError naming ``name`` (bools are not integers here)."""
     if isinstance(value, bool):
         raise ValueError(f"{name} must be an integer, got {value!r}")
@@ -97,7 +97,9 @@ def _special_token_for(values: Tensor, special_token: Any) -> Any:
     """
     if isinstance(special_token, Tensor):
         if special_token.numel() != 1:
-            raise ValueError(f"special_token must be a number or a one-element tensor, got shape {tuple(special_token.shape)}")
+            raise ValueError(
+                f"special_token must be a number or a one-element tensor, got shape {tuple(special_token.shape)}"
+            )
         special_token = special_token.item()
     if isinstance(special_token, numbers.Integral) and not isinstance(special_token, bool):
         special_token = int(special_token)  # numpy integers too
@@ -121,9 +123,9 @@ class _IndexTable(NamedTuple):
 
     indexes: Tensor  # [K, N]; the value n_sources means "the special token"
     mask: Tensor  # [K, N]; True where a real value is read
-    gather: Optional[Tensor]  # [K * N] in-range indexes (None when there is nothing to read)
+    gather: Tensor | None  # [K * N] in-range indexes (None when there is nothing to read)
     fill: Tensor  # [K * N]; True where the special token goes
-    fill_index: Optional[Tensor]  # positions of ``fill`` when they are few (None: use ``fill``)
+    fill_index: Tensor | None  # positions of ``fill`` when they are few (None: use ``fill``)
     any_fill: bool
 
     @classmethod
@@ -136,7 +138,7 @@ class _IndexTable(NamedTuple):
         return cls(indexes, mask, gather, fill, fill_index, positions.numel() > 0)
 
     def to(self, device: torch.device) -> _IndexTable:
-        def move(x: Optional[Tensor]) -> Optional[Tensor]:
+        def move(x: Tensor | None) -> Tensor | None:
             return None if x is None else x.to(device)
 
         return _IndexTable(
@@ -267,7 +269,7 @@ class Pattern:
     def _init_caches(self) -> None:
         self._sequence_tables = _BoundedCache(100)
         self._timeline_tables = _BoundedCache(100)
-        self._layout: Optional[PatternLayout] = None
+        self._layout: PatternLayout | None = None
 
     # Caches are rebuilt on demand; pickles (e.g. in saved hyperparameters) carry only the layout.
     def __getstate__(self) -> dict[str, Any]:
@@ -314,7 +316,7 @@ class Pattern:
         """Whether step 0 is empty, i.e. every built sequence starts with the special token."""
         return self._steps.numel() == 0 or int(self._steps[0]) != 0
 
-    def get_sequence_coords_with_timestep(self, t: int, q: Optional[int] = None) -> list[tuple[int, LayoutCoord]]:
+    def get_sequence_coords_with_timestep(self, t: int, q: int | None = None) -> list[tuple[int, LayoutCoord]]:
         """``(step, coord)`` for every coordinate at timestep ``t`` (of codebook ``q`` if given), in step order."""
         hit = self._times == t
         if q is not None:
@@ -324,11 +326,11 @@ class Pattern:
             for s, tt, qq in zip(self._steps[hit].tolist(), self._times[hit].tolist(), self._codebooks[hit].tolist())
         ]
 
-    def get_steps_with_timestep(self, t: int, q: Optional[int] = None) -> list[int]:
+    def get_steps_with_timestep(self, t: int, q: int | None = None) -> list[int]:
         """The step of every coordinate at timestep ``t`` (of codebook ``q`` if given), in step order."""
         return [s for s, _ in self.get_sequence_coords_with_timestep(t, q)]
 
-    def get_first_step_with_timesteps(self, t: int, q: Optional[int] = None) -> Optional[int]:
+    def get_first_step_with_timesteps(self, t: int, q: int | None = None) -> int | None:
         """The first step holding timestep ``t`` (of codebook ``q`` if given), or None."""
         steps = self.get_steps_with_timestep(t, q)
         return steps[0] if steps else None
@@ -432,7 +434,6 @@ class Pattern:
         # Mostly special cells: one select over all of them. torch.where rather than
         # masked_fill_, whose parallel loop was ~100x slower on a busy 2-core machine.
         return torch.where(table.fill, torch.tensor(special_token, dtype=dtype, device=values.device), values)
-
 
     def build_pattern_sequence(
         self, z: Tensor, special_token: Any, keep_only_valid_steps: bool = False

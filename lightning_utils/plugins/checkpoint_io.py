@@ -40,7 +40,9 @@ class SafetensorsCheckpointIO(CheckpointIO):
         self._lock = threading.Condition()
         self._saving: dict[str, int] = {}
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None
+    ) -> None:
         if storage_options is not None:
             raise TypeError(
                 f"{type(self).__name__}.save_checkpoint got storage_options={storage_options!r}, but it takes none; "
@@ -58,7 +60,9 @@ class SafetensorsCheckpointIO(CheckpointIO):
                     del self._saving[key]
                 self._lock.notify_all()
 
-    def load_checkpoint(self, path: str | os.PathLike, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path: str | os.PathLike, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         if map_location is None:
             # Lightning's own default: keep every storage on CPU; the strategy moves state later.
             map_location = _keep_on_cpu
@@ -89,7 +93,9 @@ class AsyncCheckpointIO(_LightningAsyncCheckpointIO):
     stay shared in the saved file (Lightning's clones every tensor separately).
     """
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None
+    ) -> None:
         self._ensure_setup()
         assert self._executor is not None and self.checkpoint_io is not None
         snapshot = _snapshot(checkpoint)  # on the caller thread: later in-place updates are not saved
@@ -138,7 +144,9 @@ def _snapshot(obj: Any) -> Any:
             key = (t.device, storage.data_ptr(), storage.nbytes())
             if key not in storages or storage.nbytes() == 0:
                 storages[key] = storage.clone()
-            out = torch.empty(0, dtype=t.dtype, device=t.device).set_(storages[key], t.storage_offset(), t.shape, t.stride())
+            out = torch.empty(0, dtype=t.dtype, device=t.device).set_(
+                storages[key], t.storage_offset(), t.shape, t.stride()
+            )
             if neg:
                 out = out._neg_view()
             if conj:

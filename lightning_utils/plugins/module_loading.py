@@ -43,7 +43,9 @@ def load_from_checkpoint(
     from lightning.pytorch.utilities.migration import pl_legacy_patch
     from lightning.pytorch.utilities.migration.utils import _pl_migrate_checkpoint
 
-    checkpoint = load_state(path, map_location=map_location if map_location is not None else "cpu", weights_only=weights_only)
+    checkpoint = load_state(
+        path, map_location=map_location if map_location is not None else "cpu", weights_only=weights_only
+    )
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(f"{os.fspath(path)}: not a Lightning checkpoint (no 'state_dict' key)")
     with pl_legacy_patch():
@@ -72,7 +74,11 @@ def check_strategy_writes_through_checkpoint_io(strategy: Any, path_or_suffix: s
     Only safetensors targets are checked: a ``.ckpt`` under DeepSpeed is what the user gets
     from Lightning anyway.
     """
-    suffix = path_or_suffix if path_or_suffix.startswith(".") and os.sep not in path_or_suffix else os.path.splitext(path_or_suffix)[1]
+    suffix = (
+        path_or_suffix
+        if path_or_suffix.startswith(".") and os.sep not in path_or_suffix
+        else os.path.splitext(path_or_suffix)[1]
+    )
     try:
         if checkpoint_format("x" + suffix) != "safetensors":
             return

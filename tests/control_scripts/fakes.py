@@ -51,7 +51,9 @@ class FakeTrainer:
         self.callbacks: list[Any] = []
         self.max_steps = max_steps
         self.estimated_stepping_batches = max_steps
-        self.optimizers = optimizers if optimizers is not None else [torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)]
+        self.optimizers = (
+            optimizers if optimizers is not None else [torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)]
+        )
         self.lr_scheduler_configs: list[Any] = []
         self.precision_plugin = SimpleNamespace()
         self.precision = "32-true"

@@ -16,14 +16,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lightning_utils import distributed  # noqa: E402
+from lightning_utils import distributed
 
-BEFORE_INIT = {"global_rank": distributed.global_rank(), "world_size": distributed.world_size(),
-               "initialized": distributed.distributed_is_initialized()}
-
-from lightning.pytorch import Callback, Trainer  # noqa: E402
+BEFORE_INIT = {
+    "global_rank": distributed.global_rank(),
+    "world_size": distributed.world_size(),
+    "initialized": distributed.distributed_is_initialized(),
+}
 
 from control_scripts.tiny_model import TinyModule, TinyModuleWithVal  # noqa: E402
+from lightning.pytorch import Callback, Trainer  # noqa: E402
+
 from lightning_utils.callbacks.export_weights import ExportWeights  # noqa: E402
 from lightning_utils.callbacks.metrics_printer import MetricsPrinter  # noqa: E402
 from lightning_utils.callbacks.training_control import TrainingControl  # noqa: E402
@@ -35,17 +38,29 @@ class Dump(Callback):
         self.after_init: dict = {}
 
     def on_train_start(self, trainer, pl_module):
-        self.after_init = {"global_rank": distributed.global_rank(), "world_size": distributed.world_size(),
-                           "initialized": distributed.distributed_is_initialized(),
-                           "broadcast": distributed.broadcast_object(f"from rank {trainer.global_rank}")}
+        self.after_init = {
+            "global_rank": distributed.global_rank(),
+            "world_size": distributed.world_size(),
+            "initialized": distributed.distributed_is_initialized(),
+            "broadcast": distributed.broadcast_object(f"from rank {trainer.global_rank}"),
+        }
 
     def on_train_end(self, trainer, pl_module):
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps({
-            "rank": trainer.global_rank, "global_step": trainer.global_step, "lr_trace": pl_module.lr_trace,
-            "evals": pl_module.evals, "val_steps": pl_module.val_steps, "before_init": BEFORE_INIT, "after_init": self.after_init,
-            "checkpoints": sorted(p.name for p in (Path(trainer.default_root_dir) / "checkpoints").glob("*")),
-        }))
+        (self.out / f"rank{trainer.global_rank}.json").write_text(
+            json.dumps(
+                {
+                    "rank": trainer.global_rank,
+                    "global_step": trainer.global_step,
+                    "lr_trace": pl_module.lr_trace,
+                    "evals": pl_module.evals,
+                    "val_steps": pl_module.val_steps,
+                    "before_init": BEFORE_INIT,
+                    "after_init": self.after_init,
+                    "checkpoints": sorted(p.name for p in (Path(trainer.default_root_dir) / "checkpoints").glob("*")),
+                }
+            )
+        )
 
 
 def main() -> None:
@@ -69,13 +84,28 @@ def main() -> None:
         eval_fn=None if args.lightning_val else (lambda trainer, module: module.evals.append(trainer.global_step)),
     )
     ddp = {"strategy": "ddp", "devices": 2} if args.devices == 2 else {"devices": 1}
-    val = {"limit_val_batches": 2, "val_check_interval": 10_000, "check_val_every_n_epoch": None,
-           "num_sanity_val_steps": 0}
+    val = {
+        "limit_val_batches": 2,
+        "val_check_interval": 10_000,
+        "check_val_every_n_epoch": None,
+        "num_sanity_val_steps": 0,
+    }
     trainer = Trainer(
-        accelerator="cpu", **ddp, **val, max_steps=args.max_steps, default_root_dir=root, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[control, Dump(root / "out"), MetricsPrinter(path=root / "metrics.jsonl", window=5),
-                   ExportWeights(dirpath=root / "export", dtype="bf16")],
+        accelerator="cpu",
+        **ddp,
+        **val,
+        max_steps=args.max_steps,
+        default_root_dir=root,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[
+            control,
+            Dump(root / "out"),
+            MetricsPrinter(path=root / "metrics.jsonl", window=5),
+            ExportWeights(dirpath=root / "export", dtype="bf16"),
+        ],
     )
     trainer.fit(model)
     if trainer.is_global_zero:

@@ -26,8 +26,12 @@ class Driven:
 
     def __init__(self, args: list[str], stdin=subprocess.PIPE, env=None, **popen):
         self.proc = subprocess.Popen(
-            [sys.executable, str(SCRIPT), *args], stdin=stdin, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, env=env or child_env(),
+            [sys.executable, str(SCRIPT), *args],
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env or child_env(),
             start_new_session=True,  # its own process group: a timeout kills DDP children too
             **popen,
         )

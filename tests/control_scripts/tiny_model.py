@@ -15,8 +15,15 @@ from torch.utils.data import DataLoader, TensorDataset
 class TinyModule(LightningModule):
     """Linear(4 -> 1) on fixed random data; records (step, lr) after every optimizer step."""
 
-    def __init__(self, lr: float = 0.1, sleep: float = 0.0, print_steps: bool = False, with_val: bool = False,
-                 n: int = 64, batch_size: int = 4):
+    def __init__(
+        self,
+        lr: float = 0.1,
+        sleep: float = 0.0,
+        print_steps: bool = False,
+        with_val: bool = False,
+        n: int = 64,
+        batch_size: int = 4,
+    ):
         super().__init__()
         self.save_hyperparameters()
         self.layer = torch.nn.Linear(4, 1)
@@ -52,10 +59,17 @@ class TinyModule(LightningModule):
         return DataLoader(TensorDataset(self.x, self.y), batch_size=self.hparams.batch_size)
 
     def dump(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(json.dumps({
-            "rank": self.trainer.global_rank, "global_step": self.trainer.global_step,
-            "lr_trace": self.lr_trace, "evals": self.evals, "val_steps": self.val_steps,
-        }))
+        Path(path).write_text(
+            json.dumps(
+                {
+                    "rank": self.trainer.global_rank,
+                    "global_step": self.trainer.global_step,
+                    "lr_trace": self.lr_trace,
+                    "evals": self.evals,
+                    "val_steps": self.val_steps,
+                }
+            )
+        )
 
 
 class TinyModuleWithVal(TinyModule):

@@ -47,8 +47,15 @@ def main():
     model = LM()
     callbacks = [ActivationOffload(target=Block)] if mode == "offload" else []
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_steps=3, callbacks=callbacks, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=3,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     trainer.fit(model)
     torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, out / f"rank{trainer.global_rank}.pt")

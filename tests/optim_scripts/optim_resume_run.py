@@ -16,9 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-from optim_lm import VOCAB, TinyLM, TokenData  # noqa: E402
+import lightning as L
+import torch
+from optim_lm import VOCAB, TinyLM, TokenData
 
 
 class StepDataLM(TinyLM):
@@ -62,7 +62,7 @@ def main() -> None:
     plugins = []
     # Lightning's own CheckpointIO unless a .sft file is written or read (the plugin writes
     # .ckpt files in torch's format too)
-    if ".sft" in suffixes and args.save_dir is not None or args.resume is not None and args.resume.suffix == ".sft":
+    if (".sft" in suffixes and args.save_dir is not None) or (args.resume is not None and args.resume.suffix == ".sft"):
         from lightning_utils.plugins import SafetensorsCheckpointIO
 
         plugins.append(SafetensorsCheckpointIO())

@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from samplers_harness import (  # noqa: E402
+from samplers_harness import (
     RecordingModel,
     ckpt_for_step,
     every_n_steps_checkpoint,

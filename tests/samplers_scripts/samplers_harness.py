@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import lightning as L
 import torch
@@ -58,7 +59,30 @@ class NoLenRandomSampler(RandomSampler):
 
 
 def _buckets() -> dict[int, list[tuple[str, float]]]:
-    durations = [1.0, 1.0, 1.5, 2.0, 2.0, 2.5, 3.0, 3.0, 3.5, 4.0, 4.0, 4.5, 5.0, 5.0, 6.0, 6.0, 7.0, 8.0, 8.0, 9.0, 9.5, 10.0]
+    durations = [
+        1.0,
+        1.0,
+        1.5,
+        2.0,
+        2.0,
+        2.5,
+        3.0,
+        3.0,
+        3.5,
+        4.0,
+        4.0,
+        4.5,
+        5.0,
+        5.0,
+        6.0,
+        6.0,
+        7.0,
+        8.0,
+        8.0,
+        9.0,
+        9.5,
+        10.0,
+    ]
     buckets: dict[int, list[tuple[str, float]]] = {}
     for i, d in enumerate(durations):
         buckets.setdefault(int(round(d)), []).append((f"item{i}", d))
@@ -73,18 +97,26 @@ def make_loader(kind: str, num_workers: int = 0, **replicas: Any) -> ResumableDa
     if kind == "random":
         return ResumableDataLoader(ds, batch_size=BATCH_SIZE, sampler=RandomSampler(len(ds), seed=7, **replicas), **kw)
     if kind == "random_nolen":
-        return ResumableDataLoader(ds, batch_size=BATCH_SIZE, sampler=NoLenRandomSampler(len(ds), seed=7, **replicas), **kw)
+        return ResumableDataLoader(
+            ds, batch_size=BATCH_SIZE, sampler=NoLenRandomSampler(len(ds), seed=7, **replicas), **kw
+        )
     if kind == "pool":
-        return ResumableDataLoader(ds, batch_size=BATCH_SIZE, sampler=PoolSampler(range(len(ds)), seed=5, **replicas), **kw)
+        return ResumableDataLoader(
+            ds, batch_size=BATCH_SIZE, sampler=PoolSampler(range(len(ds)), seed=5, **replicas), **kw
+        )
     if kind == "batched":
-        sampler = BatchedOrderedSampler(_buckets(), max_duration=12, max_batch_size=4, shuffle=True, drop_last=False, seed=3, **replicas)
+        sampler = BatchedOrderedSampler(
+            _buckets(), max_duration=12, max_batch_size=4, shuffle=True, drop_last=False, seed=3, **replicas
+        )
         return ResumableDataLoader(ds, batch_sampler=sampler, **kw)
     if kind == "default_shuffle":
         return ResumableDataLoader(ds, batch_size=BATCH_SIZE, shuffle=True, drop_last=True, **kw)
     raise ValueError(kind)
 
 
-def make_trainer(root: str, *, max_epochs: int = 2, max_steps: int = -1, callbacks: Optional[list] = None, **kw: Any) -> L.Trainer:
+def make_trainer(
+    root: str, *, max_epochs: int = 2, max_steps: int = -1, callbacks: list | None = None, **kw: Any
+) -> L.Trainer:
     kw.setdefault("accelerator", "cpu")
     kw.setdefault("devices", 1)
     return L.Trainer(
@@ -101,7 +133,7 @@ def make_trainer(root: str, *, max_epochs: int = 2, max_steps: int = -1, callbac
     )
 
 
-def fit(loader_factory: Callable[[], ResumableDataLoader], root: str, ckpt_path: Optional[str] = None, **trainer_kw: Any):
+def fit(loader_factory: Callable[[], ResumableDataLoader], root: str, ckpt_path: str | None = None, **trainer_kw: Any):
     model = RecordingModel()
     trainer = make_trainer(root, **trainer_kw)
     trainer.fit(model, train_dataloaders=loader_factory(), ckpt_path=ckpt_path)

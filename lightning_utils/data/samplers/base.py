@@ -21,7 +21,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 from torch.utils.data.distributed import DistributedSampler
 
@@ -43,8 +43,8 @@ class Pass:
     start: int  # global position the pass starts at
     num_replicas: int
     rank: int
-    length: Optional[int]  # units this rank yields; None for an endless sampler
-    epoch_arg: Optional[int] = None  # the last ``set_epoch`` value in force (None: never called)
+    length: int | None  # units this rank yields; None for an endless sampler
+    epoch_arg: int | None = None  # the last ``set_epoch`` value in force (None: never called)
 
 
 class ResumableSampler(DistributedSampler):
@@ -59,22 +59,22 @@ class ResumableSampler(DistributedSampler):
     _ENDLESS: ClassVar[bool] = False
     _SHUFFLES: ClassVar[bool] = False
 
-    def __init__(self, *, num_replicas: Optional[int], rank: Optional[int], drop_last: bool, seed: int) -> None:
+    def __init__(self, *, num_replicas: int | None, rank: int | None, drop_last: bool, seed: int) -> None:
         # Deliberately no DistributedSampler.__init__: see the module docstring.
         self._num_replicas_arg, self._rank_arg = check_replica_args(num_replicas, rank)
         self._drop_last = bool(drop_last)
         self._seed = operator.index(seed)
-        self._perm: Optional[KeyedPermutation] = None  # the last permutation asked for, reused
+        self._perm: KeyedPermutation | None = None  # the last permutation asked for, reused
         self._epoch = 0
         self._pos = 0  # committed position; a running pass adds what its cursor has yielded
-        self._cursor: Optional[tuple[Any, int, int, int, int]] = None
-        self._requested_epoch: Optional[int] = None
+        self._cursor: tuple[Any, int, int, int, int] | None = None
+        self._requested_epoch: int | None = None
         # The last set_epoch value that took effect. A later set_epoch is compared with it, not
         # with the running epoch, which runs ahead when a pass rolls over on its own (a short
         # loader cycled by CombinedLoader): Lightning's set_epoch(same) must not reset that.
-        self._epoch_arg: Optional[int] = None
+        self._epoch_arg: int | None = None
         self._token = object()  # identifies the pass allowed to advance ``_position``
-        self._last_num_replicas: Optional[int] = None
+        self._last_num_replicas: int | None = None
 
     def _keyed_permutation(self, n: int, epoch: int) -> KeyedPermutation:
         """The keyed permutation of ``range(n)`` for ``epoch``, cached until another one is asked for."""
@@ -165,7 +165,7 @@ class ResumableSampler(DistributedSampler):
             raise ValueError(f"{type(self).__name__}.set_epoch: epoch must be >= 0, got {epoch}")
         self._requested_epoch = epoch
 
-    def _pending_epoch(self) -> Optional[int]:
+    def _pending_epoch(self) -> int | None:
         """The epoch a pending ``set_epoch`` switches to, or ``None`` if it changes nothing."""
         requested = self._requested_epoch
         if requested is None:
@@ -173,7 +173,7 @@ class ResumableSampler(DistributedSampler):
         base = self._epoch if self._epoch_arg is None else self._epoch_arg
         return None if requested == base else requested
 
-    def _current_epoch_arg(self) -> Optional[int]:
+    def _current_epoch_arg(self) -> int | None:
         return self._epoch_arg if self._requested_epoch is None else self._requested_epoch
 
     def _effective(self) -> tuple[int, int]:
@@ -238,7 +238,7 @@ class ResumableSampler(DistributedSampler):
 
     # -- state ---------------------------------------------------------------------------------
     def _make_state(
-        self, epoch: int, position: int, num_replicas: Optional[int], epoch_arg: Optional[int] = None
+        self, epoch: int, position: int, num_replicas: int | None, epoch_arg: int | None = None
     ) -> dict[str, Any]:
         state: dict[str, Any] = {"sampler": self._STATE_NAME, "version": _STATE_VERSION}
         state.update(self._identity())
@@ -257,7 +257,7 @@ class ResumableSampler(DistributedSampler):
             position = max(position, plan.start + plan.num_replicas * plan.length)
         return self._make_state(plan.epoch, position, plan.num_replicas, plan.epoch_arg)
 
-    def _check_state(self, state: Any) -> tuple[int, int, Optional[int]]:
+    def _check_state(self, state: Any) -> tuple[int, int, int | None]:
         name = self._STATE_NAME
         if not isinstance(state, Mapping):
             raise ValueError(f"{name}.load_state_dict expects a dict, got {type(state).__name__}")
@@ -293,7 +293,9 @@ class ResumableSampler(DistributedSampler):
             try:
                 epoch_arg = operator.index(epoch_arg)
             except TypeError:
-                raise ValueError(f"{name}.load_state_dict: set_epoch must be an int or None, got {epoch_arg!r}") from None
+                raise ValueError(
+                    f"{name}.load_state_dict: set_epoch must be an int or None, got {epoch_arg!r}"
+                ) from None
         return values[0], values[1], epoch_arg
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

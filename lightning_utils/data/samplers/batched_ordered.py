@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Iterable, Mapping
-from typing import Any, ClassVar, Literal, Optional
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -27,21 +27,23 @@ from lightning_utils.data.samplers.pool import default_seed
 __all__ = ["BatchedOrderedSampler"]
 
 
-def _limit(value: Optional[float], name: str) -> Optional[float]:
+def _limit(value: float | None, name: str) -> float | None:
     """``None`` or a negative value disables a limit; 0 is an error (it would allow nothing)."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         raise TypeError(f"BatchedOrderedSampler: {name} must be a number or None, got {value!r}")
     if value == 0:
-        raise ValueError(f"BatchedOrderedSampler: {name}=0 allows no batch at all; use None (or a negative value) for no limit")
+        raise ValueError(
+            f"BatchedOrderedSampler: {name}=0 allows no batch at all; use None (or a negative value) for no limit"
+        )
     return None if value < 0 else value
 
 
 def build_batches(
     buckets: Mapping[Any, Iterable[Any]] | Iterable[Iterable[Any]],
-    max_duration: Optional[float],
-    max_batch_size: Optional[int],
+    max_duration: float | None,
+    max_batch_size: int | None,
     drop_last: bool,
     cost: Literal["padded", "sum"] = "padded",
 ) -> list[list[int]]:
@@ -65,7 +67,9 @@ def build_batches(
                 ) from None
             if not duration >= 0 or math.isinf(duration):
                 where = f"bucket {keys[g]!r}" if keys is not None else f"bucket #{g}"
-                raise ValueError(f"BatchedOrderedSampler: {where}, entry {j} has duration {duration}; need a finite value >= 0")
+                raise ValueError(
+                    f"BatchedOrderedSampler: {where}, entry {j} has duration {duration}; need a finite value >= 0"
+                )
             if batch:
                 size = len(batch) + 1
                 new_cost = max(longest, duration) * size if cost == "padded" else total + duration
@@ -122,15 +126,15 @@ class BatchedOrderedSampler(ResumableSampler):
     def __init__(
         self,
         buckets: Mapping[Any, Iterable[Any]] | Iterable[Iterable[Any]],
-        max_duration: Optional[float] = None,
-        max_batch_size: Optional[int] = None,
+        max_duration: float | None = None,
+        max_batch_size: int | None = None,
         shuffle: bool = False,
         drop_last: bool = True,
-        seed: Optional[int] = None,
+        seed: int | None = None,
         *,
         cost: Literal["padded", "sum"] = "padded",
-        num_replicas: Optional[int] = None,
-        rank: Optional[int] = None,
+        num_replicas: int | None = None,
+        rank: int | None = None,
     ) -> None:
         if cost not in ("padded", "sum"):
             raise ValueError(f"BatchedOrderedSampler: cost must be 'padded' or 'sum', got {cost!r}")
@@ -154,7 +158,7 @@ class BatchedOrderedSampler(ResumableSampler):
     def shuffle(self) -> bool:  # type: ignore[override]
         return self._shuffle
 
-    def order(self, epoch: int) -> Optional[KeyedPermutation]:
+    def order(self, epoch: int) -> KeyedPermutation | None:
         """The batch permutation of ``epoch`` (``None`` when not shuffling)."""
         if not self._shuffle:
             return None

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sized
-from typing import Any, ClassVar, Optional, Union
+from typing import Any, ClassVar
 
 from lightning_utils.data.samplers.base import ResumableSampler
 
 __all__ = ["OrderedSampler"]
 
 
-def _length_of(length: Union[int, Sized], owner: str) -> int:
+def _length_of(length: int | Sized, owner: str) -> int:
     if isinstance(length, Sized) and not isinstance(length, (str, bytes)):
         length = len(length)
     try:
@@ -43,10 +43,10 @@ class OrderedSampler(ResumableSampler):
 
     def __init__(
         self,
-        length: Union[int, Sized],
+        length: int | Sized,
         *,
-        num_replicas: Optional[int] = None,
-        rank: Optional[int] = None,
+        num_replicas: int | None = None,
+        rank: int | None = None,
         drop_last: bool = False,
     ) -> None:
         self.length = _length_of(length, "OrderedSampler")

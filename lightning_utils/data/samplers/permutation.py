@@ -52,7 +52,7 @@ class KeyedPermutation:
     once with torch integer ops (well under a microsecond per position).
     """
 
-    __slots__ = ("n", "seed", "epoch", "_half", "_hmask", "_keys")
+    __slots__ = ("_half", "_hmask", "_keys", "epoch", "n", "seed")
 
     def __init__(self, n: int, seed: int, epoch: int = 0) -> None:
         n = operator.index(n)

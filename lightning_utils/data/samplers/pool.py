@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 import torch
 
@@ -50,10 +50,10 @@ class PoolSampler(ResumableSampler):
         self,
         pool: Sequence[Any],
         keep_all: bool = False,
-        seed: Optional[int] = None,
+        seed: int | None = None,
         *,
-        num_replicas: Optional[int] = None,
-        rank: Optional[int] = None,
+        num_replicas: int | None = None,
+        rank: int | None = None,
     ) -> None:
         try:
             self.length = len(pool)
@@ -107,7 +107,7 @@ class PoolSampler(ResumableSampler):
         return self._position % self.length if self.length else 0
 
     # -- the original's single-draw API -------------------------------------------------------------
-    def sample(self, pool: Optional[Sequence[Any]] = None) -> Any:
+    def sample(self, pool: Sequence[Any] | None = None) -> Any:
         """Draw one item for this rank; ``pool`` maps the drawn index into another sequence."""
         if self.length == 0:
             raise IndexError("PoolSampler.sample: the pool is empty")
@@ -123,7 +123,7 @@ class PoolSampler(ResumableSampler):
     __call__ = sample
 
     def _make_state(
-        self, epoch: int, position: int, num_replicas: Optional[int], epoch_arg: Optional[int] = None
+        self, epoch: int, position: int, num_replicas: int | None, epoch_arg: int | None = None
     ) -> dict[str, Any]:
         bag_epoch = position // self.length if self.length else 0  # derived, informational
         return super()._make_state(bag_epoch, position, num_replicas, None)

@@ -9,7 +9,7 @@ integers. This module must never call ``torch.randperm`` or touch global RNG sta
 from __future__ import annotations
 
 from collections.abc import Sized
-from typing import Any, ClassVar, Optional, Union
+from typing import Any, ClassVar
 
 import torch
 
@@ -37,11 +37,11 @@ class RandomSampler(ResumableSampler):
 
     def __init__(
         self,
-        length: Union[int, Sized],
+        length: int | Sized,
         seed: int = 0,
         *,
-        num_replicas: Optional[int] = None,
-        rank: Optional[int] = None,
+        num_replicas: int | None = None,
+        rank: int | None = None,
         drop_last: bool = False,
     ) -> None:
         self.length = _length_of(length, "RandomSampler")

@@ -9,14 +9,13 @@ pass instead. This module must never initialise a process group or cache a world
 from __future__ import annotations
 
 import operator
-from typing import Optional
 
 import torch.distributed as dist
 
 __all__ = ["check_replica_args", "resolve_replicas"]
 
 
-def check_replica_args(num_replicas: Optional[int], rank: Optional[int]) -> tuple[Optional[int], Optional[int]]:
+def check_replica_args(num_replicas: int | None, rank: int | None) -> tuple[int | None, int | None]:
     """Validate explicit ``num_replicas`` / ``rank`` arguments (``None`` means: ask torch.distributed later)."""
     if num_replicas is not None:
         num_replicas = operator.index(num_replicas)
@@ -31,7 +30,7 @@ def check_replica_args(num_replicas: Optional[int], rank: Optional[int]) -> tupl
     return num_replicas, rank
 
 
-def resolve_replicas(num_replicas: Optional[int], rank: Optional[int]) -> tuple[int, int]:
+def resolve_replicas(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
     """Fill in missing ``num_replicas`` / ``rank`` from an initialised process group, else ``(1, 0)``."""
     if num_replicas is None or rank is None:
         if dist.is_available() and dist.is_initialized():
