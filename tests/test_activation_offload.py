@@ -9,8 +9,8 @@ import pickle
 import lightning.pytorch as pl
 import pytest
 import torch
-from cpu_trainer import OptimizerHoldsModelParameters, cpu_trainer
-from free_port import free_port
+from helpers.lightning import OptimizerHoldsModelParameters, cpu_trainer
+from helpers.ports import free_port
 from torch import nn
 
 from lightning_utils.callbacks.activation_offload import ActivationOffload

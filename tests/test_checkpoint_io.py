@@ -8,7 +8,8 @@ import time
 import lightning.pytorch as pl
 import pytest
 import torch
-from io_fixtures import CountingCallback, TinyModule, loader, trainer
+from helpers.lightning import cpu_trainer
+from helpers.models import CountingCallback, TinyModule, loader
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 from test_io_roundtrip import assert_same
@@ -26,7 +27,7 @@ from lightning_utils.plugins import (
 def _fit(tmp, max_steps, callbacks, ckpt_path=None, plugins=None):
     pl.seed_everything(0)
     model = TinyModule()
-    t = trainer(tmp, max_steps=max_steps, callbacks=callbacks, plugins=plugins)
+    t = cpu_trainer(tmp, max_steps=max_steps, callbacks=callbacks, plugins=plugins)
     t.fit(model, loader(), ckpt_path=ckpt_path)
     return t, model
 

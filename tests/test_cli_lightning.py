@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("jsonargparse", reason="LightningCLI needs jsonargparse[signatures] (the cli extra)")
 yaml = pytest.importorskip("yaml")
 
-from free_port import free_port
+from helpers.ports import free_port
 
 import lightning_utils.cli.lightning as cli_lightning
 from lightning_utils.cli import main

@@ -651,7 +651,7 @@ def test_load_from_checkpoint_follows_lightning_for_hparams_file_and_overrides(t
     ``_load_from_checkpoint``: ``hparams_file=`` is swallowed by ``**kwargs`` and silently
     ignored (Lightning replaces the saved hparams with the file), and keyword overrides are not
     merged into ``checkpoint["hyper_parameters"]`` before ``on_load_checkpoint`` sees it."""
-    from io_fixtures import TinyModule
+    from helpers.models import TinyModule
 
     from lightning_utils.plugins import load_from_checkpoint
 

@@ -7,7 +7,7 @@ import sys
 import lightning.pytorch as pl
 import pytest
 import torch
-from cpu_trainer import OptimizerHoldsModelParameters, cpu_trainer
+from helpers.lightning import OptimizerHoldsModelParameters, cpu_trainer
 from torch import nn
 
 from lightning_utils.callbacks.replace_modules import ReplaceModules

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from free_port import free_port
+from helpers.ports import free_port
 
 SCRIPT = Path(__file__).parent / "samplers_scripts" / "ddp_resume.py"
 RESUME_STEPS = {"random": [2, 4], "batched": [3]}

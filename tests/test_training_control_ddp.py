@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from control_scripts.proc import Driven, child_env
-from free_port import free_port
+from helpers.ports import free_port
 
 pytestmark = pytest.mark.ddp
 

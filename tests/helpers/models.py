@@ -1,4 +1,4 @@
-"""A tiny LightningModule, data and a stateful callback shared by the checkpoint-I/O tests."""
+"""The tiny LightningModule, its data and a stateful callback that the Lightning tests share."""
 
 from __future__ import annotations
 
@@ -52,12 +52,3 @@ def loader(n: int = 32, batch_size: int = 4) -> DataLoader:
     x = torch.randn(n, 4, generator=g)
     y = x.sum(dim=1, keepdim=True)
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
-
-
-def trainer(tmp: pathlib.Path, **kwargs: Any) -> pl.Trainer:
-    defaults: dict[str, Any] = {
-        "default_root_dir": tmp, "accelerator": "cpu", "devices": 1, "logger": False, "enable_progress_bar": False,
-        "enable_model_summary": False, "max_epochs": -1, "deterministic": True,
-    }  # fmt: skip
-    defaults.update(kwargs)
-    return pl.Trainer(**defaults)
