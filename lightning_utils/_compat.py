@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import importlib.machinery
+import inspect
 import sys
 import warnings
 from types import ModuleType
@@ -60,7 +61,8 @@ def _caller_stacklevel() -> int:
     ``warnings.warn`` does not count the import machinery's frames, so neither does this; the
     ``__getattr__`` of a package that forwards a moved name is skipped too.
     """
-    frame = sys._getframe(1)
+    frame = inspect.currentframe()
+    frame = frame.f_back if frame is not None else None
     level = 1
     while frame is not None:
         filename = frame.f_code.co_filename
@@ -69,7 +71,7 @@ def _caller_stacklevel() -> int:
             if filename != __file__ and frame.f_code.co_name != "__getattr__":
                 return level
             level += 1
-        frame = frame.f_back  # type: ignore[assignment]
+        frame = frame.f_back
     return 1
 
 
