@@ -186,7 +186,8 @@ def _loaded_classes(*names: tuple[str, str]) -> tuple[type, ...]:
 
 
 def _callers_of_caller() -> Iterator[FrameType]:
-    """The frames from the caller of our caller outward, at most ``_SEARCH_DEPTH`` of them."""
+    """Frames up the stack, at most ``_SEARCH_DEPTH``, starting at the caller of the caller of the
+    function iterating this generator (so the loader method that called that function is skipped)."""
     frame = inspect.currentframe()
     for _ in range(3):  # from this generator's frame past the function iterating it and its caller
         frame = frame.f_back if frame is not None else None
