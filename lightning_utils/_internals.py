@@ -19,10 +19,13 @@ import inspect
 import sys
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lightning.pytorch.cli import LightningCLI
 
 __all__ = ["PRIVATE_NAMES", "PrivateName", "missing_private_names"]
 
@@ -335,7 +338,66 @@ _MODULES: tuple[PrivateName, ...] = ()
 _CONTROL: tuple[PrivateName, ...] = ()
 
 # -- optim, cli and everything else -------------------------------------------------------------
-_OTHER: tuple[PrivateName, ...] = ()
+# torch's multi-tensor ("foreach") kernels that Apollo's step batches its elementwise work with.
+_FOREACH_OPS = (
+    "_foreach_add_",
+    "_foreach_addcdiv_",
+    "_foreach_addcmul_",
+    "_foreach_copy_",
+    "_foreach_div_",
+    "_foreach_lerp_",
+    "_foreach_mul_",
+    "_foreach_sqrt",
+)
+
+_OTHER: tuple[PrivateName, ...] = (
+    PrivateName(
+        module="lightning.pytorch.cli",
+        attribute="LightningCLI._parse_ckpt_path",
+        used_by="lightning_utils.cli.lightning, through lightning_cli_class() below",
+        why="LightningCLI calls this method after parsing the arguments and before instantiating the "
+        "classes, to re-read the model's saved hyperparameters from --ckpt_path with torch.load, which "
+        "cannot read a safetensors .sft checkpoint; the override reads .sft files with lightning_utils.io "
+        "and leaves every other file to Lightning's own method",
+        public="LightningCLI.parse_arguments and before_instantiate_classes are public hooks that run "
+        "before and after this step, but neither replaces it: Lightning's torch.load of the .sft file would "
+        "still run (and fail) in between unless ckpt_path were hidden from the config and restored, which "
+        "depends on the same private ordering and is harder to follow",
+    ),
+    *(
+        PrivateName(
+            module="torch",
+            attribute=name,
+            used_by="lightning_utils.optim.apollo",
+            why="Apollo's step updates every tensor of a param group in one multi-tensor kernel per "
+            "operation (moments, limiter, update, weight decay), as torch.optim.AdamW(foreach=True) does",
+            public="the public per-tensor in-place ops give the same values but one kernel launch per "
+            "tensor, which makes the step several times slower on models with many small tensors; torch "
+            "has no public multi-tensor API",
+        )
+        for name in _FOREACH_OPS
+    ),
+)
+
+
+def lightning_cli_class(read_ckpt_hparams: Callable[[LightningCLI], bool]) -> type[LightningCLI]:
+    """A ``LightningCLI`` subclass that offers its ``--ckpt_path`` hyperparameter step to
+    ``read_ckpt_hparams(cli)`` first.
+
+    LightningCLI re-reads the model's saved hyperparameters from ``--ckpt_path`` after parsing
+    the arguments and before instantiating the classes. In the returned class that step calls
+    ``read_ckpt_hparams(cli)``, which updates ``cli.config`` and returns True for a file it
+    handles, or returns False to leave the file to Lightning's own code (``torch.load``).
+    """
+    from lightning.pytorch.cli import LightningCLI
+
+    class _LightningUtilsCLI(LightningCLI):
+        def _parse_ckpt_path(self) -> None:
+            if not read_ckpt_hparams(self):
+                super()._parse_ckpt_path()
+
+    return _LightningUtilsCLI
+
 
 PRIVATE_NAMES: tuple[PrivateName, ...] = (*_DATA, *_IO, *_MODULES, *_CONTROL, *_OTHER)
 
