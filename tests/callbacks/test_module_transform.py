@@ -188,14 +188,33 @@ def test_shared_arguments_are_read_the_same_way():
     assert CompileModules(backend="eager").target is None  # the LightningModule itself
 
 
-def test_verbose_logs_what_each_callback_did(caplog):
-    net = nn.Sequential(_Block(), _Block())
-    with caplog.at_level(logging.INFO, logger="lightning_utilities.core.rank_zero"):
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def test_verbose_logs_what_each_callback_did():
+    from lightning_utilities.core import rank_zero
+
+    handler = _Records()
+    logger = rank_zero.log  # where rank_zero_info writes (Lightning puts its own logger there)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        net = nn.Sequential(_Block(), _Block())
         ReplaceModules(nn.Linear, MyLinear, verbose=True).apply(net)
         ActivationOffload(target=_Block, verbose=True).apply(net)
         CompileModules(target=_Block, backend="eager", verbose=True).apply(net)
         ActivationOffload(target=_Block, verbose=False).apply(nn.Sequential(_Block()))
-    assert [r.getMessage() for r in caplog.records] == [
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert [r.getMessage() for r in handler.records] == [
         "ReplaceModules: replaced 4 modules with ['MyLinear']: 0.fc1, 0.fc2, 1.fc1, 1.fc2",
         "ActivationOffload: wrapped 2 modules: 0, 1",
         "CompileModules: compiled ['0', '1']",
