@@ -155,8 +155,8 @@ class TrainingControl(Callback):
     Steps are optimizer steps (``trainer.global_step``): with gradient accumulation, commands
     run once per step, not once per micro-batch. Pending schedules and the last save/eval/export
     steps are saved in checkpoints; right after a resume nothing is re-saved at the resumed step.
-    The cadences are kept in :attr:`cadence` and the switches in :attr:`flags`; the constructor
-    arguments of the same names read them.
+    The cadences are kept in :attr:`cadence` and the switches in :attr:`flags`; read-only
+    attributes named like the constructor arguments (``save_on_quit``...) read them.
     """
 
     save_every_n_steps = _setting("cadence", "save_every_n_steps")
@@ -398,8 +398,11 @@ class TrainingControl(Callback):
         self, trainer: Trainer, pl_module: LightningModule, previous: int, step: int, lines: list[str]
     ) -> None:
         """A step boundary: the cadences, the commands read, the schedules due, then the step-end actions."""
-        reading = _Reading(step=step, first_open_step=step, wanted=self.cadence.due(previous, step))
-        for cmd in self._parse(lines):
+        periodic = self.cadence.due(previous, step)
+        if not (lines or periodic or any(previous < when <= step for _, when in self.events)):
+            return  # most boundaries: nothing read, nothing due
+        reading = _Reading(step=step, first_open_step=step, wanted=periodic)
+        for cmd in self._parse(lines):  # first: an 'event clear' typed now drops what is due now too
             self._take(trainer, cmd, actions_at_step(cmd, self.flags), reading)
         for cmd in self._pop_due_events(previous, step):
             self._info(f"scheduled '{cmd}' due at step {step}")

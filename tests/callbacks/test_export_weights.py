@@ -106,7 +106,7 @@ def test_training_control_default_exporter(tmp_path):
     trainer = holder["t"] = cpu_trainer(tmp_path, [control], max_steps=2)
     trainer.fit(RecordingModule())
     assert load_file(tmp_path / "export" / "weights-step=1.sft")["layer.weight"].dtype == torch.float32
-    assert (tmp_path / "checkpoints" / "step=1.ckpt").is_file()  # save_on_export (the original's behaviour)
+    assert (tmp_path / "checkpoints" / "step=1.ckpt").is_file()  # save_on_export, on by default
 
 
 def test_only_global_rank_zero_writes(tmp_path):

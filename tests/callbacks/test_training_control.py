@@ -71,6 +71,13 @@ def test_schedules_run_at_their_step_and_past_ones_are_reported(tmp_path, caplog
     assert control.events == []
 
 
+def test_event_clear_typed_at_a_due_step_drops_what_is_due(tmp_path):
+    # typed commands act before the schedules due at the same boundary are taken
+    control, trainer = make(tmp_path, {1: ["save@3", "lr 0.5@3"], 3: ["event clear"]}, save_on_train_end=False)
+    assert drive(control, trainer, 4) == []
+    assert trainer.optimizers[0].param_groups[0]["lr"] == 0.1
+
+
 def test_event_show_and_clear(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger=LOGGER)
     control, trainer = make(
@@ -227,6 +234,22 @@ def test_check_every_n_steps_still_fires_schedules_on_time(tmp_path):
     # polls at steps 0 (pre-loop), 2, 4: the 'quit' queued for step 3 is read at step 4
     assert trace == [("save", 3), ("save", 4), ("quit", 4)]
     assert source.polls == 3
+
+
+def test_docstring_shows_the_rules_table_and_grouped_settings_keep_the_argument_names():
+    import dataclasses
+    import inspect
+
+    from lightning_utils.control.dispatch import ActionFlags, Cadence, actions_table
+
+    assert actions_table() in inspect.cleandoc(TrainingControl.__doc__), "paste dispatch.actions_table() into it"
+    parameters = inspect.signature(TrainingControl).parameters
+    control = TrainingControl(source=None, signal=None, save_every_n_steps=7, export_on_quit=True)
+    for group, cls in (("flags", ActionFlags), ("cadence", Cadence)):
+        for f in dataclasses.fields(cls):
+            assert parameters[f.name].default == f.default  # the same argument, the same default
+            assert getattr(control, f.name) == getattr(getattr(control, group), f.name)
+    assert control.save_every_n_steps == 7 and control.export_on_quit and control.save_on_quit
 
 
 def test_invalid_arguments_name_the_argument():
