@@ -50,20 +50,21 @@ _IO: tuple[PrivateName, ...] = ()
 _MODULES: tuple[PrivateName, ...] = ()
 
 # -- training control, metrics and the other callbacks ------------------------------------------
-_TC = "lightning_utils.callbacks.training_control"
-_RUN_VALIDATION = (
+_CONTROL_USER = "lightning_utils.callbacks.training_control"
+_CONTROL_EVAL_WHY = (
     "the 'eval' command runs the fit's own validation loop at a step boundary, exactly as the epoch loop does at "
     "a val check (trainer.validating, val_loop.run(), then the logger connector's first-iteration flag put back)"
 )
-_NO_PUBLIC_VALIDATION = (
+_CONTROL_EVAL_PUBLIC = (
     "Lightning has no public 'validate now' during fit: val_check_interval is fixed when fit starts, and "
-    "trainer.validate() inside fit tears the running fit down; users who want no internals pass eval_fn="
+    "trainer.validate() is a run of its own (its own setup and teardown), not a step of a running fit; users "
+    "who want no internals pass eval_fn="
 )
 _CONTROL: tuple[PrivateName, ...] = (
     PrivateName(
         "lightning.pytorch.trainer.trainer",
         "Trainer.<instance>._accelerator_connector",
-        _TC,
+        _CONTROL_USER,
         "a single-device run keeps its cluster environment (SLURM auto-requeue and its signal) only there; "
         "TrainingControl leaves the requeue signal to Lightning, as Lightning's signal connector reads it",
         "trainer.strategy.cluster_environment: only parallel strategies have it, and it is read first",
@@ -71,41 +72,45 @@ _CONTROL: tuple[PrivateName, ...] = (
     PrivateName(
         "lightning.pytorch.trainer.connectors.accelerator_connector",
         "_AcceleratorConnector.<instance>.cluster_environment",
-        _TC,
+        _CONTROL_USER,
         "see Trainer._accelerator_connector",
         "trainer.strategy.cluster_environment (parallel strategies only)",
     ),
     PrivateName(
         "lightning.pytorch.loops.fit_loop",
         "_FitLoop.<instance>.epoch_loop",
-        _TC,
-        _RUN_VALIDATION,
-        _NO_PUBLIC_VALIDATION,
+        _CONTROL_USER,
+        _CONTROL_EVAL_WHY,
+        _CONTROL_EVAL_PUBLIC,
     ),
     PrivateName(
         "lightning.pytorch.loops.training_epoch_loop",
         "_TrainingEpochLoop.<instance>.val_loop",
-        _TC,
-        _RUN_VALIDATION,
-        _NO_PUBLIC_VALIDATION,
+        _CONTROL_USER,
+        _CONTROL_EVAL_WHY,
+        _CONTROL_EVAL_PUBLIC,
     ),
     PrivateName(
-        "lightning.pytorch.loops.evaluation_loop", "_EvaluationLoop.run", _TC, _RUN_VALIDATION, _NO_PUBLIC_VALIDATION
+        "lightning.pytorch.loops.evaluation_loop",
+        "_EvaluationLoop.run",
+        _CONTROL_USER,
+        _CONTROL_EVAL_WHY,
+        _CONTROL_EVAL_PUBLIC,
     ),
     PrivateName(
         "lightning.pytorch.trainer.trainer",
         "Trainer.<instance>._logger_connector",
-        _TC,
-        _RUN_VALIDATION,
-        _NO_PUBLIC_VALIDATION,
+        _CONTROL_USER,
+        _CONTROL_EVAL_WHY,
+        _CONTROL_EVAL_PUBLIC,
     ),
     PrivateName(
         "lightning.pytorch.trainer.connectors.logger_connector.logger_connector",
         "_LoggerConnector.<instance>._first_loop_iter",
-        _TC,
-        "a validation run inside the training loop resets this flag; the epoch loop saves and restores it around "
-        "its own val checks, so the 'eval' command does too, or the next training step's logging breaks",
-        _NO_PUBLIC_VALIDATION,
+        _CONTROL_USER,
+        "a validation run changes the logger connector's first-iteration flag; the epoch loop saves it before its "
+        "own val checks inside the training loop and puts it back after, so the 'eval' command does the same",
+        _CONTROL_EVAL_PUBLIC,
     ),
     PrivateName(
         "torch.optim.lr_scheduler",
