@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "callbacks"))
 from control_scripts.fakes import FakeTrainer
 
 from lightning_utils.callbacks.metrics_printer import MetricsPrinter

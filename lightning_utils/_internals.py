@@ -432,7 +432,120 @@ def shallow_copy_module(module: nn.Module) -> nn.Module:
 
 
 # -- training control, metrics and the other callbacks ------------------------------------------
-_CONTROL: tuple[PrivateName, ...] = ()
+_CONTROL_USER = "lightning_utils.callbacks.training_control"
+_CONTROL_EVAL_WHY = (
+    "the 'eval' command runs the fit's own validation loop at a step boundary, exactly as the epoch loop does at "
+    "a val check (trainer.validating, val_loop.run(), then the logger connector's first-iteration flag put back)"
+)
+_CONTROL_EVAL_PUBLIC = (
+    "Lightning has no public 'validate now' during fit: val_check_interval is fixed when fit starts, and "
+    "trainer.validate() is a run of its own (its own setup and teardown), not a step of a running fit; users "
+    "who want no internals pass eval_fn="
+)
+_CONTROL: tuple[PrivateName, ...] = (
+    PrivateName(
+        "lightning.pytorch.trainer.trainer",
+        "Trainer.<instance>._accelerator_connector",
+        _CONTROL_USER,
+        "a single-device run keeps its cluster environment (SLURM auto-requeue and its signal) only there; "
+        "TrainingControl leaves the requeue signal to Lightning, as Lightning's signal connector reads it",
+        "trainer.strategy.cluster_environment: only parallel strategies have it, and it is read first",
+    ),
+    PrivateName(
+        "lightning.pytorch.trainer.connectors.accelerator_connector",
+        "_AcceleratorConnector.<instance>.cluster_environment",
+        _CONTROL_USER,
+        "see Trainer._accelerator_connector",
+        "trainer.strategy.cluster_environment (parallel strategies only)",
+    ),
+    PrivateName(
+        "lightning.pytorch.loops.fit_loop",
+        "_FitLoop.<instance>.epoch_loop",
+        _CONTROL_USER,
+        _CONTROL_EVAL_WHY,
+        _CONTROL_EVAL_PUBLIC,
+    ),
+    PrivateName(
+        "lightning.pytorch.loops.training_epoch_loop",
+        "_TrainingEpochLoop.<instance>.val_loop",
+        _CONTROL_USER,
+        _CONTROL_EVAL_WHY,
+        _CONTROL_EVAL_PUBLIC,
+    ),
+    PrivateName(
+        "lightning.pytorch.loops.evaluation_loop",
+        "_EvaluationLoop.run",
+        _CONTROL_USER,
+        _CONTROL_EVAL_WHY,
+        _CONTROL_EVAL_PUBLIC,
+    ),
+    PrivateName(
+        "lightning.pytorch.trainer.trainer",
+        "Trainer.<instance>._logger_connector",
+        _CONTROL_USER,
+        _CONTROL_EVAL_WHY,
+        _CONTROL_EVAL_PUBLIC,
+    ),
+    PrivateName(
+        "lightning.pytorch.trainer.connectors.logger_connector.logger_connector",
+        "_LoggerConnector.<instance>._first_loop_iter",
+        _CONTROL_USER,
+        "a validation run changes the logger connector's first-iteration flag; the epoch loop saves it before its "
+        "own val checks inside the training loop and puts it back after, so the 'eval' command does the same",
+        _CONTROL_EVAL_PUBLIC,
+    ),
+    PrivateName(
+        "torch.optim.lr_scheduler",
+        "SequentialLR.<instance>._schedulers",
+        "lightning_utils.control.actions",
+        "the 'lr' command rebases the schedulers a SequentialLR holds, so that their closed-form schedules "
+        "continue from the new lr",
+        "none: SequentialLR exposes its schedulers only as state_dict()['_schedulers'], copies of their states",
+    ),
+    PrivateName(
+        "torch.optim.lr_scheduler",
+        "ChainedScheduler.<instance>._schedulers",
+        "lightning_utils.control.actions",
+        "the 'lr' command rebases the schedulers a ChainedScheduler holds (see SequentialLR._schedulers)",
+        "none: ChainedScheduler exposes its schedulers only as state_dict()['_schedulers'], copies of their states",
+    ),
+)
+
+
+def cluster_environment(trainer: Any) -> Any:
+    """The trainer's cluster environment: the strategy's (parallel strategies), else the one
+    Lightning's accelerator connector chose (single-device runs); ``None`` when neither is found."""
+    env = getattr(trainer.strategy, "cluster_environment", None)
+    if env is None:
+        env = getattr(getattr(trainer, "_accelerator_connector", None), "cluster_environment", None)
+    return env
+
+
+def run_fit_validation(trainer: Any) -> bool:
+    """Run the fit loop's validation loop now, as the training epoch loop does at a val check.
+
+    Returns False, having run nothing, when this Lightning keeps these internals elsewhere.
+    """
+    try:
+        val_loop = trainer.fit_loop.epoch_loop.val_loop
+        connector = trainer._logger_connector
+        first_loop_iter = connector._first_loop_iter
+    except AttributeError:  # pragma: no cover - a Lightning that moved these internals
+        return False
+    trainer.validating = True
+    try:
+        val_loop.run()
+    finally:
+        trainer.training = True
+        connector._first_loop_iter = first_loop_iter
+    return True
+
+
+def inner_lr_schedulers(scheduler: Any) -> list[Any]:
+    """The schedulers a ``SequentialLR`` or ``ChainedScheduler`` holds; ``[]`` for any other scheduler."""
+    inner = getattr(scheduler, "_schedulers", None)
+    return list(inner) if isinstance(inner, (list, tuple)) else []
+
 
 # -- optim, cli and everything else -------------------------------------------------------------
 # torch's multi-tensor ("foreach") kernels that Apollo's step batches its elementwise work with.

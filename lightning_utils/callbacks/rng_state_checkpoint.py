@@ -56,9 +56,15 @@ def _collect() -> dict[str, Any]:
         import numpy as np
     except ImportError:  # pragma: no cover
         return state
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state["numpy"] = {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "cached": float(cached)}  # fmt: skip
+    # The dict form: the same values as the legacy tuple that _apply hands back to set_state.
+    npy = np.random.get_state(legacy=False)
+    state["numpy"] = {
+        "name": str(npy["bit_generator"]),
+        "keys": torch.from_numpy(npy["state"]["key"].astype(np.int64)),
+        "pos": int(npy["state"]["pos"]),
+        "has_gauss": int(npy["has_gauss"]),
+        "cached": float(npy["gauss"]),
+    }
     return state
 
 

@@ -2,7 +2,7 @@
 
 A line typed at the terminal (or written to a command file) becomes one typed, immutable
 command, or a :class:`CommandError` whose message says what was wrong and what is accepted.
-The grammar (the original training loop's, with its bugs fixed)::
+The grammar::
 
     save | export | eval | quit | eval_quit | help
     lr X            (X a finite number >= 0)

@@ -3,8 +3,9 @@
 Each source hands over complete text lines through a non-blocking :meth:`CommandSource.poll`.
 Reading happens on a daemon thread that sleeps in ``poll(2)``/``select`` (or a timed wait for
 a plain file), so the training thread never blocks on input and nothing spins. A signal
-handler only sets a flag (Lightning #21406: work done inside a handler can interrupt a
-backward pass or a save half-way), which the training thread consumes at a step boundary.
+handler only sets a flag (work done inside a handler runs between any two bytecodes of the
+training thread, so it can interrupt a backward pass or a save half-way), which the training
+thread consumes at a step boundary.
 
 A missing input is not an error: standard input at EOF, ``/dev/null``, closed, or absent
 (CI, ``nohup``, ``pythonw``) simply yields no commands.
@@ -15,6 +16,7 @@ of its reader threads.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal as _signal
@@ -126,19 +128,15 @@ class _ThreadedSource(CommandSource):
     def close(self) -> None:
         self._stop.set()
         if self._wake_w is not None:
-            try:
+            with contextlib.suppress(OSError):
                 os.write(self._wake_w, b"x")
-            except OSError:
-                pass
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.join(timeout=2.0)
         for fd in (self._wake_r, self._wake_w):
             if fd is not None:
-                try:
+                with contextlib.suppress(OSError):
                     os.close(fd)
-                except OSError:
-                    pass
         self._wake_r = self._wake_w = None
         self._close_input()
 
@@ -165,7 +163,7 @@ class _ThreadedSource(CommandSource):
     def _run_guarded(self) -> None:
         try:
             self._run()
-        except Exception as err:  # a reader must never take the run down
+        except Exception as err:  # noqa: BLE001 - whatever fails in a reader thread must not take the run down
             log.warning("command input stopped: %s: %s", type(err).__name__, err)
 
     def _wait_readable(self, fd: int) -> bool:
@@ -341,10 +339,8 @@ class FileSource(_ThreadedSource):
 
     def _close_input(self) -> None:
         if self._fifo_fd is not None:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(self._fifo_fd)
-            except OSError:
-                pass
             self._fifo_fd = None
 
     def _run(self) -> None:

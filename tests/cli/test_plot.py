@@ -7,7 +7,6 @@ import builtins
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -104,27 +103,17 @@ def test_python_dash_m_entry_point(metrics_file, tmp_path):
 
 
 def test_reads_what_metrics_printer_writes(tmp_path):
-    from lightning.pytorch import Trainer
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from control_scripts.tiny_model import TinyModule
+    from helpers.lightning import cpu_trainer
+    from helpers.models import TinyModule, loader
 
     from lightning_utils.callbacks.metrics_printer import MetricsPrinter
 
     path = tmp_path / "metrics.jsonl"
-    Trainer(
-        callbacks=[MetricsPrinter(path=path, window=4)],
-        default_root_dir=tmp_path,
-        max_steps=6,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    ).fit(TinyModule())
+    cpu_trainer(tmp_path, [MetricsPrinter(path=path, window=4)], max_steps=6).fit(TinyModule(), loader())
     records, skipped = plot.read_metrics(path)
     series = plot.select_series(records)
-    assert skipped == 0 and {"loss", "loss_mean"} <= set(series)
-    assert series["loss"][0] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    assert skipped == 0 and {"train_loss", "train_loss_mean"} <= set(series)
+    assert series["train_loss"][0] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
 
 
 def test_unreadable_inputs_and_unwritable_outputs_are_clear_errors(metrics_file, tmp_path, capsys):

@@ -8,8 +8,8 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from helpers.ports import free_port
 from helpers.lightning import cpu_trainer
+from helpers.ports import free_port
 from lightning.pytorch.callbacks import Callback
 
 from lightning_utils.callbacks import RNGStateCheckpoint, SafetensorsModelCheckpoint
@@ -81,7 +81,9 @@ class NoisyUnsizedModule(NoisyDataModule):
 def _run(tmp, max_steps, callbacks, ckpt_path=None, module=NoisyModule, **kwargs):
     pl.seed_everything(7)
     losses = Losses()
-    t = cpu_trainer(tmp, max_steps=max_steps, callbacks=[losses, *callbacks], plugins=[SafetensorsCheckpointIO()], **kwargs)
+    t = cpu_trainer(
+        tmp, max_steps=max_steps, callbacks=[losses, *callbacks], plugins=[SafetensorsCheckpointIO()], **kwargs
+    )
     t.fit(module(), ckpt_path=ckpt_path)
     return losses.values
 

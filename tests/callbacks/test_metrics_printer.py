@@ -1,34 +1,23 @@
 """MetricsPrinter: one JSON line per optimizer step, running means, stdout and file, rank 0 only.
 
-Rank 0 only under DDP is asserted in tests/test_training_control_ddp.py (one writer, one line per step).
+Rank 0 only under DDP is asserted in tests/callbacks/test_training_control_ddp.py (one writer, one line per step).
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
-from lightning.pytorch import Trainer
-
-sys.path.insert(0, str(Path(__file__).parent))
-from control_scripts.tiny_model import TinyModule, TinyModuleWithVal
+from control_scripts.recording_module import RecordingModule, RecordingModuleWithVal
+from helpers.lightning import cpu_trainer
 
 from lightning_utils.callbacks.metrics_printer import MetricsPrinter
 
 
 def fit(tmp_path, printer, model=None, **kwargs):
-    trainer = Trainer(
-        callbacks=[printer],
-        default_root_dir=tmp_path,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
-        enable_checkpointing=False,
-        **kwargs,
-    )
-    model = model or TinyModule()
+    trainer = cpu_trainer(tmp_path, [printer], **kwargs)
+    model = model or RecordingModule()
     trainer.fit(model)
     trainer.model_losses = model.losses
     return trainer
@@ -76,7 +65,7 @@ def test_validation_metrics_appear_after_validation(tmp_path):
     fit(
         tmp_path,
         MetricsPrinter(path=path, mean_keys=["loss"]),
-        model=TinyModuleWithVal(),
+        model=RecordingModuleWithVal(),
         max_steps=6,
         val_check_interval=3,
         check_val_every_n_epoch=None,
@@ -112,7 +101,7 @@ def test_running_mean_sees_unprinted_steps_and_is_exact(tmp_path):
 
 
 def test_a_logged_metric_named_like_a_mean_is_not_overwritten(tmp_path):
-    class LogsItsOwnMean(TinyModule):
+    class LogsItsOwnMean(RecordingModule):
         def training_step(self, batch, batch_idx):
             loss = super().training_step(batch, batch_idx)
             self.log("loss_mean", 123.0)  # the user's own metric, which happens to have our suffix

@@ -50,6 +50,7 @@ class FakeTrainer:
         self.checkpoint_callback = None
         self.callbacks: list[Any] = []
         self.max_steps = max_steps
+        self.min_steps: int | None = None
         self.estimated_stepping_batches = max_steps
         self.optimizers = (
             optimizers if optimizers is not None else [torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)]
@@ -57,7 +58,6 @@ class FakeTrainer:
         self.lr_scheduler_configs: list[Any] = []
         self.precision_plugin = SimpleNamespace()
         self.precision = "32-true"
-        self.fit_loop = SimpleNamespace(min_steps=None)
         self.strategy = SimpleNamespace(broadcast=lambda obj, src=0: obj, checkpoint_io=None)
         self.saved_paths: list[Path] = []
 

@@ -3,25 +3,21 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from control_scripts.fakes import StepScript
+from control_scripts.recording_module import RecordingModule
+from helpers.lightning import cpu_trainer
 from safetensors import safe_open
 from safetensors.torch import load_file
-
-sys.path.insert(0, str(Path(__file__).parent))
-from control_scripts.fakes import StepScript
-from control_scripts.tiny_model import TinyModule
 
 from lightning_utils.callbacks.export_weights import ExportWeights
 from lightning_utils.callbacks.training_control import TrainingControl
 
 
-class Tied(TinyModule):
+class Tied(RecordingModule):
     def __init__(self):
         super().__init__()
         self.model = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 5, bias=False))
@@ -30,16 +26,8 @@ class Tied(TinyModule):
 
 
 def fit(tmp_path, callbacks, model=None, **kwargs):
-    trainer = Trainer(
-        callbacks=callbacks,
-        default_root_dir=tmp_path,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
-        enable_checkpointing=False,
-        **kwargs,
-    )
-    model = model or TinyModule()
+    trainer = cpu_trainer(tmp_path, callbacks, **kwargs)
+    model = model or RecordingModule()
     trainer.fit(model)
     return trainer, model
 
@@ -51,7 +39,7 @@ def metadata(path):
 
 def test_export_on_train_end_bf16_with_metadata(tmp_path):
     exporter = ExportWeights(dtype="bf16")
-    trainer, model = fit(tmp_path, [exporter], model=Tied(), max_steps=3)
+    _, model = fit(tmp_path, [exporter], model=Tied(), max_steps=3)
     path = tmp_path / "export" / "weights-step=3.sft"
     assert exporter.last_path == path
     tensors = load_file(path)  # plain safetensors: no lightning_utils needed to read it
@@ -102,17 +90,8 @@ def test_training_control_export_command_uses_the_callback_in_trainer(tmp_path):
         export_on_quit=True,
         save_on_quit=False,
     )
-    trainer = Trainer(
-        callbacks=[control, exporter],
-        default_root_dir=tmp_path,
-        max_steps=50,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
-        enable_checkpointing=False,
-    )
-    holder["t"] = trainer
-    trainer.fit(TinyModule())
+    trainer = holder["t"] = cpu_trainer(tmp_path, [control, exporter], max_steps=50)
+    trainer.fit(RecordingModule())
     # export at 2 (command), at 3 (quit); the train-end export of step 3 is not written twice
     assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["weights-step=2.sft", "weights-step=3.sft"]
     assert load_file(tmp_path / "export" / "weights-step=2.sft")["layer.weight"].dtype == torch.float16
@@ -124,24 +103,15 @@ def test_training_control_default_exporter(tmp_path):
     control = TrainingControl(
         source=StepScript(lambda: holder["t"].global_step, {1: ["export"]}), signal=None, save_on_train_end=False
     )
-    trainer = Trainer(
-        callbacks=[control],
-        default_root_dir=tmp_path,
-        max_steps=2,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
-        enable_checkpointing=False,
-    )
-    holder["t"] = trainer
-    trainer.fit(TinyModule())
+    trainer = holder["t"] = cpu_trainer(tmp_path, [control], max_steps=2)
+    trainer.fit(RecordingModule())
     assert load_file(tmp_path / "export" / "weights-step=1.sft")["layer.weight"].dtype == torch.float32
-    assert (tmp_path / "checkpoints" / "step=1.ckpt").is_file()  # save_on_export (the original's behaviour)
+    assert (tmp_path / "checkpoints" / "step=1.ckpt").is_file()  # save_on_export, on by default
 
 
 def test_only_global_rank_zero_writes(tmp_path):
     exporter = ExportWeights(dirpath=tmp_path)
-    module = TinyModule()
+    module = RecordingModule()
     trainer = SimpleNamespace(
         global_step=4,
         current_epoch=0,
@@ -171,7 +141,7 @@ def test_bad_arguments():
 
 def test_nothing_under_prefix_is_a_clear_error(tmp_path):
     exporter = ExportWeights(dirpath=tmp_path, strip_prefix="nothing.")
-    module = TinyModule()
+    module = RecordingModule()
     trainer = SimpleNamespace(
         global_step=1,
         current_epoch=0,
@@ -209,7 +179,7 @@ class CountingTrainer(SimpleNamespace):
 def test_every_rank_runs_the_same_collectives_when_a_step_was_already_exported(tmp_path):
     # e.g. `quit` with export_on_quit, then the train-end export at the same step: rank 0 skipped
     # the second gather while rank 1 ran it, a collective rank 0 never joins (a hang under FSDP).
-    module = TinyModule()
+    module = RecordingModule()
     traces = []
     for rank in (0, 1):
         exporter = ExportWeights(dirpath=tmp_path)
@@ -230,7 +200,7 @@ def test_metadata_reserved_keys_are_refused_up_front_and_values_round_trip(tmp_p
     with pytest.raises(TypeError, match="metadata"):
         ExportWeights(metadata=3)
     exporter = ExportWeights(dirpath=tmp_path, metadata=lambda t, m: {"module": "oops"})
-    module = TinyModule()
+    module = RecordingModule()
     trainer = SimpleNamespace(
         global_step=1,
         current_epoch=0,
@@ -252,7 +222,7 @@ def test_metadata_reserved_keys_are_refused_up_front_and_values_round_trip(tmp_p
 
 def test_strip_prefix_matches_whole_module_names(tmp_path):
     # "model" means the submodule `model`: not "model_ema.*", and no keys starting with "."
-    class Two(TinyModule):
+    class Two(RecordingModule):
         def __init__(self):
             super().__init__()
             self.model = torch.nn.Linear(2, 2)

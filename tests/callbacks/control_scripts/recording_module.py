@@ -1,4 +1,11 @@
-"""A tiny regression LightningModule and data for the training-control tests (CPU, fast)."""
+"""``RecordingModule``: a Linear(4 -> 1) regression that records what the run did to it.
+
+For the tests of TrainingControl and the other run-time callbacks (CPU, fast): it keeps the
+(step, lr) after every optimizer step, every training loss, the steps at which an ``eval_fn``
+or its own validation ran, and can sleep or print its steps for the subprocess tests. It logs
+``loss`` per step and an epoch-level ``sync_dist`` metric. The plain tiny module shared by the
+other tests is ``helpers.models.TinyModule``.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +19,8 @@ from lightning.pytorch import LightningModule
 from torch.utils.data import DataLoader, TensorDataset
 
 
-class TinyModule(LightningModule):
-    """Linear(4 -> 1) on fixed random data; records (step, lr) after every optimizer step."""
+class RecordingModule(LightningModule):
+    """Linear(4 -> 1) on fixed random data; records (step, lr) after every optimizer step, and more."""
 
     def __init__(
         self,
@@ -72,7 +79,9 @@ class TinyModule(LightningModule):
         )
 
 
-class TinyModuleWithVal(TinyModule):
+class RecordingModuleWithVal(RecordingModule):
+    """With a validation step and loader; records the steps at which validation ran."""
+
     def validation_step(self, batch, batch_idx):
         x, y = batch
         loss = torch.nn.functional.mse_loss(self.layer(x), y)

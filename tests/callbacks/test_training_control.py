@@ -1,4 +1,4 @@
-"""TrainingControl: the command/cadence rules (acceptance cases 25-31) and in-process fits."""
+"""TrainingControl: the command and cadence rules on a fake trainer, then in-process fits."""
 
 from __future__ import annotations
 
@@ -6,17 +6,13 @@ import json
 import logging
 import os
 import signal
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
-
-sys.path.insert(0, str(Path(__file__).parent))
 from control_scripts.fakes import FakeTrainer, RecordingExporter, StepScript, drive
-from control_scripts.tiny_model import TinyModule, TinyModuleWithVal
+from control_scripts.recording_module import RecordingModule, RecordingModuleWithVal
+from helpers.lightning import cpu_trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_utils.callbacks.training_control import TrainingControl
 
@@ -37,32 +33,32 @@ def make(tmp_path, script=None, **kwargs):
 
 
 # ---------------------------------------------------------------------------------------------
-# acceptance cases 25-31 (the original's stub run: iterations=12, save 5, eval 4)
+# the rules, on a fake trainer (mostly a 12-step run saving every 5 steps, evaluating every 4)
 # ---------------------------------------------------------------------------------------------
-def test_case25_no_input_periodic_save_and_eval_then_final_save(tmp_path):
+def test_no_input_periodic_save_and_eval_then_final_save(tmp_path):
     control, trainer = make(tmp_path, save_every_n_steps=5, eval_every_n_steps=4)
     trace = drive(control, trainer, 12)
-    # the original stops after eval@12 without saving; we add the final save at the end
+    # the last step is evaluated, then saved by the final save at the end of training
     assert trace == [("eval", 4), ("save", 5), ("eval", 8), ("save", 10), ("eval", 12), ("save", 12)]
     assert [p.name for p in trainer.saved_paths] == ["step=5.ckpt", "step=10.ckpt", "step=12.ckpt"]
     assert all(p.parent == tmp_path / "checkpoints" for p in trainer.saved_paths)
 
 
-def test_case26_save_then_quit(tmp_path):
+def test_save_then_quit(tmp_path):
     control, trainer = make(tmp_path, {2: ["save"], 3: ["quit"]}, save_every_n_steps=5, eval_every_n_steps=4)
     trace = drive(control, trainer, 12)
     assert trace == [("save", 2), ("save", 3), ("quit", 3)]
     assert trainer.should_stop and control.quit_requested
 
 
-def test_case27_quit_without_save_still_exports(tmp_path):
+def test_quit_without_save_still_exports(tmp_path):
     control, trainer = make(tmp_path, {3: ["quit"]}, save_on_quit=False, export_on_quit=True)
     trace = drive(control, trainer, 12)
-    # the original exports only inside its save branch, so it exported nothing here
+    # export_on_quit exports even when quit does not save
     assert trace == [("export", 3), ("quit", 3)]
 
 
-def test_case28_events(tmp_path, caplog):
+def test_schedules_run_at_their_step_and_past_ones_are_reported(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger=LOGGER)
     control, trainer = make(
         tmp_path, {1: ["export@3"], 3: ["save@2", "save"]}, save_every_n_steps=5, eval_every_n_steps=4
@@ -75,7 +71,14 @@ def test_case28_events(tmp_path, caplog):
     assert control.events == []
 
 
-def test_case28_event_show_and_clear(tmp_path, caplog):
+def test_event_clear_typed_at_a_due_step_drops_what_is_due(tmp_path):
+    # typed commands act before the schedules due at the same boundary are taken
+    control, trainer = make(tmp_path, {1: ["save@3", "lr 0.5@3"], 3: ["event clear"]}, save_on_train_end=False)
+    assert drive(control, trainer, 4) == []
+    assert trainer.optimizers[0].param_groups[0]["lr"] == 0.1
+
+
+def test_event_show_and_clear(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger=LOGGER)
     control, trainer = make(
         tmp_path, {1: ["save@9", "eval @ 7", "lr 0.01@8", "event show"], 2: ["event clear", "event"]}
@@ -87,7 +90,7 @@ def test_case28_event_show_and_clear(tmp_path, caplog):
     assert trainer.optimizers[0].param_groups[0]["lr"] == 0.1
 
 
-def test_case28_scheduled_command_fires_at_its_step(tmp_path):
+def test_scheduled_command_fires_at_its_step(tmp_path):
     control, trainer = make(tmp_path, {1: ["lr 0.01@4", "save@3", "eval_quit@6"]}, save_on_train_end=False)
     lrs = []
     orig = control.on_train_batch_end
@@ -102,7 +105,7 @@ def test_case28_scheduled_command_fires_at_its_step(tmp_path):
     assert lrs[2] == (3, 0.1) and lrs[3] == (4, 0.01)
 
 
-def test_case29_lr_on_every_group_of_every_optimizer_and_bad_values(tmp_path, caplog):
+def test_lr_on_every_group_of_every_optimizer_and_bad_values(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger=LOGGER)
     p = [torch.nn.Parameter(torch.zeros(2)) for _ in range(4)]
     opts = [
@@ -119,13 +122,13 @@ def test_case29_lr_on_every_group_of_every_optimizer_and_bad_values(tmp_path, ca
     trace = drive(control, trainer, 5)
     lrs = [float(g["lr"]) for o in opts for g in o.param_groups]
     assert lrs == pytest.approx([0.001] * 4)  # the tensor lr is float32
-    assert trainer.global_step == 5 and not trainer.should_stop  # the original crashed on 'lr abc'
+    assert trainer.global_step == 5 and not trainer.should_stop  # a bad value is reported, never raised
     for bad in ("'lr abc'", "'lr'", "'lr -1'", "'lr nan'", "'save@4_'", "'a@b@c'"):
         assert f"ignored bad command: {bad}" in caplog.text
     assert trace == [("save", 5)]
 
 
-def test_case29_lr_rebases_lr_schedulers(tmp_path):
+def test_lr_rebases_lr_schedulers(tmp_path):
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)
@@ -143,14 +146,14 @@ def test_case29_lr_rebases_lr_schedulers(tmp_path):
     assert sched.base_lrs == [pytest.approx(0.4)]
 
 
-def test_case30_eval_quit_before_the_first_step(tmp_path):
+def test_eval_quit_before_the_first_step(tmp_path):
     control, trainer = make(tmp_path, {0: ["eval_quit"]}, save_every_n_steps=5, eval_every_n_steps=4)
     trace = drive(control, trainer, 12)
     assert trace == [("eval", 0), ("quit", 0)]
     assert trainer.global_step == 0
 
 
-def test_case30_save_before_the_loop_is_ignored(tmp_path, caplog):
+def test_save_before_the_loop_is_ignored(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger=LOGGER)
     control, trainer = make(tmp_path, {0: ["save", "export", "lr 0.05"]}, save_on_train_end=False)
     trace = drive(control, trainer, 3)
@@ -159,13 +162,13 @@ def test_case30_save_before_the_loop_is_ignored(tmp_path, caplog):
     assert trainer.optimizers[0].param_groups[0]["lr"] == 0.05  # harmless commands still apply
 
 
-def test_case30_quit_before_the_loop_saves_nothing(tmp_path):
+def test_quit_before_the_loop_saves_nothing(tmp_path):
     control, trainer = make(tmp_path, {0: ["quit"]})
     assert drive(control, trainer, 12) == [("quit", 0)]
 
 
 @pytest.mark.parametrize("save_every", [None, 0])
-def test_case31_save_frequency_falls_back_to_eval_frequency(tmp_path, save_every):
+def test_save_frequency_falls_back_to_eval_frequency(tmp_path, save_every):
     control, trainer = make(tmp_path, save_every_n_steps=save_every, eval_every_n_steps=4)
     trace = drive(control, trainer, 10)
     assert trace == [("save", 4), ("eval", 4), ("save", 8), ("eval", 8), ("save", 10)]
@@ -233,6 +236,22 @@ def test_check_every_n_steps_still_fires_schedules_on_time(tmp_path):
     assert source.polls == 3
 
 
+def test_docstring_shows_the_rules_table_and_grouped_settings_keep_the_argument_names():
+    import dataclasses
+    import inspect
+
+    from lightning_utils.control.dispatch import ActionFlags, Cadence, actions_table
+
+    assert actions_table() in inspect.cleandoc(TrainingControl.__doc__), "paste dispatch.actions_table() into it"
+    parameters = inspect.signature(TrainingControl).parameters
+    control = TrainingControl(source=None, signal=None, save_every_n_steps=7, export_on_quit=True)
+    for group, cls in (("flags", ActionFlags), ("cadence", Cadence)):
+        for f in dataclasses.fields(cls):
+            assert parameters[f.name].default == f.default  # the same argument, the same default
+            assert getattr(control, f.name) == getattr(getattr(control, group), f.name)
+    assert control.save_every_n_steps == 7 and control.export_on_quit and control.save_on_quit
+
+
 def test_invalid_arguments_name_the_argument():
     with pytest.raises(ValueError, match="save_every_n_steps"):
         TrainingControl(source=None, save_every_n_steps=-1)
@@ -274,19 +293,10 @@ def test_state_dict_round_trip_restores_events(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # real fits, in process
 # ---------------------------------------------------------------------------------------------
-def fit(tmp_path, control, model=None, **kwargs):
-    model = model or TinyModule()
-    kwargs.setdefault("max_steps", 6)
-    trainer = Trainer(
-        callbacks=[control, *kwargs.pop("callbacks", [])],
-        default_root_dir=tmp_path,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
-        enable_checkpointing=kwargs.pop("enable_checkpointing", False),
-        **kwargs,
-    )
-    trainer.fit(model, ckpt_path=kwargs.pop("ckpt_path", None))
+def fit(tmp_path, control, model=None, callbacks=(), max_steps=6, **kwargs):
+    model = model or RecordingModule()
+    trainer = cpu_trainer(tmp_path, [control, *callbacks], max_steps=max_steps, **kwargs)
+    trainer.fit(model)
     return trainer, model
 
 
@@ -296,17 +306,8 @@ def test_fit_commands_save_and_quit_with_real_trainer(tmp_path):
         source=StepScript(lambda: holder["t"].global_step, {2: ["lr 0.5", "garbage", "save"], 4: ["quit"]}),
         signal=None,
     )
-    model = TinyModule()
-    trainer = Trainer(
-        callbacks=[control],
-        default_root_dir=tmp_path,
-        max_steps=50,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
-        enable_checkpointing=False,
-    )
-    holder["t"] = trainer
+    model = RecordingModule()
+    trainer = holder["t"] = cpu_trainer(tmp_path, [control], max_steps=50)
     trainer.fit(model)
     assert trainer.global_step == 4  # fit returned normally after quit
     assert [s for s, lr in model.lr_trace if lr == 0.5] == [2, 3, 4]
@@ -326,16 +327,8 @@ def test_fit_final_save_resume_and_no_save_at_resumed_step(tmp_path):
     assert files == ["step=3.ckpt", "step=4.ckpt"]  # periodic + final
     os.remove(tmp_path / "checkpoints" / "step=4.ckpt")
     resumed = TrainingControl(source=None, signal=None, save_every_n_steps=3)
-    trainer = Trainer(
-        callbacks=[resumed],
-        default_root_dir=tmp_path,
-        max_steps=7,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
-        enable_checkpointing=False,
-    )
-    trainer.fit(TinyModule(), ckpt_path=tmp_path / "checkpoints" / "step=3.ckpt")
+    trainer = cpu_trainer(tmp_path, [resumed], max_steps=7)
+    trainer.fit(RecordingModule(), ckpt_path=tmp_path / "checkpoints" / "step=3.ckpt")
     files = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert files == ["step=3.ckpt", "step=6.ckpt", "step=7.ckpt"]
 
@@ -358,21 +351,16 @@ def test_fit_eval_command_runs_the_validation_loop(tmp_path):
         eval_every_n_steps=5,
         save_on_train_end=False,
     )
-    model = TinyModuleWithVal()
-    trainer = Trainer(
-        callbacks=[control],
-        default_root_dir=tmp_path,
+    model = RecordingModuleWithVal()
+    trainer = holder["t"] = cpu_trainer(
+        tmp_path,
+        [control],
         max_steps=6,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
-        enable_checkpointing=False,
         limit_val_batches=2,
         val_check_interval=1000,
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
     )
-    holder["t"] = trainer
     trainer.fit(model)
     assert model.val_steps == [2, 5]
     assert "val_loss" in trainer.callback_metrics
@@ -382,19 +370,8 @@ def test_fit_eval_command_runs_the_validation_loop(tmp_path):
 def test_fit_eval_quit_before_first_step(tmp_path):
     holder = {}
     control = TrainingControl(source=StepScript(lambda: holder["t"].global_step, {0: ["eval_quit"]}), signal=None)
-    model = TinyModuleWithVal()
-    trainer = Trainer(
-        callbacks=[control],
-        default_root_dir=tmp_path,
-        max_steps=6,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
-        enable_checkpointing=False,
-        limit_val_batches=2,
-        num_sanity_val_steps=0,
-    )
-    holder["t"] = trainer
+    model = RecordingModuleWithVal()
+    trainer = holder["t"] = cpu_trainer(tmp_path, [control], max_steps=6, limit_val_batches=2, num_sanity_val_steps=0)
     trainer.fit(model)
     assert trainer.global_step == 0 and model.lr_trace == []
     assert model.val_steps == [0]
@@ -410,18 +387,8 @@ def test_fit_gradient_accumulation_commands_once_per_step(tmp_path):
         signal=None,
         save_on_train_end=False,
     )
-    trainer = Trainer(
-        callbacks=[control],
-        default_root_dir=tmp_path,
-        max_steps=3,
-        accumulate_grad_batches=2,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
-        enable_checkpointing=False,
-    )
-    holder["t"] = trainer
-    trainer.fit(TinyModule())
+    trainer = holder["t"] = cpu_trainer(tmp_path, [control], max_steps=3, accumulate_grad_batches=2)
+    trainer.fit(RecordingModule())
     assert evals == [2]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step=1.ckpt"]
 
@@ -430,7 +397,7 @@ def test_fit_gradient_accumulation_commands_once_per_step(tmp_path):
 def test_fit_signal_only_sets_a_flag_and_saves_at_the_next_boundary(tmp_path):
     seen = {}
 
-    class Signalling(TinyModule):
+    class Signalling(RecordingModule):
         def training_step(self, batch, batch_idx):
             if self.trainer.global_step == 2:  # inside step 3, before its backward pass
                 os.kill(os.getpid(), signal.SIGUSR1)
@@ -453,7 +420,6 @@ def test_fit_signal_only_sets_a_flag_and_saves_at_the_next_boundary(tmp_path):
 # ---------------------------------------------------------------------------------------------
 def test_sft_save_through_checkpoint_io_and_resume_keeps_schedules(tmp_path):
     from lightning_utils.io import load_state
-    from lightning_utils.plugins import SafetensorsCheckpointIO
 
     holder = {}
     control = TrainingControl(
@@ -461,17 +427,9 @@ def test_sft_save_through_checkpoint_io_and_resume_keeps_schedules(tmp_path):
         signal=None,
         save_on_train_end=False,
     )
-    trainer = Trainer(
-        callbacks=[control],
-        default_root_dir=tmp_path,
-        max_steps=3,
-        plugins=[SafetensorsCheckpointIO()],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
-    )
-    holder["t"] = trainer
-    trainer.fit(TinyModule())
+    # Lightning's default ModelCheckpoint is on (its FILE_EXTENSION is ".ckpt")
+    trainer = holder["t"] = cpu_trainer(tmp_path, [control], max_steps=3, suffix=".sft", enable_checkpointing=True)
+    trainer.fit(RecordingModule())
     path = tmp_path / "checkpoints" / "step=1.sft"  # the default ModelCheckpoint is .ckpt; the plugin picks .sft
     assert path.is_file()
     with open(path, "rb") as f:
@@ -481,17 +439,8 @@ def test_sft_save_through_checkpoint_io_and_resume_keeps_schedules(tmp_path):
     assert state["global_step"] == 1
 
     resumed = TrainingControl(source=None, signal=None, save_on_train_end=False)
-    trainer = Trainer(
-        callbacks=[resumed],
-        default_root_dir=tmp_path,
-        max_steps=5,
-        plugins=[SafetensorsCheckpointIO()],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
-        enable_checkpointing=False,
-    )
-    trainer.fit(TinyModule(), ckpt_path=path)
+    trainer = cpu_trainer(tmp_path, [resumed], max_steps=5, suffix=".sft")
+    trainer.fit(RecordingModule(), ckpt_path=path)
     assert [str(c) for c, w in resumed.events] == ["export"] and resumed.events[0][1] == 9
 
 
@@ -576,7 +525,7 @@ def test_eval_without_eval_fn_or_validation_step_warns_and_goes_on(tmp_path, cap
     caplog.set_level(logging.INFO, logger=LOGGER)
     trainer = FakeTrainer(tmp_path)
     control = TrainingControl(source=StepScript(lambda: trainer.global_step, {1: ["eval"]}), signal=None)
-    drive(control, trainer, 3, pl_module=TinyModule())
+    drive(control, trainer, 3, pl_module=RecordingModule())
     assert "no eval_fn was given and the model has no validation_step" in caplog.text
     assert trainer.global_step == 3
 
@@ -618,7 +567,7 @@ def test_slurm_auto_requeue_keeps_its_signal(tmp_path, caplog):
 def test_signal_handler_and_reader_released_after_a_failed_fit(tmp_path):
     # On an exception Lightning's own teardown runs after on_exception and re-installs the handlers
     # it found when the run started: ours must not be among them, or SIGUSR1 stays swallowed.
-    class Boom(TinyModule):
+    class Boom(RecordingModule):
         def training_step(self, batch, batch_idx):
             if self.trainer.global_step == 2:
                 raise RuntimeError("boom")
@@ -643,7 +592,7 @@ def test_fit_lr_command_is_where_the_schedule_continues_from(tmp_path, scheduler
     # after the command are X times the uncommanded run's, relative to the commanded step.
     from lightning_utils.optim import WarmupLR
 
-    class Scheduled(TinyModule):
+    class Scheduled(RecordingModule):
         def configure_optimizers(self):
             opt = torch.optim.SGD([{"params": [self.layer.weight]}, {"params": [self.layer.bias], "lr": 0.05}], lr=0.1)
             sched = {
@@ -668,16 +617,7 @@ def test_fit_lr_command_is_where_the_schedule_continues_from(tmp_path, scheduler
             source=StepScript(lambda: holder["t"].global_step, script), signal=None, save_on_train_end=False
         )
         model = Scheduled()
-        trainer = Trainer(
-            callbacks=[control],
-            default_root_dir=tmp_path,
-            max_steps=6,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            logger=False,
-            enable_checkpointing=False,
-        )
-        holder["t"] = trainer
+        trainer = holder["t"] = cpu_trainer(tmp_path, [control], max_steps=6)
         trainer.fit(model)
         return dict(model.lr_trace), trainer  # step -> the first group's lr after that step's scheduler step
 
@@ -695,7 +635,7 @@ def test_fit_loss_scale_drives_a_real_grad_scaler(tmp_path):
 
     scales = []
 
-    class Recording(TinyModule):
+    class Recording(RecordingModule):
         def on_train_batch_end(self, outputs, batch, batch_idx):
             super().on_train_batch_end(outputs, batch, batch_idx)
             scales.append((self.trainer.global_step, self.trainer.precision_plugin.scaler.get_scale()))
@@ -707,17 +647,9 @@ def test_fit_loss_scale_drives_a_real_grad_scaler(tmp_path):
         save_on_train_end=False,
     )
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)  # fp16 AMP with a scaler, here on CPU
-    trainer = Trainer(
-        callbacks=[control],
-        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
-        max_steps=4,
-        default_root_dir=tmp_path,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
-        enable_checkpointing=False,
+    trainer = holder["t"] = cpu_trainer(
+        tmp_path, [control], max_steps=4, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)]
     )
-    holder["t"] = trainer
     trainer.fit(Recording())
     # before the first step the scaler has no scale yet: it starts from 256; at step 2 it is set
     assert scales == [(1, 256.0), (2, 1024.0), (3, 1024.0), (4, 1024.0)]

@@ -13,23 +13,25 @@ import sys
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from lightning.pytorch import Callback
 
 from lightning_utils import distributed
+from lightning_utils.callbacks.export_weights import ExportWeights
+from lightning_utils.callbacks.metrics_printer import MetricsPrinter
+from lightning_utils.callbacks.training_control import TrainingControl
 
+TESTS = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(TESTS / "callbacks"), str(TESTS)]  # a script run directly: no conftest puts them there
+
+from control_scripts.recording_module import RecordingModule, RecordingModuleWithVal  # noqa: E402 - needs the path above
+from helpers.lightning import cpu_trainer  # noqa: E402 - needs the path above
+
+# Read when the script starts: the launcher's environment, long before fit creates the process group.
 BEFORE_INIT = {
     "global_rank": distributed.global_rank(),
     "world_size": distributed.world_size(),
     "initialized": distributed.distributed_is_initialized(),
 }
-
-from control_scripts.tiny_model import TinyModule, TinyModuleWithVal  # noqa: E402
-from lightning.pytorch import Callback, Trainer  # noqa: E402
-
-from lightning_utils.callbacks.export_weights import ExportWeights  # noqa: E402
-from lightning_utils.callbacks.metrics_printer import MetricsPrinter  # noqa: E402
-from lightning_utils.callbacks.training_control import TrainingControl  # noqa: E402
 
 
 class Dump(Callback):
@@ -76,7 +78,9 @@ def main() -> None:
     p.add_argument("--export-on-quit", action="store_true", help="quit also exports (then train end finds it done)")
     args = p.parse_args()
     root = Path(args.root)
-    model = (TinyModuleWithVal if args.lightning_val else TinyModule)(sleep=args.sleep, print_steps=args.print_steps)
+    model = (RecordingModuleWithVal if args.lightning_val else RecordingModule)(
+        sleep=args.sleep, print_steps=args.print_steps
+    )
     control = TrainingControl(
         source=None if args.source == "none" else args.source,
         save_every_n_steps=args.save_every,
@@ -90,23 +94,13 @@ def main() -> None:
         "check_val_every_n_epoch": None,
         "num_sanity_val_steps": 0,
     }
-    trainer = Trainer(
-        accelerator="cpu",
-        **ddp,
-        **val,
-        max_steps=args.max_steps,
-        default_root_dir=root,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[
-            control,
-            Dump(root / "out"),
-            MetricsPrinter(path=root / "metrics.jsonl", window=5),
-            ExportWeights(dirpath=root / "export", dtype="bf16"),
-        ],
-    )
+    callbacks = [
+        control,
+        Dump(root / "out"),
+        MetricsPrinter(path=root / "metrics.jsonl", window=5),
+        ExportWeights(dirpath=root / "export", dtype="bf16"),
+    ]
+    trainer = cpu_trainer(root, callbacks, max_steps=args.max_steps, **ddp, **val)
     trainer.fit(model)
     if trainer.is_global_zero:
         print(f"FIT RETURNED {trainer.global_step}", flush=True)

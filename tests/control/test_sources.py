@@ -1,4 +1,8 @@
-"""Command sources: stdin (pipe, TTY, /dev/null, closed), command file, FIFO, signal flag."""
+"""Command sources: stdin (pipe, TTY, /dev/null, closed), command file, FIFO, signal flag.
+
+A fit driven by a command file, and several fits in one process, are in
+tests/callbacks/test_training_control_sources.py.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
-from lightning.pytorch import Trainer
 
-sys.path.insert(0, str(Path(__file__).parent))
-from control_scripts.tiny_model import TinyModule
-
-from lightning_utils.callbacks.training_control import TrainingControl
 from lightning_utils.control.sources import FileSource, SignalFlag, StdinSource, resolve_source
 
+REPO = Path(__file__).resolve().parents[2]
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="POSIX file descriptors, FIFOs and ptys")
 
 
@@ -204,36 +204,6 @@ def test_signal_flag(caplog):
         SignalFlag("SIGNOPE")
 
 
-def test_fit_driven_by_a_command_file(tmp_path):
-    path = tmp_path / "commands.txt"
-
-    class Writes(TinyModule):
-        def on_train_batch_end(self, outputs, batch, batch_idx):
-            super().on_train_batch_end(outputs, batch, batch_idx)
-            if self.trainer.global_step == 2:
-                with open(path, "a") as f:  # what `echo ... >> commands.txt` does
-                    f.write("lr 0.25\nsave\nquit\n")
-
-    source = FileSource(path, poll_interval=0.02)
-    control = TrainingControl(source=source, signal=None)
-    model = Writes(sleep=0.01)
-    trainer = Trainer(
-        callbacks=[control],
-        default_root_dir=tmp_path,
-        max_steps=300,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
-        enable_checkpointing=False,
-    )
-    trainer.fit(model)
-    stop = trainer.global_step
-    assert 2 < stop < 300
-    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [f"step={stop}.ckpt"]
-    assert model.lr_trace[-1] == (stop, 0.25)
-    assert not source.is_reading  # closed at teardown
-
-
 @posix_only
 def test_lines_already_waiting_are_read_at_start():
     r, w = os.pipe()
@@ -294,7 +264,7 @@ def test_background_job_on_a_terminal_waits_for_the_foreground_instead_of_stoppi
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,
-            cwd=Path(__file__).parent.parent,
+            cwd=REPO,
         )
         time.sleep(0.6)
         os.write(master, b"save\n")  # typed while the job is in the background
@@ -305,36 +275,6 @@ def test_background_job_on_a_terminal_waits_for_the_foreground_instead_of_stoppi
     assert "READER background=True" in out, out
     assert "READER got ['save'] background=False" in out, out  # read only once in the foreground
     assert "JOB rc=0" in out, out
-
-
-@posix_only
-def test_several_fits_in_one_process_leak_no_threads_or_fds(tmp_path):
-    def fds():
-        return len(os.listdir("/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"))
-
-    r, w = os.pipe()  # an open, idle stdin
-    fifo = tmp_path / "control.fifo"
-    os.mkfifo(fifo)
-    try:
-        baseline = (fds(), threading.active_count())
-        stdin = StdinSource(fd=r)
-        for source in (stdin, FileSource(fifo), FileSource(tmp_path / "cmds.txt", poll_interval=0.05), stdin):
-            control = TrainingControl(source=source)
-            trainer = Trainer(
-                callbacks=[control],
-                default_root_dir=tmp_path,
-                max_steps=2,
-                logger=False,
-                enable_checkpointing=False,
-                enable_progress_bar=False,
-                enable_model_summary=False,
-            )
-            trainer.fit(TinyModule())
-            assert trainer.global_step == 2 and (tmp_path / "checkpoints" / "step=2.ckpt").is_file()
-            assert (fds(), threading.active_count()) == baseline, [t.name for t in threading.enumerate()]
-    finally:
-        os.close(r)
-        os.close(w)
 
 
 def test_command_file_saved_by_an_editor_does_not_replay_old_lines(tmp_path):
@@ -381,7 +321,7 @@ def test_interpreter_exits_cleanly_with_readers_still_waiting(tmp_path):
             text=True,
             check=False,
             timeout=30,
-            cwd=Path(__file__).parent.parent,
+            cwd=REPO,
         )
     finally:
         os.close(r)
