@@ -16,7 +16,7 @@ from lightning_utils import _compat
 
 _compat.install()
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # name -> module that defines it; resolved on first access (PEP 562).
 _LAZY = {
