@@ -14,10 +14,12 @@ import math
 import os
 import re
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from lightning_utils.io.atomic import atomic_write
 
+_orjson: ModuleType | None
 try:  # optional accelerator, never required
     import orjson as _orjson
 except ImportError:  # pragma: no cover - depends on the environment
