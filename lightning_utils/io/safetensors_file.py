@@ -1,6 +1,6 @@
 """Reading and writing the safetensors file format, byte for byte.
 
-Layout (https://github.com/huggingface/safetensors, "Format"): an 8-byte little-endian header
+Layout (written down in ``docs/sft-format.md``): an 8-byte little-endian header
 length ``N``, ``N`` bytes of JSON header (``{"__metadata__": {str: str}, name: {"dtype",
 "shape", "data_offsets": [begin, end]}}``, padded with spaces), then the data buffer. Files
 written here are read by ``safetensors.safe_open``/``load_file`` and vice versa.
@@ -31,7 +31,7 @@ import torch
 from lightning_utils.io.atomic import write_all
 from lightning_utils.io.errors import CheckpointFormatError
 
-MAX_HEADER_BYTES = 100_000_000  # the limit the reference implementation enforces
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library refuses larger headers too
 _INT64_LIMIT = 2**63
 METADATA_KEY = "__metadata__"
 
@@ -180,7 +180,7 @@ def read_header(f: BinaryIO, path: str) -> Header:
                 f"entry {name!r}: shape {shape} of {dtype_name} needs {math.prod(shape) * itemsize} bytes, offsets give {end - begin}",
             )
         entries.append(Entry(name, dtype, tuple(shape), begin, end))
-    # The entries must tile the data buffer exactly, as the reference implementation requires.
+    # The entries must tile the data buffer exactly, as the safetensors library requires.
     cursor = 0
     for e in sorted(entries, key=lambda e: (e.begin, e.end)):
         if e.begin != cursor:

@@ -14,7 +14,9 @@ weights, optimizer moments, callback state). :func:`encode` walks that tree and 
 are stored once and come back sharing storage; the same object (tensor or container) reached
 twice comes back as one object, as with pickle's memo. A value the skeleton cannot represent (an
 arbitrary object, a class, a lambda, a container that contains itself) raises ``TypeError``
-naming its key path: nothing is silently dropped, nothing is pickled.
+naming its key path: nothing is silently dropped, nothing is pickled. This module must never
+pickle or execute anything, and never import Lightning (Lightning's hparams ``AttributeDict`` is
+recognised by its import path). The on-disk format is written down in ``docs/sft-format.md``.
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 class _Encoder:
     def __init__(self) -> None:
         self.entries: dict[str, torch.Tensor] = {}  # entry name -> contiguous CPU tensor
-        self.devices: dict[str, str] = {}  # entry name -> original device, when not CPU
+        self.devices: dict[str, str] = {}  # entry name -> the device it was saved from, when not CPU
         self._tensors: list[tuple[torch.Tensor, dict[str, Any], tuple[Any, ...]]] = []  # (raw view, node, path)
         self._tensor_nodes: dict[int, dict[str, Any]] = {}  # id(tensor object) -> its node
         self._repeated: set[int] = set()  # ids of containers reached more than once
@@ -398,7 +400,7 @@ class _Decoder:
     """The inverse of :class:`_Encoder`: one method per node kind, the shared state as attributes."""
 
     def __init__(self, devices: dict[str, str], entry: Callable[[str, str], torch.Tensor]) -> None:
-        self._devices = devices  # entry name -> original device, when not CPU
+        self._devices = devices  # entry name -> the device it was saved from, when not CPU
         self._entry = entry
         self._bases: dict[str, torch.Tensor] = {}  # entry name -> its tensor (each entry is read once)
         self._objects: dict[Any, Any] = {}  # node "id" -> the object rebuilt for it, for "ref" nodes
@@ -558,7 +560,7 @@ TAGS = frozenset(_NODE_METHODS) | {"dict", "odict", "attrdict"}
 def decode(skeleton: Any, entry: Callable[[str, str], torch.Tensor]) -> Any:
     """Rebuild the object described by ``skeleton``.
 
-    ``entry(name, original_device)`` returns the (already device-mapped) tensor stored under
+    ``entry(name, saved_device)`` returns the (already device-mapped) tensor stored under
     ``name``; it is called once per name.
     """
     if not isinstance(skeleton, dict) or skeleton.get("version") != FORMAT_VERSION or "root" not in skeleton:
