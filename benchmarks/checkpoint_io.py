@@ -124,6 +124,53 @@ def interleaved(fns: dict, repeat: int) -> dict:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def measure_saves(params: float, workdir: Path, repeat: int) -> tuple[dict, int, int, float]:
+    """Save times of each method, our save's peak extra RSS, the tensor bytes and a checksum.
+
+    The checkpoint lives only in this function: it is freed before the loads are measured.
+    """
+    torch.manual_seed(0)
+    ckpt = build_checkpoint(params)
+    size = tensor_bytes(ckpt)
+    print(f"checkpoint: {size / 1e9:.2f} GB of tensors, writing to {workdir}")
+    io = TorchCheckpointIO()
+    tensors = tensors_of(ckpt)
+    saves = interleaved(
+        {
+            "raw": lambda: raw_write(workdir / "raw.bin", tensors),
+            "ours": lambda: save_state(ckpt, workdir / "c.sft"),
+            "lightning": lambda: io.save_checkpoint(ckpt, workdir / "c.ckpt"),
+            # the same durability as ours: until the data is on disk
+            "lightning_durable": lambda: (io.save_checkpoint(ckpt, workdir / "c2.ckpt"), os.sync()),
+            "torch": lambda: torch.save(ckpt, workdir / "c.pt"),
+        },
+        repeat,
+    )
+    with PeakRSS() as peak:
+        save_state(ckpt, workdir / "c.sft")
+    return saves, peak.extra, size, touch_all(ckpt)
+
+
+def measure_loads(workdir: Path, checksum: float, repeat: int) -> dict:
+    """Load time of each method, every byte touched and checked against ``checksum``."""
+    io = TorchCheckpointIO()
+    loads = {
+        "ours (.sft)": lambda: load_state(workdir / "c.sft"),
+        "ours (.sft, mmap=False)": lambda: load_state(workdir / "c.sft", mmap=False),
+        # weights_only=False: with the default (True) both refuse the pathlib.Path in the hparams
+        "TorchCheckpointIO": lambda: io.load_checkpoint(workdir / "c.ckpt", weights_only=False),
+        "torch.load": lambda: torch.load(workdir / "c.pt", weights_only=False),
+    }
+
+    def checked(load):
+        def run():
+            assert touch_all(load()) == checksum
+
+        return run
+
+    return interleaved({name: checked(load) for name, load in loads.items()}, repeat)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", type=float, default=100e6, help="model parameters (default 100e6)")
@@ -132,50 +179,16 @@ def main() -> None:
         "--dir", type=Path, default=None, help="where to write (default: a temp dir under the current directory)"
     )
     args = ap.parse_args()
-    torch.manual_seed(0)
-    ckpt = build_checkpoint(args.params)
-    size = tensor_bytes(ckpt)
     workdir = Path(tempfile.mkdtemp(prefix="ckpt-bench-", dir=args.dir or Path.cwd()))
-    print(f"checkpoint: {size / 1e9:.2f} GB of tensors, writing to {workdir}")
-    io = TorchCheckpointIO()
-    tensors = tensors_of(ckpt)
     try:
-        saves = interleaved(
-            {
-                "raw": lambda: raw_write(workdir / "raw.bin", tensors),
-                "ours": lambda: save_state(ckpt, workdir / "c.sft"),
-                "lightning": lambda: io.save_checkpoint(ckpt, workdir / "c.ckpt"),
-                # the same durability as ours: until the data is on disk
-                "lightning_durable": lambda: (io.save_checkpoint(ckpt, workdir / "c2.ckpt"), os.sync()),
-                "torch": lambda: torch.save(ckpt, workdir / "c.pt"),
-            },
-            args.repeat,
-        )
-        t_raw, t_ours, t_lio, t_torch = saves["raw"], saves["ours"], saves["lightning"], saves["torch"]
-        t_lio_durable = saves["lightning_durable"]
-        with PeakRSS() as peak:
-            save_state(ckpt, workdir / "c.sft")
-        reference = touch_all(ckpt)
-        del ckpt, tensors
-        loads = {
-            "ours (.sft)": lambda: load_state(workdir / "c.sft"),
-            "ours (.sft, mmap=False)": lambda: load_state(workdir / "c.sft", mmap=False),
-            # weights_only=False: with the default, both refuse the Path in hparams (pitfall V2)
-            "TorchCheckpointIO": lambda: io.load_checkpoint(workdir / "c.ckpt", weights_only=False),
-            "torch.load": lambda: torch.load(workdir / "c.pt", weights_only=False),
-        }
-
-        def checked(load):
-            def run():
-                assert touch_all(load()) == reference
-
-            return run
-
-        results = interleaved({name: checked(load) for name, load in loads.items()}, args.repeat)
+        saves, peak_extra, size, checksum = measure_saves(args.params, workdir, args.repeat)
+        results = measure_loads(workdir, checksum, args.repeat)
     finally:
         for p in workdir.iterdir():
             p.unlink()
         workdir.rmdir()
+    t_raw, t_ours, t_lio, t_torch = saves["raw"], saves["ours"], saves["lightning"], saves["torch"]
+    t_lio_durable = saves["lightning_durable"]
 
     print(f"\nsave (median of {args.repeat}, methods interleaved):")
     print(f"  raw write + fdatasync        {t_raw:7.2f} s   (physical limit)")
@@ -195,7 +208,7 @@ def main() -> None:
         )
         print(f"  {name:28s} {t:7.2f} s{note}")
     print(
-        f"\npeak extra RSS during our save: {peak.extra / 1e6:.0f} MB = {peak.extra / size:.3f}x the checkpoint (target <= 0.5x)"
+        f"\npeak extra RSS during our save: {peak_extra / 1e6:.0f} MB = {peak_extra / size:.3f}x the checkpoint (target <= 0.5x)"
     )
 
 

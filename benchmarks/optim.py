@@ -129,7 +129,7 @@ def lm_loss(model: TinyLM, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def lm_groups(model: TinyLM) -> list[dict]:
-    # APOLLO on the attention and MLP matrices, AdamW elsewhere (as in the APOLLO paper).
+    # APOLLO on the attention and MLP matrices; AdamW on embeddings, head, norms and biases.
     return apollo_param_groups(model, include=["blocks.*"], exclude=["*.bias", "*norm*"])
 
 

@@ -94,6 +94,16 @@ def per_batch_seconds(makers: dict, batches: int, repeat: int = 7) -> dict:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def roundtrip_loaders(ds: Dataset, n: int, bs: int, stateful_loader: type) -> dict:
+    """Builders of our loader and torchdata's over the ``n`` items of ``ds``, both shuffling."""
+    return {
+        "ours": lambda: ResumableDataLoader(ds, batch_size=bs, sampler=RandomSampler(n, seed=0)),
+        "torchdata Stateful": lambda: stateful_loader(
+            ds, batch_size=bs, shuffle=True, generator=torch.Generator().manual_seed(0)
+        ),
+    }
+
+
 def fmt_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if abs(n) < 1024 or unit == "GB":
@@ -119,13 +129,7 @@ def main() -> None:
     print(f"{'items':>12} {'loader':<22} {'state':>10} {'time':>10} {'peak extra RSS':>15}")
     for size in args.sizes:
         n = int(size)
-        ds = IndexDataset(n)
-        rows = {
-            "ours": lambda: ResumableDataLoader(ds, batch_size=bs, sampler=RandomSampler(n, seed=0)),
-            "torchdata Stateful": lambda: StatefulDataLoader(
-                ds, batch_size=bs, shuffle=True, generator=torch.Generator().manual_seed(0)
-            ),
-        }
+        rows = roundtrip_loaders(IndexDataset(n), n, bs, StatefulDataLoader)
         results = {}
         for name, make in rows.items():
             r = results[name] = state_roundtrip(make)

@@ -239,7 +239,7 @@ class CodecLM(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         # APOLLO-Mini (rank-1 projection, SGD-like optimizer memory) on the transformer block
-        # matrices; AdamW (rank 0) on embeddings, the output head, norms and biases, as the paper does.
+        # matrices; AdamW (rank 0) on embeddings, the output head, norms and biases.
         groups = apollo_param_groups(self, include=self.hparams.apollo_include, exclude=self.hparams.apollo_exclude,
                                      adamw_options={"weight_decay": 0.0})  # fmt: skip
         if self.optimizer_factory is not None:

@@ -5,10 +5,10 @@ Lightning stores ``state_dict()`` of every train loader that has ``state_dict`` 
 and calls ``load_state_dict`` before it creates the iterator. This loader's state is the
 position of its :class:`~lightning_utils.data.samplers.ResumableSampler` after the batches the
 training loop has **consumed**: the batches handed to the main process, minus the ones
-Lightning's fetcher still holds (its one-batch prefetch for loaders without a length, V5).
-It is never the sampler's own counter, which runs ``num_workers * prefetch_factor`` batches
-ahead (V3). Restoring is O(1): the skip is folded into the sampler's position, no sample is
-fetched or discarded.
+Lightning's fetcher still holds (it prefetches one batch of a loader without a length, to know
+when the loader ends). It is never the sampler's own counter, which runs
+``num_workers * prefetch_factor`` batches ahead with worker processes. Restoring is O(1): the
+skip is folded into the sampler's position, no sample is fetched or discarded.
 
 Behaviour worth knowing:
 
@@ -19,38 +19,49 @@ Behaviour worth knowing:
   or ``limit_val_batches`` never shifts the next validation run. The same loader object may
   serve as train and val loader: evaluation runs leave the training position alone.
 - The iterator is lazy: the sampler's pass starts at the first ``next()``, so Lightning's
-  ``set_epoch`` (called after ``iter()``) is honoured and a restored position of the same epoch
-  is kept (#21938).
+  ``set_epoch`` (called after ``iter()``, also right after restoring a mid-epoch checkpoint) is
+  honoured and a restored position of the same epoch is kept.
 - If Lightning stashed the checkpoint's loader state but never applied it, the first ``next()``
   applies it itself: Lightning skips it for checkpoints written after an epoch finished
   (``ModelCheckpoint``'s default save at the epoch's end, ``save_checkpoint`` after ``fit``),
-  and when it built the loader early (``estimated_stepping_batches`` in ``configure_optimizers``,
-  #20550; a loader without a length, whose first batch Lightning prefetched too early, raises
-  instead).
+  and when it built the loader before restoring the checkpoint (``configure_optimizers`` reading
+  ``trainer.estimated_stepping_batches``; a loader without a length, whose first batch
+  Lightning then prefetched from the wrong position, raises instead).
 - The position survives ``Trainer.fit`` returning: ``trainer.save_checkpoint`` afterwards
-  records where training stopped (V6). Lightning itself, however, counts an epoch stopped by
+  records where training stopped. Lightning itself, however, counts an epoch stopped by
   ``max_steps`` as completed and calls ``set_epoch(next)`` on resume, so a run resumed from
   such a checkpoint starts the next epoch; checkpoints written during ``fit`` (e.g.
   ``ModelCheckpoint(every_n_train_steps=...)``) resume mid-epoch exactly.
 - The samplers subclass ``DistributedSampler``, and with ``batch_sampler=`` ``loader.sampler``
   is that batch sampler, so Lightning's ``use_distributed_sampler=True`` leaves the loader as
-  it is (V7); the samplers shard themselves.
+  it is instead of wrapping the sampler; the samplers shard themselves.
+
+The loader drives its sampler only through the resume contract documented in
+:mod:`lightning_utils.data.samplers.base`, and learns which Lightning loop and fetcher iterate
+it only through :mod:`lightning_utils._internals`.
 
 This module must never fast-forward by fetching data, never keep a strong reference to a
-running worker iterator, and never accept a sampler it cannot resume (it raises instead).
+running worker iterator, never accept a sampler it cannot resume (it raises instead), and never
+import ``lightning`` or touch a Lightning-private name itself.
 """
 
 from __future__ import annotations
 
-import sys
 import warnings
-import weakref
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
 from typing import Any
 
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, SequentialSampler
 
-from lightning_utils.data.samplers.base import Pass, ResumableSampler
+from lightning_utils._internals import (
+    LightningFetcher,
+    SkippedRestore,
+    lightning_data_caller,
+    skipped_train_loader_restore,
+    unwrap_index_batch_sampler,
+)
+from lightning_utils.data.samplers.base import Bookmark, Pass, ResumableSampler
 from lightning_utils.data.samplers.ordered import OrderedSampler
 from lightning_utils.data.samplers.pool import default_seed
 from lightning_utils.data.samplers.random import RandomSampler
@@ -61,135 +72,47 @@ _STATE_NAME = "ResumableDataLoader"
 _STATE_VERSION = 1
 
 
-_SEARCH_DEPTH = 32  # frames between ``iter(loader)`` and Lightning's loop (about 8 in Lightning 2.6)
+def _apply_skipped_restore(skipped: SkippedRestore | None, can_apply: bool) -> None:
+    """Load the train loader states that Lightning stashed from the checkpoint but never applied.
 
-
-def _find_lightning_caller() -> tuple[weakref.ReferenceType[Any] | None, bool]:
-    """The Lightning ``_PrefetchDataFetcher`` iterating this loader, and whether an evaluation loop
-    (validation, sanity check, test, predict) asked for the iterator (looked up once per pass).
-
-    Lightning gives the loader no handle on its fetcher or loop, so we look for them among our
-    callers: ``iter(loader)`` is called from inside the fetcher's ``__iter__`` / ``__next__``,
-    which the loop calls. The first loop found going up is the one iterating (validation runs
-    nested inside the training epoch loop). If a Lightning loop is found but no fetcher (its
-    internals changed), this warns: a loader without a length would then be one batch off.
-    """
-    fetchers = sys.modules.get("lightning.pytorch.loops.fetchers")
-    prefetch_cls = getattr(fetchers, "_PrefetchDataFetcher", None)
-    fetcher_classes = tuple(c for c in (getattr(fetchers, "_DataFetcher", None), prefetch_cls) if isinstance(c, type))
-    eval_classes: list[type] = []
-    train_classes: list[type] = []
-    for module_name, name, into in (
-        ("lightning.pytorch.loops.evaluation_loop", "_EvaluationLoop", eval_classes),
-        ("lightning.pytorch.loops.prediction_loop", "_PredictionLoop", eval_classes),
-        ("lightning.pytorch.loops.training_epoch_loop", "_TrainingEpochLoop", train_classes),
-        ("lightning.pytorch.loops.fit_loop", "_FitLoop", train_classes),
-    ):
-        cls = getattr(sys.modules.get(module_name), name, None)
-        if isinstance(cls, type):
-            into.append(cls)
-    if not eval_classes and not train_classes:
-        return None, False  # Lightning's loops are not even imported
-    eval_types, train_types = tuple(eval_classes), tuple(train_classes)
-    fetcher: weakref.ReferenceType[Any] | None = None
-    any_fetcher = False
-    try:
-        frame: Any = sys._getframe(2)
-    except ValueError:  # called straight from a thread's bootstrap: no Python caller at all
-        return None, False
-    for _ in range(_SEARCH_DEPTH):
-        if frame is None:
-            break
-        candidate = frame.f_locals.get("self")
-        if candidate is not None:
-            if not any_fetcher and fetcher_classes and isinstance(candidate, fetcher_classes):
-                any_fetcher = True
-                if isinstance(prefetch_cls, type) and isinstance(candidate, prefetch_cls):
-                    fetcher = weakref.ref(candidate)
-            elif isinstance(candidate, eval_types + train_types):
-                if not any_fetcher:
-                    warnings.warn(
-                        f"ResumableDataLoader: {type(candidate).__name__} is iterating this loader but no Lightning "
-                        "data fetcher was found among its callers (Lightning's internals changed?). The saved "
-                        "position cannot account for batches the fetcher prefetches, so with a loader without a "
-                        "length a resume would be off by one batch.",
-                        RuntimeWarning,
-                        stacklevel=3,
-                    )
-                return fetcher, isinstance(candidate, eval_types)
-        frame = frame.f_back
-    return fetcher, False
-
-
-def _apply_skipped_lightning_restore(can_apply: bool) -> None:
-    """Load loader states that Lightning stashed from the checkpoint but never applied.
-
-    Lightning applies them in ``_FitLoop.setup_data`` only when it is ``restarting``, and skips it
-
-    - when the checkpoint was written after the epoch finished (``ModelCheckpoint``'s default
-      save at ``on_train_epoch_end``, or at the end of the epoch's validation): Lightning then
-      counts the epoch as done and is "not restarting", so our loader would start from scratch:
-      a ``PoolSampler`` bag would start again from its first draw, and a loader without a length
-      would prefetch its first batch before ``set_epoch`` and train the old epoch's order;
-    - when ``configure_optimizers`` reads ``trainer.estimated_stepping_batches`` (#20550): the
-      train loader is built before the checkpoint is restored and ``setup_data`` never runs again.
+    Lightning skips them when the checkpoint was written after the epoch finished
+    (``ModelCheckpoint``'s default save at ``on_train_epoch_end``, or at the end of the epoch's
+    validation: Lightning counts the epoch as done), so our loader would start from scratch: a
+    ``PoolSampler`` bag would start again from its first draw, and a loader without a length
+    would prefetch its first batch before ``set_epoch`` and train the old epoch's order. It also
+    skips them when ``configure_optimizers`` reads ``trainer.estimated_stepping_batches``, which
+    builds the train loader before the checkpoint is restored.
 
     Our iterator is lazy, so at the first ``next()`` of a pass no batch has been drawn yet
-    (``can_apply``): load the stashed states now. Later (#20550 with a loader without a length,
-    whose first batch was prefetched before the restore) it is too late, and this raises instead
-    of training on the wrong samples.
+    (``can_apply``): load the stashed states now. Later (a loader without a length whose first
+    batch Lightning prefetched before the skipped restore) it is too late, and this raises
+    instead of training on the wrong samples.
     """
-    classes = tuple(
-        cls
-        for module_name, name in (
-            ("lightning.pytorch.loops.training_epoch_loop", "_TrainingEpochLoop"),
-            ("lightning.pytorch.loops.fit_loop", "_FitLoop"),
-        )
-        if isinstance(cls := getattr(sys.modules.get(module_name), name, None), type)
-    )
-    if not classes:
+    if skipped is None:
         return
-    frame: Any = sys._getframe(2)
-    for _ in range(_SEARCH_DEPTH):
-        if frame is None:
-            return
-        candidate = frame.f_locals.get("self")
-        if isinstance(candidate, classes):
-            trainer = getattr(candidate, "trainer", None)
-            fit_loop = getattr(trainer, "fit_loop", None)
-            states = getattr(fit_loop, "_combined_loader_states_to_load", None)
-            combined = getattr(fit_loop, "_combined_loader", None)
-            if not states or combined is None:
-                return
-            if not can_apply:
-                raise RuntimeError(
-                    "ResumableDataLoader: Lightning never restored the train loader's position (it built the loader "
-                    "before loading the checkpoint, e.g. for `trainer.estimated_stepping_batches` in "
-                    "`configure_optimizers`, Lightning #20550) and, the loader having no length, already drew a "
-                    "batch from the start of the epoch. Give the sampler a length or compute the schedule "
-                    "without `estimated_stepping_batches`."
-                )
-            if fit_loop.restarting:  # Lightning meant to restore and missed it: worth telling
-                warnings.warn(
-                    "ResumableDataLoader: Lightning skipped restoring the train loader's position (it built the "
-                    "loader early, e.g. for `trainer.estimated_stepping_batches`, Lightning #20550); restoring it "
-                    "now, before the first batch.",
-                    stacklevel=2,
-                )
-            # What ``_FitLoop._load_combined_loader_states`` does, without its ``restarting`` gate. It
-            # runs after Lightning's ``set_epoch`` here (normally before), so keep those requests.
-            requests = [
-                (dl._resumable, dl._resumable._requested_epoch)
-                for dl in combined.flattened
-                if isinstance(dl, ResumableDataLoader)
-            ]
-            combined._load_state_dicts(states)
-            for sampler, requested in requests:
-                if requested is not None:
-                    sampler._requested_epoch = requested
-            fit_loop._combined_loader_states_to_load = []
-            return
-        frame = frame.f_back
+    if not can_apply:
+        raise RuntimeError(
+            "ResumableDataLoader: Lightning never restored the train loader's position (it built the loader "
+            "before loading the checkpoint, e.g. for `trainer.estimated_stepping_batches` in "
+            "`configure_optimizers`, Lightning #20550) and, the loader having no length, already drew a "
+            "batch from the start of the epoch. Give the sampler a length or compute the schedule "
+            "without `estimated_stepping_batches`."
+        )
+    if skipped.restarting:  # Lightning meant to restore and missed it: worth telling
+        warnings.warn(
+            "ResumableDataLoader: Lightning skipped restoring the train loader's position (it built the "
+            "loader early, e.g. for `trainer.estimated_stepping_batches`, Lightning #20550); restoring it "
+            "now, before the first batch.",
+            stacklevel=2,
+        )
+    # This runs after Lightning's set_epoch (a restore normally runs before it), and loading a
+    # state drops a pending set_epoch: keep those requests.
+    samplers = [dl.sampler for dl in skipped.loaders if isinstance(dl, ResumableDataLoader)]
+    requests = [sampler.bookmark().requested for sampler in samplers]
+    skipped.apply()
+    for sampler, requested in zip(samplers, requests):
+        if requested is not None:
+            sampler.seek(replace(sampler.bookmark(), requested=requested))
 
 
 class _PassTracker:
@@ -197,7 +120,7 @@ class _PassTracker:
 
     __slots__ = ("fetcher", "frozen", "held_after", "plan", "yielded")
 
-    def __init__(self, plan: Pass, fetcher: weakref.ReferenceType[Any] | None) -> None:
+    def __init__(self, plan: Pass, fetcher: LightningFetcher | None) -> None:
         self.plan = plan
         self.yielded = 0
         self.fetcher = fetcher
@@ -205,11 +128,9 @@ class _PassTracker:
         self.frozen: int | None = None  # consumption fixed when the next pass was requested
 
     def note_fetcher(self, returned: bool) -> None:
-        fetcher = self.fetcher() if self.fetcher is not None else None
-        if fetcher is None:
-            return
-        buffered = returned and fetcher.length is None and fetcher.prefetch_batches > 0
-        self.held_after = len(fetcher.batches) + (1 if buffered else 0)
+        held = self.fetcher.held_after_returning(returned) if self.fetcher is not None else None
+        if held is not None:
+            self.held_after = held
 
     def freeze(self) -> None:
         """Fix the consumed count now: a new ``iter()`` replaces this pass, and the fetcher is about
@@ -222,22 +143,17 @@ class _PassTracker:
             return self.frozen
         held = 0
         if self.fetcher is not None:
-            fetcher = self.fetcher()
-            if fetcher is not None and fetcher.iterator is not None:
-                held = len(fetcher.batches)
-            else:
-                # A torn-down fetcher (fit returned) has dropped its buffer, or was freed
-                # altogether (``fit_loop._data_fetcher = None``): use what we recorded.
-                held = self.held_after
+            # A torn-down fetcher (fit returned) has dropped its buffer, or was freed: use what
+            # we recorded while it ran.
+            now = self.fetcher.held()
+            held = self.held_after if now is None else now
         return max(0, self.yielded - held)
 
 
 class _ResumableIterator(Iterator[Any]):
     """Lazy iterator: starts the sampler's pass and the DataLoader iterator at the first ``next()``."""
 
-    def __init__(
-        self, loader: ResumableDataLoader, fetcher: weakref.ReferenceType[Any] | None, evaluating: bool
-    ) -> None:
+    def __init__(self, loader: ResumableDataLoader, fetcher: LightningFetcher | None, evaluating: bool) -> None:
         self._loader = loader
         self._fetcher = fetcher
         self._evaluating = evaluating
@@ -258,23 +174,23 @@ class _ResumableIterator(Iterator[Any]):
             # from its start, as with a plain DataLoader; Lightning saves no evaluation position.
             # The training position (if this loader also trains) is kept aside and untouched.
             if loader._tracker is None and loader._idle_state is None:
-                loader._idle_state = (sampler._epoch, sampler._position, sampler._epoch_arg)
-            sampler._rewind(sampler._effective()[0], 0)
-            tracker = _PassTracker(sampler._plan_pass(), self._fetcher)
+                loader._idle_state = replace(sampler.bookmark(), requested=None)
+            here = sampler.bookmark()
+            sampler.seek(replace(here, epoch=here.effective()[0], position=0))
+            tracker = _PassTracker(sampler.plan_pass(), self._fetcher)
             self._inner = DataLoader.__iter__(loader)
             return tracker
-        _apply_skipped_lightning_restore(can_apply=True)
+        _apply_skipped_restore(skipped_train_loader_restore(), can_apply=True)
         previous = loader._tracker
         if previous is not None:
             # Continue where the loop stopped consuming, not where prefetching stopped.
             state = loader._sampler_state(previous)
-            sampler._rewind(state["epoch"], state["position"])
+            sampler.seek(replace(sampler.bookmark(), epoch=state["epoch"], position=state["position"]))
         elif loader._idle_state is not None:
-            epoch, position, epoch_arg = loader._idle_state
-            sampler._rewind(epoch, position)
-            sampler._epoch_arg = epoch_arg
+            # Back to the training position that evaluation passes set aside.
+            sampler.seek(replace(loader._idle_state, requested=sampler.bookmark().requested))
         loader._idle_state = None
-        tracker = _PassTracker(sampler._plan_pass(), self._fetcher)
+        tracker = _PassTracker(sampler.plan_pass(), self._fetcher)
         loaded, loader._loaded = loader._loaded, None
         if loaded is not None and self._fetcher is not None:
             loader._check_world_size_change(tracker.plan, *loaded)
@@ -295,10 +211,9 @@ class _ResumableIterator(Iterator[Any]):
         tracker.yielded += 1
         if tracker.fetcher is not None:
             tracker.note_fetcher(returned=True)
-            if (
-                tracker.yielded == 2 and not self._evaluating
-            ):  # the first batch may have been prefetched before a skipped restore
-                _apply_skipped_lightning_restore(can_apply=False)
+            if tracker.yielded == 2 and not self._evaluating:
+                # The first batch may have been prefetched before a skipped restore.
+                _apply_skipped_restore(skipped_train_loader_restore(), can_apply=False)
         return batch
 
 
@@ -351,7 +266,7 @@ class ResumableDataLoader(DataLoader):
         loader_drop_last = False
         if batch_sampler is not None:
             # Lightning's predict loop wraps the batch sampler to record indices; look inside.
-            inner = getattr(batch_sampler, "_batch_sampler", batch_sampler)
+            inner = unwrap_index_batch_sampler(batch_sampler)
             if isinstance(inner, ResumableSampler):
                 resumable = inner
             elif isinstance(inner, BatchSampler) and isinstance(inner.sampler, ResumableSampler):
@@ -388,8 +303,8 @@ class ResumableDataLoader(DataLoader):
         self._loader_drop_last = bool(loader_drop_last)
         self._tracker: _PassTracker | None = None
         # The sampler position to return to after evaluation passes that ran before any training
-        # pass: (epoch, position, set_epoch value).
-        self._idle_state: tuple[int, int, int | None] | None = None
+        # pass.
+        self._idle_state: Bookmark | None = None
         # (epoch, position, num_replicas) of the last loaded state, until the next pass checks it.
         self._loaded: tuple[int, int, int | None] | None = None
         super().__init__(
@@ -413,7 +328,7 @@ class ResumableDataLoader(DataLoader):
         )
 
     # ``loader.sampler`` is always the resumable sampler, also with ``batch_sampler=``: Lightning
-    # then sees a DistributedSampler (no re-wrapping, V7) and calls its ``set_epoch``.
+    # then sees a DistributedSampler (and does not wrap it) and calls its ``set_epoch``.
     @property  # type: ignore[override]
     def sampler(self) -> ResumableSampler:
         return self._resumable
@@ -423,7 +338,7 @@ class ResumableDataLoader(DataLoader):
         self.__dict__["_dataloader_sampler"] = value  # what DataLoader.__init__ assigned
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
-        fetcher, evaluating = _find_lightning_caller()
+        fetcher, evaluating = lightning_data_caller()
         if not evaluating and self._tracker is not None:
             # Now, not at the lazy first next(): by then Lightning's fetcher has reset and forgotten
             # the batch it prefetched from the old pass and never trained on (a loader without a
@@ -443,10 +358,10 @@ class ResumableDataLoader(DataLoader):
         plan = tracker.plan
         consumed = tracker.consumed()
         if plan.length is None:  # endless sampler
-            return self._resumable._state_after(plan, consumed * self._batch_units, finished=False)
+            return self._resumable.state_after(plan, consumed * self._batch_units, finished=False)
         units = min(consumed * self._batch_units, plan.length)
         finished = consumed >= self._batches_in_pass(plan.length)
-        return self._resumable._state_after(plan, units, finished)
+        return self._resumable.state_after(plan, units, finished)
 
     def _check_world_size_change(self, plan: Pass, epoch: int, position: int, saved_replicas: Any) -> None:
         """Refuse a mid-epoch resume on another world size that Lightning would cut short.
@@ -459,8 +374,7 @@ class ResumableDataLoader(DataLoader):
         """
         if not isinstance(saved_replicas, int) or saved_replicas == plan.num_replicas or plan.length is None:
             return
-        size = self._resumable._epoch_size()
-        if not 0 < position < size:
+        if not 0 < position < plan.epoch_size:
             return  # at an epoch boundary any world size is fine
         units_per_batch = self._batch_units
         done = -(-position // (saved_replicas * units_per_batch))  # Lightning's restored batch count
@@ -485,10 +399,7 @@ class ResumableDataLoader(DataLoader):
         """The sampler position after the batches the training loop consumed (a few integers)."""
         tracker = self._tracker
         if tracker is None and self._idle_state is not None:
-            epoch, position, epoch_arg = self._idle_state
-            sampler = self._resumable
-            sampler_state = sampler._make_state(epoch, position, sampler._last_num_replicas, epoch_arg)
-            consumed = 0
+            sampler_state, consumed = self._resumable.state_at(self._idle_state), 0
         elif tracker is None:
             sampler_state, consumed = self._resumable.state_dict(), 0
         else:
@@ -516,6 +427,7 @@ class ResumableDataLoader(DataLoader):
             )
         self._resumable.load_state_dict(state["sampler"])
         sampler_state = state["sampler"]
-        self._loaded = (self._resumable._epoch, self._resumable._position, sampler_state.get("num_replicas"))
+        here = self._resumable.bookmark()
+        self._loaded = (here.epoch, here.position, sampler_state.get("num_replicas"))
         self._tracker = None
         self._idle_state = None

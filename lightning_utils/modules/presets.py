@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import copy
 import importlib
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lightning_utils._internals import shallow_copy_module
 
 __all__ = [
     "SDPAMultiheadAttention",
@@ -67,9 +69,14 @@ class _Preset:
         return f"{type(self).__name__}({fields})"
 
 
-def _expect(old: nn.Module, cls: type, preset: str) -> None:
+_M = TypeVar("_M", bound=nn.Module)
+
+
+def _expect(old: nn.Module, cls: type[_M], preset: str) -> _M:
+    """``old`` itself, refused unless it is a ``cls``."""
     if not isinstance(old, cls):
         raise TypeError(f"{preset} replaces {cls.__name__} modules, got {type(old).__name__}")
+    return old
 
 
 class torchao_linear(_Preset):  # noqa: N801 - used like a function: ReplaceModules(nn.Linear, torchao_linear())
@@ -121,13 +128,14 @@ class torchao_linear(_Preset):  # noqa: N801 - used like a function: ReplaceModu
         return new
 
 
-class bnb_linear_8bit(_Preset):  # noqa: N801
+class bnb_linear_8bit(_Preset):  # noqa: N801 - used like a function: ReplaceModules(nn.Linear, bnb_linear_8bit())
     """bitsandbytes ``Linear8bitLt`` (LLM.int8()) in place of ``nn.Linear``; CUDA only.
 
     Args:
         has_fp16_weights: keep trainable high-precision weights (int8 matmul in the forward);
             ``False`` stores frozen int8 weights (adds ``SCB``/``weight_format`` state-dict keys).
-        threshold: outlier threshold of LLM.int8() (6.0 in the paper; 0 disables the split).
+        threshold: LLM.int8()'s outlier threshold: input features holding a value of larger
+            magnitude are multiplied in 16-bit, the others in int8 (0 disables the split).
     """
 
     def __init__(self, has_fp16_weights: bool = True, threshold: float = 6.0) -> None:
@@ -135,46 +143,46 @@ class bnb_linear_8bit(_Preset):  # noqa: N801
         self.threshold = threshold
 
     def __call__(self, name: str, old: nn.Module) -> nn.Module:
-        _expect(old, nn.Linear, "bnb_linear_8bit")
+        linear = _expect(old, nn.Linear, "bnb_linear_8bit")
         bnb = _require("bitsandbytes", "bnb", "bnb_linear_8bit")
         if not torch.cuda.is_available():
             raise RuntimeError("bnb_linear_8bit: bitsandbytes' Linear8bitLt needs a CUDA GPU; none is available")
         new = bnb.nn.Linear8bitLt(
-            old.in_features,
-            old.out_features,
-            bias=old.bias is not None,
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
             has_fp16_weights=self.has_fp16_weights,
             threshold=self.threshold,
         )
         # Int8Params quantizes when moved to CUDA (ReplaceModules or the strategy moves it).
         new.weight = bnb.nn.Int8Params(
-            old.weight.detach().clone(),
-            requires_grad=self.has_fp16_weights and old.weight.requires_grad,
+            linear.weight.detach().clone(),
+            requires_grad=self.has_fp16_weights and linear.weight.requires_grad,
             has_fp16_weights=self.has_fp16_weights,
         )
-        if old.bias is not None:
-            new.bias = old.bias
+        if linear.bias is not None:
+            new.bias = linear.bias
         return new
 
 
-class bnb_stable_embedding(_Preset):  # noqa: N801
+class bnb_stable_embedding(_Preset):  # noqa: N801 - used like a function: ReplaceModules(nn.Embedding, bnb_stable_embedding())
     """bitsandbytes ``StableEmbedding`` (embedding + LayerNorm, 32-bit optimizer state for it
     under bitsandbytes' 8-bit optimizers) in place of ``nn.Embedding``. Not output-identical:
     the LayerNorm is new (initialised to identity scale), and ``norm.*`` keys appear."""
 
     def __call__(self, name: str, old: nn.Module) -> nn.Module:
-        _expect(old, nn.Embedding, "bnb_stable_embedding")
+        embedding = _expect(old, nn.Embedding, "bnb_stable_embedding")
         bnb = _require("bitsandbytes", "bnb", "bnb_stable_embedding")
         new = bnb.nn.StableEmbedding(
-            old.num_embeddings,
-            old.embedding_dim,
-            padding_idx=old.padding_idx,
-            max_norm=old.max_norm,
-            norm_type=old.norm_type,
-            scale_grad_by_freq=old.scale_grad_by_freq,
-            sparse=old.sparse,
+            embedding.num_embeddings,
+            embedding.embedding_dim,
+            padding_idx=embedding.padding_idx,
+            max_norm=embedding.max_norm,
+            norm_type=embedding.norm_type,
+            scale_grad_by_freq=embedding.scale_grad_by_freq,
+            sparse=embedding.sparse,
         )  # (no dtype=: bitsandbytes 0.50 passes it to nn.Embedding in the device slot)
-        new.weight = old.weight  # its LayerNorm stays float32: StableEmbedding normalises in fp32
+        new.weight = embedding.weight  # its LayerNorm stays float32: StableEmbedding normalises in fp32
 
         return new
 
@@ -185,8 +193,8 @@ class SDPAMultiheadAttention(nn.MultiheadAttention):
     Same constructor, parameters and state-dict keys as ``nn.MultiheadAttention``; the forward
     takes the same arguments. Attention weights are never materialised: the second output is
     ``None`` even when ``need_weights=True`` (callers such as ``nn.TransformerEncoderLayer`` pass
-    ``need_weights=False`` anyway), unless ``weights_fallback=True``, in which case such calls
-    run the stock implementation. ``add_bias_kv`` and ``add_zero_attn`` are not supported.
+    ``need_weights=False`` anyway), unless ``weights_fallback=True``: then such calls run the
+    stock implementation. ``add_bias_kv`` and ``add_zero_attn`` are not supported.
     Outputs equal the stock module's up to float rounding (dropout masks differ in training).
     """
 
@@ -207,18 +215,17 @@ class SDPAMultiheadAttention(nn.MultiheadAttention):
         """The same module (same Parameter objects) re-classed; no weights are copied."""
         from lightning_utils.modules.swap import check_not_transformed
 
-        _expect(old, nn.MultiheadAttention, "SDPAMultiheadAttention")
-        cls._check_supported(old)  # type: ignore[arg-type]
+        mha = _expect(old, nn.MultiheadAttention, "SDPAMultiheadAttention")
+        cls._check_supported(mha)
         # a copied instance-level forward / compiled call would keep running the stock forward
-        check_not_transformed("", old)
-        new = copy.copy(old)
-        for attr in ("_parameters", "_buffers", "_modules"):
-            setattr(new, attr, dict(getattr(old, attr)))
+        check_not_transformed("", mha)
+        new = shallow_copy_module(mha)
         new.__class__ = cls
-        new.weights_fallback = weights_fallback
-        return new  # type: ignore[return-value]
+        sdpa = cast(SDPAMultiheadAttention, new)  # re-classed: mypy cannot follow __class__
+        sdpa.weights_fallback = weights_fallback
+        return sdpa
 
-    def forward(  # type: ignore[override]
+    def forward(
         self,
         query: Tensor,
         key: Tensor,
@@ -243,7 +250,7 @@ class SDPAMultiheadAttention(nn.MultiheadAttention):
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
 
         e, h = self.embed_dim, self.num_heads
-        if self._qkv_same_embed_dim:
+        if self.in_proj_weight is not None:  # query, key and value of the same size, packed
             w_q, w_k, w_v = self.in_proj_weight.chunk(3)
         else:
             w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
@@ -302,7 +309,7 @@ class SDPAMultiheadAttention(nn.MultiheadAttention):
         return mask
 
 
-class sdpa_attention(_Preset):  # noqa: N801
+class sdpa_attention(_Preset):  # noqa: N801 - used like a function: ReplaceModules(nn.MultiheadAttention, sdpa_attention())
     """Factory form of ``SDPAMultiheadAttention.from_module`` (same Parameters, no copy)."""
 
     def __init__(self, weights_fallback: bool = False) -> None:

@@ -26,15 +26,16 @@ from __future__ import annotations
 import inspect
 import weakref
 from collections.abc import Callable, Iterable
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
 
+from lightning_utils._internals import is_compiled_in_place
 from lightning_utils.modules.targets import Target, find_targets
 
 Factory = Callable[[str, nn.Module], nn.Module]
-Replacement = Union[type, Factory]
+Replacement = type | Factory
 
 __all__ = ["Replacement", "build_like", "check_not_transformed", "copy_module_state", "replace_modules"]
 
@@ -43,10 +44,10 @@ _ALIASES = {"input_features": "in_features", "output_features": "out_features"}
 
 
 def _first_tensor(module: nn.Module) -> torch.Tensor | None:
-    for t in module.parameters():
-        return t
-    for t in module.buffers():
-        return t
+    for p in module.parameters():
+        return p
+    for b in module.buffers():
+        return b
     return None
 
 
@@ -74,7 +75,7 @@ def _value_for(old: nn.Module, name: str) -> Any:
     return value
 
 
-def build_like(cls: type, old: nn.Module) -> nn.Module:
+def build_like(cls: type[nn.Module], old: nn.Module) -> nn.Module:
     """Construct ``cls`` with the hyper-parameters of ``old`` (no weights copied here)."""
     from_module = getattr(cls, "from_module", None)
     if callable(from_module):
@@ -178,7 +179,7 @@ def check_not_transformed(name: str, old: nn.Module) -> None:
     from lightning_utils.modules.offload import is_offloaded
 
     by = "ActivationOffload" if is_offloaded(old) else None
-    if getattr(old, "_compiled_call_impl", None) is not None:
+    if is_compiled_in_place(old):
         by = "CompileModules (Module.compile)"
     if by is not None:
         raise ValueError(
@@ -189,10 +190,11 @@ def check_not_transformed(name: str, old: nn.Module) -> None:
 
 
 def _set_everywhere(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    for parent in root.modules():
-        for key, child in list(parent._modules.items()):
-            if child is old:
-                setattr(parent, key, new)
+    """Put ``new`` in every place under ``root`` that holds ``old`` (a shared module has several)."""
+    names = [name for name, module in root.named_modules(remove_duplicate=False) if module is old and name]
+    for name in names:
+        owner, leaf = _owner(root, name)
+        setattr(owner, leaf, new)
 
 
 def replace_modules(
@@ -263,12 +265,16 @@ def _replace_all(
             handles_weights = bool(getattr(replacement, "copies_weights", False))
         if copy_weights and not handles_weights and new is not old:
             copy_module_state(old, new, name, converted)
+        # Any tensor of the replacement on another device, not just its first: carried-over
+        # parameters are already on the old device, its own extra buffers/parameters were built
+        # on the CPU.
         ref = _first_tensor(old)
-        if ref is not None and ref.device.type != "meta":
-            # any tensor of the replacement, not just its first: carried-over parameters are
-            # already on the old device, its own extra buffers/parameters were built on the CPU
-            if any(t.device != ref.device for t in (*new.parameters(), *new.buffers())):
-                new = new.to(ref.device)
+        if (
+            ref is not None
+            and ref.device.type != "meta"
+            and any(t.device != ref.device for t in (*new.parameters(), *new.buffers()))
+        ):
+            new = new.to(ref.device)
         new.train(old.training)
         produced.add(new)
         if name:

@@ -20,12 +20,11 @@ from __future__ import annotations
 import fnmatch
 import importlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Union
 
 from torch import nn
 
 Predicate = Callable[[str, nn.Module], bool]
-Target = Union[type, str, Sequence[type | str], Predicate]
+Target = type | str | Sequence[type | str] | Predicate
 
 __all__ = ["Predicate", "Target", "find_targets", "passes_policy", "resolve_target"]
 
@@ -43,8 +42,11 @@ def _import_class(path: str, argument: str) -> type:
     return obj
 
 
-def resolve_target(target: Target, argument: str = "target") -> Predicate:
-    """Turn a class, classes, import path(s) or predicate into a ``(name, module) -> bool``."""
+def resolve_target(target: Target | None, argument: str = "target") -> Predicate:
+    """Turn a class, classes, import path(s) or predicate into a ``(name, module) -> bool``.
+
+    Anything else (``None`` included) is a ``TypeError`` naming ``argument``.
+    """
     if isinstance(target, str):
         target = (target,)
     if isinstance(target, type):

@@ -6,7 +6,7 @@ DAC or Mimi give ``K`` codebooks per frame) reads one *sequence step* at a time,
 pattern puts codebook ``q`` of frame ``t`` at step ``t + q + 1``. ``Pattern`` turns codes
 ``[B, K, T]`` into the pattern's sequence ``[B, K, S]`` (empty cells hold a special token),
 turns such a sequence back into codes, and maps model logits ``[B, card, K, S]`` back onto the
-codes' timeline so that a loss can be taken against the original codes.
+codes' timeline so that a loss can be taken against the input codes.
 
 How: the layout is kept as three flat integer tensors (step, codebook, timestep) of all its
 coordinates, and every conversion is one gather (``index_select``) through an index table
@@ -226,7 +226,8 @@ class Pattern:
         self._steps = steps[order].contiguous()
         self._codebooks = codebooks[order].contiguous()
         self._times = times[order].contiguous()
-        # Like the reference: the largest t + 1 over all steps but the first, minus timesteps.
+        # How many steps past the last frame the pattern reaches: the largest t + 1 over all
+        # steps but the first, minus timesteps.
         later = self._steps >= 1
         max_t = int((self._times[later] + 1).max()) if bool(later.any()) else 0
         self.max_delay = max_t - self.timesteps
@@ -296,7 +297,7 @@ class Pattern:
 
     @property
     def valid_layout(self) -> PatternLayout:
-        """The first ``num_steps - max_delay`` steps (``len == num_valid_steps``), the reference's definition.
+        """The first ``num_steps - max_delay`` steps (``len == num_valid_steps``).
 
         For delay patterns (delayed, parallel, coarse-first) these are exactly the steps before
         the first one that holds a coordinate past the last frame, so a model trained on them
@@ -309,7 +310,7 @@ class Pattern:
 
     @property
     def num_sequence_steps(self) -> int:
-        """``num_steps - 1``: the steps after the leading one (the reference's definition)."""
+        """``num_steps - 1``: the steps after the leading one."""
         return self.num_steps - 1
 
     def starts_with_special_token(self) -> bool:
@@ -488,9 +489,9 @@ class Pattern:
         The output at step ``s`` is the model's prediction for the input at step ``s + 1`` when
         the pattern starts with the special token, so this reads code ``(t, q)`` from the step
         before the one that holds it. A pattern whose first step holds codes (e.g.
-        ``DelayedPatternProvider(empty_initial=-1)``) is read without that shift, as in the
-        reference: the output at step ``s`` must then already be the prediction for step ``s``
-        (shift a next-step model's outputs yourself).
+        ``DelayedPatternProvider(empty_initial=-1)``) is read without that shift: the output at
+        step ``s`` must then already be the prediction for step ``s`` (shift a next-step model's
+        outputs yourself).
 
         Args:
             logits: ``[B, card, K, S]`` (``card`` classes per code).

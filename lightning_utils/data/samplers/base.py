@@ -1,4 +1,4 @@
-"""The resumable, rank-sharded sampler protocol shared by every sampler in this package.
+"""The resumable, rank-sharded sampler base class, and the contract ``ResumableDataLoader`` relies on.
 
 Model: each epoch defines a *global sequence* of units (indices, or index lists for batch
 samplers) that is a pure function of the sampler's arguments and the epoch number. Rank ``r``
@@ -7,9 +7,23 @@ state is the epoch and the *global* position reached (``start + R * units_yielde
 a couple of integers that are the same on every rank, so rank 0's checkpoint restores all
 ranks, and a different world size continues the same epoch without repeating or skipping.
 
+The resume contract. :class:`~lightning_utils.data.loader.ResumableDataLoader` uses a sampler
+only through its user-facing API (``state_dict``, ``load_state_dict``, ``set_epoch``, ``iter``,
+``len``) and these five operations of :class:`ResumableSampler`:
+
+- :meth:`~ResumableSampler.plan_pass`: the :class:`Pass` the next ``iter()`` will run (which
+  epoch, from which global position, on which shard, how many units), changing nothing;
+- :meth:`~ResumableSampler.state_after`: the state after this rank consumed ``k`` units of a
+  pass, the loader's answer to "where is training?" while workers run ahead;
+- :meth:`~ResumableSampler.bookmark` / :meth:`~ResumableSampler.seek`: read and set where
+  the next pass starts (a :class:`Bookmark`), so the loader can resume after the consumed
+  units, run an evaluation pass from the start of the epoch and then put training back;
+- :meth:`~ResumableSampler.state_at`: the state of a sampler standing at a bookmark
+  (``state_dict()`` is ``state_at(bookmark())``).
+
 Lightning compatibility: :class:`ResumableSampler` subclasses ``DistributedSampler`` so that
 ``Trainer(use_distributed_sampler=True)`` (the default) leaves it in place instead of wrapping
-it in ``DistributedSamplerWrapper``, which would hide its state (V7). It never calls
+it in ``DistributedSamplerWrapper``, which would hide its state. It never calls
 ``DistributedSampler.__init__``, which would need a dataset and a live process group.
 
 This module must never materialise an epoch's order, never read ``torch.distributed`` before
@@ -28,7 +42,7 @@ from torch.utils.data.distributed import DistributedSampler
 from lightning_utils.data.samplers.permutation import KeyedPermutation
 from lightning_utils.data.samplers.rank import check_replica_args, resolve_replicas
 
-__all__ = ["Pass", "ResumableSampler"]
+__all__ = ["Bookmark", "Pass", "ResumableSampler"]
 
 _STATE_VERSION = 1
 _FIRST_BLOCK = 64
@@ -44,14 +58,52 @@ class Pass:
     num_replicas: int
     rank: int
     length: int | None  # units this rank yields; None for an endless sampler
+    epoch_size: int  # units in the epoch's global sequence, all ranks (the pool size if endless)
     epoch_arg: int | None = None  # the last ``set_epoch`` value in force (None: never called)
+
+
+@dataclass(frozen=True)
+class Bookmark:
+    """Where a sampler stands between passes: what :meth:`ResumableSampler.bookmark` reads and
+    :meth:`ResumableSampler.seek` sets.
+
+    ``epoch`` and ``position`` are the epoch and global position reached; ``epoch_arg`` is the
+    last ``set_epoch`` value that took effect (``None``: never called) and ``requested`` a
+    ``set_epoch`` value that no pass has taken up yet (``None``: none pending).
+    """
+
+    epoch: int
+    position: int
+    epoch_arg: int | None = None
+    requested: int | None = None
+
+    def effective(self) -> tuple[int, int]:
+        """``(epoch, position)`` the sampler reports and the next pass starts from (before it
+        rolls over a used-up epoch).
+
+        A pending ``set_epoch`` of another epoch starts that epoch from its beginning; the same
+        epoch changes nothing. "The same" means the value of the previous ``set_epoch``, not the
+        running epoch, which runs ahead when a pass rolls over on its own (a short loader cycled
+        by ``CombinedLoader``): Lightning's ``set_epoch(same)`` must not reset that.
+        """
+        requested = self.requested
+        base = self.epoch if self.epoch_arg is None else self.epoch_arg
+        if requested is not None and requested != base:
+            return requested, 0
+        return self.epoch, self.position
+
+    def epoch_arg_in_force(self) -> int | None:
+        """The ``set_epoch`` value the next pass runs under."""
+        return self.epoch_arg if self.requested is None else self.requested
 
 
 class ResumableSampler(DistributedSampler):
     """Base class: O(1) resumable state, lazy rank resolution, ``set_epoch`` that keeps positions.
 
     Subclasses define :meth:`_epoch_size`, :meth:`_units` and :meth:`_identity`, and set
-    ``_STATE_NAME`` (the ``"sampler"`` entry of the state) and ``_REQUIRED_KEYS``.
+    ``_STATE_NAME`` (the ``"sampler"`` entry of the state) and ``_REQUIRED_KEYS``. The public
+    methods under "resume contract" are what ``ResumableDataLoader`` uses (see the module
+    docstring).
     """
 
     _STATE_NAME: ClassVar[str] = "ResumableSampler"
@@ -65,14 +117,13 @@ class ResumableSampler(DistributedSampler):
         self._drop_last = bool(drop_last)
         self._seed = operator.index(seed)
         self._perm: KeyedPermutation | None = None  # the last permutation asked for, reused
+        # Where the sampler stands (a Bookmark's fields): epoch, position, the last set_epoch
+        # value that took effect, and a set_epoch value no pass has taken up yet.
         self._epoch = 0
         self._pos = 0  # committed position; a running pass adds what its cursor has yielded
         self._cursor: tuple[Any, int, int, int, int] | None = None
-        self._requested_epoch: int | None = None
-        # The last set_epoch value that took effect. A later set_epoch is compared with it, not
-        # with the running epoch, which runs ahead when a pass rolls over on its own (a short
-        # loader cycled by CombinedLoader): Lightning's set_epoch(same) must not reset that.
         self._epoch_arg: int | None = None
+        self._requested_epoch: int | None = None
         self._token = object()  # identifies the pass allowed to advance ``_position``
         self._last_num_replicas: int | None = None
 
@@ -122,7 +173,7 @@ class ResumableSampler(DistributedSampler):
 
     @property
     def epoch(self) -> int:  # type: ignore[override]
-        return self._effective()[0]
+        return self.bookmark().effective()[0]
 
     @property
     def seed(self) -> int:  # type: ignore[override]
@@ -154,56 +205,18 @@ class ResumableSampler(DistributedSampler):
 
         A different epoch starts that epoch from its beginning when the next iteration starts;
         the same epoch changes nothing, so a restored or partly consumed position is kept
-        (Lightning calls ``set_epoch`` after restoring a mid-epoch checkpoint, #21938). "The
-        same" means the value of the previous ``set_epoch`` (saved in the state), so a sampler
-        that rolled over into later epochs on its own within one Lightning epoch (a short loader
-        cycled by ``CombinedLoader``) keeps its position too. An iterator that is already
-        running is not affected.
+        (Lightning calls ``set_epoch`` with the resumed epoch after restoring a mid-epoch
+        checkpoint). "The same" means the value of the previous ``set_epoch`` (saved in the
+        state), so a sampler that rolled over into later epochs on its own within one Lightning
+        epoch (a short loader cycled by ``CombinedLoader``) keeps its position too. An iterator that is already running is not affected.
         """
         epoch = operator.index(epoch)
         if epoch < 0:
             raise ValueError(f"{type(self).__name__}.set_epoch: epoch must be >= 0, got {epoch}")
         self._requested_epoch = epoch
 
-    def _pending_epoch(self) -> int | None:
-        """The epoch a pending ``set_epoch`` switches to, or ``None`` if it changes nothing."""
-        requested = self._requested_epoch
-        if requested is None:
-            return None
-        base = self._epoch if self._epoch_arg is None else self._epoch_arg
-        return None if requested == base else requested
-
-    def _current_epoch_arg(self) -> int | None:
-        return self._epoch_arg if self._requested_epoch is None else self._requested_epoch
-
-    def _effective(self) -> tuple[int, int]:
-        pending = self._pending_epoch()
-        if pending is not None:
-            return pending, 0
-        return self._epoch, self._position
-
-    def _pass_length(self, start: int, num_replicas: int) -> int:
-        remaining = max(0, self._epoch_size() - start)
-        return remaining // num_replicas if self._drop_last else -(-remaining // num_replicas)
-
-    def _plan_pass(self) -> Pass:
-        """The pass the next ``iter()`` will run (pure: changes nothing)."""
-        num_replicas, rank = resolve_replicas(self._num_replicas_arg, self._rank_arg)
-        epoch, start = self._effective()
-        epoch_arg = self._current_epoch_arg()
-        if self._ENDLESS:
-            return Pass(epoch, start, num_replicas, rank, None, epoch_arg)
-        if self._pass_length(start, num_replicas) == 0 and start > 0:
-            epoch, start = epoch + 1, 0  # the epoch is used up: roll over
-        return Pass(epoch, start, num_replicas, rank, self._pass_length(start, num_replicas), epoch_arg)
-
-    def _rewind(self, epoch: int, position: int) -> None:
-        """Move to ``(epoch, position)``, keeping a pending ``set_epoch`` request."""
-        self._epoch, self._position = epoch, position
-        self._token = object()
-
     def __iter__(self) -> Iterator[Any]:
-        plan = self._plan_pass()
+        plan = self.plan_pass()
         self._epoch, self._position, self._requested_epoch = plan.epoch, plan.start, None
         self._epoch_arg = plan.epoch_arg
         self._last_num_replicas = plan.num_replicas
@@ -234,7 +247,57 @@ class ResumableSampler(DistributedSampler):
 
     def index(self) -> int:
         """Global position reached in the current epoch (all ranks together)."""
-        return self._effective()[1]
+        return self.bookmark().effective()[1]
+
+    # -- resume contract -------------------------------------------------------------------------
+    def plan_pass(self) -> Pass:
+        """The pass the next ``iter()`` will run (pure: changes nothing).
+
+        It starts at :meth:`Bookmark.effective` of :meth:`bookmark`, or at the beginning of the
+        next epoch if that epoch has no units left for this shard.
+        """
+        num_replicas, rank = resolve_replicas(self._num_replicas_arg, self._rank_arg)
+        here = self.bookmark()
+        epoch, start = here.effective()
+        epoch_arg = here.epoch_arg_in_force()
+        size = self._epoch_size()
+        if self._ENDLESS:
+            return Pass(epoch, start, num_replicas, rank, None, size, epoch_arg)
+        if self._pass_length(size, start, num_replicas) == 0 and start > 0:
+            epoch, start = epoch + 1, 0  # the epoch is used up: roll over
+        return Pass(epoch, start, num_replicas, rank, self._pass_length(size, start, num_replicas), size, epoch_arg)
+
+    def _pass_length(self, size: int, start: int, num_replicas: int) -> int:
+        remaining = max(0, size - start)
+        return remaining // num_replicas if self._drop_last else -(-remaining // num_replicas)
+
+    def state_after(self, plan: Pass, units: int, finished: bool = False) -> dict[str, Any]:
+        """The state after this rank consumed ``units`` units of ``plan`` (every rank having
+        consumed as many). ``finished``: the pass ran to its end, so the state is at least the
+        end of the pass even if ``units`` falls short of it (a partial last batch was dropped)."""
+        position = plan.start + plan.num_replicas * units
+        if finished and plan.length is not None:
+            position = max(position, plan.start + plan.num_replicas * plan.length)
+        return self._make_state(plan.epoch, position, plan.num_replicas, plan.epoch_arg)
+
+    def bookmark(self) -> Bookmark:
+        """Where the sampler stands now (in a running pass: after the units it has yielded)."""
+        return Bookmark(self._epoch, self._position, self._epoch_arg, self._requested_epoch)
+
+    def seek(self, bookmark: Bookmark) -> None:
+        """Make ``bookmark`` where the sampler stands: the next pass starts from it.
+
+        A pass that is running keeps yielding its units but no longer moves the position.
+        """
+        self._epoch, self._position = bookmark.epoch, bookmark.position
+        self._epoch_arg, self._requested_epoch = bookmark.epoch_arg, bookmark.requested
+        self._token = object()
+
+    def state_at(self, bookmark: Bookmark) -> dict[str, Any]:
+        """The state of this sampler standing at ``bookmark`` (``state_dict()`` is
+        ``state_at(bookmark())``); the world size recorded is that of its last pass."""
+        epoch, position = bookmark.effective()
+        return self._make_state(epoch, position, self._last_num_replicas, bookmark.epoch_arg_in_force())
 
     # -- state ---------------------------------------------------------------------------------
     def _make_state(
@@ -247,15 +310,7 @@ class ResumableSampler(DistributedSampler):
 
     def state_dict(self) -> dict[str, Any]:
         """This sampler's own position: what it has yielded so far (a few integers)."""
-        epoch, position = self._effective()
-        return self._make_state(epoch, position, self._last_num_replicas, self._current_epoch_arg())
-
-    def _state_after(self, plan: Pass, units: int, finished: bool) -> dict[str, Any]:
-        """The state after this rank consumed ``units`` units of ``plan`` (used by the loader)."""
-        position = plan.start + plan.num_replicas * units
-        if finished and plan.length is not None:
-            position = max(position, plan.start + plan.num_replicas * plan.length)
-        return self._make_state(plan.epoch, position, plan.num_replicas, plan.epoch_arg)
+        return self.state_at(self.bookmark())
 
     def _check_state(self, state: Any) -> tuple[int, int, int | None]:
         name = self._STATE_NAME
@@ -310,7 +365,7 @@ class ResumableSampler(DistributedSampler):
         self._last_num_replicas = state.get("num_replicas")
         self._token = object()
 
-    # Aliases kept from the original samplers' API.
+    # Aliases: the same operations under the names ``get_state`` / ``set_state``.
     def get_state(self) -> dict[str, Any]:
         return self.state_dict()
 
@@ -319,5 +374,5 @@ class ResumableSampler(DistributedSampler):
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self._identity().items())
-        epoch, position = self._effective()
+        epoch, position = self.bookmark().effective()
         return f"{type(self).__name__}({args}, epoch={epoch}, position={position})"

@@ -5,8 +5,8 @@ token sequences. Batches are built once, at construction, from ``buckets`` of ``
 pairs; indices count items across all buckets in order. Each epoch visits every batch once,
 in construction order or (``shuffle=True``) in a keyed permutation of the batches.
 
-Unlike the original, the duration cap is enforced: a batch's cost never exceeds
-``max_duration`` unless a single item alone does (that item gets a batch of its own). The
+The duration cap is enforced: a batch's cost never exceeds ``max_duration`` unless a single
+item alone does (that item gets a batch of its own). The
 state is a few integers plus a fingerprint of the batch layout, never the batch list. This
 module must never use the global ``random`` module.
 """

@@ -1,7 +1,7 @@
 """``OrderedSampler``: ``0 .. length-1`` in order, every epoch, sharded across ranks.
 
-State is ``{"position", "length", ...}``; unlike the original it counts indices already
-*yielded*, so a restored sampler never repeats the last delivered index. This module must
+State is ``{"position", "length", ...}``; the position counts indices already *yielded*, so a
+restored sampler never repeats the last delivered index. This module must
 never keep an index list.
 """
 

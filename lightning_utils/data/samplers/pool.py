@@ -3,8 +3,7 @@
 Each refill (a bag epoch) is one keyed permutation of the pool, so the draw sequence is endless
 and fully described by ``(pool size, seed, draws so far)``. Draw ``t`` (counted over all ranks)
 is ``perm_{t // n}[t % n]``; rank ``r`` of ``R`` takes draws ``r, r + R, ...``. This module must
-never keep the list of remaining indices (the original's ``current_pool``) or use the global
-``random`` module.
+never keep the list of remaining indices or use the global ``random`` module.
 """
 
 from __future__ import annotations
@@ -106,7 +105,7 @@ class PoolSampler(ResumableSampler):
         """Draws taken from the current bag: 1, 2, ... and 0 again right after it empties."""
         return self._position % self.length if self.length else 0
 
-    # -- the original's single-draw API -------------------------------------------------------------
+    # -- single draws, outside iteration -------------------------------------------------------------
     def sample(self, pool: Sequence[Any] | None = None) -> Any:
         """Draw one item for this rank; ``pool`` maps the drawn index into another sequence."""
         if self.length == 0:

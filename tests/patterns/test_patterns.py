@@ -178,7 +178,7 @@ def custom_layouts(draw):
 # --------------------------------------------------------------------------- known values
 
 
-def test_delayed_reference_example():
+def test_delayed_pattern_of_three_codebooks_and_four_frames():
     pattern = DelayedPatternProvider(n_q=3).get_pattern(4)
     assert pattern.num_steps == 7 and pattern.num_sequence_steps == 6
     assert pattern.max_delay == 2 and len(pattern.valid_layout) == 5 == pattern.num_valid_steps
@@ -201,7 +201,7 @@ def test_delayed_keep_only_valid_steps():
     assert mask.tolist() == [[True] * 4, [True, True, True, False], [True, True, False, False]]
 
 
-def test_unrolled_reference_example():
+def test_unrolled_pattern_of_three_codebooks_and_four_frames():
     pattern = UnrolledPatternProvider(n_q=3).get_pattern(4)
     assert pattern.num_steps == 13
     z = torch.tensor([[1, 2, 3, 4]] * 3).unsqueeze(0)

@@ -1,20 +1,21 @@
-"""ActivationOffload / lightning_utils.modules.offload on CPU: gradient parity, structure, Lightning resume."""
+"""lightning_utils.modules.offload on CPU: gradient parity, saved inputs, host-copy bookkeeping, wrapping.
+
+Sections follow the package: the autograd function (``offload.function``, with ``offload.pytree``),
+the host copies (``offload.host_copy``, with a recording fake of the CUDA stream API) and the
+module wrapping (``offload.wrap``). The real CUDA path: ``tests/modules/test_offload_cuda.py``;
+the Lightning callback: ``tests/callbacks/test_activation_offload.py``.
+"""
 
 from __future__ import annotations
 
 import copy
-import functools
 import pickle
+import warnings
 
-import lightning.pytorch as pl
 import pytest
 import torch
-from helpers.lightning import OptimizerHoldsModelParameters, cpu_trainer
-from helpers.ports import free_port
 from torch import nn
 
-from lightning_utils.callbacks.activation_offload import ActivationOffload
-from lightning_utils.io import load_state
 from lightning_utils.modules.offload import (
     apply_activation_offload,
     is_offloaded,
@@ -79,6 +80,8 @@ def _run(model, x, seed=1):
     return out.detach(), loss.detach()
 
 
+# ---------------------------------------------------------------------------------------------
+# offload.function (with offload.pytree): gradients, RNG and autocast replay, saved inputs, errors.
 def test_gradients_match_plain_run_with_dropout():
     plain = _stack()
     off = copy.deepcopy(plain)
@@ -86,8 +89,8 @@ def test_gradients_match_plain_run_with_dropout():
     assert wrapped == ["0", "1", "2"]
     x = torch.randn(5, D, requires_grad=True)
     x2 = x.detach().clone().requires_grad_(True)
-    out_a, loss_a = _run(plain, x)
-    out_b, loss_b = _run(off, x2)
+    out_a, _loss_a = _run(plain, x)
+    out_b, _loss_b = _run(off, x2)
     torch.testing.assert_close(out_a, out_b, atol=1e-6, rtol=0)
     _assert_same(_grads(plain), _grads(off))
     torch.testing.assert_close(x.grad, x2.grad, atol=1e-6, rtol=0)
@@ -105,15 +108,6 @@ def test_rng_stream_after_step_is_unchanged():
     _run(off, x)
     after_off = torch.rand(3)
     torch.testing.assert_close(after_plain, after_off)
-
-
-def test_state_dict_keys_and_values_unchanged():
-    plain = _stack()
-    off = copy.deepcopy(plain)
-    apply_activation_offload(off, Block)
-    assert list(plain.state_dict()) == list(off.state_dict())
-    off.load_state_dict(plain.state_dict(), strict=True)
-    plain.load_state_dict(off.state_dict(), strict=True)
 
 
 def test_only_inputs_are_saved_and_cpu_offload_is_a_no_op():
@@ -179,36 +173,6 @@ def test_kwargs_tuple_outputs_and_nested_structures():
     torch.testing.assert_close(results[0][2], results[1][2])
 
 
-def test_nested_targets_checkpoint_once():
-    class Outer(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = Block()
-            self.fc = nn.Linear(D, D)
-            self.calls = 0
-
-        def forward(self, x):
-            self.calls += 1
-            return self.fc(self.inner(x))
-
-    torch.manual_seed(0)
-    plain = nn.Sequential(Outer(), Outer())
-    off = copy.deepcopy(plain)
-    wrapped = apply_activation_offload(off, (Outer, Block))
-    assert wrapped == ["0", "1"]  # the inner Blocks are covered by their Outer
-    assert not is_offloaded(off[0].inner)
-    # wrapping the inner ones afterwards is harmless: they run plainly inside the outer block
-    assert apply_activation_offload(off, Block) == []
-    apply_activation_offload(off[0].inner, Block)
-    assert is_offloaded(off[0].inner)
-    x = torch.randn(4, D, requires_grad=True)
-    _run(plain, x)
-    _run(off, x)
-    _assert_same(_grads(plain), _grads(off))
-    assert [o.calls for o in off] == [2, 2]
-    assert [o.inner.calls for o in off] == [2, 2]  # not 3: no double checkpoint
-
-
 def test_no_grad_and_eval_do_not_recompute():
     off = _stack()
     apply_activation_offload(off, Block)
@@ -258,6 +222,88 @@ def test_cpu_autocast_is_replayed():
     assert not torch.allclose(_grads(plain)["0.fc1.weight"], _grads(fp32)["0.fc1.weight"], atol=1e-6)
 
 
+def test_autocast_state_of_forward_is_replayed_even_when_backward_runs_under_autocast():
+    """The recompute must use the forward's autocast state, also when that state was *off* and
+    backward is called inside an autocast region."""
+    plain, off = _stack(), _stack()
+    apply_activation_offload(off, Block)
+    x = torch.randn(4, D)
+    for model in (plain, off):
+        torch.manual_seed(1)
+        out = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out.pow(2).mean().backward()
+    _assert_same(_grads(plain), _grads(off))
+
+
+def test_batchnorm_running_stats_updated_once():
+    """The recompute must not update running statistics a second time."""
+
+    class BNBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(D, D)
+            self.bn = nn.BatchNorm1d(D)
+            self.bn_cumulative = nn.BatchNorm1d(D, momentum=None)
+
+        def forward(self, x):
+            return x + self.bn_cumulative(self.bn(self.fc(x)))
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(BNBlock(), BNBlock())
+    off = copy.deepcopy(plain)
+    apply_activation_offload(off, BNBlock)
+    for _step in range(2):
+        x = torch.randn(8, D)
+        plain(x).pow(2).sum().backward()
+        off(x).pow(2).sum().backward()
+    _assert_same(_grads(plain), _grads(off))
+    for (k, a), b in zip(plain.state_dict().items(), off.state_dict().values()):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=0, msg=k)
+
+
+def test_running_stats_of_any_layer_that_tracks_them_are_updated_once():
+    """Not only torch's BatchNorm classes: any layer in training mode with a true
+    ``track_running_stats`` and ``running_mean`` / ``running_var`` / ``num_batches_tracked``
+    tensors gets its statistics put back after the recompute."""
+
+    class MeanTracker(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.track_running_stats = True
+            self.register_buffer("running_mean", torch.zeros(D))
+            self.register_buffer("num_batches_tracked", torch.tensor(0))
+
+        def forward(self, x):
+            if self.training:
+                with torch.no_grad():
+                    self.running_mean.mul_(0.9).add_(0.1 * x.mean(0))
+                    self.num_batches_tracked.add_(1)
+            return x - self.running_mean
+
+    class TrackerBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(D, D)
+            self.track = MeanTracker()
+
+        def forward(self, x):
+            return self.track(self.fc(x))
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(TrackerBlock(), TrackerBlock())
+    off = copy.deepcopy(plain)
+    apply_activation_offload(off, TrackerBlock)
+    for _ in range(2):
+        x = torch.randn(8, D)
+        plain(x).pow(2).sum().backward()
+        off(x).pow(2).sum().backward()
+    _assert_same(_grads(plain), _grads(off))
+    assert int(off[0].track.num_batches_tracked) == 2
+    for (k, a), b in zip(plain.state_dict().items(), off.state_dict().values()):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=0, msg=k)
+
+
 def test_unregistered_parameter_is_reported():
     hidden = nn.Parameter(torch.randn(D))
 
@@ -286,18 +332,30 @@ def test_in_place_change_of_saved_input_is_caught():
         y.sum().backward()
 
 
-def test_copy_pickle_and_remove():
-    off = _stack()
+def test_double_backward_is_refused_clearly():
+    """create_graph=True would silently give gradients without a graph (a gradient penalty
+    would contribute nothing): refuse it, saying why."""
+    off = _stack(p=0.0)
     apply_activation_offload(off, Block)
-    for clone in (copy.deepcopy(off), pickle.loads(pickle.dumps(off))):
-        assert all(is_offloaded(b) for b in clone)
-        assert clone[0].forward.module is clone[0]
-        for b in clone:
-            b.calls = 0
-        _run(clone, torch.randn(2, D))
-        assert [b.calls for b in clone] == [2, 2, 2]
-    assert remove_activation_offload(off) == ["0", "1", "2"]
-    assert not any(is_offloaded(b) for b in off)
+    x = torch.randn(3, D, requires_grad=True)
+    with pytest.raises(RuntimeError, match="create_graph"):
+        torch.autograd.grad(off(x).sum(), x, create_graph=True)
+
+
+def test_inputs_saved_by_reference_are_freed_by_backward():
+    import weakref
+
+    off = _stack(p=0.0)
+    apply_activation_offload(off, Block)
+    x = torch.randn(3, D, requires_grad=True)
+    h = x * 2
+    saved = weakref.ref(h)
+    out = off(h)
+    del h
+    assert saved() is not None  # the block's input is what the graph keeps
+    out.sum().backward()
+    assert saved() is None, "the saved input outlived the backward"
+    assert out.grad_fn is not None  # (the output and its graph are still held)
 
 
 def test_functional_form_with_explicit_params():
@@ -313,93 +371,9 @@ def test_functional_form_with_explicit_params():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
-def test_predicate_target_include_exclude_and_bad_arguments():
-    off = _stack()
-    names = apply_activation_offload(off, lambda name, m: isinstance(m, Block), exclude=["2"])
-    assert names == ["0", "1"]
-    with pytest.raises(TypeError, match="`target`"):
-        ActivationOffload(target=42)
-    with pytest.raises(ValueError, match="`min_bytes`"):
-        ActivationOffload(target=Block, min_bytes=-1)
-    cb = ActivationOffload(target="torch.nn.Linear")
-    m = cb.apply(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
-    assert cb.wrapped == ["0"] and is_offloaded(m[0])
-
-
 # ---------------------------------------------------------------------------------------------
-# Lightning: fit with the callback gives the same training as without; resume loads strictly.
-class TinyLM(pl.LightningModule):
-    def __init__(self, build_in_configure_model: bool = False):
-        super().__init__()
-        self.build_late = build_in_configure_model
-        self.embed = nn.Embedding(32, D)
-        self.blocks = None if build_in_configure_model else nn.Sequential(Block(), Block())
-        self.head = nn.Linear(D, 32)
-
-    def configure_model(self):
-        if self.blocks is None:
-            self.blocks = nn.Sequential(Block(), Block())
-
-    def training_step(self, batch, batch_idx):
-        tokens = batch[0]
-        h = self.blocks(self.embed(tokens[:, :-1]))
-        logits = self.head(h)
-        return nn.functional.cross_entropy(logits.reshape(-1, 32), tokens[:, 1:].reshape(-1))
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=1e-2)
-
-    def train_dataloader(self):
-        g = torch.Generator().manual_seed(0)
-        data = torch.randint(0, 32, (16, 9), generator=g)
-        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=4)
-
-
-_trainer = functools.partial(cpu_trainer, num_sanity_val_steps=0)
-
-
-_CheckOptimizer = OptimizerHoldsModelParameters
-
-
-@pytest.mark.parametrize(
-    ("late", "suffix"), [(False, ".ckpt"), (True, ".sft")], ids=["init-ckpt", "configure_model-sft"]
-)
-def test_lightning_fit_matches_plain_and_resumes(tmp_path, late, suffix):
-    pl.seed_everything(0)
-    plain = TinyLM(late)
-    _trainer(tmp_path / "a", [], 3).fit(plain)
-
-    pl.seed_everything(0)
-    model = TinyLM(late)
-    cb = ActivationOffload(target=Block)
-    check = _CheckOptimizer()
-    trainer = _trainer(tmp_path / "b", [cb, check], 3, suffix)
-    trainer.fit(model)
-    assert cb.wrapped == ["blocks.0", "blocks.1"] and check.ok
-    assert all(is_offloaded(b) for b in model.blocks)
-    for (n, a), b in zip(plain.state_dict().items(), model.state_dict().values()):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=n)
-
-    ckpt = tmp_path / f"offload{suffix}"
-    trainer.save_checkpoint(ckpt)
-    resumed = TinyLM(late)
-    cb2, check2 = ActivationOffload(target=Block), _CheckOptimizer()
-    trainer2 = _trainer(tmp_path / "c", [cb2, check2], 5, suffix)
-    trainer2.fit(resumed, ckpt_path=ckpt)  # strict load (Lightning's default)
-    assert trainer2.global_step == 5 and check2.ok
-    assert all(is_offloaded(b) for b in resumed.blocks)
-    # the checkpoint also loads into a model without the callback (same keys)
-    TinyLM(False).load_state_dict(load_state(ckpt)["state_dict"], strict=True)
-
-
-def test_callback_warns_when_nothing_matches(tmp_path):
-    with pytest.warns(UserWarning, match="no submodule matched"):
-        _trainer(tmp_path, [ActivationOffload(target=nn.GRU)], 1).fit(TinyLM())
-
-
-# ---------------------------------------------------------------------------------------------
-# The offload bookkeeping (copies, events, prefetch order) with a recording fake of the CUDA
-# stream API, treating CPU tensors as offloadable. The real CUDA path: tests/test_offload_cuda.py.
+# offload.host_copy: the copies, events and prefetch order, with a recording fake of the CUDA
+# stream API that treats CPU tensors as offloadable. The real CUDA path: test_offload_cuda.py.
 class _FakeStream:
     def __init__(self, name, log):
         self.name, self.log = name, log
@@ -446,12 +420,12 @@ class _FakeOps:
 
 @pytest.fixture
 def fake_ops(monkeypatch):
-    import lightning_utils.modules.offload as offload_mod
+    from lightning_utils.modules.offload import host_copy
 
     ops = _FakeOps()
-    monkeypatch.setattr(offload_mod, "_ops", ops)
+    monkeypatch.setattr(host_copy, "_ops", ops)
     yield ops
-    assert offload_mod._order == [] or all(r() is None for r in offload_mod._order)
+    assert host_copy._order == [] or all(r() is None for r in host_copy._order)
 
 
 def test_offload_bookkeeping_with_fake_streams(fake_ops):
@@ -508,83 +482,6 @@ def test_offload_min_bytes_and_in_place_detection_with_fake_streams(fake_ops):
         y.sum().backward()
 
 
-@pytest.mark.ddp
-def test_ddp_two_ranks_same_result_as_plain(tmp_path):
-    """Under DDP (gloo, 2 CPU ranks) the offloaded run trains exactly like the plain one: the
-    parameter gradients come out of the autograd function, so DDP's reducer sees them normally."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).parent / "modules_scripts" / "ddp_offload.py"
-    results = {}
-    for mode in ("plain", "offload"):
-        out = tmp_path / mode
-        out.mkdir()
-        for attempt in range(2):  # a free port can be taken by another process before rank 0 binds it
-            env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-            proc = subprocess.run(
-                [sys.executable, str(script), str(out), mode],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                timeout=240,
-            )
-            if proc.returncode == 0 or "address already in use" not in proc.stderr.lower():
-                break
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        results[mode] = [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
-    for mode in results:
-        for k, v in results[mode][0].items():
-            torch.testing.assert_close(results[mode][1][k], v, atol=0, rtol=0)  # ranks in sync
-    for k, v in results["plain"][0].items():
-        torch.testing.assert_close(results["offload"][0][k], v, atol=1e-6, rtol=0, msg=k)
-
-
-# ---------------------------------------------------------------------------------------------
-# Review findings (each test failed before its fix)
-def test_autocast_state_of_forward_is_replayed_even_when_backward_runs_under_autocast():
-    """The recompute must use the forward's autocast state, also when that state was *off* and
-    backward is called inside an autocast region."""
-    plain, off = _stack(), _stack()
-    apply_activation_offload(off, Block)
-    x = torch.randn(4, D)
-    for model in (plain, off):
-        torch.manual_seed(1)
-        out = model(x)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out.pow(2).mean().backward()
-    _assert_same(_grads(plain), _grads(off))
-
-
-def test_batchnorm_running_stats_updated_once():
-    """The recompute must not update running statistics a second time."""
-
-    class BNBlock(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(D, D)
-            self.bn = nn.BatchNorm1d(D)
-            self.bn_cumulative = nn.BatchNorm1d(D, momentum=None)
-
-        def forward(self, x):
-            return x + self.bn_cumulative(self.bn(self.fc(x)))
-
-    torch.manual_seed(0)
-    plain = nn.Sequential(BNBlock(), BNBlock())
-    off = copy.deepcopy(plain)
-    apply_activation_offload(off, BNBlock)
-    for step in range(2):
-        x = torch.randn(8, D)
-        plain(x).pow(2).sum().backward()
-        off(x).pow(2).sum().backward()
-    _assert_same(_grads(plain), _grads(off))
-    for (k, a), b in zip(plain.state_dict().items(), off.state_dict().values()):
-        torch.testing.assert_close(b, a, atol=1e-6, rtol=0, msg=k)
-
-
 def test_host_copies_released_by_backward_and_retain_graph_still_works(fake_ops):
     """A block's host copies live as long as autograd keeps its saved tensors: freed by the
     backward (even while the caller still holds the output), kept with retain_graph=True."""
@@ -606,70 +503,6 @@ def test_host_copies_released_by_backward_and_retain_graph_still_works(fake_ops)
     gc.collect()
     assert all(h() is None for h in hosts), "pinned host buffers outlived the backward"
     del out
-
-
-def test_module_stays_picklable_and_copies_independent_after_a_fit(tmp_path):
-    """The configure_model hook must not outlive the Trainer run: after fit the LightningModule
-    pickles (torch.save(model)) and a deep copy's configure_model builds the copy's layers."""
-    model = TinyLM(build_in_configure_model=True)
-    _trainer(tmp_path, [ActivationOffload(target=Block)], 1).fit(model)
-    assert "configure_model" not in vars(model)
-    clone = pickle.loads(pickle.dumps(model))
-    assert all(is_offloaded(b) for b in clone.blocks)
-    copied = copy.deepcopy(model)
-    copied.blocks = None
-    copied.configure_model()
-    assert copied.blocks is not None and model.blocks is not copied.blocks
-    # a second entry point transforms the layers configure_model builds again
-    model.blocks = None
-    trainer = _trainer(tmp_path, [ActivationOffload(target=Block)], 1)
-    trainer.fit(model)
-    assert all(is_offloaded(b) for b in model.blocks)
-
-
-def test_wrapping_creates_no_reference_cycle():
-    """Deleting an offloaded model frees it (and its device memory) at once, without waiting for
-    the cyclic garbage collector: the wrapper must not form a module <-> wrapper cycle."""
-    import gc
-    import weakref
-
-    gc.collect()
-    gc.disable()
-    try:
-        model = _stack()
-        apply_activation_offload(model, Block)
-        _run(model, torch.randn(2, D, requires_grad=True))
-        refs = [weakref.ref(model), weakref.ref(model[0]), weakref.ref(model[0].fc1.weight)]
-        del model
-        assert all(r() is None for r in refs)
-    finally:
-        gc.enable()
-
-
-def test_double_backward_is_refused_clearly():
-    """create_graph=True would silently give gradients without a graph (a gradient penalty
-    would contribute nothing): refuse it, saying why."""
-    off = _stack(p=0.0)
-    apply_activation_offload(off, Block)
-    x = torch.randn(3, D, requires_grad=True)
-    with pytest.raises(RuntimeError, match="create_graph"):
-        torch.autograd.grad(off(x).sum(), x, create_graph=True)
-
-
-def test_inputs_saved_by_reference_are_freed_by_backward():
-    import weakref
-
-    off = _stack(p=0.0)
-    apply_activation_offload(off, Block)
-    x = torch.randn(3, D, requires_grad=True)
-    h = x * 2
-    saved = weakref.ref(h)
-    out = off(h)
-    del h
-    assert saved() is not None  # the block's input is what the graph keeps
-    out.sum().backward()
-    assert saved() is None, "the saved input outlived the backward"
-    assert out.grad_fn is not None  # (the output and its graph are still held)
 
 
 def test_buffers_and_parameter_views_passed_as_arguments_are_not_offloaded(fake_ops):
@@ -707,6 +540,67 @@ def test_buffers_and_parameter_views_passed_as_arguments_are_not_offloaded(fake_
     assert model.blocks[0].fc.weight.grad is not None
 
 
+# ---------------------------------------------------------------------------------------------
+# offload.wrap: which modules run offloaded, and what wrapping leaves unchanged.
+def test_state_dict_keys_and_values_unchanged():
+    plain = _stack()
+    off = copy.deepcopy(plain)
+    apply_activation_offload(off, Block)
+    assert list(plain.state_dict()) == list(off.state_dict())
+    off.load_state_dict(plain.state_dict(), strict=True)
+    plain.load_state_dict(off.state_dict(), strict=True)
+
+
+def test_nested_targets_checkpoint_once():
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = Block()
+            self.fc = nn.Linear(D, D)
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            return self.fc(self.inner(x))
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(Outer(), Outer())
+    off = copy.deepcopy(plain)
+    wrapped = apply_activation_offload(off, (Outer, Block))
+    assert wrapped == ["0", "1"]  # the inner Blocks are covered by their Outer
+    assert not is_offloaded(off[0].inner)
+    # wrapping the inner ones afterwards is harmless: they run plainly inside the outer block
+    assert apply_activation_offload(off, Block) == []
+    apply_activation_offload(off[0].inner, Block)
+    assert is_offloaded(off[0].inner)
+    x = torch.randn(4, D, requires_grad=True)
+    _run(plain, x)
+    _run(off, x)
+    _assert_same(_grads(plain), _grads(off))
+    assert [o.calls for o in off] == [2, 2]
+    assert [o.inner.calls for o in off] == [2, 2]  # not 3: no double checkpoint
+
+
+def test_predicate_target_and_exclude():
+    off = _stack()
+    names = apply_activation_offload(off, lambda name, m: isinstance(m, Block), exclude=["2"])
+    assert names == ["0", "1"]
+
+
+def test_copy_pickle_and_remove():
+    off = _stack()
+    apply_activation_offload(off, Block)
+    for clone in (copy.deepcopy(off), pickle.loads(pickle.dumps(off))):
+        assert all(is_offloaded(b) for b in clone)
+        assert clone[0].forward.module is clone[0]
+        for b in clone:
+            b.calls = 0
+        _run(clone, torch.randn(2, D))
+        assert [b.calls for b in clone] == [2, 2, 2]
+    assert remove_activation_offload(off) == ["0", "1", "2"]
+    assert not any(is_offloaded(b) for b in off)
+
+
 def test_copies_of_one_block_do_not_drag_the_model_along():
     model = _stack()
     apply_activation_offload(model, Block)
@@ -715,3 +609,45 @@ def test_copies_of_one_block_do_not_drag_the_model_along():
     whole = copy.deepcopy(model)
     assert whole[1].forward._root() is whole and whole[1].forward.module is whole[1]
     assert len(pickle.dumps(model[1])) < len(pickle.dumps(model)) / 2
+
+
+def test_wrapping_creates_no_reference_cycle():
+    """Deleting an offloaded model frees it (and its device memory) at once, without waiting for
+    the cyclic garbage collector: the wrapper must not form a module <-> wrapper cycle."""
+    import gc
+    import weakref
+
+    gc.collect()
+    gc.disable()
+    try:
+        model = _stack()
+        apply_activation_offload(model, Block)
+        _run(model, torch.randn(2, D, requires_grad=True))
+        refs = [weakref.ref(model), weakref.ref(model[0]), weakref.ref(model[0].fc1.weight)]
+        del model
+        assert all(r() is None for r in refs)
+    finally:
+        gc.enable()
+
+
+def test_pickles_written_before_the_split_still_load():
+    """``torch.save(model)`` of an offloaded model names the wrapper's classes by import path; a
+    pickle from the release with ``lightning_utils.offload`` (one module) must still load."""
+    model = _stack()
+    apply_activation_offload(model, Block)
+    data = pickle.dumps(model, protocol=2)  # protocol 2 spells class paths as plain text
+    for new, old in (
+        (b"lightning_utils.modules.offload.wrap\n_OffloadedForward", b"lightning_utils.offload\n_OffloadedForward"),
+        (b"lightning_utils.modules.offload.function\nGraphCheck", b"lightning_utils.offload\n_GraphCheck"),
+        (b"lightning_utils.modules.offload.function\nOffloadOptions", b"lightning_utils.offload\nOffloadOptions"),
+    ):
+        assert new in data
+        data = data.replace(new, old)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the old module path
+        clone = pickle.loads(data)
+    assert all(is_offloaded(b) for b in clone)
+    for b in clone:
+        b.calls = 0
+    _run(clone, torch.randn(2, D))
+    assert [b.calls for b in clone] == [2, 2, 2]

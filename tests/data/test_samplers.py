@@ -1,4 +1,5 @@
-"""Unit tests for lightning_utils.data.samplers (reference §15 cases 12-24, plus state and sharding)."""
+"""lightning_utils.data.samplers: the keyed permutation, each sampler's order and resume, sharding
+across ranks, ``set_epoch``, state validation, and the resume contract the loader uses."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from torch.utils.data import DistributedSampler
 
 from lightning_utils.data.samplers import (
     BatchedOrderedSampler,
+    Bookmark,
     KeyedPermutation,
     OrderedSampler,
     PoolSampler,
@@ -27,7 +29,7 @@ def take(sampler, k):
     return [next(it) for _ in range(k)]
 
 
-# -- KeyedPermutation ------------------------------------------------------------------------
+# -- KeyedPermutation ------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 3, 4, 5, 7, 16, 17, 100, 255, 256, 257, 1000, 4097])
@@ -46,6 +48,21 @@ def test_keyed_permutation_depends_on_seed_and_epoch_only():
     assert a != list(range(50))
 
 
+AWKWARD = [1, 2, 3, 31, 127, 4093, 2**12 + 1, 2**13 - 1, 2**13, 2**13 + 1]  # primes, powers of 2 and neighbours
+
+
+@pytest.mark.parametrize("n", AWKWARD)
+def test_permutation_is_a_bijection_for_awkward_sizes(n):
+    for seed, epoch in ((0, 0), (12345, 7)):
+        perm = KeyedPermutation(n, seed=seed, epoch=epoch)
+        values = perm.take(torch.arange(n))
+        assert torch.equal(torch.sort(values).values, torch.arange(n))
+        probe = list(range(0, n, max(1, n // 50)))
+        assert [perm[i] for i in probe] == values[probe].tolist()  # scalar path agrees
+    assert RandomSampler(n, seed=1).state_dict()["length"] == n
+    assert sorted(RandomSampler(n, seed=1)) == list(range(n))
+
+
 def test_keyed_permutation_large_and_bad_input():
     perm = KeyedPermutation(10**8, seed=0)
     positions = torch.tensor([0, 1, 5, 10**8 - 1])
@@ -59,10 +76,10 @@ def test_keyed_permutation_large_and_bad_input():
         KeyedPermutation(-1, 0)
 
 
-# -- PoolSampler (cases 12-14) ------------------------------------------------------------------
+# -- PoolSampler -----------------------------------------------------------------------------------
 
 
-def test_pool_draws_are_permutations_and_index_resets():  # case 12
+def test_pool_draws_are_permutations_and_index_resets():
     s = PoolSampler(range(5))
     it = iter(s)
     first = []
@@ -74,30 +91,30 @@ def test_pool_draws_are_permutations_and_index_resets():  # case 12
     assert sorted(second) == [0, 1, 2, 3, 4]
     assert s.index() == 0
     assert s.epoch == 2
-    # endless, as in the original; len is the pool size
+    # endless; len is the pool size
     assert len(list(itertools.islice(iter(s), 12))) == 12
     assert len(s) == 5
 
 
-def test_pool_sample_api_and_resume_exact_without_aliasing():  # case 13
+def test_pool_sample_api_and_resume_exact_without_aliasing():
     s = PoolSampler(list("abcdef"), seed=4)
     drawn = [s.sample() for _ in range(2)]
     state = s.state_dict()
     frozen = copy.deepcopy(state)
-    rest_original = [s() for _ in range(4)]
+    rest_first = [s() for _ in range(4)]
     assert state == frozen  # no aliasing: the saved state does not move on
     t = PoolSampler(list("abcdef"), seed=4)
     t.load_state_dict(state)
     rest = [t.sample() for _ in range(4)]
     assert sorted(drawn + rest) == list(range(6))
-    assert rest == rest_original  # exact order, not just the same set
+    assert rest == rest_first  # exact order, not just the same set
     # iteration and sample() share one position
     u = PoolSampler(list("abcdef"), seed=4)
     u.load_state_dict(state)
-    assert take(u, 4) == rest_original
+    assert take(u, 4) == rest_first
 
 
-def test_pool_values_indices_and_empty():  # case 14
+def test_pool_values_indices_and_empty():
     values = list(itertools.islice(iter(PoolSampler(["a", "b", "c"], keep_all=True)), 3))
     assert sorted(values) == ["a", "b", "c"]
     indices = list(itertools.islice(iter(PoolSampler(["a", "b", "c"])), 3))
@@ -128,10 +145,10 @@ def test_pool_set_epoch_never_resets_the_bag():
     assert sorted(first + take(t, 3)) == list(range(6))
 
 
-# -- OrderedSampler (cases 15-17) ------------------------------------------------------------------
+# -- OrderedSampler --------------------------------------------------------------------------------
 
 
-def test_ordered_epochs_and_empty():  # case 15
+def test_ordered_epochs_and_empty():
     s = OrderedSampler(5)
     assert list(s) == [0, 1, 2, 3, 4]
     assert list(s) == [0, 1, 2, 3, 4]
@@ -139,28 +156,28 @@ def test_ordered_epochs_and_empty():  # case 15
     assert len(OrderedSampler(7)) == 7
 
 
-def test_ordered_resume_after_exactly_three():  # case 16
+def test_ordered_resume_after_exactly_three():
     s = OrderedSampler(5)
     it = iter(s)
     assert [next(it) for _ in range(3)] == [0, 1, 2]
     state = s.state_dict()
-    assert state["position"] == 3  # the original said 2 and re-yielded index 2
+    assert state["position"] == 3  # indices yielded, so index 2 is not yielded again
     t = OrderedSampler(5)
     t.load_state_dict(state)
     assert list(t) == [3, 4]
     assert list(t) == [0, 1, 2, 3, 4]
 
 
-def test_ordered_position_past_the_end_restarts():  # case 17
+def test_ordered_position_past_the_end_restarts():
     s = OrderedSampler(3)
-    s.load_state_dict({"position": 7, "length": 3})  # the original's minimal format
+    s.load_state_dict({"position": 7, "length": 3})  # a minimal state: position and length only
     assert list(s) == [0, 1, 2]
 
 
-# -- RandomSampler (cases 18-19) -------------------------------------------------------------------
+# -- RandomSampler ---------------------------------------------------------------------------------
 
 
-def test_random_epoch_resume_and_next_epoch():  # case 18
+def test_random_epoch_resume_and_next_epoch():
     s = RandomSampler(10, seed=3)
     epoch0 = take(s, 4)
     state = s.state_dict()
@@ -178,7 +195,7 @@ def test_random_epoch_resume_and_next_epoch():  # case 18
     assert all(isinstance(v, (int, bool, str, type(None))) for v in state.values())
 
 
-def test_random_seeding_and_plain_ints():  # case 19
+def test_random_seeding_and_plain_ints():
     a, b, c = RandomSampler(50, seed=5), RandomSampler(50, seed=5), RandomSampler(50, seed=6)
     la, lb, lc = list(a), list(b), list(c)
     assert la == lb and la != lc
@@ -204,13 +221,13 @@ def test_random_sampler_1e8_is_o1():
     assert elapsed < 1.0
 
 
-# -- BatchedOrderedSampler (cases 20-23) -------------------------------------------------------------
+# -- BatchedOrderedSampler -------------------------------------------------------------------------
 
 BUCKETS = {1: [("p", 1.0)] * 4, 2: [("p", 2.0)] * 2}
 
 
-def test_batched_duration_cap_is_enforced():  # case 20, intended behaviour
-    # The original gave [[0,1,2],[3,4]], whose padded cost (2.0 x 2 = 4) exceeds max_duration=3.
+def test_batched_duration_cap_is_enforced():
+    # [[0,1,2],[3,4]] would break the cap: the padded cost of [3,4] is 2.0 x 2 = 4 > max_duration=3.
     s = BatchedOrderedSampler(BUCKETS, max_duration=3, max_batch_size=10)
     assert s.batches == [[0, 1, 2], [3], [4]]
     assert BatchedOrderedSampler(BUCKETS, max_duration=3, max_batch_size=10, drop_last=False).batches == [
@@ -219,7 +236,7 @@ def test_batched_duration_cap_is_enforced():  # case 20, intended behaviour
         [4],
         [5],
     ]
-    # cost="sum" (packed batches) caps the total duration: the reference's batch layout
+    # cost="sum" (packed batches) caps the total duration instead
     assert BatchedOrderedSampler(BUCKETS, max_duration=3, max_batch_size=10, cost="sum").batches == [[0, 1, 2], [3, 4]]
     assert BatchedOrderedSampler(BUCKETS, max_duration=3, max_batch_size=10, cost="sum", drop_last=False).batches == [
         [0, 1, 2],
@@ -245,7 +262,7 @@ def test_batched_cost_never_exceeds_cap_unless_single_item():
         assert cost <= 6.5 or len(batch) == 1
 
 
-def test_batched_size_cap():  # case 21
+def test_batched_size_cap():
     for max_duration in (100, -1, None):
         s = BatchedOrderedSampler(BUCKETS, max_duration=max_duration, max_batch_size=2, drop_last=False)
         assert s.batches == [[0, 1], [2, 3], [4, 5]]
@@ -253,7 +270,7 @@ def test_batched_size_cap():  # case 21
         assert len(s) == 3
 
 
-def test_batched_invalid_limits():  # case 22
+def test_batched_invalid_limits():
     with pytest.raises(ValueError, match="max_duration=0"):
         BatchedOrderedSampler(BUCKETS, max_duration=0, max_batch_size=2)
     with pytest.raises(ValueError, match="max_batch_size=0"):
@@ -266,7 +283,7 @@ def test_batched_invalid_limits():  # case 22
         BatchedOrderedSampler(BUCKETS, max_batch_size=2, cost="max")
 
 
-def test_batched_shuffled_resume_and_reproducible_reshuffle():  # case 23
+def test_batched_shuffled_resume_and_reproducible_reshuffle():
     buckets = {k: [("p", float(k))] * 3 for k in range(1, 6)}
 
     def make():
@@ -284,7 +301,7 @@ def test_batched_shuffled_resume_and_reproducible_reshuffle():  # case 23
     t.load_state_dict(state)
     assert head + list(t) == epoch0
     assert list(t) == epoch1
-    # the original's state format is refused with a clear message
+    # a state holding the batch list instead of the layout's fingerprint is refused with a clear message
     with pytest.raises(ValueError, match="missing keys"):
         make().load_state_dict({"position": 1, "batches": reference.batches})
     # a layout built from other buckets or limits is refused
@@ -293,7 +310,7 @@ def test_batched_shuffled_resume_and_reproducible_reshuffle():  # case 23
         other.load_state_dict(state)
 
 
-# -- sharding (case 24) ------------------------------------------------------------------------------
+# -- sharding -------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -305,7 +322,7 @@ def test_batched_shuffled_resume_and_reproducible_reshuffle():  # case 23
     ],
     ids=["ordered", "random", "batched"],
 )
-def test_two_replicas_are_disjoint_and_cover(factory):  # case 24
+def test_two_replicas_are_disjoint_and_cover(factory):
     shards = [list(factory(num_replicas=2, rank=r)) for r in range(2)]
     assert len(shards[0]) == len(shards[1]) == len(factory(num_replicas=2, rank=0))
     flat = [tuple(x) if isinstance(x, list) else x for shard in shards for x in shard]
@@ -374,7 +391,7 @@ def _remaining(sampler, state):
     return list(sampler)
 
 
-# -- set_epoch and state validation ---------------------------------------------------------------
+# -- set_epoch and state validation ----------------------------------------------------------------
 
 
 def test_set_epoch_keeps_a_restored_position_of_the_same_epoch():
@@ -394,6 +411,25 @@ def test_set_epoch_keeps_a_restored_position_of_the_same_epoch():
     u.load_state_dict(s.state_dict())
     u.set_epoch(0)  # a different epoch starts that epoch from its beginning
     assert list(u) == epochs[0]
+
+
+def test_set_epoch_of_the_same_lightning_epoch_keeps_a_rolled_over_position():
+    """A loader cycled within one Lightning epoch rolls its sampler over into the next epoch on
+    its own; set_epoch(the same value as before) after restoring that state must keep it."""
+    s = RandomSampler(6, seed=3)
+    s.set_epoch(0)
+    first = list(s)
+    it = iter(s)  # a second pass in the same Lightning epoch: rolls over to epoch 1
+    head = [next(it), next(it)]
+    assert s.state_dict()["epoch"] == 1 and s.state_dict()["set_epoch"] == 0
+    t = RandomSampler(6, seed=3)
+    t.load_state_dict(json.loads(json.dumps(s.state_dict())))
+    t.set_epoch(0)  # what Lightning does when resuming epoch 0
+    rest = list(t)
+    assert head + rest == RandomSampler(6, seed=3).permutation(1).take(torch.arange(6)).tolist()
+    assert sorted(first) == sorted(head + rest) == list(range(6))
+    t.set_epoch(1)  # a new value still starts that epoch from its beginning
+    assert list(t) == RandomSampler(6, seed=3).permutation(1).take(torch.arange(6)).tolist()
 
 
 def test_set_epoch_does_not_disturb_a_running_iterator():
@@ -432,6 +468,28 @@ def test_bad_states_raise_value_errors_naming_the_problem(make):
     s.set_state(s.get_state())  # aliases
 
 
+def test_state_without_set_epoch_key_still_loads():
+    s = OrderedSampler(5)
+    state = s.state_dict()
+    del state["set_epoch"]
+    state["position"] = 2
+    t = OrderedSampler(5)
+    t.load_state_dict(state)
+    t.set_epoch(0)
+    assert list(t) == [2, 3, 4]
+    with pytest.raises(ValueError, match="set_epoch must be an int"):
+        t.load_state_dict({**state, "set_epoch": "x"})
+
+
+def test_a_loader_state_given_to_a_sampler_says_so():
+    from lightning_utils.data.loader import ResumableDataLoader
+
+    loader = ResumableDataLoader(list(range(5)), batch_size=2, sampler=OrderedSampler(5))
+    with pytest.raises(ValueError, match="ResumableDataLoader state .*'sampler' entry"):
+        OrderedSampler(5).load_state_dict(loader.state_dict())
+    OrderedSampler(5).load_state_dict(loader.state_dict()["sampler"])
+
+
 def test_seed_mismatch_is_refused():
     state = RandomSampler(9, seed=1).state_dict()
     with pytest.raises(ValueError, match="seed=1 but this sampler was built with seed=2"):
@@ -450,3 +508,50 @@ def test_samplers_are_distributed_samplers_for_lightning():
         assert isinstance(s, DistributedSampler) and isinstance(s, ResumableSampler)
         assert s.num_replicas == 1 and s.rank == 0
         repr(s)
+
+
+# -- the resume contract (what ResumableDataLoader uses) --------------------------------------------
+
+
+def test_plan_pass_is_pure_and_describes_the_next_pass():
+    s = RandomSampler(10, seed=2, num_replicas=2, rank=1)
+    take(s, 3)  # epoch 0, global position 6
+    before = s.state_dict()
+    plan = s.plan_pass()
+    assert (plan.epoch, plan.start, plan.num_replicas, plan.rank) == (0, 6, 2, 1)
+    assert (plan.length, plan.epoch_size, plan.epoch_arg) == (2, 10, None)
+    assert s.state_dict() == before  # planning changed nothing
+    s.set_epoch(3)
+    plan = s.plan_pass()
+    assert (plan.epoch, plan.start, plan.epoch_arg) == (3, 0, 3)
+    used_up = OrderedSampler(4)
+    list(used_up)
+    plan = used_up.plan_pass()
+    assert (plan.epoch, plan.start) == (1, 0)  # the epoch is used up: the next pass rolls over
+    assert PoolSampler(range(5)).plan_pass().length is None  # endless
+
+
+def test_state_after_counts_units_of_a_pass_on_every_rank():
+    s = RandomSampler(10, seed=2, num_replicas=2, rank=0)
+    plan = s.plan_pass()
+    state = s.state_after(plan, 3)
+    assert (state["epoch"], state["position"], state["num_replicas"]) == (0, 6, 2)
+    assert s.state_after(plan, 4, finished=True)["position"] == 10  # at least the end of the pass
+    resumed = RandomSampler(10, seed=2, num_replicas=2, rank=0)
+    resumed.load_state_dict(state)
+    assert list(resumed) == list(RandomSampler(10, seed=2, num_replicas=2, rank=0))[3:]
+
+
+def test_bookmark_seek_and_state_at():
+    s = RandomSampler(12, seed=1)
+    take(s, 5)
+    here = s.bookmark()
+    assert (here.epoch, here.position, here.epoch_arg, here.requested) == (0, 5, None, None)
+    assert s.state_dict() == s.state_at(here)
+    s.set_epoch(2)  # pending: the next pass starts epoch 2 from its beginning
+    assert s.bookmark().requested == 2 and s.bookmark().effective() == (2, 0)
+    assert s.state_dict() == s.state_at(s.bookmark()) and s.state_dict()["epoch"] == 2
+    s.seek(here)  # back to where it stood, without the request
+    assert list(s) == list(RandomSampler(12, seed=1))[5:]
+    s.seek(Bookmark(0, 3, epoch_arg=0, requested=0))  # set_epoch(the same epoch) keeps the position
+    assert list(s) == RandomSampler(12, seed=1).permutation(0).take(torch.arange(3, 12)).tolist()

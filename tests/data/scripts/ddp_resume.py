@@ -1,8 +1,8 @@
-"""2-rank gloo DDP run for tests/test_resumable_dataloader_ddp.py.
+"""2-rank gloo DDP run for tests/data/test_loader_ddp.py.
 
 Launched once per rank by the test (LOCAL_RANK / MASTER_PORT in the environment, so Lightning
 does not re-launch the script and several Trainers can run in the same processes). For each
-sampler kind: a full run that checkpoints every 2 steps, then resumes from mid-epoch checkpoints.
+sampler kind: a full run that checkpoints every step, then resumes from mid-epoch checkpoints.
 Each rank writes what it trained on to <out>/<kind>-<phase>-rank<r>.json.
 
 usage: ddp_resume.py OUT_DIR USE_DISTRIBUTED_SAMPLER(0|1) KIND:FORMAT[,KIND:FORMAT...]   (FORMAT: ckpt | sft)
@@ -13,16 +13,10 @@ import logging
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # tests/: helpers
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # loader_harness
 
-from samplers_harness import (
-    RecordingModel,
-    ckpt_for_step,
-    every_n_steps_checkpoint,
-    make_loader,
-    make_trainer,
-    plugins_for,
-)
+from loader_harness import RecordingModel, ckpt_for_step, every_n_steps_checkpoint, make_loader, make_trainer
 
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
@@ -39,7 +33,7 @@ def run(out: str, kind: str, fmt: str, use_distributed_sampler: bool, ckpt_path=
         devices=2,
         strategy="ddp",
         use_distributed_sampler=use_distributed_sampler,
-        plugins=plugins_for(fmt),
+        fmt=fmt,
     )
     trainer.fit(model, train_dataloaders=make_loader(kind), ckpt_path=ckpt_path)
     loader = trainer.train_dataloader

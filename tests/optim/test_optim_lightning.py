@@ -8,35 +8,21 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
+from helpers.lightning import cpu_trainer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "optim_scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
 from optim_lm import VOCAB, TinyLM, TinyLMBase, TokenData
 
 from lightning_utils.optim import Apollo, ApolloMini, WarmupLR
 
-SCRIPTS = Path(__file__).resolve().parent / "optim_scripts"
-
-
-def _trainer(tmp_path: Path, **kwargs) -> L.Trainer:
-    options = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "default_root_dir": tmp_path,
-    }
-    options.update(kwargs)
-    return L.Trainer(**options)
+SCRIPTS = Path(__file__).resolve().parent / "scripts"
 
 
 def test_configure_optimizers_trains_and_schedules(tmp_path):
     model = TinyLM(lr=2e-2, warmup_steps=3)
-    trainer = _trainer(tmp_path, max_steps=15)
+    trainer = cpu_trainer(tmp_path, max_steps=15)
     trainer.fit(model, datamodule=TokenData(n=40))
     optimizer = trainer.optimizers[0]
     assert isinstance(optimizer, ApolloMini)
@@ -50,7 +36,7 @@ def test_configure_optimizers_trains_and_schedules(tmp_path):
 
 def _fit_params(tmp_path, batch_size, accumulate, steps=3):
     model = TinyLM(lr=1e-2)
-    trainer = _trainer(tmp_path, max_steps=steps, accumulate_grad_batches=accumulate)
+    trainer = cpu_trainer(tmp_path, max_steps=steps, accumulate_grad_batches=accumulate)
     trainer.fit(model, datamodule=TokenData(n=48, batch_size=batch_size))
     return model, trainer
 
@@ -78,7 +64,7 @@ def test_gradient_clipping_reaches_the_optimizer(tmp_path):
             config["optimizer"].register_step_post_hook(record)
             return config
 
-    trainer = _trainer(tmp_path, max_steps=3, gradient_clip_val=0.05, gradient_clip_algorithm="norm")
+    trainer = cpu_trainer(tmp_path, max_steps=3, gradient_clip_val=0.05, gradient_clip_algorithm="norm")
     trainer.fit(Recording(), datamodule=TokenData())
     assert len(norms) == 3 and max(norms) <= 0.05 * (1 + 1e-4)
 
@@ -86,7 +72,7 @@ def test_gradient_clipping_reaches_the_optimizer(tmp_path):
 def test_bf16_mixed_precision_on_cpu(tmp_path):
     model = TinyLM(lr=1e-2)
     before = model.block[0].weight.detach().clone()
-    trainer = _trainer(tmp_path, max_steps=4, precision="bf16-mixed")
+    trainer = cpu_trainer(tmp_path, max_steps=4, precision="bf16-mixed")
     trainer.fit(model, datamodule=TokenData())
     optimizer = trainer.optimizers[0]
     assert all(torch.isfinite(torch.tensor(model.losses)))

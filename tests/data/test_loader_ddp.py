@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from helpers.ports import free_port
 
-SCRIPT = Path(__file__).parent / "samplers_scripts" / "ddp_resume.py"
+SCRIPT = Path(__file__).parent / "scripts" / "ddp_resume.py"
 RESUME_STEPS = {"random": [2, 4], "batched": [3]}
 
 
@@ -70,7 +70,7 @@ def test_ddp_resume_parity_per_rank(tmp_path, use_distributed_sampler, specs):
         for record in full:
             assert record["world_size"] == 2
             assert record["loader_type"] == "ResumableDataLoader"
-            # Lightning kept our sampler: no DistributedSamplerWrapper / fresh DistributedSampler (V7)
+            # Lightning kept our sampler: no DistributedSamplerWrapper / fresh DistributedSampler
             assert record["sampler_type"] == {"random": "RandomSampler", "batched": "BatchedOrderedSampler"}[kind]
         seen = [record["seen"] for record in full]
         assert len(seen[0]) == len(seen[1])
@@ -98,13 +98,11 @@ def spec_format(specs: list[str], kind: str) -> str:
 def _check_world_size_change(tmp_path: Path, kind: str, seen: list, steps_per_epoch: int, fmt: str) -> None:
     """Rank 0's 2-rank checkpoint resumed on 1 device: the rest of the epoch, nothing repeated or skipped."""
     sys.path.insert(0, str(SCRIPT.parent))
-    import samplers_harness as H
+    import loader_harness as H
 
     step = 2
     path = H.ckpt_for_step(str(tmp_path / f"ckpt-{kind}"), step, fmt)
-    _, rest = H.fit(
-        lambda: H.make_loader(kind), str(tmp_path / "single"), ckpt_path=path, max_epochs=2, plugins=H.plugins_for(fmt)
-    )
+    _, rest = H.fit(lambda: H.make_loader(kind), str(tmp_path / "single"), ckpt_path=path, max_epochs=2, fmt=fmt)
     done = {i for r in range(2) for batch in seen[r][:step] for i in batch}
     epoch0 = [i for batch in rest[: len(rest) - 6] for i in batch]
     assert sorted(epoch0) == sorted(set(range(22)) - done)  # the epoch goes on, one rank now

@@ -27,7 +27,7 @@ def metrics_file(tmp_path):
         json.dumps({"step": s, "epoch": 0, "loss": 3.0 / s, "loss_mean": 3.5 / s, "lr": 0.1}) for s in range(1, 21)
     ]
     lines.insert(3, "[training control] saved checkpoint x.ckpt")  # interleaved log output
-    lines.insert(5, 'Training Metrics: {"step": 99, "loss": 0.01}')  # the original's prefix
+    lines.insert(5, 'Training Metrics: {"step": 99, "loss": 0.01}')  # prose before the JSON object
     path.write_text("\n".join(lines) + "\n")
     return path
 

@@ -45,9 +45,9 @@ def _net():
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
-    torch._dynamo.reset()
+    torch.compiler.reset()
     yield
-    torch._dynamo.reset()
+    torch.compiler.reset()
 
 
 def test_compiles_whole_module_in_place_keys_unchanged():

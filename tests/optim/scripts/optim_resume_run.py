@@ -1,6 +1,6 @@
 """Train TinyLM with ApolloMini for --max-steps, recording the parameters after every step.
 
-Run twice by tests/test_optim_lightning.py, each time in a fresh interpreter:
+Run by tests/optim/test_optim_lightning.py, each time in a fresh interpreter:
   full run:   --save-dir D --suffixes .ckpt,.sft
                                            saves a checkpoint per suffix at the end of epoch 0
                                            (step 5, in the middle of a projection gap of 2)
@@ -14,10 +14,12 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # optim_lm, next to this file
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/, for helpers
 
 import lightning as L
 import torch
+from helpers.lightning import cpu_trainer
 from optim_lm import VOCAB, TinyLM, TokenData
 
 
@@ -70,18 +72,7 @@ def main() -> None:
     L.seed_everything(args.seed)  # the resumed run uses a different global RNG state
     torch.randn(args.seed % 97 + 1)  # and a different position in the stream
     recorder = Recorder(args.save_dir, suffixes)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=args.max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=args.out.parent,
-        plugins=plugins,
-        callbacks=[recorder],
-    )
+    trainer = cpu_trainer(args.out.parent, callbacks=[recorder], max_steps=args.max_steps, plugins=plugins)
     trainer.fit(model, datamodule=TokenData(n=40, batch_size=8), ckpt_path=args.resume)
     torch.save(recorder.params, args.out)
 

@@ -1,7 +1,7 @@
-"""Tiny components for tests/test_cli_lightning.py, chosen by class path from a YAML config.
+"""Tiny components for test_cli_lightning.py, chosen by class path from a YAML config.
 
-Importable as ``cli_lightning_fixtures`` when ``tests/`` is on ``sys.path`` (the tests put it
-there, and on ``PYTHONPATH`` for subprocesses).
+Importable as ``cli_lightning_fixtures`` when its folder, ``tests/cli``, is on ``sys.path`` (the
+tests put it there, and on ``PYTHONPATH`` for subprocesses).
 """
 
 from __future__ import annotations

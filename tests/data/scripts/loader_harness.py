@@ -1,5 +1,6 @@
-"""Shared pieces for the samplers' end-to-end tests: a dataset that returns its index, a tiny
-model that records the indices it trains on, and loader factories for every sampler."""
+"""Shared pieces of the loader's end-to-end tests (tests/data/test_loader*.py and the DDP script
+beside this file): a dataset that returns its index, a tiny model that records the indices it
+trains on, loader factories for every sampler, and the Trainer and checkpoint plumbing."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from helpers.lightning import cpu_trainer
 from torch.utils.data import Dataset
 
 from lightning_utils.data.loader import ResumableDataLoader
@@ -52,7 +54,7 @@ class RecordingModel(L.LightningModule):
 
 
 class NoLenRandomSampler(RandomSampler):
-    """A sampler without a length: Lightning then prefetches one batch (V5)."""
+    """A sampler without a length: Lightning then prefetches one batch to know when the loader ends."""
 
     def __len__(self) -> int:
         raise TypeError("this sampler has no length")
@@ -85,7 +87,7 @@ def _buckets() -> dict[int, list[tuple[str, float]]]:
     ]
     buckets: dict[int, list[tuple[str, float]]] = {}
     for i, d in enumerate(durations):
-        buckets.setdefault(int(round(d)), []).append((f"item{i}", d))
+        buckets.setdefault(round(d), []).append((f"item{i}", d))
     return buckets
 
 
@@ -115,22 +117,12 @@ def make_loader(kind: str, num_workers: int = 0, **replicas: Any) -> ResumableDa
 
 
 def make_trainer(
-    root: str, *, max_epochs: int = 2, max_steps: int = -1, callbacks: list | None = None, **kw: Any
+    root: Any, *, max_epochs: int = 2, max_steps: int = -1, callbacks: list | None = None, fmt: str = "ckpt", **kw: Any
 ) -> L.Trainer:
-    kw.setdefault("accelerator", "cpu")
-    kw.setdefault("devices", 1)
-    return L.Trainer(
-        default_root_dir=root,
-        max_epochs=max_epochs,
-        max_steps=max_steps,
-        callbacks=callbacks or [],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=bool(callbacks),
-        num_sanity_val_steps=0,
-        **kw,
-    )
+    """``helpers.lightning.cpu_trainer`` for ``max_epochs`` epochs, without a sanity check unless
+    ``num_sanity_val_steps`` is given; ``fmt="sft"`` checkpoints through SafetensorsCheckpointIO."""
+    kw.setdefault("num_sanity_val_steps", 0)
+    return cpu_trainer(str(root), callbacks or [], max_steps=max_steps, suffix=f".{fmt}", max_epochs=max_epochs, **kw)
 
 
 def fit(loader_factory: Callable[[], ResumableDataLoader], root: str, ckpt_path: str | None = None, **trainer_kw: Any):
@@ -141,20 +133,15 @@ def fit(loader_factory: Callable[[], ResumableDataLoader], root: str, ckpt_path:
 
 
 def every_n_steps_checkpoint(dirpath: str, n: int, fmt: str = "ckpt") -> L.pytorch.callbacks.ModelCheckpoint:
+    """A checkpoint every ``n`` training steps, named ``step=<k>.<fmt>``."""
+    checkpoint_class = L.pytorch.callbacks.ModelCheckpoint
     if fmt == "sft":
-        from lightning_utils.callbacks.safetensors_model_checkpoint import SafetensorsModelCheckpoint as cls
-    else:
-        cls = L.pytorch.callbacks.ModelCheckpoint
-    return cls(dirpath=dirpath, every_n_train_steps=n, save_top_k=-1, filename="{step}", save_on_train_epoch_end=False)
+        from lightning_utils.callbacks.safetensors_model_checkpoint import SafetensorsModelCheckpoint
 
-
-def plugins_for(fmt: str) -> list:
-    """Trainer plugins for a checkpoint format: ``.sft`` goes through SafetensorsCheckpointIO."""
-    if fmt == "sft":
-        from lightning_utils.plugins import SafetensorsCheckpointIO
-
-        return [SafetensorsCheckpointIO()]
-    return []
+        checkpoint_class = SafetensorsModelCheckpoint
+    return checkpoint_class(
+        dirpath=dirpath, every_n_train_steps=n, save_top_k=-1, filename="{step}", save_on_train_epoch_end=False
+    )
 
 
 def load_checkpoint_file(path: str) -> dict:

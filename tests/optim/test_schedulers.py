@@ -1,4 +1,4 @@
-"""WarmupLR and NoamLR values (reference §5, case 40), resume and validation."""
+"""WarmupLR and NoamLR: exact values, resume from state_dict, step(epoch), validation."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def test_warmup_values():
         [0.25, 0.5, 0.75, 1.0, 0.9, 0.81, 0.729, 0.6561]
     )
     assert _lrs(WarmupLR, 3, warmup_steps=0) == pytest.approx([1.0] * 4)
-    # the original formula: decay counts from step 1 when there is no warmup
+    # without warmup the decay counts from step 1: the first lr is already decayed once
     assert _lrs(WarmupLR, 2, warmup_steps=0, decay_factor=0.5) == pytest.approx([0.5, 0.25, 0.125])
 
 

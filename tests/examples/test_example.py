@@ -8,7 +8,7 @@ from pathlib import Path
 
 from lightning_utils.io import load_state
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_train_codec_lm_example_resumes_exactly(tmp_path):

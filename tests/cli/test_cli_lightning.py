@@ -9,23 +9,23 @@ import sys
 from pathlib import Path
 
 import pytest
-
-pytest.importorskip("jsonargparse", reason="LightningCLI needs jsonargparse[signatures] (the cli extra)")
-yaml = pytest.importorskip("yaml")
-
 from helpers.ports import free_port
 
 import lightning_utils.cli.lightning as cli_lightning
 from lightning_utils.cli import main
 from lightning_utils.cli.lightning import run_lightning_cli
 
+pytest.importorskip("jsonargparse", reason="LightningCLI needs jsonargparse[signatures] (the cli extra)")
+yaml = pytest.importorskip("yaml")
+
+# The folder of cli_lightning_fixtures.py, whose classes the YAML configs name by class path.
 TESTS_DIR = Path(__file__).resolve().parent
 FIXTURES = "cli_lightning_fixtures"
 
 
 @pytest.fixture(autouse=True)
 def _fixtures_importable(monkeypatch):
-    # The YAML names classes in tests/cli_lightning_fixtures.py whatever pytest's import mode is.
+    # The YAML names classes in cli_lightning_fixtures.py (next to this file) whatever pytest's import mode is.
     monkeypatch.syspath_prepend(str(TESTS_DIR))
 
 

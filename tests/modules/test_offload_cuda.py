@@ -78,7 +78,8 @@ def _clean():
 
 
 def test_cuda_gradients_match_plain_with_dropout():
-    from lightning_utils.modules.offload import _order, apply_activation_offload
+    from lightning_utils.modules.offload import apply_activation_offload
+    from lightning_utils.modules.offload.host_copy import _order
 
     plain = _stack()
     off = copy.deepcopy(plain)
@@ -111,7 +112,8 @@ def test_cuda_rng_stream_unchanged_by_recompute():
 
 
 def test_saved_input_is_pinned_host_copy_made_on_side_stream():
-    from lightning_utils.modules.offload import _ops, apply_activation_offload
+    from lightning_utils.modules.offload import apply_activation_offload
+    from lightning_utils.modules.offload.host_copy import _ops
 
     off = _stack(n=2)
     apply_activation_offload(off, Block)
