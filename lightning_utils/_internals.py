@@ -329,7 +329,73 @@ def unwrap_index_batch_sampler(batch_sampler: Any) -> Any:
 
 
 # -- io and plugins: checkpoint loading and Lightning's CheckpointIO wrappers -------------------
-_IO: tuple[PrivateName, ...] = ()
+_IO: tuple[PrivateName, ...] = (
+    PrivateName(
+        module="lightning.pytorch.core.saving",
+        attribute="_load_state",
+        used_by="lightning_utils.plugins.module_loading (through load_module_state below)",
+        why="builds the LightningModule from a checkpoint dict already in memory: hparams with "
+        "the given overrides, on_load_checkpoint, load_state_dict with strict",
+        public="LightningModule.load_from_checkpoint does the same but only from a path or file "
+        "object, which it reads with torch.load, so it cannot read a .sft file; handing it a "
+        ".sft's contents would mean re-pickling the whole checkpoint in memory",
+    ),
+    PrivateName(
+        module="lightning.pytorch.plugins.io.wrapper",
+        attribute="_WrappingCheckpointIO.<instance>._checkpoint_io",
+        used_by="lightning_utils.plugins.checkpoint_io (through replace_wrapped_checkpoint_io below)",
+        why="ensure_safetensors_checkpoint_io swaps the TorchCheckpointIO inside a wrapper plugin "
+        "(other than Lightning's own AsyncCheckpointIO, which is replaced whole) for a "
+        "SafetensorsCheckpointIO",
+        public="the wrapper's public checkpoint_io setter sets a base only while none is set, and "
+        "the strategy's checkpoint_io getter has always set a TorchCheckpointIO by then, so the "
+        "setter silently keeps it; a wrapper is found by its public checkpoint_io property (duck "
+        "typing), not by the private base class",
+    ),
+    PrivateName(
+        module="lightning.pytorch.strategies.fsdp",
+        attribute="FSDPStrategy.<instance>._state_dict_type",
+        used_by="lightning_utils.plugins.module_loading (through fsdp_state_dict_type below)",
+        why="names FSDP's state_dict_type in the error that refuses .sft under FSDP (sharded "
+        "checkpoints also bypass the plugin when saving)",
+        public="FSDPStrategy takes state_dict_type as a constructor argument and exposes no property for it",
+    ),
+    PrivateName(
+        module="torch",
+        attribute="Tensor._neg_view",
+        used_by="lightning_utils.io.skeleton, lightning_utils.plugins.checkpoint_io",
+        why="a lazily negated view (the negative bit, e.g. c.conj().imag) is stored as its raw "
+        "memory plus the bit, and rebuilt as a negated view, so values and memory sharing come "
+        "back as torch.load gives them",
+        public="Tensor.neg() and Tensor.resolve_neg() materialise a copy that no longer shares "
+        "memory with its base; no public API sets the negative bit on a view",
+    ),
+    PrivateName(
+        module="torch",
+        attribute="TypedStorage.<instance>._untyped_storage",
+        used_by="lightning_utils.io.map_location",
+        why="a map_location callable may return a TypedStorage; the tensor is rebuilt on its bytes",
+        public="TypedStorage.untyped() returns the same storage but emits TypedStorage's deprecation warning",
+    ),
+)
+
+
+def load_module_state(cls: type, checkpoint: dict[str, Any], strict: bool | None, **kwargs: Any) -> Any:
+    """Lightning's own construction of ``cls`` (a ``LightningModule``) from a loaded checkpoint dict."""
+    from lightning.pytorch.core.saving import _load_state
+
+    return _load_state(cls, checkpoint, strict=strict, **kwargs)
+
+
+def replace_wrapped_checkpoint_io(wrapper: Any, checkpoint_io: Any) -> None:
+    """Make the CheckpointIO ``wrapper`` delegate to ``checkpoint_io`` instead of its current base."""
+    wrapper._checkpoint_io = checkpoint_io
+
+
+def fsdp_state_dict_type(strategy: Any) -> str | None:
+    """The ``state_dict_type`` an ``FSDPStrategy`` was built with (``"full"`` or ``"sharded"``)."""
+    return getattr(strategy, "_state_dict_type", None)
+
 
 # -- modules and module callbacks --------------------------------------------------------------
 _MODULES: tuple[PrivateName, ...] = (

@@ -4,7 +4,8 @@ Every feature of ``ModelCheckpoint`` (``every_n_train_steps``, ``save_top_k``, `
 ``ckpt_path="last"``) works unchanged; only the file extension differs. At setup it makes sure
 the trainer writes through :class:`~lightning_utils.plugins.SafetensorsCheckpointIO` (installing it
 in place of Lightning's default) and refuses strategies that bypass the plugin (FSDP, DeepSpeed),
-so a ``.sft`` name never holds a pickle.
+so a ``.sft`` name never holds a pickle. It must never define how a file is written (that is
+the plugin's job).
 """
 
 from __future__ import annotations

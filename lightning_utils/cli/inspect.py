@@ -2,7 +2,8 @@
 
 Works for ``.sft`` (reads only the header: instant on any size) and ``.ckpt``/``.pt`` (loaded onto
 the meta device, so no tensor data is copied). Pickle files are opened with ``weights_only=True``
-unless ``--unsafe`` is given. Exit codes: 0 success, 1 unreadable or missing file.
+unless ``--unsafe`` is given. Exit codes: 0 success, 1 unreadable or missing file. This command
+never writes anything.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 safetensors itself only takes a device; Lightning and users pass ``None``, a string, a
 ``torch.device``, a ``{from: to}`` dict or a callable ``(storage, location) -> storage``. Tensors
-are read on CPU first and then placed, with torch's semantics for each form.
+are read on CPU first and then placed, with torch's semantics for each form. This module never
+reads a file, and never copies a tensor that stays on CPU.
 """
 
 from __future__ import annotations

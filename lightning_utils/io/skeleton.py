@@ -14,7 +14,9 @@ weights, optimizer moments, callback state). :func:`encode` walks that tree and 
 are stored once and come back sharing storage; the same object (tensor or container) reached
 twice comes back as one object, as with pickle's memo. A value the skeleton cannot represent (an
 arbitrary object, a class, a lambda, a container that contains itself) raises ``TypeError``
-naming its key path: nothing is silently dropped, nothing is pickled.
+naming its key path: nothing is silently dropped, nothing is pickled. This module must never
+pickle or execute anything, and never import Lightning (Lightning's hparams ``AttributeDict`` is
+recognised by its import path). The on-disk format is written down in ``docs/sft-format.md``.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def dict_tag(t: type) -> str | None:
 
 def _dict_class(tag: str) -> type | None:
     if tag == "attrdict":
-        return getattr(importlib.import_module(_ATTRDICT_PATH[0]), _ATTRDICT_PATH[1])  # type: ignore[no-any-return]
+        return getattr(importlib.import_module(_ATTRDICT_PATH[0]), _ATTRDICT_PATH[1])
     return _DICT_CLASSES.get(tag)
 
 
@@ -85,7 +87,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 class _Encoder:
     def __init__(self) -> None:
         self.entries: dict[str, torch.Tensor] = {}  # entry name -> contiguous CPU tensor
-        self.devices: dict[str, str] = {}  # entry name -> original device, when not CPU
+        self.devices: dict[str, str] = {}  # entry name -> the device it was saved from, when not CPU
         self._tensors: list[tuple[torch.Tensor, dict[str, Any], tuple[Any, ...]]] = []  # (raw view, node, path)
         self._tensor_nodes: dict[int, dict[str, Any]] = {}  # id(tensor object) -> its node
         self._repeated: set[int] = set()  # ids of containers reached more than once
@@ -375,7 +377,7 @@ class SkeletonError(ValueError):
     """The skeleton is malformed (raised by :func:`decode`; callers add the file name)."""
 
 
-class _EntryFailure(Exception):
+class _EntryError(Exception):
     """Carries an exception raised by the ``entry`` callback through decode's own error mapping."""
 
     def __init__(self, exc: BaseException) -> None:
@@ -394,37 +396,87 @@ def _devices(skeleton: dict[str, Any]) -> dict[str, str]:
     return devices
 
 
-def decode(skeleton: Any, entry: Callable[[str, str], torch.Tensor]) -> Any:
-    """Rebuild the object described by ``skeleton``.
+class _Decoder:
+    """The inverse of :class:`_Encoder`: one method per node kind, the shared state as attributes."""
 
-    ``entry(name, original_device)`` returns the (already device-mapped) tensor stored under
-    ``name``; it is called once per name.
-    """
-    if not isinstance(skeleton, dict) or skeleton.get("version") != FORMAT_VERSION or "root" not in skeleton:
-        raise SkeletonError(f"unsupported skeleton (expected version {FORMAT_VERSION})")
-    devices = _devices(skeleton)
-    bases: dict[str, torch.Tensor] = {}
-    objects: dict[int, Any] = {}
+    def __init__(self, devices: dict[str, str], entry: Callable[[str, str], torch.Tensor]) -> None:
+        self._devices = devices  # entry name -> the device it was saved from, when not CPU
+        self._entry = entry
+        self._bases: dict[str, torch.Tensor] = {}  # entry name -> its tensor (each entry is read once)
+        self._objects: dict[Any, Any] = {}  # node "id" -> the object rebuilt for it, for "ref" nodes
 
-    def base(name: Any) -> torch.Tensor:
+    # -- tree walk -------------------------------------------------------------------------
+    def node(self, n: Any, depth: int = 0) -> Any:
+        if depth > MAX_DEPTH:
+            raise SkeletonError("skeleton nesting is too deep")
+        if n is None or isinstance(n, (bool, int, float, str)):
+            return n
+        if isinstance(n, list):
+            return [self.node(v, depth + 1) for v in n]
+        if not isinstance(n, dict):
+            raise SkeletonError(f"unexpected skeleton node {n!r}")
+        tag = n.get("$")
+        if not isinstance(tag, str):
+            raise SkeletonError(f"unknown skeleton tag {tag!r}")
+        cls = _dict_class(tag)
+        if cls is not None:
+            return self.dict_node(n, cls, depth)
+        method = _NODE_METHODS.get(tag)
+        if method is None:
+            raise SkeletonError(f"unknown skeleton tag {tag!r}")
+        return method(self, n, depth)
+
+    def _remember(self, n: dict[str, Any], value: Any) -> Any:
+        """Record ``value`` under the node's ``id`` (if any) for later ``ref`` nodes."""
+        if "id" in n:
+            self._objects[n["id"]] = value
+        return value
+
+    # -- containers ------------------------------------------------------------------------
+    def dict_node(self, n: dict[str, Any], cls: type, depth: int) -> Any:
+        if "v" in n and isinstance(n["v"], dict):
+            out = cls((k, self.node(v, depth + 1)) for k, v in n["v"].items())
+        elif "kv" in n and isinstance(n["kv"], list):
+            out = cls((self.node(k, depth + 1), self.node(v, depth + 1)) for k, v in n["kv"])
+        else:
+            raise SkeletonError(f"malformed {n['$']} node")
+        if "meta" in n and cls is OrderedDict:
+            out._metadata = self.node(n["meta"], depth + 1)
+        return self._remember(n, out)
+
+    def list_node(self, n: dict[str, Any], depth: int) -> list[Any]:
+        return self._remember(n, [self.node(v, depth + 1) for v in n["v"]])
+
+    def tuple_node(self, n: dict[str, Any], depth: int) -> tuple[Any, ...]:
+        return self._remember(n, tuple(self.node(v, depth + 1) for v in n["v"]))
+
+    def set_node(self, n: dict[str, Any], depth: int) -> set[Any]:
+        return self._remember(n, {self.node(v, depth + 1) for v in n["v"]})
+
+    def frozenset_node(self, n: dict[str, Any], depth: int) -> frozenset[Any]:
+        return self._remember(n, frozenset(self.node(v, depth + 1) for v in n["v"]))
+
+    def ref_node(self, n: dict[str, Any], depth: int) -> Any:
+        if n.get("id") not in self._objects:
+            raise SkeletonError(f"reference to unknown object id {n.get('id')!r}")
+        return self._objects[n["id"]]
+
+    # -- tensors ---------------------------------------------------------------------------
+    def _base(self, name: Any) -> torch.Tensor:
+        """The tensor stored under entry ``name``, read (and placed) on first use."""
         if not isinstance(name, str):
             raise SkeletonError(f"tensor entry name {name!r} is not a string")
-        if name not in bases:
+        if name not in self._bases:
             try:
-                bases[name] = entry(name, devices.get(name, "cpu"))
+                self._bases[name] = self._entry(name, self._devices.get(name, "cpu"))
             except SkeletonError:
                 raise
             except Exception as exc:  # reading/placing data failed: not a skeleton problem
-                raise _EntryFailure(exc) from None
-        return bases[name]
+                raise _EntryError(exc) from exc
+        return self._bases[name]
 
-    def remember(n: dict[str, Any], value: Any) -> Any:
-        if "id" in n:
-            objects[n["id"]] = value
-        return value
-
-    def tensor(n: dict[str, Any], depth: int) -> torch.Tensor:
-        b = base(n.get("e"))
+    def tensor_node(self, n: dict[str, Any], depth: int) -> torch.Tensor:
+        b = self._base(n.get("e"))
         try:
             if "off" in n:
                 dtype = getattr(torch, n["dt"]) if "dt" in n else b.dtype
@@ -447,71 +499,76 @@ def decode(skeleton: Any, entry: Callable[[str, str], torch.Tensor]) -> Any:
             t = torch.nn.Parameter(t, requires_grad=bool(n.get("rg")))
         elif n.get("rg"):
             t.requires_grad_(True)
-        remember(n, t)  # before the attributes, which may refer back to the tensor
+        self._remember(n, t)  # before the attributes, which may refer back to the tensor
         if "attrs" in n:
-            attrs = node(n["attrs"], depth + 1)
+            attrs = self.node(n["attrs"], depth + 1)
             if not isinstance(attrs, dict):
                 raise SkeletonError("tensor attributes must be a dict")
             t.__dict__.update(attrs)
         return t
 
-    def node(n: Any, depth: int = 0) -> Any:
-        if depth > MAX_DEPTH:
-            raise SkeletonError("skeleton nesting is too deep")
-        if n is None or isinstance(n, (bool, int, float, str)):
-            return n
-        if isinstance(n, list):
-            return [node(v, depth + 1) for v in n]
-        if not isinstance(n, dict):
-            raise SkeletonError(f"unexpected skeleton node {n!r}")
-        tag = n.get("$")
-        cls = _dict_class(tag) if isinstance(tag, str) else None
-        if cls is not None:
-            if "v" in n and isinstance(n["v"], dict):
-                out = cls((k, node(v, depth + 1)) for k, v in n["v"].items())
-            elif "kv" in n and isinstance(n["kv"], list):
-                out = cls((node(k, depth + 1), node(v, depth + 1)) for k, v in n["kv"])
-            else:
-                raise SkeletonError(f"malformed {tag} node")
-            if "meta" in n and cls is OrderedDict:
-                out._metadata = node(n["meta"], depth + 1)  # type: ignore[attr-defined]
-            return remember(n, out)
-        if tag == "tensor":
-            return tensor(n, depth)
-        if tag == "ref":
-            if n.get("id") not in objects:
-                raise SkeletonError(f"reference to unknown object id {n.get('id')!r}")
-            return objects[n["id"]]
-        if tag == "list":
-            return remember(n, [node(v, depth + 1) for v in n["v"]])
-        if tag == "tuple":
-            return remember(n, tuple(node(v, depth + 1) for v in n["v"]))
-        if tag in ("set", "frozenset"):
-            return remember(n, (set if tag == "set" else frozenset)(node(v, depth + 1) for v in n["v"]))
-        if tag == "float":
-            return _NONFINITE[n["v"]]
-        if tag == "int":
-            return int(n["v"], 16)
-        if tag == "size":
-            return torch.Size(n["v"])
-        if tag == "dtype":
-            dtype = getattr(torch, n["v"], None)
-            if not isinstance(dtype, torch.dtype):
-                raise SkeletonError(f"unknown dtype {n['v']!r}")
-            return dtype
-        if tag == "device":
-            return torch.device(n["v"])
-        if tag == "path":
-            return _PATH_TYPES[n["cls"]](n["v"])
-        if tag == "bytes":
-            return base64.b64decode(n["v"], validate=True)
-        if tag == "complex":
-            return complex(node(n["re"]), node(n["im"]))
-        raise SkeletonError(f"unknown skeleton tag {tag!r}")
+    # -- scalars and torch values ----------------------------------------------------------
+    def float_node(self, n: dict[str, Any], depth: int) -> float:
+        return _NONFINITE[n["v"]]
 
+    def int_node(self, n: dict[str, Any], depth: int) -> int:
+        return int(n["v"], 16)
+
+    def complex_node(self, n: dict[str, Any], depth: int) -> complex:
+        return complex(self.node(n["re"], depth + 1), self.node(n["im"], depth + 1))
+
+    def bytes_node(self, n: dict[str, Any], depth: int) -> bytes:
+        return base64.b64decode(n["v"], validate=True)
+
+    def path_node(self, n: dict[str, Any], depth: int) -> pathlib.PurePath:
+        return _PATH_TYPES[n["cls"]](n["v"])
+
+    def size_node(self, n: dict[str, Any], depth: int) -> torch.Size:
+        return torch.Size(n["v"])
+
+    def dtype_node(self, n: dict[str, Any], depth: int) -> torch.dtype:
+        dtype = getattr(torch, n["v"], None)
+        if not isinstance(dtype, torch.dtype):
+            raise SkeletonError(f"unknown dtype {n['v']!r}")
+        return dtype
+
+    def device_node(self, n: dict[str, Any], depth: int) -> torch.device:
+        return torch.device(n["v"])
+
+
+# Every tag other than the dict tags (see dict_tag), and the method that decodes it.
+_NODE_METHODS: dict[str, Callable[[_Decoder, dict[str, Any], int], Any]] = {
+    "tensor": _Decoder.tensor_node,
+    "ref": _Decoder.ref_node,
+    "list": _Decoder.list_node,
+    "tuple": _Decoder.tuple_node,
+    "set": _Decoder.set_node,
+    "frozenset": _Decoder.frozenset_node,
+    "float": _Decoder.float_node,
+    "int": _Decoder.int_node,
+    "complex": _Decoder.complex_node,
+    "bytes": _Decoder.bytes_node,
+    "path": _Decoder.path_node,
+    "size": _Decoder.size_node,
+    "dtype": _Decoder.dtype_node,
+    "device": _Decoder.device_node,
+}
+# Every tag a skeleton may hold.
+TAGS = frozenset(_NODE_METHODS) | {"dict", "odict", "attrdict"}
+
+
+def decode(skeleton: Any, entry: Callable[[str, str], torch.Tensor]) -> Any:
+    """Rebuild the object described by ``skeleton``.
+
+    ``entry(name, saved_device)`` returns the (already device-mapped) tensor stored under
+    ``name``; it is called once per name.
+    """
+    if not isinstance(skeleton, dict) or skeleton.get("version") != FORMAT_VERSION or "root" not in skeleton:
+        raise SkeletonError(f"unsupported skeleton (expected version {FORMAT_VERSION})")
+    decoder = _Decoder(_devices(skeleton), entry)
     try:
-        return node(skeleton["root"])
-    except _EntryFailure as failure:
+        return decoder.node(skeleton["root"])
+    except _EntryError as failure:
         raise failure.exc from None
     except (
         KeyError,

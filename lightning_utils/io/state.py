@@ -7,11 +7,12 @@
 * ``.ckpt``, ``.pt``, ``.pth``, ``.bin`` -> ``torch.save``/``torch.load``
   (:mod:`lightning_utils.io.torch_file`).
 
-Every write is atomic and durable (:mod:`lightning_utils.io.atomic`). ``load_state`` of a
+Every write is atomic and durable (:mod:`lightning_utils.io.atomic`); nothing here ever
+unpickles a safetensors file or writes to a remote path. ``load_state`` of a
 ``.sft`` written by ``save_state`` gives the same object as ``torch.load`` of the ``.pt`` of the
 same data. Plain safetensors files from other tools load as a flat tensor dict, or as
 ``{"module": tensors, **metadata}`` with JSON metadata decoded when they carry metadata beyond
-``format`` (the original utilities' export layout).
+``format`` (a weights export with its config or training stats beside it).
 """
 
 from __future__ import annotations
@@ -242,13 +243,3 @@ def load_structure(path: str | os.PathLike, weights_only: bool | None = None) ->
     return _assemble(
         path, read_safetensors_header(path), lambda e, location: torch.empty(e.shape, dtype=e.dtype, device="meta")
     )
-
-
-def pick_path(path: str | os.PathLike, *suffixes: str) -> Path:
-    """The first ``path.with_suffix(s)`` that exists, in the order given; else ``path`` itself."""
-    path = Path(path)
-    for suffix in suffixes:
-        candidate = path.with_suffix(suffix)
-        if candidate.exists():
-            return candidate
-    return path

@@ -4,11 +4,13 @@
 reads go through :func:`~lightning_utils.io.save_state` / :func:`~lightning_utils.io.load_state`:
 the suffix picks the format, so ``.ckpt`` files keep working while ``.sft`` files hold the whole
 training state with no pickle. Writes are atomic (temp file beside the target, fsync,
-``os.replace``, directory fsync), unlike fsspec's ``$TMPDIR`` staging (Lightning #21253).
+``os.replace``, directory fsync): the temp file is never staged in ``$TMPDIR``, so the final
+rename never crosses a filesystem.
 
 :class:`AsyncCheckpointIO` is Lightning's asynchronous wrapper with one fix: removals are queued
-on the same single worker as saves, so ``ModelCheckpoint``'s top-k removal can never run before
-(or during) the save of the file it removes (Lightning #14035).
+on the same single worker as saves. Lightning's wrapper removes files synchronously on the
+caller thread, so ``ModelCheckpoint``'s top-k removal can run before (or during) a queued save
+of the file it removes, and the removed file reappears.
 
 This plugin never writes to remote storage and never pickles a ``.sft`` file.
 """
@@ -18,13 +20,16 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import AsyncCheckpointIO as _LightningAsyncCheckpointIO
-from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.plugins.io import CheckpointIO, TorchCheckpointIO
 
+from lightning_utils._internals import replace_wrapped_checkpoint_io
 from lightning_utils.io.skeleton import dict_tag
 from lightning_utils.io.state import load_state, save_state
 
@@ -87,42 +92,53 @@ class AsyncCheckpointIO(_LightningAsyncCheckpointIO):
     """Lightning's ``AsyncCheckpointIO`` with removals ordered after pending saves.
 
     Use it exactly like Lightning's: ``Trainer(plugins=[AsyncCheckpointIO(SafetensorsCheckpointIO())])``.
-    Two differences: ``remove_checkpoint`` is queued on the same single worker as the saves (so
-    top-k removal never runs before or during the save of the file it removes, Lightning
-    #14035), and the caller-thread snapshot clones each *storage* once, so tied weights and views
-    stay shared in the saved file (Lightning's clones every tensor separately).
+    Two differences: ``remove_checkpoint`` is queued on the same single worker thread as the saves
+    (so top-k removal never runs before or during the save of the file it removes), and the
+    caller-thread snapshot clones each *storage* once, so tied weights and views stay shared in
+    the saved file (Lightning's clones every tensor separately). The worker thread and the error
+    slot are this class's own; it relies on no private member of Lightning's.
     """
 
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None
-    ) -> None:
-        self._ensure_setup()
-        assert self._executor is not None and self.checkpoint_io is not None
+    def __init__(self, checkpoint_io: CheckpointIO | None = None) -> None:
+        super().__init__(checkpoint_io)
+        self._worker: ThreadPoolExecutor | None = None  # created on first use: a plugin must stay picklable
+        self._failure: BaseException | None = None  # raised by a queued call; re-raised on the caller thread
+
+    def _base(self) -> CheckpointIO:
+        base = self.checkpoint_io
+        assert base is not None, "the strategy sets the wrapped checkpoint_io before any save"
+        return base
+
+    def _submit(self, work: Callable[[], None]) -> None:
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1)  # one thread: calls run in submission order
+
+        def run() -> None:
+            try:
+                work()
+            except BaseException as ex:  # noqa: BLE001 - re-raised on the caller thread by the next save or teardown
+                self._failure = ex
+
+        self._worker.submit(run)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
+        base = self._base()
         snapshot = _snapshot(checkpoint)  # on the caller thread: later in-place updates are not saved
-        base = self.checkpoint_io
+        self._submit(lambda: base.save_checkpoint(snapshot, path, storage_options=storage_options))
+        if self._failure:  # raised by an earlier queued call
+            raise self._failure
 
-        def _save() -> None:
-            try:
-                base.save_checkpoint(snapshot, path, storage_options=storage_options)
-            except BaseException as ex:
-                self._error = ex
+    def remove_checkpoint(self, path: str | Path) -> None:
+        base = self._base()
+        self._submit(lambda: base.remove_checkpoint(path))
 
-        self._executor.submit(_save)
-        if self._error:  # raised by an earlier queued save
-            raise self._error
-
-    def remove_checkpoint(self, path: str | os.PathLike) -> None:
-        self._ensure_setup()
-        assert self._executor is not None and self.checkpoint_io is not None
-        base = self.checkpoint_io
-
-        def _remove() -> None:
-            try:
-                base.remove_checkpoint(path)
-            except BaseException as ex:  # surfaced on the next save or at teardown, as saves are
-                self._error = ex
-
-        self._executor.submit(_remove)
+    def teardown(self) -> None:
+        """Wait for every queued save and removal; raise the error of a failed one."""
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
+        if self._failure:
+            raise self._failure
 
 
 def _snapshot(obj: Any) -> Any:
@@ -133,6 +149,7 @@ def _snapshot(obj: Any) -> Any:
     def copy(value: Any) -> Any:
         if id(value) in memo:
             return memo[id(value)]
+        out: Any
         if isinstance(value, torch.Tensor):
             t = value.detach()
             conj, neg = t.is_conj(), False
@@ -179,19 +196,22 @@ def _snapshot(obj: Any) -> Any:
     return copy(obj)
 
 
+def _wraps_another(io: Any) -> bool:
+    """A wrapper plugin (Lightning's ``AsyncCheckpointIO`` and the like) exposes its base as ``checkpoint_io``."""
+    return isinstance(io, CheckpointIO) and hasattr(io, "checkpoint_io")
+
+
 def ensure_safetensors_checkpoint_io(strategy: Any) -> SafetensorsCheckpointIO:
     """Make ``strategy`` write checkpoints through a :class:`SafetensorsCheckpointIO`.
 
     Lightning's default ``TorchCheckpointIO`` (bare or inside a wrapper such as
     ``AsyncCheckpointIO``) is swapped for ours, which writes ``.ckpt`` identically and adds
-    ``.sft``; Lightning's own ``AsyncCheckpointIO`` becomes ours (see :class:`AsyncCheckpointIO`). Any other custom plugin is left alone and raises, since silently writing a torch
-    zip under a ``.sft`` name is exactly what this must prevent.
+    ``.sft``; Lightning's own ``AsyncCheckpointIO`` becomes ours (see :class:`AsyncCheckpointIO`).
+    Any other custom plugin is left alone and raises, since silently writing a torch zip under a
+    ``.sft`` name is exactly what this must prevent.
     """
-    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-    from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
-
     parent, inner = None, strategy.checkpoint_io
-    while isinstance(inner, _WrappingCheckpointIO):
+    while _wraps_another(inner):
         parent, inner = inner, inner.checkpoint_io
     if isinstance(inner, SafetensorsCheckpointIO):
         return inner
@@ -204,11 +224,10 @@ def ensure_safetensors_checkpoint_io(strategy: Any) -> SafetensorsCheckpointIO:
     if parent is None:
         strategy.checkpoint_io = ours
     elif type(parent) is _LightningAsyncCheckpointIO:
-        # Lightning's wrapper removes files synchronously while their saves may still be
-        # queued (#14035): use ours, which orders removals behind saves.
-        if parent._executor is not None:
-            parent.teardown()
+        # Lightning's wrapper removes files while their saves may still be queued: use ours,
+        # which orders removals behind saves. teardown() waits for any save it already queued.
+        parent.teardown()
         strategy.checkpoint_io = AsyncCheckpointIO(ours)
     else:
-        parent._checkpoint_io = ours  # the wrapper's setter refuses to replace a configured base
+        replace_wrapped_checkpoint_io(parent, ours)  # the wrapper's setter keeps a base already set
     return ours

@@ -9,18 +9,26 @@ hparams, ``on_load_checkpoint`` and ``strict`` behave exactly as in Lightning.
 FSDP (sharded) and DeepSpeed strategies write their own checkpoint formats without calling the
 plugin; :func:`check_strategy_writes_through_checkpoint_io` turns a silent ``.ckpt`` where the
 user asked for ``.sft`` into a clear error.
+
+This module never reads a file itself (:mod:`lightning_utils.io` does) and never unpickles a
+``.sft``.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
+from lightning_utils._internals import fsdp_state_dict_type, load_module_state
 from lightning_utils.io.state import checkpoint_format, load_state
 
-M = TypeVar("M")
+if TYPE_CHECKING:
+    from lightning.pytorch import LightningModule
+
+M = TypeVar("M", bound="LightningModule")
+_VERSION_KEY = "pytorch-lightning_version"
 
 
 def load_from_checkpoint(
@@ -39,9 +47,9 @@ def load_from_checkpoint(
     values), the state dict is loaded with ``strict``, and the module ends up on the device of
     the loaded weights (``map_location`` decides that; CPU by default).
     """
-    from lightning.pytorch.core.saving import _load_state, load_hparams_from_tags_csv, load_hparams_from_yaml
-    from lightning.pytorch.utilities.migration import pl_legacy_patch
-    from lightning.pytorch.utilities.migration.utils import _pl_migrate_checkpoint
+    from lightning.pytorch.core.saving import load_hparams_from_tags_csv, load_hparams_from_yaml
+    from lightning.pytorch.utilities import rank_zero_info
+    from lightning.pytorch.utilities.migration import migrate_checkpoint, pl_legacy_patch
 
     checkpoint = load_state(
         path, map_location=map_location if map_location is not None else "cpu", weights_only=weights_only
@@ -49,23 +57,29 @@ def load_from_checkpoint(
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(f"{os.fspath(path)}: not a Lightning checkpoint (no 'state_dict' key)")
     with pl_legacy_patch():
-        checkpoint = _pl_migrate_checkpoint(checkpoint, checkpoint_path=path)
-    key = cls.CHECKPOINT_HYPER_PARAMS_KEY  # type: ignore[attr-defined]
+        saved_version = checkpoint.get(_VERSION_KEY)
+        checkpoint, migrations = migrate_checkpoint(checkpoint)
+    if migrations:
+        rank_zero_info(
+            f"Lightning upgraded the checkpoint {os.fspath(path)} from v{saved_version} to "
+            f"v{checkpoint[_VERSION_KEY]} in memory; save it again to keep the upgrade"
+        )
+    key = cls.CHECKPOINT_HYPER_PARAMS_KEY
     if hparams_file is not None:
         suffix = os.fspath(hparams_file).rsplit(".", 1)[-1].lower()
         if suffix == "csv":
-            checkpoint[key] = load_hparams_from_tags_csv(hparams_file)
+            checkpoint[key] = load_hparams_from_tags_csv(os.fspath(hparams_file))
         elif suffix in ("yml", "yaml"):
-            checkpoint[key] = load_hparams_from_yaml(hparams_file)
+            checkpoint[key] = load_hparams_from_yaml(os.fspath(hparams_file))
         else:
             raise ValueError(f"hparams_file={os.fspath(hparams_file)!r}: expected a .csv, .yml or .yaml file")
     checkpoint.setdefault(key, {})
     checkpoint[key].update(kwargs)
-    model = _load_state(cls, checkpoint, strict=strict, **kwargs)  # type: ignore[arg-type]
+    model = load_module_state(cls, checkpoint, strict=strict, **kwargs)
     device = next((t.device for t in checkpoint["state_dict"].values() if isinstance(t, torch.Tensor)), None)
     if device is not None:
-        model = model.to(device)  # type: ignore[attr-defined]
-    return model  # type: ignore[return-value]
+        model = model.to(device)
+    return model
 
 
 def check_strategy_writes_through_checkpoint_io(strategy: Any, path_or_suffix: str) -> None:
@@ -91,7 +105,7 @@ def check_strategy_writes_through_checkpoint_io(strategy: Any, path_or_suffix: s
     if isinstance(strategy, DeepSpeedStrategy):
         bypass = "DeepSpeed writes its own checkpoint directories"
     elif isinstance(strategy, FSDPStrategy):
-        kind = getattr(strategy, "_state_dict_type", None)
+        kind = fsdp_state_dict_type(strategy)
         bypass = f"FSDP (state_dict_type={kind!r}) loads checkpoints with torch directly" + (
             " and saves sharded ones without the plugin" if kind == "sharded" else ""
         )

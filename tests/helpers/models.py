@@ -52,3 +52,20 @@ def loader(n: int = 32, batch_size: int = 4) -> DataLoader:
     x = torch.randn(n, 4, generator=g)
     y = x.sum(dim=1, keepdim=True)
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+def fit_tiny(
+    root: Any,
+    max_steps: int,
+    callbacks: list[pl.Callback],
+    ckpt_path: Any = None,
+    plugins: list[Any] | None = None,
+) -> tuple[pl.Trainer, TinyModule]:
+    """Seed, build a ``TinyModule`` and fit it on :func:`loader` with the one CPU Trainer builder."""
+    from helpers.lightning import cpu_trainer
+
+    pl.seed_everything(0)
+    model = TinyModule()
+    trainer = cpu_trainer(root, max_steps=max_steps, callbacks=callbacks, plugins=plugins)
+    trainer.fit(model, loader(), ckpt_path=ckpt_path)
+    return trainer, model

@@ -1,14 +1,16 @@
-"""``lightning-utils inspect`` and ``convert``: output, exit codes, safety."""
+"""``lightning-utils inspect`` and ``convert`` (:mod:`lightning_utils.cli.inspect`,
+:mod:`lightning_utils.cli.convert`): output, exit codes, safety."""
 
 from __future__ import annotations
 
+import json
+import struct
 import subprocess
 import sys
 
 import pytest
 import torch
-from test_io_roundtrip import assert_same
-from test_io_torch import Custom
+from helpers.checkpoints import Custom, assert_same
 
 from lightning_utils.cli import main
 from lightning_utils.io import load_state, save_state
@@ -50,6 +52,16 @@ def test_inspect_errors(tmp_path, capsys):
     assert "junk.sft" in capsys.readouterr().err
 
 
+def test_inspect_of_a_crafted_file_exits_1_with_a_message(tmp_path, capsys):
+    """A header whose shape torch cannot represent makes ``inspect`` exit 1 with a message naming the file."""
+    header = json.dumps({"x": {"dtype": "F32", "shape": [0, 2**64], "data_offsets": [0, 0]}}).encode()
+    header += b" " * (-len(header) % 8)
+    p = tmp_path / "crafted.sft"
+    p.write_bytes(struct.pack("<Q", len(header)) + header)
+    assert main(["inspect", str(p)]) == 1
+    assert "crafted.sft" in capsys.readouterr().err
+
+
 def test_convert_both_ways(tmp_path, ckpt, capsys):
     save_state(ckpt, tmp_path / "c.ckpt")
     assert main(["convert", str(tmp_path / "c.ckpt"), str(tmp_path / "c.sft")]) == 0
@@ -69,6 +81,25 @@ def test_convert_refuses_unsafe_pickles_unless_asked(tmp_path, capsys):
     # with --unsafe it loads, but the object still cannot go into a .sft: a clear error naming it
     assert main(["convert", str(tmp_path / "u.ckpt"), str(tmp_path / "u.sft"), "--unsafe"]) == 1
     assert "['obj']" in capsys.readouterr().err and not (tmp_path / "u.sft").exists()
+
+
+def test_convert_to_ckpt_of_what_torch_cannot_pickle_exits_1(tmp_path, capsys):
+    """One storage viewed as two dtypes (which a .sft keeps and ``torch.save`` refuses) makes
+    ``convert`` to ``.ckpt`` exit 1 with a message naming the destination, and write nothing."""
+    base = torch.arange(8, dtype=torch.int32)
+    save_state({"i": base, "f": base.view(torch.float32)}, tmp_path / "mixed.sft")
+    assert main(["convert", str(tmp_path / "mixed.sft"), str(tmp_path / "mixed.ckpt")]) == 1
+    assert "mixed.ckpt" in capsys.readouterr().err
+    assert not (tmp_path / "mixed.ckpt").exists()
+
+
+def test_convert_onto_a_directory_exits_with_a_message(tmp_path, capsys):
+    """``convert SRC DST --overwrite`` with DST an existing directory exits with a message naming it
+    (any OSError from the write does), not a traceback."""
+    save_state({"a": torch.ones(1)}, tmp_path / "src.ckpt")
+    (tmp_path / "dst.sft").mkdir()
+    assert main(["convert", str(tmp_path / "src.ckpt"), str(tmp_path / "dst.sft"), "--overwrite"]) in (1, 2)
+    assert "dst.sft" in capsys.readouterr().err
 
 
 def test_convert_bad_suffix(tmp_path, capsys):

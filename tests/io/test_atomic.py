@@ -1,8 +1,10 @@
-"""Writes are atomic: a killed or failing writer never damages the file already at the path."""
+"""Writes are atomic (:mod:`lightning_utils.io.atomic`): a killed or failing writer never damages the
+file already at the path and leaves no temp file under the final name."""
 
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -13,6 +15,11 @@ import torch
 
 from lightning_utils.io import atomic_write, load_state, save_state
 from lightning_utils.io.atomic import TEMP_PREFIX
+
+
+def _listing(directory):
+    return sorted(p.name for p in directory.iterdir())
+
 
 # The child saves version 1, then starts saving version 2 and is killed while writing tensor
 # data (signalled through a patched write function), or at a random point of a .pt save.
@@ -68,11 +75,53 @@ def test_killed_writer_leaves_previous_file_intact(tmp_path, suffix):
 def test_exception_mid_write_keeps_old_file_and_removes_temp(tmp_path):
     path = tmp_path / "f.bin"
     path.write_bytes(b"old")
-    with pytest.raises(RuntimeError, match="boom"), atomic_write(path) as f:
-        f.write(b"partial")
-        raise RuntimeError("boom")
+
+    def write_then_fail():
+        with atomic_write(path) as f:
+            f.write(b"partial")
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        write_then_fail()
     assert path.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["f.bin"]
+
+
+@pytest.mark.parametrize("exc", [OSError(28, "No space left on device"), KeyboardInterrupt()], ids=["ENOSPC", "Ctrl-C"])
+def test_write_failure_mid_data_keeps_previous_file_and_no_temp(tmp_path, monkeypatch, exc):
+    import lightning_utils.io.atomic as atomic
+
+    target = tmp_path / "ckpt.sft"
+    save_state({"w": torch.zeros(4)}, target)
+    before = target.read_bytes()
+    calls = {"n": 0}
+    real_write = os.write
+
+    def failing_write(fd, data):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first tensor went out, the second fails
+            raise exc
+        return real_write(fd, data)
+
+    monkeypatch.setattr(atomic.os, "write", failing_write)
+    with pytest.raises(type(exc)):
+        save_state({"a": torch.ones(1000), "b": torch.ones(1000, dtype=torch.float16)}, target)
+    monkeypatch.undo()
+    assert target.read_bytes() == before and _listing(tmp_path) == ["ckpt.sft"]
+
+
+def test_failed_save_keeps_previous_file_for_both_formats(tmp_path):
+    for suffix in (".sft", ".ckpt"):
+        target = tmp_path / f"keep{suffix}"
+        save_state({"v": 1}, target)
+        before = target.read_bytes()
+        bad = {"deep": {0: [{"x": lambda: None}]}}
+        with pytest.raises((TypeError, AttributeError, pickle.PicklingError)) as info:
+            save_state(bad, target)
+        if suffix == ".sft":
+            assert "checkpoint['deep'][0][0]['x']" in str(info.value)
+        assert target.read_bytes() == before
+    assert _listing(tmp_path) == ["keep.ckpt", "keep.sft"]
 
 
 def test_successful_write_replaces_and_leaves_nothing_behind(tmp_path):
@@ -98,3 +147,13 @@ def test_refuses_to_write_over_a_directory(tmp_path):
     (tmp_path / "d.sft").mkdir()
     with pytest.raises(IsADirectoryError, match="d.sft"):
         save_state({"a": 1}, tmp_path / "d.sft")
+
+
+def test_long_file_names_can_be_saved(tmp_path):
+    """The staged temp name keeps at most 200 bytes of the target's name, so every name the
+    filesystem takes (up to 255 bytes) can be saved."""
+    target = tmp_path / ("c" * 246 + ".sft")
+    with open(tmp_path / ("d" * 246 + ".sft"), "wb"):
+        pass  # the filesystem takes such a name
+    save_state({"a": torch.ones(1)}, target)
+    assert torch.equal(load_state(target)["a"], torch.ones(1))

@@ -1,3 +1,6 @@
+"""JSON helpers (:mod:`lightning_utils.io.jsonio`): float truncation, atomic writes, errors naming the file,
+and identical text with or without orjson."""
+
 from __future__ import annotations
 
 import json
