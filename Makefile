@@ -23,7 +23,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check lightning_utils tests benchmarks examples
 	$(VENV)/bin/mypy
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest
 
 demo: $(STAMP)

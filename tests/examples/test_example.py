@@ -40,7 +40,7 @@ def test_lightning_cli_config_runs_and_resumes_from_sft(tmp_path):
         "--data.init_args.batch_size",
         "8",
     ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "examples")}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "examples"), str(ROOT)])}
     run = {
         "capture_output": True,
         "text": True,
