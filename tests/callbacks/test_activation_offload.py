@@ -12,6 +12,7 @@ import pickle
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers.blocks import Block, D
 from helpers.lightning import OptimizerHoldsModelParameters, cpu_trainer
 from helpers.ports import free_port
 from torch import nn
@@ -19,21 +20,6 @@ from torch import nn
 from lightning_utils.callbacks.activation_offload import ActivationOffload
 from lightning_utils.io import load_state
 from lightning_utils.modules.offload import is_offloaded
-
-D = 16
-
-
-class Block(nn.Module):
-    def __init__(self, d: int = D, p: float = 0.3):
-        super().__init__()
-        self.fc1 = nn.Linear(d, 2 * d)
-        self.fc2 = nn.Linear(2 * d, d)
-        self.drop = nn.Dropout(p)
-        self.calls = 0
-
-    def forward(self, x, scale=1.0):
-        self.calls += 1
-        return x + self.drop(self.fc2(torch.relu(self.fc1(x)))) * scale
 
 
 def test_callback_arguments_and_apply():
