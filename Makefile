@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: test demo install clean
+.PHONY: test lint demo install clean
 
 install: $(STAMP)
 
@@ -18,7 +18,12 @@ $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check lightning_utils tests benchmarks examples
+	$(VENV)/bin/ruff format --check lightning_utils tests benchmarks examples
+	$(VENV)/bin/mypy
+
+test: lint
 	$(PY) -m pytest
 
 demo: $(STAMP)

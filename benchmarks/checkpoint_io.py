@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from peak_rss import PeakRSS  # benchmarks/peak_rss.py (the script's own folder is on sys.path)
 
 from lightning_utils.io import load_state, save_state
 from lightning_utils.io.atomic import write_all
-from peak_rss import PeakRSS  # benchmarks/peak_rss.py (the script's own folder is on sys.path)
 
 
 def build_checkpoint(params: float) -> dict:
@@ -124,69 +124,92 @@ def interleaved(fns: dict, repeat: int) -> dict:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def measure_saves(params: float, workdir: Path, repeat: int) -> tuple[dict, int, int, float]:
+    """Save times of each method, our save's peak extra RSS, the tensor bytes and a checksum.
+
+    The checkpoint lives only in this function: it is freed before the loads are measured.
+    """
+    torch.manual_seed(0)
+    ckpt = build_checkpoint(params)
+    size = tensor_bytes(ckpt)
+    print(f"checkpoint: {size / 1e9:.2f} GB of tensors, writing to {workdir}")
+    io = TorchCheckpointIO()
+    tensors = tensors_of(ckpt)
+    saves = interleaved(
+        {
+            "raw": lambda: raw_write(workdir / "raw.bin", tensors),
+            "ours": lambda: save_state(ckpt, workdir / "c.sft"),
+            "lightning": lambda: io.save_checkpoint(ckpt, workdir / "c.ckpt"),
+            # the same durability as ours: until the data is on disk
+            "lightning_durable": lambda: (io.save_checkpoint(ckpt, workdir / "c2.ckpt"), os.sync()),
+            "torch": lambda: torch.save(ckpt, workdir / "c.pt"),
+        },
+        repeat,
+    )
+    with PeakRSS() as peak:
+        save_state(ckpt, workdir / "c.sft")
+    return saves, peak.extra, size, touch_all(ckpt)
+
+
+def measure_loads(workdir: Path, checksum: float, repeat: int) -> dict:
+    """Load time of each method, every byte touched and checked against ``checksum``."""
+    io = TorchCheckpointIO()
+    loads = {
+        "ours (.sft)": lambda: load_state(workdir / "c.sft"),
+        "ours (.sft, mmap=False)": lambda: load_state(workdir / "c.sft", mmap=False),
+        # weights_only=False: with the default (True) both refuse the pathlib.Path in the hparams
+        "TorchCheckpointIO": lambda: io.load_checkpoint(workdir / "c.ckpt", weights_only=False),
+        "torch.load": lambda: torch.load(workdir / "c.pt", weights_only=False),
+    }
+
+    def checked(load):
+        def run():
+            assert touch_all(load()) == checksum
+
+        return run
+
+    return interleaved({name: checked(load) for name, load in loads.items()}, repeat)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", type=float, default=100e6, help="model parameters (default 100e6)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per measurement; the median is reported")
-    ap.add_argument("--dir", type=Path, default=None, help="where to write (default: a temp dir under the current directory)")
+    ap.add_argument(
+        "--dir", type=Path, default=None, help="where to write (default: a temp dir under the current directory)"
+    )
     args = ap.parse_args()
-    torch.manual_seed(0)
-    ckpt = build_checkpoint(args.params)
-    size = tensor_bytes(ckpt)
     workdir = Path(tempfile.mkdtemp(prefix="ckpt-bench-", dir=args.dir or Path.cwd()))
-    print(f"checkpoint: {size / 1e9:.2f} GB of tensors, writing to {workdir}")
-    io = TorchCheckpointIO()
-    tensors = tensors_of(ckpt)
     try:
-        saves = interleaved(
-            {
-                "raw": lambda: raw_write(workdir / "raw.bin", tensors),
-                "ours": lambda: save_state(ckpt, workdir / "c.sft"),
-                "lightning": lambda: io.save_checkpoint(ckpt, workdir / "c.ckpt"),
-                # the same durability as ours: until the data is on disk
-                "lightning_durable": lambda: (io.save_checkpoint(ckpt, workdir / "c2.ckpt"), os.sync()),
-                "torch": lambda: torch.save(ckpt, workdir / "c.pt"),
-            },
-            args.repeat,
-        )
-        t_raw, t_ours, t_lio, t_torch = saves["raw"], saves["ours"], saves["lightning"], saves["torch"]
-        t_lio_durable = saves["lightning_durable"]
-        with PeakRSS() as peak:
-            save_state(ckpt, workdir / "c.sft")
-        reference = touch_all(ckpt)
-        del ckpt, tensors
-        loads = {
-            "ours (.sft)": lambda: load_state(workdir / "c.sft"),
-            "ours (.sft, mmap=False)": lambda: load_state(workdir / "c.sft", mmap=False),
-            # weights_only=False: with the default, both refuse the Path in hparams (pitfall V2)
-            "TorchCheckpointIO": lambda: io.load_checkpoint(workdir / "c.ckpt", weights_only=False),
-            "torch.load": lambda: torch.load(workdir / "c.pt", weights_only=False),
-        }
-
-        def checked(load):
-            def run():
-                assert touch_all(load()) == reference
-
-            return run
-
-        results = interleaved({name: checked(load) for name, load in loads.items()}, args.repeat)
+        saves, peak_extra, size, checksum = measure_saves(args.params, workdir, args.repeat)
+        results = measure_loads(workdir, checksum, args.repeat)
     finally:
         for p in workdir.iterdir():
             p.unlink()
         workdir.rmdir()
+    t_raw, t_ours, t_lio, t_torch = saves["raw"], saves["ours"], saves["lightning"], saves["torch"]
+    t_lio_durable = saves["lightning_durable"]
 
     print(f"\nsave (median of {args.repeat}, methods interleaved):")
     print(f"  raw write + fdatasync        {t_raw:7.2f} s   (physical limit)")
     print(f"  ours save_state(.sft)+fsync  {t_ours:7.2f} s   {t_ours / t_raw:5.2f}x raw   (target <= 1.3x)")
     print(f"  TorchCheckpointIO (no fsync) {t_lio:7.2f} s   {t_lio / t_ours:5.2f}x slower than ours (target >= 5x)")
-    print(f"  TorchCheckpointIO + os.sync  {t_lio_durable:7.2f} s   {t_lio_durable / t_ours:5.2f}x slower than ours (same durability)")
+    print(
+        f"  TorchCheckpointIO + os.sync  {t_lio_durable:7.2f} s   {t_lio_durable / t_ours:5.2f}x slower than ours (same durability)"
+    )
     print(f"  torch.save (no fsync)        {t_torch:7.2f} s   {t_torch / t_ours:5.2f}x slower than ours")
     print(f"\nload, every byte touched (median of {args.repeat}, methods interleaved):")
     ours = results["ours (.sft)"]
     for name, t in results.items():
-        note = "" if name == "ours (.sft)" else f"   {t / ours:5.2f}x slower than ours" + (" (target >= 2x)" if name == "TorchCheckpointIO" else "")
+        note = (
+            ""
+            if name == "ours (.sft)"
+            else f"   {t / ours:5.2f}x slower than ours" + (" (target >= 2x)" if name == "TorchCheckpointIO" else "")
+        )
         print(f"  {name:28s} {t:7.2f} s{note}")
-    print(f"\npeak extra RSS during our save: {peak.extra / 1e6:.0f} MB = {peak.extra / size:.3f}x the checkpoint (target <= 0.5x)")
+    print(
+        f"\npeak extra RSS during our save: {peak_extra / 1e6:.0f} MB = {peak_extra / size:.3f}x the checkpoint (target <= 0.5x)"
+    )
 
 
 if __name__ == "__main__":

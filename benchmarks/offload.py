@@ -71,15 +71,12 @@ class LM(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.embed(tokens)
         for block in self.blocks:
-            if self.use_checkpoint:
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False) if self.use_checkpoint else block(x)
         return self.head(self.norm(x))
 
 
 def run_variant(name, model, opt, tokens, steps, warmup):
-    from lightning_utils.offload import apply_activation_offload, remove_activation_offload
+    from lightning_utils.modules.offload import apply_activation_offload, remove_activation_offload
 
     model.use_checkpoint = name == "checkpoint"
     if name == "offload":
@@ -151,7 +148,7 @@ class _SavedBytes:
         return sum(self.seen.values())
 
 
-def _block_input_bytes(model: "LM", run) -> int:
+def _block_input_bytes(model: LM, run) -> int:
     """Bytes of the blocks' tensor inputs during one forward (what ActivationOffload moves to host)."""
     seen: dict[int, int] = {}
     alive: list[torch.Tensor] = []  # so a freed input's address is not reused and deduplicated
@@ -173,7 +170,7 @@ def _block_input_bytes(model: "LM", run) -> int:
 
 
 def cpu_proxies(args) -> None:
-    from lightning_utils.offload import apply_activation_offload, remove_activation_offload
+    from lightning_utils.modules.offload import apply_activation_offload, remove_activation_offload
 
     torch.set_num_threads(max(1, min(torch.get_num_threads(), args.cpu_threads)))
     torch.manual_seed(0)
@@ -324,7 +321,9 @@ def main(argv=None) -> int:
     for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
         t, peak, loss = run_variant(name, model, opt, tokens, args.steps, args.warmup)
         results[name] = (t, peak)
-        print(f"{name:>17}: step {t * 1e3:8.1f} ms | peak memory above static {peak / 2**30:7.2f} GiB | loss {loss:.4f}")
+        print(
+            f"{name:>17}: step {t * 1e3:8.1f} ms | peak memory above static {peak / 2**30:7.2f} GiB | loss {loss:.4f}"
+        )
         torch.cuda.empty_cache()
 
     if "plain" in results:
@@ -345,7 +344,9 @@ def main(argv=None) -> int:
         print(f"offload vs save_on_cpu: memory x{m1 / m2:.2f}, time x{t1 / t2:.2f}")
     if "offload" in results and "checkpoint" in results:
         (t1, m1), (t2, m2) = results["offload"], results["checkpoint"]
-        print(f"offload vs torch.utils.checkpoint: memory x{m1 / m2:.2f}, time x{t1 / t2:.2f} (cost of the host copies)")
+        print(
+            f"offload vs torch.utils.checkpoint: memory x{m1 / m2:.2f}, time x{t1 / t2:.2f} (cost of the host copies)"
+        )
     return 0
 
 

@@ -50,7 +50,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_utils.optim import Apollo, ApolloMini, WarmupLR, apollo_param_groups  # noqa: E402
+from lightning_utils.optim import Apollo, ApolloMini, WarmupLR, apollo_param_groups
 
 try:  # optional, benchmark only; see the module docstring
     import warnings
@@ -58,7 +58,7 @@ try:  # optional, benchmark only; see the module docstring
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from apollo_torch import APOLLOAdamW  # type: ignore[import-not-found]
-except Exception as error:  # noqa: BLE001 - any import failure means "not available"
+except Exception as error:
     APOLLOAdamW = None
     UPSTREAM_MISSING = f"{type(error).__name__}: {error}"
 else:
@@ -129,7 +129,7 @@ def lm_loss(model: TinyLM, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def lm_groups(model: TinyLM) -> list[dict]:
-    # APOLLO on the attention and MLP matrices, AdamW elsewhere (as in the APOLLO paper).
+    # APOLLO on the attention and MLP matrices; AdamW on embeddings, head, norms and biases.
     return apollo_param_groups(model, include=["blocks.*"], exclude=["*.bias", "*norm*"])
 
 
@@ -152,9 +152,7 @@ def optimizers(rank: int, gap: int, lr: float | None = None) -> dict[str, Optimi
         return {"lr": lr if lr is not None else default}
 
     table: dict[str, OptimizerFactory] = {
-        "AdamW(foreach)": lambda g: torch.optim.AdamW(
-            [{"params": x["params"]} for x in g], foreach=True, **kw(1e-3)
-        ),
+        "AdamW(foreach)": lambda g: torch.optim.AdamW([{"params": x["params"]} for x in g], foreach=True, **kw(1e-3)),
         f"Apollo(r={rank})": lambda g: Apollo(g, rank=rank, update_proj_gap=gap, **kw(1e-3)),
         "ApolloMini": lambda g: ApolloMini(g, update_proj_gap=gap, **kw(1e-3)),
     }

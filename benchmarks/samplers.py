@@ -24,11 +24,11 @@ import statistics
 import time
 
 import torch
+from peak_rss import PeakRSS  # benchmarks/peak_rss.py (the script's own folder is on sys.path)
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_utils.dataloader import ResumableDataLoader
-from lightning_utils.samplers import RandomSampler
-from peak_rss import PeakRSS  # benchmarks/peak_rss.py (the script's own folder is on sys.path)
+from lightning_utils.data.loader import ResumableDataLoader
+from lightning_utils.data.samplers import RandomSampler
 
 
 class IndexDataset(Dataset):
@@ -94,6 +94,16 @@ def per_batch_seconds(makers: dict, batches: int, repeat: int = 7) -> dict:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def roundtrip_loaders(ds: Dataset, n: int, bs: int, stateful_loader: type) -> dict:
+    """Builders of our loader and torchdata's over the ``n`` items of ``ds``, both shuffling."""
+    return {
+        "ours": lambda: ResumableDataLoader(ds, batch_size=bs, sampler=RandomSampler(n, seed=0)),
+        "torchdata Stateful": lambda: stateful_loader(
+            ds, batch_size=bs, shuffle=True, generator=torch.Generator().manual_seed(0)
+        ),
+    }
+
+
 def fmt_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if abs(n) < 1024 or unit == "GB":
@@ -119,17 +129,13 @@ def main() -> None:
     print(f"{'items':>12} {'loader':<22} {'state':>10} {'time':>10} {'peak extra RSS':>15}")
     for size in args.sizes:
         n = int(size)
-        ds = IndexDataset(n)
-        rows = {
-            "ours": lambda: ResumableDataLoader(ds, batch_size=bs, sampler=RandomSampler(n, seed=0)),
-            "torchdata Stateful": lambda: StatefulDataLoader(
-                ds, batch_size=bs, shuffle=True, generator=torch.Generator().manual_seed(0)
-            ),
-        }
+        rows = roundtrip_loaders(IndexDataset(n), n, bs, StatefulDataLoader)
         results = {}
         for name, make in rows.items():
             r = results[name] = state_roundtrip(make)
-            print(f"{n:>12.0e} {name:<22} {fmt_bytes(r['bytes']):>10} {r['seconds'] * 1e3:>8.2f}ms {fmt_bytes(r['rss']):>15}")
+            print(
+                f"{n:>12.0e} {name:<22} {fmt_bytes(r['bytes']):>10} {r['seconds'] * 1e3:>8.2f}ms {fmt_bytes(r['rss']):>15}"
+            )
         ours, theirs = results["ours"], results["torchdata Stateful"]
         print(
             f"{'':>12} {'ratio torchdata/ours':<22} {theirs['bytes'] / ours['bytes']:>9.1f}x "
@@ -152,8 +158,12 @@ def main() -> None:
     )
     plain_same, ours, plain_torch, stateful = (timed[k] for k in ("plain_same", "ours", "plain_torch", "stateful"))
     print(f"  DataLoader(sampler=our RandomSampler)      {plain_same * 1e6:8.1f} us")
-    print(f"  ResumableDataLoader(our RandomSampler)     {ours * 1e6:8.1f} us   {ours / plain_same:.3f}x the plain loader (goal <= 1.05x)")
-    print(f"  DataLoader(shuffle=True), torch sampler    {plain_torch * 1e6:8.1f} us   ours is {ours / plain_torch:.3f}x")
+    print(
+        f"  ResumableDataLoader(our RandomSampler)     {ours * 1e6:8.1f} us   {ours / plain_same:.3f}x the plain loader (goal <= 1.05x)"
+    )
+    print(
+        f"  DataLoader(shuffle=True), torch sampler    {plain_torch * 1e6:8.1f} us   ours is {ours / plain_torch:.3f}x"
+    )
     print(f"  torchdata StatefulDataLoader(shuffle=True) {stateful * 1e6:8.1f} us   ours is {ours / stateful:.3f}x")
 
 

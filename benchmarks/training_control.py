@@ -25,12 +25,12 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from control_scripts.fakes import FakeTrainer  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "callbacks"))
+from control_scripts.fakes import FakeTrainer
 
-from lightning_utils.callbacks.metrics_printer import MetricsPrinter  # noqa: E402
-from lightning_utils.callbacks.training_control import TrainingControl  # noqa: E402
-from lightning_utils.command_sources import StdinSource  # noqa: E402
+from lightning_utils.callbacks.metrics_printer import MetricsPrinter
+from lightning_utils.callbacks.training_control import TrainingControl
+from lightning_utils.control.sources import StdinSource
 
 
 class RunningMeanPrinter(MetricsPrinter):
@@ -110,11 +110,20 @@ def fit_seconds_per_step(steps: int, variant: str, root: Path, keys: int) -> flo
         "printer": [MetricsPrinter(path=root / "m.jsonl")],
         "runningmean": [RunningMeanPrinter(path=root / "m.jsonl")],
         "printer/10": [MetricsPrinter(path=root / "m.jsonl", every_n_steps=10)],
-        "both": [TrainingControl(source=StdinSource(fd=r), save_on_train_end=False),
-                 MetricsPrinter(path=root / "m.jsonl", every_n_steps=10)],
+        "both": [
+            TrainingControl(source=StdinSource(fd=r), save_on_train_end=False),
+            MetricsPrinter(path=root / "m.jsonl", every_n_steps=10),
+        ],
     }[variant]
-    trainer = Trainer(max_steps=steps, callbacks=callbacks, default_root_dir=root, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = Trainer(
+        max_steps=steps,
+        callbacks=callbacks,
+        default_root_dir=root,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     t0 = time.perf_counter()
     trainer.fit(MLP(keys))
     elapsed = time.perf_counter() - t0
@@ -149,13 +158,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         for i in range(args.repeats):  # interleaved, so load changes hit every variant alike
             for v in VARIANTS:
-                best[v] = min(best[v], fit_seconds_per_step(args.steps, v, Path(d) / f"{v.replace('/', '_')}{i}", args.keys))
+                best[v] = min(
+                    best[v], fit_seconds_per_step(args.steps, v, Path(d) / f"{v.replace('/', '_')}{i}", args.keys)
+                )
     bare = best["bare"]
-    print(f"Trainer.fit of a small MLP logging {args.keys} scalars, {args.steps} steps, best of {args.repeats}: "
-          f"bare {bare * 1e3:.3f} ms/step")
+    print(
+        f"Trainer.fit of a small MLP logging {args.keys} scalars, {args.steps} steps, best of {args.repeats}: "
+        f"bare {bare * 1e3:.3f} ms/step"
+    )
     for v in VARIANTS[1:]:
-        print(f"  with {LABELS[v]:<44} {best[v] * 1e3:.3f} ms/step  ratio {best[v] / bare:.3f}x "
-              f"({(best[v] - bare) * 1e6:+.0f} us/step)")
+        print(
+            f"  with {LABELS[v]:<44} {best[v] * 1e3:.3f} ms/step  ratio {best[v] / bare:.3f}x "
+            f"({(best[v] - bare) * 1e6:+.0f} us/step)"
+        )
 
 
 if __name__ == "__main__":

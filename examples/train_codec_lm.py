@@ -60,11 +60,12 @@ from lightning_utils.callbacks import (
     SafetensorsModelCheckpoint,
     TrainingControl,
 )
-from lightning_utils.dataloader import ResumableDataLoader
-from lightning_utils.io import SafetensorsCheckpointIO, load_state
+from lightning_utils.data.loader import ResumableDataLoader
+from lightning_utils.data.samplers import BatchedOrderedSampler
+from lightning_utils.io import load_state
 from lightning_utils.optim import ApolloMini, WarmupLR, apollo_param_groups
 from lightning_utils.patterns import CodebooksPatternProvider, DelayedPatternProvider
-from lightning_utils.samplers import BatchedOrderedSampler
+from lightning_utils.plugins import SafetensorsCheckpointIO
 
 # --------------------------------------------------------------------------------------------
 # data
@@ -142,10 +143,14 @@ def make_loader(dataset: SyntheticCodecDataset, batch_size: int, seed: int, work
     buckets: dict[int, list[tuple[int, float]]] = {}
     for i in order:
         buckets.setdefault(round(dataset.duration(i)), []).append((i, dataset.duration(i)))
-    sampler = BatchedOrderedSampler(buckets, max_duration=1.6 * batch_size, max_batch_size=batch_size, shuffle=True, drop_last=False, seed=seed)
+    sampler = BatchedOrderedSampler(
+        buckets, max_duration=1.6 * batch_size, max_batch_size=batch_size, shuffle=True, drop_last=False, seed=seed
+    )
     # The sampler yields positions in the bucket order (the i-th pair over all buckets), so the
     # loader reads the dataset in that same order.
-    return ResumableDataLoader(Subset(dataset, order), batch_sampler=sampler, collate_fn=Collate(dataset.cfg.vocab), num_workers=workers)
+    return ResumableDataLoader(
+        Subset(dataset, order), batch_sampler=sampler, collate_fn=Collate(dataset.cfg.vocab), num_workers=workers
+    )
 
 
 class CodecData(pl.LightningDataModule):
@@ -234,7 +239,7 @@ class CodecLM(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         # APOLLO-Mini (rank-1 projection, SGD-like optimizer memory) on the transformer block
-        # matrices; AdamW (rank 0) on embeddings, the output head, norms and biases, as the paper does.
+        # matrices; AdamW (rank 0) on embeddings, the output head, norms and biases.
         groups = apollo_param_groups(self, include=self.hparams.apollo_include, exclude=self.hparams.apollo_exclude,
                                      adamw_options={"weight_decay": 0.0})  # fmt: skip
         if self.optimizer_factory is not None:
@@ -258,11 +263,17 @@ class LossRecorder(Callback):
     def __init__(self) -> None:
         self.rows: list[dict[str, Any]] = []
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.rows.append({"step": trainer.global_step, "loss": float(outputs["loss"]), "indices": batch["index"].tolist()})
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.rows.append(
+            {"step": trainer.global_step, "loss": float(outputs["loss"]), "indices": batch["index"].tolist()}
+        )
 
 
-def train(args: argparse.Namespace, run_dir: Path, stop_at: int | None = None, resume: Path | None = None) -> LossRecorder:
+def train(
+    args: argparse.Namespace, run_dir: Path, stop_at: int | None = None, resume: Path | None = None
+) -> LossRecorder:
     pl.seed_everything(args.seed, workers=True)
     cfg = DataConfig(items=args.items)
     dataset = SyntheticCodecDataset(cfg)
@@ -271,7 +282,9 @@ def train(args: argparse.Namespace, run_dir: Path, stop_at: int | None = None, r
     callbacks: list[Callback] = [
         recorder,
         RNGStateCheckpoint(),  # dropout draws the same masks after a resume
-        SafetensorsModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_train_steps=args.save_every, save_last=True),
+        SafetensorsModelCheckpoint(
+            dirpath=run_dir / "checkpoints", every_n_train_steps=args.save_every, save_last=True
+        ),
         # Reads stdin (type `help` while it runs); run 2 is stopped by a scheduled `quit`.
         TrainingControl(commands=[f"quit@{stop_at}"] if stop_at is not None else []),
         ExportWeights(dirpath=run_dir / "export", dtype="bf16"),
@@ -296,7 +309,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_lightning_cli(argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("demo_output"), help="where the runs write (default ./demo_output)")
+    ap.add_argument(
+        "--out", type=Path, default=Path("demo_output"), help="where the runs write (default ./demo_output)"
+    )
     ap.add_argument("--max-steps", type=int, default=200)
     ap.add_argument("--interrupt-at", type=int, default=110, help="step at which run 2 quits (mid-epoch by default)")
     ap.add_argument("--save-every", type=int, default=50, help="SafetensorsModelCheckpoint cadence in steps")
@@ -306,7 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--offload", action=argparse.BooleanOptionalAction, default=True, help="ActivationOffload on every Block")
+    ap.add_argument(
+        "--offload", action=argparse.BooleanOptionalAction, default=True, help="ActivationOffload on every Block"
+    )
     ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="Lightning's progress bar")
     args = ap.parse_args(argv)
     out: Path = args.out
@@ -321,7 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     loader_state = state["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
     print(f"   {ckpt} holds {', '.join(state)}; no pickle inside")
     sampler_state = loader_state["sampler"]
-    print(f"   data position saved with it: epoch {sampler_state['epoch']}, batch {sampler_state['position']} of {sampler_state['num_batches']}")
+    print(
+        f"   data position saved with it: epoch {sampler_state['epoch']}, batch {sampler_state['position']} of {sampler_state['num_batches']}"
+    )
     print(f"== run 3: resumed from {ckpt.name}")
     resumed = train(args, out / "resumed", resume=ckpt)
 
@@ -330,7 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     same_order = [r["indices"] for r in tail] == [r["indices"] for r in resumed.rows]
     print(f"\nresumed losses equal the uninterrupted run's, step for step: {same_loss}")
     print(f"resumed sample order equals the uninterrupted run's: {same_order}")
-    print(f"loss {full.rows[0]['loss']:.3f} -> {full.rows[-1]['loss']:.3f} (uniform guess: {math.log(DataConfig.vocab):.3f})")
+    print(
+        f"loss {full.rows[0]['loss']:.3f} -> {full.rows[-1]['loss']:.3f} (uniform guess: {math.log(DataConfig.vocab):.3f})"
+    )
     (out / "losses.json").write_text(json.dumps({"full": full.rows, "resumed": resumed.rows}))
 
     from lightning_utils.cli import plot

@@ -22,15 +22,15 @@ if TYPE_CHECKING:  # pragma: no cover
     from lightning.pytorch import Trainer
 
 __all__ = [
+    "broadcast_object",
     "distributed_is_initialized",
+    "global_leader_only",
     "global_rank",
-    "local_rank",
-    "world_size",
     "is_global_leader",
     "is_local_leader",
-    "global_leader_only",
     "local_leader_only",
-    "broadcast_object",
+    "local_rank",
+    "world_size",
 ]
 
 T = TypeVar("T")

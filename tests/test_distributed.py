@@ -1,7 +1,7 @@
 """lightning_utils.distributed: ranks before/after process-group init, leader decorators, broadcast.
 
 The 2-rank behaviour (ranks 0/1 before init from the launcher's environment, world size 2 and a
-broadcast after init) is asserted in tests/test_training_control_ddp.py on a real gloo run.
+broadcast after init) is asserted in tests/callbacks/test_training_control_ddp.py on a real gloo run.
 """
 
 from __future__ import annotations
@@ -13,8 +13,17 @@ import torch.distributed as dist
 
 from lightning_utils import distributed as D
 
-ENV = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK", "WORLD_SIZE", "SLURM_NTASKS",
-       "JSM_NAMESPACE_SIZE", "SLURM_LOCALID", "JSM_NAMESPACE_LOCAL_RANK")
+ENV = (
+    "RANK",
+    "LOCAL_RANK",
+    "SLURM_PROCID",
+    "JSM_NAMESPACE_RANK",
+    "WORLD_SIZE",
+    "SLURM_NTASKS",
+    "JSM_NAMESPACE_SIZE",
+    "SLURM_LOCALID",
+    "JSM_NAMESPACE_LOCAL_RANK",
+)
 
 
 @pytest.fixture

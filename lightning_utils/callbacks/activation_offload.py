@@ -1,33 +1,32 @@
 """``ActivationOffload``: run chosen submodules as offloaded activation checkpoints.
 
 Each matching submodule (say every transformer block) keeps only its inputs during the forward,
-copied to pinned host memory on CUDA, and recomputes its forward in backward on the input's
-original device. Memory for activations drops to about one block's worth plus the (host-side)
+copied to pinned host memory on CUDA, and recomputes its forward in backward on the device the
+inputs came from. Memory for activations drops to about one block's worth plus the (host-side)
 block inputs, for the price of one extra forward per block. On CPU-only runs the inputs are not
 copied anywhere (there is no device memory to save) but the blocks are still checkpointed.
 
 The callback acts in ``setup`` (and right after ``configure_model``), before the checkpoint
-restore and before the optimizers exist; it changes no parameter and no state-dict key, so
-checkpoints with and without it are interchangeable. It must never wrap a module twice or
-offload parameters and buffers. The mechanism lives in ``lightning_utils.offload``.
+restore and before the optimizers exist (see ``module_transform``); it changes no parameter and
+no state-dict key, so checkpoints with and without it are interchangeable. It must never wrap a
+module twice or offload parameters and buffers. The mechanism lives in
+``lightning_utils.modules.offload``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_utils.model_surgery import check_not_wrapped, transform_before_restore
-from lightning_utils.module_targets import Target, resolve_target
-from lightning_utils.offload import apply_activation_offload
+from lightning_utils.callbacks.module_transform import ModuleTransform
+from lightning_utils.modules.offload import apply_activation_offload
+from lightning_utils.modules.targets import Target
 
 __all__ = ["ActivationOffload"]
 
 
-class ActivationOffload(Callback):
+class ActivationOffload(ModuleTransform):
     """Offloaded activation checkpointing for every submodule matching ``target``.
 
     Args:
@@ -45,6 +44,10 @@ class ActivationOffload(Callback):
         trainer = Trainer(callbacks=[ActivationOffload(target=TransformerBlock)])
     """
 
+    label = "ActivationOffload"
+    nothing_done = "nothing is checkpointed"
+    target: Target  # required here (never None)
+
     def __init__(
         self,
         target: Target,
@@ -55,22 +58,16 @@ class ActivationOffload(Callback):
         exclude: Iterable[str] | None = None,
         verbose: bool = False,
     ) -> None:
-        resolve_target(target)  # fail at construction on a bad target, naming the argument
+        super().__init__(target, include, exclude, verbose)
         if not isinstance(min_bytes, int) or min_bytes < 0:
             raise ValueError(f"`min_bytes` must be an int >= 0, got {min_bytes!r}")
-        self.target = target
         self.pin_memory = pin_memory
         self.min_bytes = min_bytes
         self.offload = offload
-        self.include = None if include is None else list(include)
-        self.exclude = None if exclude is None else list(exclude)
-        self.verbose = verbose
         self.wrapped: list[str] = []
         """Qualified names of the modules wrapped so far."""
 
-    def apply(self, module: nn.Module) -> nn.Module:
-        """Wrap the matching submodules of a plain ``nn.Module`` (in place) and return it."""
-        check_not_wrapped(module)
+    def _transform(self, module: nn.Module, root_replaceable: bool) -> nn.Module:
         names = apply_activation_offload(
             module,
             self.target,
@@ -81,16 +78,9 @@ class ActivationOffload(Callback):
             exclude=self.exclude,
         )
         self.wrapped.extend(names)
-        if names and self.verbose:
-            rank_zero_info(f"ActivationOffload: wrapped {len(names)} modules: {', '.join(names)}")
+        if names:
+            self._log(f"wrapped {len(names)} modules: {', '.join(names)}")
         return module
 
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        transform_before_restore(pl_module, f"ActivationOffload@{id(self)}", self.apply)
-
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self.wrapped:
-            rank_zero_warn(
-                f"ActivationOffload: no submodule matched target={self.target!r}; nothing is "
-                "checkpointed"
-            )
+    def _transformed(self) -> list[str]:
+        return self.wrapped

@@ -1,10 +1,11 @@
 """``CompileModules``: ``torch.compile`` the model or chosen submodules in place, keys unchanged.
 
 ``torch.compile(module)`` returns an ``OptimizedModule`` wrapper whose state-dict keys gain an
-``_orig_mod.`` prefix, so checkpoints stop loading into an uncompiled model (Lightning #17415,
-#20233). ``nn.Module.compile()`` compiles the module's ``__call__`` in place instead: the module,
-its parameters and its keys stay exactly as they were. This callback does that in ``setup``
-(and right after ``configure_model``), before the checkpoint restore and the strategy's wrapping.
+``_orig_mod.`` prefix, so checkpoints stop loading into an uncompiled model.
+``nn.Module.compile()`` compiles the module's ``__call__`` in place instead: the module, its
+parameters and its keys stay exactly as they were. This callback does that in ``setup`` (and
+right after ``configure_model``, see ``module_transform``), before the checkpoint restore and the
+strategy's wrapping.
 
 With ``target=None`` the LightningModule itself is compiled, which speeds up ``self(...)`` calls
 made from ``training_step`` (Lightning calls ``training_step`` directly, not ``forward``). Pass a
@@ -17,33 +18,32 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+import torch
 from torch import nn
 
-from lightning_utils.model_surgery import check_not_wrapped, transform_before_restore
-from lightning_utils.module_targets import Target, find_targets, resolve_target
+from lightning_utils._internals import is_compiled_in_place
+from lightning_utils.callbacks.module_transform import ModuleTransform
+from lightning_utils.modules.targets import Target, find_targets
 
 __all__ = ["CompileModules"]
 
 
-def _is_compiled(module: nn.Module) -> bool:
-    return getattr(module, "_compiled_call_impl", None) is not None
-
-
-class CompileModules(Callback):
+class CompileModules(ModuleTransform):
     """Compile the whole model (``target=None``) or every submodule matching ``target``, in place.
 
     Args:
         target: ``None`` for the LightningModule itself, else a module class, tuple of classes,
             import path, or predicate ``(name, module) -> bool``.
         backend: a ``torch.compile`` backend name (``"inductor"``, ``"aot_eager"``, ``"eager"``,
-            ``"cudagraphs"``) or a backend callable. The default is inductor, explicitly (the
-            original utilities' ``"auto"`` silently picked ``cudagraphs``).
+            ``"cudagraphs"``) or a backend callable. The default is inductor, named explicitly.
         mode / fullgraph / dynamic / options: passed to ``torch.compile``.
         include / exclude: qualified-name patterns limiting where ``target`` is looked for.
         verbose: log what was compiled on rank zero.
     """
+
+    label = "CompileModules"
+    nothing_done = "nothing was compiled"
+    target_optional = True
 
     def __init__(
         self,
@@ -57,27 +57,20 @@ class CompileModules(Callback):
         exclude: Iterable[str] | None = None,
         verbose: bool = False,
     ) -> None:
-        if target is not None:
-            resolve_target(target)
+        super().__init__(target, include, exclude, verbose)
         if isinstance(backend, str):
-            import torch._dynamo
-
-            known = torch._dynamo.list_backends(exclude_tags=())
+            known = torch.compiler.list_backends(exclude_tags=())
             if backend not in known:
                 raise ValueError(f"`backend`: unknown torch.compile backend {backend!r}; known: {known}")
         elif not callable(backend):
             raise TypeError(f"`backend` must be a backend name or callable, got {type(backend).__name__}")
         if mode is not None and options is not None:
             raise ValueError("`mode` and `options` cannot both be given (torch.compile's rule)")
-        self.target = target
         self.backend = backend
         self.mode = mode
         self.fullgraph = fullgraph
         self.dynamic = dynamic
         self.options = options
-        self.include = None if include is None else list(include)
-        self.exclude = None if exclude is None else list(exclude)
-        self.verbose = verbose
         self.compiled: list[str] = []
         """Qualified names compiled so far (``""`` is the root)."""
 
@@ -89,23 +82,17 @@ class CompileModules(Callback):
             kwargs["options"] = self.options
         return kwargs
 
-    def apply(self, module: nn.Module) -> nn.Module:
-        """Compile in place (``module.compile(...)``) and return the same module object."""
-        check_not_wrapped(module)
+    def _transform(self, module: nn.Module, root_replaceable: bool) -> nn.Module:
         if self.target is None:
-            targets = [] if _is_compiled(module) else [("", module)]
+            targets = [] if is_compiled_in_place(module) else [("", module)]
         else:
-            targets = list(find_targets(module, self.target, self.include, self.exclude, skip=_is_compiled))
+            targets = list(find_targets(module, self.target, self.include, self.exclude, skip=is_compiled_in_place))
         for name, sub in targets:
             sub.compile(**self._compile_kwargs())
             self.compiled.append(name)
-        if targets and self.verbose:
-            rank_zero_info(f"CompileModules: compiled {[n or '<root>' for n, _ in targets]}")
+        if targets:
+            self._log(f"compiled {[n or '<root>' for n, _ in targets]}")
         return module
 
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        transform_before_restore(pl_module, f"CompileModules@{id(self)}", self.apply)
-
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self.compiled:
-            rank_zero_warn(f"CompileModules: no submodule matched target={self.target!r}; nothing was compiled")
+    def _transformed(self) -> list[str]:
+        return self.compiled

@@ -73,8 +73,8 @@ def _jsonable(value: Any) -> Any:
     if hasattr(value, "item") and callable(value.item):  # numpy scalars
         try:
             return _jsonable(value.item())
-        except Exception:
-            pass
+        except Exception:  # noqa: BLE001 - hparams hold arbitrary objects; one whose item() fails is written as its str
+            return str(value)
     return str(value)
 
 

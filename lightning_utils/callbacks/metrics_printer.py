@@ -1,6 +1,6 @@
 """``MetricsPrinter``: one JSON line of training metrics per optimizer step, with running means.
 
-Each line is a JSON object (the original loop's "Training Metrics" record, without the prose)::
+Each line is a JSON object::
 
     {"step": 120, "epoch": 0, "loss": 2.31, "loss_mean": 2.4467, "lr": 0.0003, "step_time": 0.052}
 
@@ -110,7 +110,7 @@ class MetricsPrinter(Callback):
         self._active = trainer.is_global_zero
         if self._active and self.path is not None and self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "a", encoding="utf-8", buffering=1)
+            self._file = open(self.path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - open across hooks, closed in teardown or on_exception
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._last_step = trainer.global_step
@@ -189,10 +189,7 @@ class MetricsPrinter(Callback):
         printed = record["step"] % self.every_n_steps == 0
         # The same decision on every rank (it depends on the step and the configuration only), so
         # the collective that reading the metrics can be happens on all ranks or on none.
-        if read_metrics and (printed or self.window):
-            metrics = self._scalars(trainer)
-        else:
-            metrics = {}
+        metrics = self._scalars(trainer) if read_metrics and (printed or self.window) else {}
         if not self._active:
             return
         for key, value in metrics.items():

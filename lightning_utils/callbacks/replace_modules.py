@@ -1,11 +1,11 @@
 """``ReplaceModules``: swap submodules (by class and name policy) before restore and optimizers.
 
 The callback replaces every matching submodule in ``setup`` (and right after
-``configure_model``), i.e. before Lightning loads a checkpoint into the model and before the
-strategy builds the optimizers. So ``fit(ckpt_path=...)`` loads with ``strict=True`` into the
-replaced model and the optimizer holds the new parameters. Weights are carried over (see
-``lightning_utils.module_swap``) so an exact replacement gives identical outputs. Presets for
-torchao / bitsandbytes / SDPA live in ``lightning_utils.replacements``.
+``configure_model``, see ``module_transform``), i.e. before Lightning loads a checkpoint into the
+model and before the strategy builds the optimizers. So ``fit(ckpt_path=...)`` loads with
+``strict=True`` into the replaced model and the optimizer holds the new parameters. Weights are
+carried over (see ``lightning_utils.modules.swap``) so an exact replacement gives identical
+outputs. Presets for torchao / bitsandbytes / SDPA live in ``lightning_utils.modules.presets``.
 
 It must never replace modules after the optimizers exist or on a DDP-wrapped model, and never
 replace a module it produced itself (``setup`` runs again for each trainer entry point).
@@ -16,18 +16,16 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterable
 
-from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_utils.model_surgery import check_not_wrapped, transform_before_restore
-from lightning_utils.module_swap import Replacement, replace_modules
-from lightning_utils.module_targets import Target, resolve_target
+from lightning_utils.callbacks.module_transform import ModuleTransform
+from lightning_utils.modules.swap import Replacement, replace_modules
+from lightning_utils.modules.targets import Target
 
 __all__ = ["ReplaceModules"]
 
 
-class ReplaceModules(Callback):
+class ReplaceModules(ModuleTransform):
     """Replace every submodule matching ``target`` (and the name policy) with ``replacement``.
 
     Args:
@@ -35,7 +33,7 @@ class ReplaceModules(Callback):
             predicate ``(name, module) -> bool``.
         replacement: an ``nn.Module`` class (built from the old module's attributes, or with
             its ``from_module(old)``), or a factory ``(qualified_name, old) -> new`` such as the
-            presets in ``lightning_utils.replacements``.
+            presets in ``lightning_utils.modules.presets``.
         include / exclude: qualified-name patterns (dotted prefix or glob). ``exclude`` is
             checked first; ``include=None`` means everything, ``include=[]`` nothing.
         copy_weights: carry the old parameters and buffers over under the same keys.
@@ -46,6 +44,10 @@ class ReplaceModules(Callback):
         ReplaceModules(nn.Linear, torchao_linear(), include=["model.layers"], exclude=["*.lm_head"])
     """
 
+    label = "ReplaceModules"
+    nothing_done = "nothing was replaced"
+    target: Target  # required here (never None)
+
     def __init__(
         self,
         target: Target,
@@ -55,28 +57,19 @@ class ReplaceModules(Callback):
         copy_weights: bool = True,
         verbose: bool = False,
     ) -> None:
-        resolve_target(target)
+        super().__init__(target, include, exclude, verbose)
         if not (isinstance(replacement, type) or callable(replacement)):
             raise TypeError(
                 "`replacement` must be an nn.Module class or a factory (name, old) -> new, got "
                 f"{type(replacement).__name__}"
             )
-        self.target = target
         self.replacement = replacement
-        self.include = None if include is None else list(include)
-        self.exclude = None if exclude is None else list(exclude)
         self.copy_weights = copy_weights
-        self.verbose = verbose
         self.replaced: list[str] = []
         """Qualified names replaced so far."""
         self._produced: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
-    def apply(self, module: nn.Module) -> nn.Module:
-        """Replace in a plain ``nn.Module`` and return it (or its replacement, if the root matched)."""
-        check_not_wrapped(module)
-        return self._replace(module, allow_root=True)
-
-    def _replace(self, module: nn.Module, allow_root: bool) -> nn.Module:
+    def _transform(self, module: nn.Module, root_replaceable: bool) -> nn.Module:
         new_root, done = replace_modules(
             module,
             self.target,
@@ -85,20 +78,13 @@ class ReplaceModules(Callback):
             exclude=self.exclude,
             copy_weights=self.copy_weights,
             produced=self._produced,
-            allow_root=allow_root,
+            allow_root=root_replaceable,
         )
         self.replaced.extend(done)
-        if done and self.verbose:
+        if done:
             kinds = sorted({type(m).__name__ for m in done.values()})
-            rank_zero_info(f"ReplaceModules: replaced {len(done)} modules with {kinds}: {', '.join(done)}")
+            self._log(f"replaced {len(done)} modules with {kinds}: {', '.join(done)}")
         return new_root
 
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        transform_before_restore(pl_module, f"ReplaceModules@{id(self)}", self._replace_submodules)
-
-    def _replace_submodules(self, module: nn.Module) -> nn.Module:
-        return self._replace(module, allow_root=False)
-
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self.replaced:
-            rank_zero_warn(f"ReplaceModules: no submodule matched target={self.target!r}; nothing was replaced")
+    def _transformed(self) -> list[str]:
+        return self.replaced

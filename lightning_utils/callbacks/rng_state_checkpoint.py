@@ -56,9 +56,15 @@ def _collect() -> dict[str, Any]:
         import numpy as np
     except ImportError:  # pragma: no cover
         return state
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state["numpy"] = {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "cached": float(cached)}  # fmt: skip
+    # The dict form: the same values as the legacy tuple that _apply hands back to set_state.
+    npy = np.random.get_state(legacy=False)
+    state["numpy"] = {
+        "name": str(npy["bit_generator"]),
+        "keys": torch.from_numpy(npy["state"]["key"].astype(np.int64)),
+        "pos": int(npy["state"]["pos"]),
+        "has_gauss": int(npy["has_gauss"]),
+        "cached": float(npy["gauss"]),
+    }
     return state
 
 
@@ -77,7 +83,9 @@ def _apply(state: dict[str, Any]) -> None:
         import numpy as np
 
         npy = state["numpy"]
-        np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached"]))
+        np.random.set_state(
+            (npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached"])
+        )
 
 
 class RNGStateCheckpoint(Callback):
@@ -107,7 +115,12 @@ class RNGStateCheckpoint(Callback):
         # dicts before it calls that hook. Every rank runs this while dumping a checkpoint.
         mine = _collect()
         trainer = self._trainer
-        if trainer is not None and trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        if (
+            trainer is not None
+            and trainer.world_size > 1
+            and torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+        ):
             gathered: list[Any] = [None] * trainer.world_size
             torch.distributed.all_gather_object(gathered, mine)
             return {"ranks": gathered}
@@ -131,7 +144,9 @@ class RNGStateCheckpoint(Callback):
         if rank < len(states):
             self._pending = states[rank]
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         # After the first fetch: a lazily created data iterator has drawn its base seed by now.
         if self._pending is not None:
             _apply(self._pending)

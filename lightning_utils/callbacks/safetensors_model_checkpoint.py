@@ -2,9 +2,10 @@
 
 Every feature of ``ModelCheckpoint`` (``every_n_train_steps``, ``save_top_k``, ``save_last``,
 ``ckpt_path="last"``) works unchanged; only the file extension differs. At setup it makes sure
-the trainer writes through :class:`~lightning_utils.io.SafetensorsCheckpointIO` (installing it
+the trainer writes through :class:`~lightning_utils.plugins.SafetensorsCheckpointIO` (installing it
 in place of Lightning's default) and refuses strategies that bypass the plugin (FSDP, DeepSpeed),
-so a ``.sft`` name never holds a pickle.
+so a ``.sft`` name never holds a pickle. It must never define how a file is written (that is
+the plugin's job).
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from __future__ import annotations
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_utils.io.checkpoint_io import ensure_safetensors_checkpoint_io
-from lightning_utils.io.module_loading import check_strategy_writes_through_checkpoint_io
+from lightning_utils.plugins.checkpoint_io import ensure_safetensors_checkpoint_io
+from lightning_utils.plugins.module_loading import check_strategy_writes_through_checkpoint_io
 
 
 class SafetensorsModelCheckpoint(ModelCheckpoint):

@@ -2,11 +2,15 @@
 periodic save/eval/export, all at step boundaries and identically on every rank.
 
 Commands come from standard input (the default), a command file or FIFO, or a signal
-(:mod:`lightning_utils.command_sources`), and follow the grammar of
-:mod:`lightning_utils.commands`. Global rank 0 reads; at each optimizer-step boundary
+(:mod:`lightning_utils.control.sources`), and follow the grammar of
+:mod:`lightning_utils.control.commands`. Global rank 0 reads; at each optimizer-step boundary
 (``on_train_batch_end`` after ``global_step`` moved) the lines it received are broadcast
-through :func:`lightning_utils.distributed.broadcast_object` (the strategy's broadcast), so every rank runs the same commands at the same step
-and collective work (``trainer.save_checkpoint``, gathering weights for an export) lines up.
+through :func:`lightning_utils.distributed.broadcast_object` (the strategy's broadcast), so
+every rank runs the same commands at the same step and collective work
+(``trainer.save_checkpoint``, gathering weights for an export) lines up. Which command triggers
+which action, under which flags, is the data of :mod:`lightning_utils.control.dispatch`; the lr,
+loss-scale and time-left computations are :mod:`lightning_utils.control.actions`. This module
+holds the hooks and the actions that need the trainer (save, export, eval, quit).
 
 This callback must never act from a reader thread or a signal handler, never block the
 training thread on input, and never let a bad command stop training: bad commands are
@@ -18,35 +22,29 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from lightning_utils.command_sources import CommandSource, SignalFlag, resolve_source
-from lightning_utils.commands import (
-    HELP_TEXT,
-    ClearEvents,
-    Command,
-    CommandError,
-    Eval,
-    EvalQuit,
-    Export,
-    Help,
-    Quit,
-    Save,
-    Schedule,
-    SetLossScale,
-    SetLR,
-    ShowEvents,
-    TimeLeft,
-    parse_command,
+from lightning_utils import _internals
+from lightning_utils.control.actions import StepClock, last_step, set_loss_scale, set_lr, time_left
+from lightning_utils.control.commands import HELP_TEXT, Command, CommandError, Schedule, parse_command
+from lightning_utils.control.dispatch import (
+    STEP_END,
+    Action,
+    ActionFlags,
+    Cadence,
+    actions_at_step,
+    actions_before_first_step,
+    step_end_plan,
+    train_end_actions,
 )
+from lightning_utils.control.sources import CommandSource, SignalFlag, resolve_source
 from lightning_utils.distributed import broadcast_object
 
 __all__ = ["TrainingControl"]
@@ -67,42 +65,19 @@ def _make_log_visible() -> None:
         log.addHandler(handler)
 
 
-def _every(value: int | None, name: str) -> int | None:
-    if value is None or value == 0:  # the original treats 0 like None
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"{name} must be a positive integer, 0 or None, got {value!r}")
-    return value
+def _setting(group: str, name: str) -> Any:
+    """A read-only attribute for a constructor argument kept in one of the grouped settings."""
+    return property(lambda self: getattr(getattr(self, group), name), doc=f"``{group}.{name}``")
 
 
-def _crossed(every: int | None, previous: int, step: int) -> bool:
-    """Whether a multiple of ``every`` lies in ``(previous, step]`` (robust to steps of 2+)."""
-    return every is not None and step // every > previous // every
+@dataclass
+class _Reading:
+    """The commands read at one point of the run: before the first step, or at the boundary of ``step``."""
 
-
-def _all_schedulers(schedulers: Iterable[Any]) -> list[Any]:
-    """The schedulers and those they hold (SequentialLR, ChainedScheduler keep ``_schedulers``)."""
-    out: list[Any] = []
-    for scheduler in schedulers:
-        out.append(scheduler)
-        inner = getattr(scheduler, "_schedulers", None)
-        if isinstance(inner, (list, tuple)):
-            out.extend(_all_schedulers(inner))
-    return out
-
-
-def _duration(seconds: float) -> str:
-    seconds = max(0.0, seconds)
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, sec = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    days, hours = divmod(hours, 24)
-    parts = [f"{days}d"] if days else []
-    if days or hours:
-        parts.append(f"{hours}h")
-    parts += [f"{minutes}m", f"{sec}s"]
-    return " ".join(parts)
+    step: int
+    first_open_step: int  # the first step a schedule can still run at (the current one at a boundary)
+    wanted: set[Action] = field(default_factory=set)  # the step-end actions asked for so far
+    due: list[Command] = field(default_factory=list)  # commands scheduled for this very step while reading
 
 
 class TrainingControl(Callback):
@@ -113,18 +88,45 @@ class TrainingControl(Callback):
         save | export | eval | quit | eval_quit | lr 1e-4 | loss_scale 1024 | time | time to 5000
         export@5000 | event | event clear | help
 
+    What each command and trigger does (:mod:`lightning_utils.control.dispatch` holds this as data):
+
+    | command or trigger | at a step boundary | before the first step |
+    |---|---|---|
+    | `save` | save | ignored: nothing was trained yet |
+    | `export` | export; save if `save_on_export` | ignored: nothing was trained yet |
+    | `eval` | eval | eval |
+    | `quit` | quit; save if `save_on_quit`; export if `export_on_quit` | quit |
+    | `eval_quit` | eval, quit; save if `save_on_quit`; export if `export_on_quit` | eval, quit |
+    | `lr X` | set the lr | set the lr |
+    | `loss_scale X` | set the loss scale | set the loss scale |
+    | `time`, `time to N` | print the time left | print the time left |
+    | `event`, `event show` | list the schedules | list the schedules |
+    | `event clear` | drop the schedules | drop the schedules |
+    | `help` | print the commands | print the commands |
+    | `CMD@STEP` | schedule CMD for step STEP | schedule CMD for step STEP |
+    | every `save_every_n_steps` steps (unset: `eval_every_n_steps`) | save | - |
+    | every `export_every_n_steps` steps | export | - |
+    | every `eval_every_n_steps` steps | eval | - |
+    | end of training, if `save_on_train_end` (not after `quit`, nor when that step was saved) | save | - |
+
+    - With `export_on_save`, every save (whatever triggered it) also runs export.
+    - save, export, eval and quit run once each per step boundary, in that order, after all the
+      commands of that step were read; the other actions act as their command is read.
+    - A schedule runs at the boundary of step STEP (typed at that very boundary: at once); one for a
+      step already passed, the current one before the first step included, is reported and dropped.
+
     Args:
         source: ``"stdin"`` (default), a command file or FIFO path (``echo save >> PATH``),
-            a :class:`~lightning_utils.command_sources.CommandSource`, or ``None`` (no reader:
+            a :class:`~lightning_utils.control.sources.CommandSource`, or ``None`` (no reader:
             schedules, the signal and periodic work only). Only global rank 0 reads.
         save_every_n_steps: periodic checkpoint every N optimizer steps. ``None``/0 falls back
-            to ``eval_every_n_steps`` (as in the original); both ``None``: no periodic save.
+            to ``eval_every_n_steps``; both ``None``: no periodic save.
         eval_every_n_steps: periodic evaluation every N steps.
         export_every_n_steps: periodic weights export every N steps (no checkpoint).
         save_on_quit: ``quit`` writes a checkpoint first.
         export_on_quit: ``quit`` exports the weights (independently of ``save_on_quit``).
         export_on_save: export the weights with every checkpoint this callback writes.
-        save_on_export: the ``export`` command also writes a checkpoint (the original's behaviour).
+        save_on_export: the ``export`` command also writes a checkpoint.
         save_on_train_end: write a final checkpoint when training ends, unless one was written
             at that step or the run was ended by ``quit`` (then ``save_on_quit`` decides).
         dirpath: checkpoint folder. Default: the ``ModelCheckpoint``'s folder if there is one,
@@ -153,7 +155,18 @@ class TrainingControl(Callback):
     Steps are optimizer steps (``trainer.global_step``): with gradient accumulation, commands
     run once per step, not once per micro-batch. Pending schedules and the last save/eval/export
     steps are saved in checkpoints; right after a resume nothing is re-saved at the resumed step.
+    The cadences are kept in :attr:`cadence` and the switches in :attr:`flags`; read-only
+    attributes named like the constructor arguments (``save_on_quit``...) read them.
     """
+
+    save_every_n_steps = _setting("cadence", "save_every_n_steps")
+    eval_every_n_steps = _setting("cadence", "eval_every_n_steps")
+    export_every_n_steps = _setting("cadence", "export_every_n_steps")
+    save_on_quit = _setting("flags", "save_on_quit")
+    export_on_quit = _setting("flags", "export_on_quit")
+    export_on_save = _setting("flags", "export_on_save")
+    save_on_export = _setting("flags", "save_on_export")
+    save_on_train_end = _setting("flags", "save_on_train_end")
 
     def __init__(
         self,
@@ -177,16 +190,15 @@ class TrainingControl(Callback):
         commands: Sequence[str] = (),
     ) -> None:
         super().__init__()
-        self._source_arg = source
         self.source: CommandSource | None = resolve_source(source)
-        self.eval_every_n_steps = _every(eval_every_n_steps, "eval_every_n_steps")
-        self.save_every_n_steps = _every(save_every_n_steps, "save_every_n_steps") or self.eval_every_n_steps
-        self.export_every_n_steps = _every(export_every_n_steps, "export_every_n_steps")
-        self.save_on_quit = bool(save_on_quit)
-        self.export_on_quit = bool(export_on_quit)
-        self.export_on_save = bool(export_on_save)
-        self.save_on_export = bool(save_on_export)
-        self.save_on_train_end = bool(save_on_train_end)
+        self.cadence = Cadence.of(save_every_n_steps, eval_every_n_steps, export_every_n_steps)
+        self.flags = ActionFlags(
+            save_on_quit=bool(save_on_quit),
+            export_on_quit=bool(export_on_quit),
+            export_on_save=bool(export_on_save),
+            save_on_export=bool(save_on_export),
+            save_on_train_end=bool(save_on_train_end),
+        )
         self.dirpath = Path(dirpath) if dirpath is not None else None
         try:
             filename.format(step=0, epoch=0)
@@ -227,9 +239,8 @@ class TrainingControl(Callback):
         self.quit_requested = False
         self._boundary_step = 0
         self._is_leader = True
-        self._ckpt_dir: Path | None = None
-        self._step_times: deque[float] = deque(maxlen=100)
-        self._last_boundary_time: float | None = None
+        self._ckpt_dir: str | None = None
+        self._clock = StepClock(window=100)
         self._exporter: Any | None = None
         self._reader_started = False
         self._handle_signal = False
@@ -245,8 +256,8 @@ class TrainingControl(Callback):
         if self.file_extension is not None and self.file_extension.lower() in (".sft", ".safetensors"):
             # A '.sft' name must hold a safetensors file, never a torch pickle: make the trainer
             # write through SafetensorsCheckpointIO (as SafetensorsModelCheckpoint does).
-            from lightning_utils.io.checkpoint_io import ensure_safetensors_checkpoint_io
-            from lightning_utils.io.module_loading import check_strategy_writes_through_checkpoint_io
+            from lightning_utils.plugins.checkpoint_io import ensure_safetensors_checkpoint_io
+            from lightning_utils.plugins.module_loading import check_strategy_writes_through_checkpoint_io
 
             check_strategy_writes_through_checkpoint_io(trainer.strategy, self.file_extension)
             ensure_safetensors_checkpoint_io(trainer.strategy)
@@ -258,9 +269,7 @@ class TrainingControl(Callback):
     def _is_slurm_requeue_signal(self, trainer: Trainer) -> bool:
         """Lightning's SLURM auto-requeue owns its requeue signal (SIGUSR1 by default): leave it."""
         assert self._signal is not None
-        env = getattr(trainer.strategy, "cluster_environment", None)
-        if env is None:  # single-device strategies keep it on the accelerator connector (as Lightning reads it)
-            env = getattr(getattr(trainer, "_accelerator_connector", None), "cluster_environment", None)
+        env = _internals.cluster_environment(trainer)
         if not getattr(env, "auto_requeue", False):
             return False
         requeue = getattr(env, "requeue_signal", None)
@@ -275,7 +284,7 @@ class TrainingControl(Callback):
     def _install_signal(self) -> None:
         # Every rank gets the handler: a signal sent to the whole job must not kill rank 1 with
         # SIGUSR1's default action. Only rank 0's flag is broadcast. Installed only once Lightning's
-        # _SignalConnector has recorded the process's handlers (after setup/on_fit_start): on a
+        # signal connector has recorded the process's handlers (after setup/on_fit_start): on a
         # failed fit Lightning re-installs what it recorded *after* our on_exception, so had ours
         # been recorded, it would stay installed and swallow the signal for good.
         if self._handle_signal and self._signal is not None:
@@ -304,7 +313,7 @@ class TrainingControl(Callback):
         self._boundary_step = step
         self.quit_requested = False
         self._exporter = None  # found again: the trainer's callbacks may differ from the last fit
-        self._last_boundary_time = time.monotonic()
+        self._clock.start(time.monotonic())
         self._ckpt_dir = broadcast_object(self._default_dir(trainer), src=0, trainer=trainer)
         self._drop_passed_events(step)
         # Configured commands are the same on every rank, so they need no broadcast.
@@ -318,19 +327,14 @@ class TrainingControl(Callback):
         if step == previous:  # a gradient-accumulation micro-batch: no optimizer step yet
             return
         self._boundary_step = step
-        now = time.monotonic()
-        if self._last_boundary_time is not None:
-            self._step_times.append((now - self._last_boundary_time) / (step - previous))
-        self._last_boundary_time = now
+        self._clock.tick(step - previous, time.monotonic())
         lines = self._receive(trainer) if step % self.check_every_n_steps == 0 else []
         self._run_boundary(trainer, pl_module, previous, step, lines)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.quit_requested or not self.save_on_train_end:
+        if self.quit_requested or trainer.global_step == self.last_save_step:
             return
-        if trainer.global_step != self.last_save_step:
-            if self._save(trainer, pl_module, "end of training") and self.export_on_save:
-                self._export(trainer, pl_module)
+        self._run_step_end(trainer, pl_module, train_end_actions(self.flags), "end of training", "at the end")
 
     def state_dict(self) -> dict[str, Any]:
         # Plain ints and strings only, so the state survives a .sft checkpoint (no pickle).
@@ -353,7 +357,7 @@ class TrainingControl(Callback):
             setattr(self, key, int(value) if value is not None else None)
 
     # ------------------------------------------------------------------------------------------
-    # reading and dispatch
+    # reading, and running what the commands declare
     # ------------------------------------------------------------------------------------------
     def _receive(self, trainer: Trainer) -> list[str]:
         """Rank 0's new lines (and signal), identical on every rank. A collective call."""
@@ -380,103 +384,90 @@ class TrainingControl(Callback):
         return commands
 
     def _run_pre_loop(self, trainer: Trainer, pl_module: LightningModule, lines: list[str]) -> None:
-        """Commands typed before the first step: ``eval``/``eval_quit``/``quit`` act, saves wait."""
+        """Commands given before the first step, with the actions they declare for then."""
         step = trainer.global_step
-        do_eval = do_quit = False
+        reading = _Reading(step=step, first_open_step=step + 1)
         for cmd in self._parse(lines):
-            if isinstance(cmd, (Eval, Quit, EvalQuit)):
-                do_eval = do_eval or isinstance(cmd, (Eval, EvalQuit))
-                do_quit = do_quit or isinstance(cmd, (Quit, EvalQuit))
-            elif isinstance(cmd, (Save, Export)):
+            actions = actions_before_first_step(cmd)
+            if not actions:
                 self._info(f"'{cmd}' before the first step is ignored: nothing was trained yet")
-            else:  # lr, schedules, event, time, help
-                self._apply_now(trainer, cmd, step, step, due=[])
-        if do_eval:
-            self._eval(trainer, pl_module)
-        if do_quit:
-            self._quit(trainer, "before the first step")
+            self._take(trainer, cmd, actions, reading)
+        self._run_step_end(trainer, pl_module, reading.wanted, "command or schedule", "before the first step")
 
     def _run_boundary(
         self, trainer: Trainer, pl_module: LightningModule, previous: int, step: int, lines: list[str]
     ) -> None:
-        wants: set[str] = set()
-        due: list[Command] = []
-        for cmd in self._parse(lines):
-            self._apply_now(trainer, cmd, previous, step, due, wants)
+        """A step boundary: the cadences, the commands read, the schedules due, then the step-end actions."""
+        periodic = self.cadence.due(previous, step)
+        if not (lines or periodic or any(previous < when <= step for _, when in self.events)):
+            return  # most boundaries: nothing read, nothing due
+        reading = _Reading(step=step, first_open_step=step, wanted=periodic)
+        for cmd in self._parse(lines):  # first: an 'event clear' typed now drops what is due now too
+            self._take(trainer, cmd, actions_at_step(cmd, self.flags), reading)
         for cmd in self._pop_due_events(previous, step):
             self._info(f"scheduled '{cmd}' due at step {step}")
-            self._apply_now(trainer, cmd, previous, step, due, wants)
-        while due:  # schedules typed for this very step
-            self._apply_now(trainer, due.pop(0), previous, step, [], wants)
+            self._take(trainer, cmd, actions_at_step(cmd, self.flags), reading)
+        while reading.due:  # schedules typed for this very step
+            cmd = reading.due.pop(0)
+            self._take(trainer, cmd, actions_at_step(cmd, self.flags), reading)
+        self._run_step_end(trainer, pl_module, reading.wanted, "command or schedule", f"at step {step}")
 
-        quit_now = "quit" in wants
-        save = (
-            "save" in wants
-            or ("export" in wants and self.save_on_export)
-            or (quit_now and self.save_on_quit)
-            or _crossed(self.save_every_n_steps, previous, step)
-        )
-        export = "export" in wants or (quit_now and self.export_on_quit) or _crossed(
-            self.export_every_n_steps, previous, step
-        )
-        evaluate = "eval" in wants or _crossed(self.eval_every_n_steps, previous, step)
-
-        # Within a step: checkpoint first (the safest thing), then export, eval, and stop.
-        saved = False
-        if save:
-            saved = self._save(trainer, pl_module, "quit" if quit_now else "command or schedule")
-        if export or (saved and self.export_on_save):
-            self._export(trainer, pl_module)
-        if evaluate and step != self.last_eval_step:
-            self._eval(trainer, pl_module)
-        if quit_now:
-            self._quit(trainer, f"at step {step}")
-
-    def _apply_now(
-        self,
-        trainer: Trainer,
-        cmd: Command,
-        previous: int,
-        step: int,
-        due: list[Command],
-        wants: set[str] | None = None,
-    ) -> None:
-        """Run what acts immediately; record what acts at the end of the boundary in ``wants``."""
-        if isinstance(cmd, Schedule):
-            if cmd.step < step or (wants is None and cmd.step <= step):
-                self._warn(f"ignored '{cmd}': step {cmd.step} has already passed (now at step {step})")
-            elif cmd.step == step:
-                due.append(cmd.command)
-            elif (cmd.command, cmd.step) in self.events:  # e.g. configured again after a resume
-                self._info(f"'{cmd}' is already scheduled")
+    def _take(self, trainer: Trainer, cmd: Command, actions: Iterable[Action], reading: _Reading) -> None:
+        """Run the actions of ``cmd`` that act at once, in order; note its step-end ones in ``reading``."""
+        for action in actions:
+            if action in STEP_END:
+                reading.wanted.add(action)
             else:
-                self.events.append((cmd.command, cmd.step))
-                self._info(f"scheduled '{cmd.command}' for step {cmd.step}")
-        elif isinstance(cmd, ShowEvents):
+                self._act_at_once(trainer, action, cmd, reading)
+
+    def _act_at_once(self, trainer: Trainer, action: Action, cmd: Any, reading: _Reading) -> None:
+        # ``cmd`` is the command that declared ``action``; it carries the argument (lr value, target, schedule).
+        if action is Action.SCHEDULE:
+            self._schedule(cmd, reading)
+        elif action is Action.SHOW_EVENTS:
             listing = "\n".join(f"  {c}@{w}" for c, w in sorted(self.events, key=lambda e: e[1])) or "  (none)"
             self._info("scheduled commands:\n" + listing)
-        elif isinstance(cmd, ClearEvents):
+        elif action is Action.CLEAR_EVENTS:
             self._info(f"cleared {len(self.events)} scheduled command(s)")
             self.events.clear()
-        elif isinstance(cmd, Help):
+        elif action is Action.HELP:
             self._info(HELP_TEXT)
-        elif isinstance(cmd, TimeLeft):
-            self._time_left(trainer, cmd.target, step)
-        elif isinstance(cmd, SetLR):
+        elif action is Action.TIME_LEFT:
+            self._time_left(trainer, cmd.target, reading.step)
+        elif action is Action.SET_LR:
             self._set_lr(trainer, cmd.value)
-        elif isinstance(cmd, SetLossScale):
+        elif action is Action.SET_LOSS_SCALE:
             self._set_loss_scale(trainer, cmd.value)
-        elif wants is not None:
-            if isinstance(cmd, Save):
-                wants.add("save")
-            elif isinstance(cmd, Export):
-                wants.add("export")
-            elif isinstance(cmd, Eval):
-                wants.add("eval")
-            elif isinstance(cmd, Quit):
-                wants.add("quit")
-            elif isinstance(cmd, EvalQuit):
-                wants.update(("eval", "quit"))
+        else:  # pragma: no cover - every action is handled above or is a step-end one
+            raise AssertionError(f"no handler for {action}")
+
+    def _schedule(self, cmd: Schedule, reading: _Reading) -> None:
+        if cmd.step < reading.first_open_step:
+            self._warn(f"ignored '{cmd}': step {cmd.step} has already passed (now at step {reading.step})")
+        elif cmd.step == reading.step:
+            reading.due.append(cmd.command)
+        elif (cmd.command, cmd.step) in self.events:  # e.g. configured again after a resume
+            self._info(f"'{cmd}' is already scheduled")
+        else:
+            self.events.append((cmd.command, cmd.step))
+            self._info(f"scheduled '{cmd.command}' for step {cmd.step}")
+
+    def _run_step_end(
+        self, trainer: Trainer, pl_module: LightningModule, wanted: Iterable[Action], cause: str, when: str
+    ) -> None:
+        """Run ``wanted`` and what the flags add, once each: checkpoint first (the safest thing to
+        have), then export, eval, and stop. ``cause`` names a save's reason unless it is a quit's,
+        ``when`` the moment of a quit."""
+        plan = step_end_plan(wanted, self.flags)
+        for action in plan:
+            if action is Action.SAVE:
+                self._save(trainer, "quit" if Action.QUIT in plan else cause)
+            elif action is Action.EXPORT:
+                self._export(trainer, pl_module)
+            elif action is Action.EVAL:
+                self._eval(trainer, pl_module)
+            elif action is Action.QUIT:
+                self._quit(trainer, when)
 
     def _pop_due_events(self, previous: int, step: int) -> list[Command]:
         due = [cmd for cmd, when in self.events if previous < when <= step]
@@ -491,24 +482,23 @@ class TrainingControl(Callback):
         self.events = kept
 
     # ------------------------------------------------------------------------------------------
-    # actions
+    # actions on the trainer
     # ------------------------------------------------------------------------------------------
     def _default_dir(self, trainer: Trainer) -> str:
         if self.dirpath is not None:
             return str(self.dirpath)
-        ckpt = trainer.checkpoint_callback
-        if ckpt is not None and getattr(ckpt, "dirpath", None):
-            return str(ckpt.dirpath)
+        dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)  # a ModelCheckpoint's folder
+        if dirpath:
+            return str(dirpath)
         return str(Path(trainer.default_root_dir) / "checkpoints")
 
     def _extension(self, trainer: Trainer) -> str:
         if self.file_extension is not None:
             return self.file_extension
-        ckpt = trainer.checkpoint_callback
-        chosen = getattr(ckpt, "FILE_EXTENSION", None) if ckpt is not None else None
+        chosen = getattr(trainer.checkpoint_callback, "FILE_EXTENSION", None)
         if chosen and chosen != ".ckpt":  # e.g. SafetensorsModelCheckpoint's ".sft"
             return str(chosen)
-        from lightning_utils.io import SafetensorsCheckpointIO
+        from lightning_utils.plugins import SafetensorsCheckpointIO
 
         io = getattr(trainer.strategy, "checkpoint_io", None)
         while io is not None and not isinstance(io, SafetensorsCheckpointIO):
@@ -521,18 +511,14 @@ class TrainingControl(Callback):
         name = self.filename.format(step=trainer.global_step, epoch=trainer.current_epoch)
         return Path(folder) / (name + self._extension(trainer))
 
-    def _save(self, trainer: Trainer, pl_module: LightningModule, reason: str) -> bool:
+    def _save(self, trainer: Trainer, reason: str) -> None:
         step = trainer.global_step
-        if step == self.last_save_step:
-            self._info(f"checkpoint of step {step} already written; not saving again")
-            return False
         path = self.checkpoint_path(trainer)
         self.last_save_step = step  # before the save, so the checkpoint records it
         # Collective: every rank calls it (it ends in a barrier); rank 0 writes.
         trainer.save_checkpoint(path, weights_only=False)
         self.last_checkpoint_path = path
         self._info(f"saved checkpoint {path} ({reason}, step {step})")
-        return True
 
     def _find_exporter(self, trainer: Trainer) -> Any:
         if self.exporter is not None:
@@ -540,7 +526,8 @@ class TrainingControl(Callback):
         if self._exporter is None:
             from lightning_utils.callbacks.export_weights import ExportWeights
 
-            found = [cb for cb in trainer.callbacks if isinstance(cb, ExportWeights)]
+            # trainer.callbacks is set by Lightning's callback connector, not declared on Trainer
+            found = [cb for cb in getattr(trainer, "callbacks", ()) if isinstance(cb, ExportWeights)]
             self._exporter = found[0] if found else ExportWeights()
         return self._exporter
 
@@ -566,30 +553,14 @@ class TrainingControl(Callback):
         if not is_overridden("validation_step", pl_module):
             self._warn("eval: no eval_fn was given and the model has no validation_step; nothing to run")
             return
-        self._run_validation_loop(trainer)
-
-    def _run_validation_loop(self, trainer: Trainer) -> None:
-        # Lightning has no public "validate now" during fit (only val_check_interval); this runs
-        # the fit loop's own validation loop exactly as the epoch loop does at a val check.
-        try:
-            val_loop = trainer.fit_loop.epoch_loop.val_loop
-            connector = trainer._logger_connector
-            first_loop_iter = connector._first_loop_iter
-        except AttributeError:  # pragma: no cover - a Lightning that moved these internals
+        if not _internals.run_fit_validation(trainer):  # pragma: no cover - a Lightning that moved its loops
             self._warn("eval: this Lightning version hides its validation loop; pass eval_fn=")
-            return
-        trainer.validating = True
-        try:
-            val_loop.run()
-        finally:
-            trainer.training = True
-            connector._first_loop_iter = first_loop_iter
 
     def _quit(self, trainer: Trainer, when: str) -> None:
         self.quit_requested = True
         trainer.should_stop = True
         self._info(f"quit {when}: training stops")
-        min_steps = getattr(trainer.fit_loop, "min_steps", None)
+        min_steps = trainer.min_steps
         if min_steps and trainer.global_step < min_steps:
             self._warn(f"quit: Lightning keeps training until min_steps={min_steps}")
 
@@ -597,77 +568,19 @@ class TrainingControl(Callback):
         if not trainer.optimizers:
             self._warn("lr: the trainer has no optimizer")
             return
-        # Per param group: new lr / old lr. Closed-form schedulers (LambdaLR, WarmupLR, OneCycleLR)
-        # recompute lr = base * factor(step) at every scheduler step, so their bases are scaled by
-        # this ratio: the schedule then goes on from the new value (lr 0.2 now, 0.2 * f(t+1)/f(t)
-        # next) instead of snapping back to base * f(t+1). Chainable ones just continue from it.
-        ratios: dict[int, float | None] = {}
-        groups = 0
-        for optimizer in trainer.optimizers:
-            for group in optimizer.param_groups:
-                old = float(group.get("lr", 0.0))
-                ratio = value / old if old > 0 else None
-                ratios[id(group)] = ratio
-                if isinstance(group.get("lr"), torch.Tensor):
-                    group["lr"].fill_(value)  # a tensor lr (capturable/compiled optimizers)
-                else:
-                    group["lr"] = value
-                for key in ("initial_lr", "max_lr", "min_lr"):  # the bases some schedulers keep in the group
-                    base = group.get(key)
-                    if not isinstance(base, (int, float)) or isinstance(base, bool):
-                        continue
-                    if ratio is not None:
-                        group[key] = base * ratio
-                    elif key == "initial_lr":
-                        group[key] = value
-                groups += 1
-        notes: list[str] = []
-        for scheduler in _all_schedulers(config.scheduler for config in trainer.lr_scheduler_configs):
-            param_groups = getattr(getattr(scheduler, "optimizer", None), "param_groups", None)
-            for attr in ("base_lrs", "max_lrs"):  # max_lrs: CyclicLR
-                bases = getattr(scheduler, attr, None)
-                if not isinstance(bases, list) or param_groups is None or len(bases) != len(param_groups):
-                    continue
-                rebased = []
-                for base, group in zip(bases, param_groups):
-                    ratio = ratios.get(id(group))
-                    # lr was 0 (e.g. the first warmup step): no ratio, so the new value becomes the base
-                    rebased.append(base * ratio if ratio is not None else (value if attr == "base_lrs" else base))
-                setattr(scheduler, attr, rebased)
-                if attr == "base_lrs":
-                    notes.append(f"{type(scheduler).__name__} base lr now {', '.join(f'{b:g}' for b in rebased)}")
-        # The bases say where the schedule goes from here (during a warmup, far above the value typed).
-        rebased_note = f"; the schedule continues from it ({'; '.join(notes)})" if notes else ""
-        self._info(
-            f"lr set to {value:g} on {groups} param group(s) of {len(trainer.optimizers)} optimizer(s){rebased_note}"
-        )
+        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+        self._info(set_lr(trainer.optimizers, schedulers, value))
 
     def _set_loss_scale(self, trainer: Trainer, value: float) -> None:
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is None or not getattr(scaler, "is_enabled", lambda: False)():
+        if not set_loss_scale(getattr(trainer.precision_plugin, "scaler", None), value):
             self._warn(f"loss_scale: no AMP grad scaler in use (precision={trainer.precision!r}); ignored")
             return
-        if getattr(scaler, "_scale", None) is None:
-            scaler._init_scale = float(value)  # not created yet: it starts from the init scale
-        else:
-            scaler.update(new_scale=float(value))
         self._info(f"loss scale set to {value:g}")
 
     def _time_left(self, trainer: Trainer, target: int | None, step: int) -> None:
         if target is None:
-            target = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
-            if target is None:
-                estimate = trainer.estimated_stepping_batches
-                target = int(estimate) if estimate != float("inf") else None
-        if target is None:
-            self._info("time: the run has no known last step; use 'time to N'")
-            return
-        if not self._step_times:
-            self._info(f"time: at step {step}; no step timed yet")
-            return
-        per_step = sum(self._step_times) / len(self._step_times)
-        left = max(0, target - step)
-        self._info(f"time: step {step}/{target}, {per_step:.3g} s/step, about {_duration(left * per_step)} left")
+            target = last_step(trainer.max_steps, lambda: trainer.estimated_stepping_batches)
+        self._info(time_left(step, target, self._clock.seconds_per_step()))
 
     def _info(self, message: str) -> None:
         if self._is_leader:

@@ -9,6 +9,10 @@ Lightning's own subcommands (``fit``, ``validate``, ``test``, ``predict``) are h
 ``LightningCLI`` (see :mod:`lightning_utils.cli.lightning`), so
 ``python -m lightning_utils.cli fit --config run.yaml`` works with every component chosen by
 class path.
+
+What it must never do: import torch, Lightning or an optional back end at import time (``--help``
+and ``plot`` stay fast and work without them), or exit the interpreter itself: :func:`main`
+returns the exit code and only the entry points (``__main__``, the console script) exit.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 The suffix of each path names its format. Pickle sources are read with ``weights_only=True``
 unless ``--unsafe`` is given (only for files you trust). An existing DST is kept unless
 ``--overwrite``; the write is atomic either way. Exit codes: 0 success, 1 unreadable source or
-an object the destination format cannot hold, 2 bad arguments.
+an object the destination format cannot hold, 2 bad arguments. It never leaves a partial DST
+and never replaces one without ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import sys
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="checkpoint to read (.ckpt/.pt/.pth/.bin or .sft/.safetensors)")
     parser.add_argument("dst", help="checkpoint to write; its suffix picks the format")
-    parser.add_argument("--unsafe", action="store_true", help="allow arbitrary pickled objects in SRC (runs code from the file)")
+    parser.add_argument(
+        "--unsafe", action="store_true", help="allow arbitrary pickled objects in SRC (runs code from the file)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
 
 

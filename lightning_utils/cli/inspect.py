@@ -2,7 +2,8 @@
 
 Works for ``.sft`` (reads only the header: instant on any size) and ``.ckpt``/``.pt`` (loaded onto
 the meta device, so no tensor data is copied). Pickle files are opened with ``weights_only=True``
-unless ``--unsafe`` is given. Exit codes: 0 success, 1 unreadable or missing file.
+unless ``--unsafe`` is given. Exit codes: 0 success, 1 unreadable or missing file. This command
+never writes anything.
 """
 
 from __future__ import annotations
@@ -18,8 +19,14 @@ import torch
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", help="a .sft/.safetensors or .ckpt/.pt/.pth/.bin file")
     parser.add_argument("--depth", type=int, default=None, help="show at most this many levels")
-    parser.add_argument("--max-items", type=int, default=50, help="show at most this many children per container (default 50)")
-    parser.add_argument("--unsafe", action="store_true", help="allow arbitrary pickled objects in .ckpt/.pt files (runs code from the file)")
+    parser.add_argument(
+        "--max-items", type=int, default=50, help="show at most this many children per container (default 50)"
+    )
+    parser.add_argument(
+        "--unsafe",
+        action="store_true",
+        help="allow arbitrary pickled objects in .ckpt/.pt files (runs code from the file)",
+    )
 
 
 def _human(n: int) -> str:

@@ -4,7 +4,7 @@ What it is for: ``python -m lightning_utils.cli fit --config run.yaml`` (or the
 ``lightning-utils`` console script) runs :class:`lightning.pytorch.cli.LightningCLI` with every
 component chosen by class path in the YAML: ``model`` (any LightningModule), ``data`` (any
 LightningDataModule, optional), ``trainer`` with its ``callbacks``, ``plugins`` (e.g.
-``lightning_utils.io.SafetensorsCheckpointIO``) and ``logger``, and ``optimizer`` /
+``lightning_utils.plugins.SafetensorsCheckpointIO``) and ``logger``, and ``optimizer`` /
 ``lr_scheduler`` (e.g. ``torch.optim.AdamW``), which LightningCLI wires into the model's
 ``configure_optimizers``. ``fit --ckpt_path last.sft`` also works for safetensors checkpoints.
 
@@ -28,9 +28,14 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lightning_utilities.core.imports import RequirementCache
+
+from lightning_utils._internals import lightning_cli_class
+
+if TYPE_CHECKING:
+    from lightning.pytorch.cli import LightningCLI
 
 __all__ = ["run_lightning_cli"]
 
@@ -56,45 +61,42 @@ def _quiet_args_warning() -> Iterator[None]:
         yield
 
 
-def _cli_class() -> type:
-    """LightningCLI, reading hyperparameters from a safetensors ``--ckpt_path`` too."""
-    from lightning.pytorch.cli import LightningCLI
+def _read_safetensors_ckpt_hparams(cli: LightningCLI) -> bool:
+    """Apply the model hyperparameters saved in a safetensors ``--ckpt_path`` to ``cli.config``.
 
-    class _LightningUtilsCLI(LightningCLI):
-        def _parse_ckpt_path(self) -> None:
-            # LightningCLI re-parses the model's saved hyperparameters from ``ckpt_path`` with
-            # ``torch.load``, which cannot read a safetensors checkpoint; read those through
-            # lightning_utils.io and apply them the same way. Other suffixes: Lightning's code.
-            from lightning_utils.io import SAFETENSORS_SUFFIXES, load_state
+    LightningCLI re-parses the model's saved hyperparameters from ``ckpt_path`` with
+    ``torch.load``, which cannot read a safetensors checkpoint; this reads those through
+    :mod:`lightning_utils.io` and applies them the same way. Returns False, leaving the file to
+    Lightning's code, when ``ckpt_path`` is not an existing safetensors file.
+    """
+    from lightning_utils.io import SAFETENSORS_SUFFIXES, load_state
 
-            subcommand = self.config.get("subcommand")
-            ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-            if not (ckpt_path and Path(ckpt_path).suffix.lower() in SAFETENSORS_SUFFIXES and Path(ckpt_path).is_file()):
-                return super()._parse_ckpt_path()
-            checkpoint = load_state(ckpt_path, map_location="cpu")
-            if not (isinstance(checkpoint, dict) and "state_dict" in checkpoint and "pytorch-lightning_version" in checkpoint):
-                # e.g. a weights file from ExportWeights / save_weights; Lightning would fail
-                # later with a bare KeyError. parser.error prints this and exits with code 2.
-                keys = sorted(map(str, checkpoint))[:5] if isinstance(checkpoint, dict) else []
-                self.parser.error(
-                    f"--ckpt_path {ckpt_path} is not a Lightning training checkpoint (it has no 'state_dict' and "
-                    f"'pytorch-lightning_version'; top-level keys: {keys}). A weights file such as ExportWeights "
-                    "writes cannot be resumed from; load it into the model instead."
-                )
-            hparams: dict[str, Any] = dict(checkpoint.get("hyper_parameters") or {})
-            hparams.pop("_instantiator", None)
-            if not hparams:
-                return None
-            if "_class_path" in hparams:
-                hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
-            try:
-                self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
-            except SystemExit:
-                sys.stderr.write(f"Parsing the hyperparameters saved in {ckpt_path} failed!\n")
-                raise
-            return None
-
-    return _LightningUtilsCLI
+    subcommand = cli.config.get("subcommand")
+    ckpt_path = cli.config[subcommand].get("ckpt_path") if subcommand else None
+    if not (ckpt_path and Path(ckpt_path).suffix.lower() in SAFETENSORS_SUFFIXES and Path(ckpt_path).is_file()):
+        return False
+    checkpoint = load_state(ckpt_path, map_location="cpu")
+    if not (isinstance(checkpoint, dict) and "state_dict" in checkpoint and "pytorch-lightning_version" in checkpoint):
+        # e.g. a weights file from ExportWeights / save_weights; Lightning would fail later with a
+        # bare KeyError. parser.error prints this and exits with code 2.
+        keys = sorted(map(str, checkpoint))[:5] if isinstance(checkpoint, dict) else []
+        cli.parser.error(
+            f"--ckpt_path {ckpt_path} is not a Lightning training checkpoint (it has no 'state_dict' and "
+            f"'pytorch-lightning_version'; top-level keys: {keys}). A weights file such as ExportWeights "
+            "writes cannot be resumed from; load it into the model instead."
+        )
+    hparams: dict[str, Any] = dict(checkpoint.get("hyper_parameters") or {})
+    hparams.pop("_instantiator", None)
+    if not hparams:
+        return True
+    if "_class_path" in hparams:
+        hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+    try:
+        cli.config = cli.parser.parse_object({subcommand: {"model": hparams}}, cli.config)
+    except SystemExit:
+        sys.stderr.write(f"Parsing the hyperparameters saved in {ckpt_path} failed!\n")
+        raise
+    return True
 
 
 def run_lightning_cli(argv: Sequence[str]) -> int:
@@ -125,7 +127,7 @@ def run_lightning_cli(argv: Sequence[str]) -> int:
         trainer:
           max_steps: 1000
           plugins:
-            - class_path: lightning_utils.io.SafetensorsCheckpointIO
+            - class_path: lightning_utils.plugins.SafetensorsCheckpointIO
           callbacks:
             - class_path: lightning.pytorch.callbacks.LearningRateMonitor
     """
@@ -133,7 +135,7 @@ def run_lightning_cli(argv: Sequence[str]) -> int:
     if not _CLI_REQUIREMENT:
         sys.stderr.write(_missing_requirement_message())
         return 2
-    cli_class = _cli_class()
+    cli_class = lightning_cli_class(_read_safetensors_ckpt_hparams)
     # ``sys.argv`` is left alone: for DDP, Lightning starts the other ranks by re-running this
     # process's own command line, which must lead back here with the same arguments.
     args = None if argv == sys.argv[1:] else argv

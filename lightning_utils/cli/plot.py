@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_arguments", "run", "read_metrics", "select_series", "plot_metrics", "main"]
+__all__ = ["add_arguments", "main", "plot_metrics", "read_metrics", "run", "select_series"]
 
 MATPLOTLIB_MISSING = (
     "lightning-utils plot needs matplotlib, which is not installed. "
@@ -28,7 +28,9 @@ MATPLOTLIB_MISSING = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("files", nargs="+", type=Path, metavar="METRICS.jsonl", help="JSON-lines metrics file(s)")
-    parser.add_argument("-o", "--output", type=Path, default=Path("metrics.png"), help="image to write (default: metrics.png)")
+    parser.add_argument(
+        "-o", "--output", type=Path, default=Path("metrics.png"), help="image to write (default: metrics.png)"
+    )
     parser.add_argument(
         "-m",
         "--metrics",
@@ -134,8 +136,13 @@ def plot_metrics(
     return output
 
 
-def _draw(ax: Any, series_by_file: dict[str, dict[str, tuple[list[float], list[float]]]], x: str, logy: bool,
-          title: str | None) -> None:
+def _draw(
+    ax: Any,
+    series_by_file: dict[str, dict[str, tuple[list[float], list[float]]]],
+    x: str,
+    logy: bool,
+    title: str | None,
+) -> None:
     several = len(series_by_file) > 1
     for name, series in series_by_file.items():
         for metric, (xs, ys) in series.items():

@@ -4,15 +4,16 @@
 >>> save_state(checkpoint, "run/last.sft")      # whole state, one file, no pickle
 >>> checkpoint = load_state("run/last.sft")     # the same object torch.load of a .pt gives
 
-In a Trainer: ``Trainer(plugins=[SafetensorsCheckpointIO()])``. Writes are atomic and durable;
-damaged files raise :class:`CheckpointFormatError`; nothing here ever unpickles a ``.sft``.
+In a Trainer: ``Trainer(plugins=[lightning_utils.plugins.SafetensorsCheckpointIO()])``. Writes
+are atomic and durable; damaged files raise :class:`CheckpointFormatError`; nothing here ever
+unpickles a ``.sft``. This package is torch only: it must never import ``lightning``.
 """
 
+from typing import Any
+
 from lightning_utils.io.atomic import atomic_write
-from lightning_utils.io.checkpoint_io import AsyncCheckpointIO, SafetensorsCheckpointIO, ensure_safetensors_checkpoint_io
 from lightning_utils.io.errors import CheckpointFormatError, UnsafeCheckpointError
 from lightning_utils.io.jsonio import json_dumps, json_read, json_write
-from lightning_utils.io.module_loading import check_strategy_writes_through_checkpoint_io, load_from_checkpoint
 from lightning_utils.io.state import (
     SAFETENSORS_SUFFIXES,
     TORCH_SUFFIXES,
@@ -23,21 +24,36 @@ from lightning_utils.io.state import (
 )
 
 __all__ = [
-    "AsyncCheckpointIO",
-    "CheckpointFormatError",
     "SAFETENSORS_SUFFIXES",
-    "SafetensorsCheckpointIO",
     "TORCH_SUFFIXES",
+    "CheckpointFormatError",
     "UnsafeCheckpointError",
     "atomic_write",
-    "check_strategy_writes_through_checkpoint_io",
-    "ensure_safetensors_checkpoint_io",
     "checkpoint_format",
     "json_dumps",
     "json_read",
     "json_write",
-    "load_from_checkpoint",
     "load_state",
     "save_state",
     "save_weights",
 ]
+
+# The Lightning adapters that lived here until they moved to lightning_utils.plugins.
+_MOVED_TO_PLUGINS = frozenset(
+    {
+        "AsyncCheckpointIO",
+        "SafetensorsCheckpointIO",
+        "check_strategy_writes_through_checkpoint_io",
+        "ensure_safetensors_checkpoint_io",
+        "load_from_checkpoint",
+    }
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_PLUGINS:
+        from lightning_utils import _compat, plugins
+
+        _compat.warn_moved(f"lightning_utils.io.{name}", f"lightning_utils.plugins.{name}")
+        return getattr(plugins, name)
+    raise AttributeError(f"module 'lightning_utils.io' has no attribute {name!r}")

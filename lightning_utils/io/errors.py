@@ -3,7 +3,8 @@
 Every file that cannot be read as a checkpoint raises :class:`CheckpointFormatError`, whatever
 went wrong inside (garbage bytes, truncation, a corrupted or lying header), and its message names
 the file. Both classes subclass :class:`ValueError` so that callers who already catch
-``ValueError`` for bad input keep working.
+``ValueError`` for bad input keep working. This module only defines the errors: it never reads
+files, and it must never grow one error type per failure cause (callers catch one type).
 """
 
 from __future__ import annotations

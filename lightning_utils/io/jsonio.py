@@ -2,8 +2,8 @@
 
 The standard library does the work; orjson is used for speed when it is installed (the ``json``
 extra) and the data is within what it supports, with identical output. ``truncate=True`` rounds
-floats written with 8 or more decimals to 4 (the original utilities' metrics format), leaving
-shorter ones alone. Writes are atomic (see :mod:`lightning_utils.io.atomic`). This module never
+floats written with 8 or more decimals to 4 (compact metrics files), leaving shorter ones
+alone. Writes are atomic (see :mod:`lightning_utils.io.atomic`). This module never
 evaluates anything it reads.
 """
 
@@ -14,10 +14,12 @@ import math
 import os
 import re
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from lightning_utils.io.atomic import atomic_write
 
+_orjson: ModuleType | None
 try:  # optional accelerator, never required
     import orjson as _orjson
 except ImportError:  # pragma: no cover - depends on the environment

@@ -2,7 +2,8 @@
 
 safetensors itself only takes a device; Lightning and users pass ``None``, a string, a
 ``torch.device``, a ``{from: to}`` dict or a callable ``(storage, location) -> storage``. Tensors
-are read on CPU first and then placed, with torch's semantics for each form.
+are read on CPU first and then placed, with torch's semantics for each form. This module never
+reads a file, and never copies a tensor that stays on CPU.
 """
 
 from __future__ import annotations
@@ -14,14 +15,20 @@ import torch
 
 def check_map_location(map_location: Any) -> None:
     """Reject an unsupported ``map_location`` before any data is read (so no error is blamed on the file)."""
-    if map_location is None or isinstance(map_location, torch.device) or callable(map_location) and not isinstance(map_location, (str, dict)):
+    if (
+        map_location is None
+        or isinstance(map_location, torch.device)
+        or (callable(map_location) and not isinstance(map_location, (str, dict)))
+    ):
         return
     if isinstance(map_location, str):
         targets = [map_location]
     elif isinstance(map_location, dict):
         targets = list(map_location.values())
     else:
-        raise TypeError(f"map_location must be None, a str, a torch.device, a dict or a callable, got {type(map_location).__qualname__}")
+        raise TypeError(
+            f"map_location must be None, a str, a torch.device, a dict or a callable, got {type(map_location).__qualname__}"
+        )
     for target in targets:
         try:
             torch.device(target)
@@ -45,10 +52,18 @@ def place(t: torch.Tensor, location: str, map_location: Any) -> torch.Tensor:
             if isinstance(result, torch.TypedStorage):
                 result = result._untyped_storage
             if not isinstance(result, torch.UntypedStorage):
-                raise TypeError(f"map_location callable returned {type(result).__qualname__}, expected a storage or None")
+                raise TypeError(
+                    f"map_location callable returned {type(result).__qualname__}, expected a storage or None"
+                )
             out = torch.empty(0, dtype=torch.uint8, device=result.device).set_(result)
-            return out.view(t.dtype).reshape(t.shape) if t.numel() else torch.empty(t.shape, dtype=t.dtype, device=result.device)
+            return (
+                out.view(t.dtype).reshape(t.shape)
+                if t.numel()
+                else torch.empty(t.shape, dtype=t.dtype, device=result.device)
+            )
     else:
-        raise TypeError(f"map_location must be None, a str, a torch.device, a dict or a callable, got {type(map_location).__qualname__}")
+        raise TypeError(
+            f"map_location must be None, a str, a torch.device, a dict or a callable, got {type(map_location).__qualname__}"
+        )
     device = torch.device(target)
     return t if device.type == "cpu" else t.to(device)

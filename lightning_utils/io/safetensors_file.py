@@ -1,6 +1,6 @@
 """Reading and writing the safetensors file format, byte for byte.
 
-Layout (https://github.com/huggingface/safetensors, "Format"): an 8-byte little-endian header
+Layout (written down in ``docs/sft-format.md``): an 8-byte little-endian header
 length ``N``, ``N`` bytes of JSON header (``{"__metadata__": {str: str}, name: {"dtype",
 "shape", "data_offsets": [begin, end]}}``, padded with spaces), then the data buffer. Files
 written here are read by ``safetensors.safe_open``/``load_file`` and vice versa.
@@ -16,6 +16,7 @@ costs no copy; writers must therefore replace files by rename (as ours do), neve
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import mmap
@@ -30,7 +31,7 @@ import torch
 from lightning_utils.io.atomic import write_all
 from lightning_utils.io.errors import CheckpointFormatError
 
-MAX_HEADER_BYTES = 100_000_000  # the limit the reference implementation enforces
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library refuses larger headers too
 _INT64_LIMIT = 2**63
 METADATA_KEY = "__metadata__"
 
@@ -43,9 +44,7 @@ _DTYPE_NAMES: dict[str, str] = {
     "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz",
     "F8_E8M0": "float8_e8m0fnu", "C64": "complex64",
 }  # fmt: skip
-DTYPE_FROM_NAME: dict[str, torch.dtype] = {
-    k: getattr(torch, v) for k, v in _DTYPE_NAMES.items() if hasattr(torch, v)
-}
+DTYPE_FROM_NAME: dict[str, torch.dtype] = {k: getattr(torch, v) for k, v in _DTYPE_NAMES.items() if hasattr(torch, v)}
 NAME_FROM_DTYPE: dict[torch.dtype, str] = {v: k for k, v in DTYPE_FROM_NAME.items()}
 
 
@@ -74,7 +73,7 @@ class Header:
 def _bytes_view(t: torch.Tensor) -> memoryview:
     """A zero-copy byte view of a contiguous CPU tensor."""
     flat = t.reshape(-1).view(torch.uint8)
-    return memoryview(flat.numpy()).cast("B")
+    return flat.numpy().data.cast("B")
 
 
 def write_file(f: BinaryIO, tensors: Sequence[tuple[str, torch.Tensor]], metadata: dict[str, str] | None) -> None:
@@ -98,7 +97,11 @@ def write_file(f: BinaryIO, tensors: Sequence[tuple[str, torch.Tensor]], metadat
     for i in order:
         name, t = tensors[i]
         nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": NAME_FROM_DTYPE[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": NAME_FROM_DTYPE[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-(8 + len(raw)) % 8)  # pad so the data buffer starts 8-byte aligned
@@ -120,6 +123,10 @@ def _fail(path: str, reason: str) -> CheckpointFormatError:
 
 def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_str_map(x: object) -> bool:
+    return isinstance(x, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in x.items())
 
 
 def read_header(f: BinaryIO, path: str) -> Header:
@@ -146,9 +153,8 @@ def read_header(f: BinaryIO, path: str) -> Header:
     if not isinstance(doc, dict):
         raise _fail(path, "header is not a JSON object")
     metadata = doc.pop(METADATA_KEY, None)
-    if metadata is not None:
-        if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-            raise _fail(path, "__metadata__ must map strings to strings")
+    if metadata is not None and not _is_str_map(metadata):
+        raise _fail(path, "__metadata__ must map strings to strings")
     data_len = size - 8 - n
     entries: list[Entry] = []
     for name, info in doc.items():
@@ -169,20 +175,27 @@ def read_header(f: BinaryIO, path: str) -> Header:
         dtype = DTYPE_FROM_NAME[dtype_name]
         itemsize = torch.empty((), dtype=dtype).element_size()
         if math.prod(shape) * itemsize != end - begin:
-            raise _fail(path, f"entry {name!r}: shape {shape} of {dtype_name} needs {math.prod(shape) * itemsize} bytes, offsets give {end - begin}")
+            raise _fail(
+                path,
+                f"entry {name!r}: shape {shape} of {dtype_name} needs {math.prod(shape) * itemsize} bytes, offsets give {end - begin}",
+            )
         entries.append(Entry(name, dtype, tuple(shape), begin, end))
-    # The entries must tile the data buffer exactly, as the reference implementation requires.
+    # The entries must tile the data buffer exactly, as the safetensors library requires.
     cursor = 0
     for e in sorted(entries, key=lambda e: (e.begin, e.end)):
         if e.begin != cursor:
             raise _fail(path, f"entry {e.name!r} starts at {e.begin}, expected {cursor} (overlap or gap)")
         cursor = e.end
     if cursor != data_len:
-        raise _fail(path, f"entries cover {cursor} bytes but the data buffer holds {data_len} (truncated or trailing bytes)")
+        raise _fail(
+            path, f"entries cover {cursor} bytes but the data buffer holds {data_len} (truncated or trailing bytes)"
+        )
     return Header(entries, metadata, 8 + n)
 
 
-def read_entry(f: BinaryIO, header: Header, entry: Entry, path: str, mapped: mmap.mmap | None = None) -> torch.Tensor:
+def read_entry(
+    f: io.RawIOBase | io.BufferedIOBase, header: Header, entry: Entry, path: str, mapped: mmap.mmap | None = None
+) -> torch.Tensor:
     """One entry as a CPU tensor with a storage of its own.
 
     With ``mapped`` (a copy-on-write ``mmap`` of the file) the tensor is a zero-copy view of the
@@ -197,7 +210,7 @@ def read_entry(f: BinaryIO, header: Header, entry: Entry, path: str, mapped: mma
         buf = torch.frombuffer(mapped, dtype=torch.uint8, count=entry.nbytes, offset=start)
     else:
         buf = torch.empty(entry.nbytes, dtype=torch.uint8)
-        view = memoryview(buf.numpy()).cast("B")
+        view = buf.numpy().data.cast("B")
         f.seek(start)
         done = 0
         while done < entry.nbytes:

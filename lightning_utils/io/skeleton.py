@@ -14,12 +14,15 @@ weights, optimizer moments, callback state). :func:`encode` walks that tree and 
 are stored once and come back sharing storage; the same object (tensor or container) reached
 twice comes back as one object, as with pickle's memo. A value the skeleton cannot represent (an
 arbitrary object, a class, a lambda, a container that contains itself) raises ``TypeError``
-naming its key path: nothing is silently dropped, nothing is pickled.
+naming its key path: nothing is silently dropped, nothing is pickled. This module must never
+pickle or execute anything, and never import Lightning (Lightning's hparams ``AttributeDict`` is
+recognised by its import path). The on-disk format is written down in ``docs/sft-format.md``.
 """
 
 from __future__ import annotations
 
 import base64
+import importlib
 import math
 import pathlib
 from collections import OrderedDict
@@ -37,17 +40,31 @@ _BIG_INT_BITS = 8192  # above this, ints are stored as hex (json refuses > 4300 
 # as ordinary safetensors names ("layer.weight") to other tools.
 _BARE_NAME_ROOTS = ("state_dict", "module")
 
-try:  # Lightning's hparams container; optional only so this module imports without Lightning
-    from lightning.fabric.utilities.data import AttributeDict as _AttributeDict
-except ImportError:  # pragma: no cover
-    _AttributeDict = None
-
 _DICT_TAGS: dict[type, str] = {dict: "dict", OrderedDict: "odict"}
-if _AttributeDict is not None:
-    _DICT_TAGS[_AttributeDict] = "attrdict"
-_DICT_TYPES = {v: k for k, v in _DICT_TAGS.items()}
-DICT_TYPES = tuple(_DICT_TAGS)  # the exact dict types a checkpoint may hold
-_PATH_TYPES = {c.__name__: c for c in (pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath, pathlib.PureWindowsPath)}
+# Lightning's hparams container, a plain dict subclass. It is recognised by its import path so
+# that this module never imports Lightning; decoding one imports it from there (a file holding
+# one was written where Lightning is installed).
+_ATTRDICT_PATH = ("lightning.fabric.utilities.data", "AttributeDict")
+
+
+def dict_tag(t: type) -> str | None:
+    """The skeleton tag of an exact dict type a checkpoint may hold, else None."""
+    tag = _DICT_TAGS.get(t)
+    if tag is None and issubclass(t, dict) and (t.__module__, t.__qualname__) == _ATTRDICT_PATH:
+        return "attrdict"
+    return tag
+
+
+def _dict_class(tag: str) -> type | None:
+    if tag == "attrdict":
+        return getattr(importlib.import_module(_ATTRDICT_PATH[0]), _ATTRDICT_PATH[1])
+    return _DICT_CLASSES.get(tag)
+
+
+_DICT_CLASSES = {v: k for k, v in _DICT_TAGS.items()}
+_PATH_TYPES = {
+    c.__name__: c for c in (pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath, pathlib.PureWindowsPath)
+}
 _NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 _CONTAINERS = (dict, list, tuple, set, frozenset)
 
@@ -70,7 +87,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 class _Encoder:
     def __init__(self) -> None:
         self.entries: dict[str, torch.Tensor] = {}  # entry name -> contiguous CPU tensor
-        self.devices: dict[str, str] = {}  # entry name -> original device, when not CPU
+        self.devices: dict[str, str] = {}  # entry name -> the device it was saved from, when not CPU
         self._tensors: list[tuple[torch.Tensor, dict[str, Any], tuple[Any, ...]]] = []  # (raw view, node, path)
         self._tensor_nodes: dict[int, dict[str, Any]] = {}  # id(tensor object) -> its node
         self._repeated: set[int] = set()  # ids of containers reached more than once
@@ -85,16 +102,20 @@ class _Encoder:
 
         def walk(obj: Any, path: tuple[Any, ...]) -> None:
             if len(path) > MAX_DEPTH:
-                raise TypeError(f"{format_key_path(path[:3])}...: nesting deeper than {MAX_DEPTH} levels cannot be stored")
+                raise TypeError(
+                    f"{format_key_path(path[:3])}...: nesting deeper than {MAX_DEPTH} levels cannot be stored"
+                )
             if isinstance(obj, torch.Tensor):
                 if obj.__dict__:
                     walk(obj.__dict__, path + ("<attributes>",))
                 return
-            if type(obj) not in _DICT_TAGS and type(obj) not in (list, tuple, set, frozenset):
+            if dict_tag(type(obj)) is None and type(obj) not in (list, tuple, set, frozenset):
                 return
             key = id(obj)
             if key in active:
-                raise TypeError(f"{format_key_path(path)} contains itself; a cycle cannot be stored in a safetensors checkpoint")
+                raise TypeError(
+                    f"{format_key_path(path)} contains itself; a cycle cannot be stored in a safetensors checkpoint"
+                )
             if key in seen:
                 self._repeated.add(key)
                 return
@@ -130,7 +151,7 @@ class _Encoder:
             return _float_node(obj)
         if isinstance(obj, torch.Tensor):
             return self.tensor_node(obj, path)
-        if t in _DICT_TAGS or t in (list, tuple, set, frozenset):
+        if dict_tag(t) is not None or t in (list, tuple, set, frozenset):
             key = id(obj)
             if key in self._container_nodes:  # the same object again (pickle's memo, in .pt terms)
                 return {"$": "ref", "id": self._container_nodes[key]["id"]}
@@ -166,11 +187,14 @@ class _Encoder:
             return [self.node(v, path + (i,)) for i, v in enumerate(obj)]
         if t in (tuple, set, frozenset):
             return {"$": t.__name__, "v": [self.node(v, path + (i,)) for i, v in enumerate(obj)]}
-        tag = _DICT_TAGS[t]
+        tag = dict_tag(t)
         if all(type(k) is str for k in obj):
             node: dict[str, Any] = {"$": tag, "v": {k: self.node(v, path + (k,)) for k, v in obj.items()}}
         else:
-            node = {"$": tag, "kv": [[self.node(k, path + (f"<key {k!r}>",)), self.node(v, path + (k,))] for k, v in obj.items()]}
+            node = {
+                "$": tag,
+                "kv": [[self.node(k, path + (f"<key {k!r}>",)), self.node(v, path + (k,))] for k, v in obj.items()],
+            }
         meta = getattr(obj, "_metadata", None) if t is OrderedDict else None
         if meta is not None:  # Module.state_dict() records per-module versions here
             node["meta"] = self.node(meta, path + ("_metadata",))
@@ -183,7 +207,9 @@ class _Encoder:
                 seen["id"] = self._new_id()
             return {"$": "ref", "id": seen["id"]}
         if type(t) not in (torch.Tensor, torch.nn.Parameter):
-            raise TypeError(f"{format_key_path(path)} is a tensor subclass {type(t).__qualname__}; materialise it to a plain tensor first")
+            raise TypeError(
+                f"{format_key_path(path)} is a tensor subclass {type(t).__qualname__}; materialise it to a plain tensor first"
+            )
         if t.layout != torch.strided or t.is_quantized or t.is_nested:
             raise TypeError(f"{format_key_path(path)} is a {t.layout} tensor; only dense strided tensors can be stored")
         if t.device.type == "meta":
@@ -283,7 +309,11 @@ class _Encoder:
         for t, node, path in items:
             storage = t.untyped_storage()
             byte_offset = storage.data_ptr() - base_ptr + t.storage_offset() * t.element_size()
-            if storage.data_ptr() < base_ptr or storage.data_ptr() + storage.nbytes() > base_end or byte_offset % t.element_size():
+            if (
+                storage.data_ptr() < base_ptr
+                or storage.data_ptr() + storage.nbytes() > base_end
+                or byte_offset % t.element_size()
+            ):
                 # Partly overlapping foreign buffers (or misaligned views): keep the values,
                 # give up the sharing for this tensor alone.
                 own = self._name_for(path)
@@ -306,7 +336,9 @@ class _Encoder:
 
 
 def _covers_storage(t: torch.Tensor) -> bool:
-    return t.is_contiguous() and t.storage_offset() == 0 and t.numel() * t.element_size() == t.untyped_storage().nbytes()
+    return (
+        t.is_contiguous() and t.storage_offset() == 0 and t.numel() * t.element_size() == t.untyped_storage().nbytes()
+    )
 
 
 def _dense_permutation(t: torch.Tensor) -> bool:
@@ -345,7 +377,7 @@ class SkeletonError(ValueError):
     """The skeleton is malformed (raised by :func:`decode`; callers add the file name)."""
 
 
-class _EntryFailure(Exception):
+class _EntryError(Exception):
     """Carries an exception raised by the ``entry`` callback through decode's own error mapping."""
 
     def __init__(self, exc: BaseException) -> None:
@@ -364,37 +396,87 @@ def _devices(skeleton: dict[str, Any]) -> dict[str, str]:
     return devices
 
 
-def decode(skeleton: Any, entry: Callable[[str, str], torch.Tensor]) -> Any:
-    """Rebuild the object described by ``skeleton``.
+class _Decoder:
+    """The inverse of :class:`_Encoder`: one method per node kind, the shared state as attributes."""
 
-    ``entry(name, original_device)`` returns the (already device-mapped) tensor stored under
-    ``name``; it is called once per name.
-    """
-    if not isinstance(skeleton, dict) or skeleton.get("version") != FORMAT_VERSION or "root" not in skeleton:
-        raise SkeletonError(f"unsupported skeleton (expected version {FORMAT_VERSION})")
-    devices = _devices(skeleton)
-    bases: dict[str, torch.Tensor] = {}
-    objects: dict[int, Any] = {}
+    def __init__(self, devices: dict[str, str], entry: Callable[[str, str], torch.Tensor]) -> None:
+        self._devices = devices  # entry name -> the device it was saved from, when not CPU
+        self._entry = entry
+        self._bases: dict[str, torch.Tensor] = {}  # entry name -> its tensor (each entry is read once)
+        self._objects: dict[Any, Any] = {}  # node "id" -> the object rebuilt for it, for "ref" nodes
 
-    def base(name: Any) -> torch.Tensor:
+    # -- tree walk -------------------------------------------------------------------------
+    def node(self, n: Any, depth: int = 0) -> Any:
+        if depth > MAX_DEPTH:
+            raise SkeletonError("skeleton nesting is too deep")
+        if n is None or isinstance(n, (bool, int, float, str)):
+            return n
+        if isinstance(n, list):
+            return [self.node(v, depth + 1) for v in n]
+        if not isinstance(n, dict):
+            raise SkeletonError(f"unexpected skeleton node {n!r}")
+        tag = n.get("$")
+        if not isinstance(tag, str):
+            raise SkeletonError(f"unknown skeleton tag {tag!r}")
+        cls = _dict_class(tag)
+        if cls is not None:
+            return self.dict_node(n, cls, depth)
+        method = _NODE_METHODS.get(tag)
+        if method is None:
+            raise SkeletonError(f"unknown skeleton tag {tag!r}")
+        return method(self, n, depth)
+
+    def _remember(self, n: dict[str, Any], value: Any) -> Any:
+        """Record ``value`` under the node's ``id`` (if any) for later ``ref`` nodes."""
+        if "id" in n:
+            self._objects[n["id"]] = value
+        return value
+
+    # -- containers ------------------------------------------------------------------------
+    def dict_node(self, n: dict[str, Any], cls: type, depth: int) -> Any:
+        if "v" in n and isinstance(n["v"], dict):
+            out = cls((k, self.node(v, depth + 1)) for k, v in n["v"].items())
+        elif "kv" in n and isinstance(n["kv"], list):
+            out = cls((self.node(k, depth + 1), self.node(v, depth + 1)) for k, v in n["kv"])
+        else:
+            raise SkeletonError(f"malformed {n['$']} node")
+        if "meta" in n and cls is OrderedDict:
+            out._metadata = self.node(n["meta"], depth + 1)
+        return self._remember(n, out)
+
+    def list_node(self, n: dict[str, Any], depth: int) -> list[Any]:
+        return self._remember(n, [self.node(v, depth + 1) for v in n["v"]])
+
+    def tuple_node(self, n: dict[str, Any], depth: int) -> tuple[Any, ...]:
+        return self._remember(n, tuple(self.node(v, depth + 1) for v in n["v"]))
+
+    def set_node(self, n: dict[str, Any], depth: int) -> set[Any]:
+        return self._remember(n, {self.node(v, depth + 1) for v in n["v"]})
+
+    def frozenset_node(self, n: dict[str, Any], depth: int) -> frozenset[Any]:
+        return self._remember(n, frozenset(self.node(v, depth + 1) for v in n["v"]))
+
+    def ref_node(self, n: dict[str, Any], depth: int) -> Any:
+        if n.get("id") not in self._objects:
+            raise SkeletonError(f"reference to unknown object id {n.get('id')!r}")
+        return self._objects[n["id"]]
+
+    # -- tensors ---------------------------------------------------------------------------
+    def _base(self, name: Any) -> torch.Tensor:
+        """The tensor stored under entry ``name``, read (and placed) on first use."""
         if not isinstance(name, str):
             raise SkeletonError(f"tensor entry name {name!r} is not a string")
-        if name not in bases:
+        if name not in self._bases:
             try:
-                bases[name] = entry(name, devices.get(name, "cpu"))
+                self._bases[name] = self._entry(name, self._devices.get(name, "cpu"))
             except SkeletonError:
                 raise
             except Exception as exc:  # reading/placing data failed: not a skeleton problem
-                raise _EntryFailure(exc) from None
-        return bases[name]
+                raise _EntryError(exc) from exc
+        return self._bases[name]
 
-    def remember(n: dict[str, Any], value: Any) -> Any:
-        if "id" in n:
-            objects[n["id"]] = value
-        return value
-
-    def tensor(n: dict[str, Any], depth: int) -> torch.Tensor:
-        b = base(n.get("e"))
+    def tensor_node(self, n: dict[str, Any], depth: int) -> torch.Tensor:
+        b = self._base(n.get("e"))
         try:
             if "off" in n:
                 dtype = getattr(torch, n["dt"]) if "dt" in n else b.dtype
@@ -417,73 +499,87 @@ def decode(skeleton: Any, entry: Callable[[str, str], torch.Tensor]) -> Any:
             t = torch.nn.Parameter(t, requires_grad=bool(n.get("rg")))
         elif n.get("rg"):
             t.requires_grad_(True)
-        remember(n, t)  # before the attributes, which may refer back to the tensor
+        self._remember(n, t)  # before the attributes, which may refer back to the tensor
         if "attrs" in n:
-            attrs = node(n["attrs"], depth + 1)
+            attrs = self.node(n["attrs"], depth + 1)
             if not isinstance(attrs, dict):
                 raise SkeletonError("tensor attributes must be a dict")
             t.__dict__.update(attrs)
         return t
 
-    def node(n: Any, depth: int = 0) -> Any:
-        if depth > MAX_DEPTH:
-            raise SkeletonError("skeleton nesting is too deep")
-        if n is None or isinstance(n, (bool, int, float, str)):
-            return n
-        if isinstance(n, list):
-            return [node(v, depth + 1) for v in n]
-        if not isinstance(n, dict):
-            raise SkeletonError(f"unexpected skeleton node {n!r}")
-        tag = n.get("$")
-        if tag in _DICT_TYPES:
-            cls = _DICT_TYPES[tag]
-            if "v" in n and isinstance(n["v"], dict):
-                out = cls((k, node(v, depth + 1)) for k, v in n["v"].items())
-            elif "kv" in n and isinstance(n["kv"], list):
-                out = cls((node(k, depth + 1), node(v, depth + 1)) for k, v in n["kv"])
-            else:
-                raise SkeletonError(f"malformed {tag} node")
-            if "meta" in n and cls is OrderedDict:
-                out._metadata = node(n["meta"], depth + 1)  # type: ignore[attr-defined]
-            return remember(n, out)
-        if tag == "tensor":
-            return tensor(n, depth)
-        if tag == "ref":
-            if n.get("id") not in objects:
-                raise SkeletonError(f"reference to unknown object id {n.get('id')!r}")
-            return objects[n["id"]]
-        if tag == "list":
-            return remember(n, [node(v, depth + 1) for v in n["v"]])
-        if tag == "tuple":
-            return remember(n, tuple(node(v, depth + 1) for v in n["v"]))
-        if tag in ("set", "frozenset"):
-            return remember(n, (set if tag == "set" else frozenset)(node(v, depth + 1) for v in n["v"]))
-        if tag == "float":
-            return _NONFINITE[n["v"]]
-        if tag == "int":
-            return int(n["v"], 16)
-        if tag == "size":
-            return torch.Size(n["v"])
-        if tag == "dtype":
-            dtype = getattr(torch, n["v"], None)
-            if not isinstance(dtype, torch.dtype):
-                raise SkeletonError(f"unknown dtype {n['v']!r}")
-            return dtype
-        if tag == "device":
-            return torch.device(n["v"])
-        if tag == "path":
-            return _PATH_TYPES[n["cls"]](n["v"])
-        if tag == "bytes":
-            return base64.b64decode(n["v"], validate=True)
-        if tag == "complex":
-            return complex(node(n["re"]), node(n["im"]))
-        raise SkeletonError(f"unknown skeleton tag {tag!r}")
+    # -- scalars and torch values ----------------------------------------------------------
+    def float_node(self, n: dict[str, Any], depth: int) -> float:
+        return _NONFINITE[n["v"]]
 
+    def int_node(self, n: dict[str, Any], depth: int) -> int:
+        return int(n["v"], 16)
+
+    def complex_node(self, n: dict[str, Any], depth: int) -> complex:
+        return complex(self.node(n["re"], depth + 1), self.node(n["im"], depth + 1))
+
+    def bytes_node(self, n: dict[str, Any], depth: int) -> bytes:
+        return base64.b64decode(n["v"], validate=True)
+
+    def path_node(self, n: dict[str, Any], depth: int) -> pathlib.PurePath:
+        return _PATH_TYPES[n["cls"]](n["v"])
+
+    def size_node(self, n: dict[str, Any], depth: int) -> torch.Size:
+        return torch.Size(n["v"])
+
+    def dtype_node(self, n: dict[str, Any], depth: int) -> torch.dtype:
+        dtype = getattr(torch, n["v"], None)
+        if not isinstance(dtype, torch.dtype):
+            raise SkeletonError(f"unknown dtype {n['v']!r}")
+        return dtype
+
+    def device_node(self, n: dict[str, Any], depth: int) -> torch.device:
+        return torch.device(n["v"])
+
+
+# Every tag other than the dict tags (see dict_tag), and the method that decodes it.
+_NODE_METHODS: dict[str, Callable[[_Decoder, dict[str, Any], int], Any]] = {
+    "tensor": _Decoder.tensor_node,
+    "ref": _Decoder.ref_node,
+    "list": _Decoder.list_node,
+    "tuple": _Decoder.tuple_node,
+    "set": _Decoder.set_node,
+    "frozenset": _Decoder.frozenset_node,
+    "float": _Decoder.float_node,
+    "int": _Decoder.int_node,
+    "complex": _Decoder.complex_node,
+    "bytes": _Decoder.bytes_node,
+    "path": _Decoder.path_node,
+    "size": _Decoder.size_node,
+    "dtype": _Decoder.dtype_node,
+    "device": _Decoder.device_node,
+}
+# Every tag a skeleton may hold.
+TAGS = frozenset(_NODE_METHODS) | {"dict", "odict", "attrdict"}
+
+
+def decode(skeleton: Any, entry: Callable[[str, str], torch.Tensor]) -> Any:
+    """Rebuild the object described by ``skeleton``.
+
+    ``entry(name, saved_device)`` returns the (already device-mapped) tensor stored under
+    ``name``; it is called once per name.
+    """
+    if not isinstance(skeleton, dict) or skeleton.get("version") != FORMAT_VERSION or "root" not in skeleton:
+        raise SkeletonError(f"unsupported skeleton (expected version {FORMAT_VERSION})")
+    decoder = _Decoder(_devices(skeleton), entry)
     try:
-        return node(skeleton["root"])
-    except _EntryFailure as failure:
+        return decoder.node(skeleton["root"])
+    except _EntryError as failure:
         raise failure.exc from None
-    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError, OverflowError, RecursionError) as exc:
+    except (
+        KeyError,
+        TypeError,
+        ValueError,
+        RuntimeError,
+        IndexError,
+        AttributeError,
+        OverflowError,
+        RecursionError,
+    ) as exc:
         if isinstance(exc, SkeletonError):
             raise
         raise SkeletonError(f"malformed skeleton ({type(exc).__name__}: {exc})") from None

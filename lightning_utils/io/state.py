@@ -7,11 +7,12 @@
 * ``.ckpt``, ``.pt``, ``.pth``, ``.bin`` -> ``torch.save``/``torch.load``
   (:mod:`lightning_utils.io.torch_file`).
 
-Every write is atomic and durable (:mod:`lightning_utils.io.atomic`). ``load_state`` of a
+Every write is atomic and durable (:mod:`lightning_utils.io.atomic`); nothing here ever
+unpickles a safetensors file or writes to a remote path. ``load_state`` of a
 ``.sft`` written by ``save_state`` gives the same object as ``torch.load`` of the ``.pt`` of the
 same data. Plain safetensors files from other tools load as a flat tensor dict, or as
 ``{"module": tensors, **metadata}`` with JSON metadata decoded when they carry metadata beyond
-``format`` (the original utilities' export layout).
+``format`` (a weights export with its config or training stats beside it).
 """
 
 from __future__ import annotations
@@ -59,7 +60,9 @@ def checkpoint_format(path: str | os.PathLike) -> Format:
 
 def _check_local(path: str | os.PathLike) -> None:
     if "://" in os.fspath(path):
-        raise ValueError(f"{os.fspath(path)}: remote paths are not supported; save locally (or use Lightning's TorchCheckpointIO with fsspec)")
+        raise ValueError(
+            f"{os.fspath(path)}: remote paths are not supported; save locally (or use Lightning's TorchCheckpointIO with fsspec)"
+        )
 
 
 def save_state(obj: Any, path: str | os.PathLike) -> None:
@@ -74,11 +77,16 @@ def save_state(obj: Any, path: str | os.PathLike) -> None:
         return
     entries, skeleton = encode(obj)
     # ensure_ascii: lone surrogates (which torch.save keeps) survive as escapes
-    metadata = {"format": "pt", SKELETON_KEY: json.dumps(skeleton, separators=(",", ":"), allow_nan=False, ensure_ascii=True)}
+    metadata = {
+        "format": "pt",
+        SKELETON_KEY: json.dumps(skeleton, separators=(",", ":"), allow_nan=False, ensure_ascii=True),
+    }
     _write_safetensors(path, list(entries.items()), metadata)
 
 
-def _write_safetensors(path: str | os.PathLike, items: list[tuple[str, torch.Tensor]], metadata: dict[str, str]) -> None:
+def _write_safetensors(
+    path: str | os.PathLike, items: list[tuple[str, torch.Tensor]], metadata: dict[str, str]
+) -> None:
     try:
         with atomic_write(path) as f:
             sft.write_file(f, items, metadata)
@@ -86,7 +94,9 @@ def _write_safetensors(path: str | os.PathLike, items: list[tuple[str, torch.Ten
         raise ValueError(f"{os.fspath(path)}: {exc}") from None
 
 
-def save_weights(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> None:
+def save_weights(
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, Any] | None = None
+) -> None:
     """Write a plain safetensors weights file that any safetensors/HF tool loads.
 
     ``metadata`` values that are ``str`` are stored as they are, ``None`` values are dropped and
@@ -94,7 +104,9 @@ def save_weights(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, m
     """
     _check_local(path)
     if checkpoint_format(path) != "safetensors":
-        raise ValueError(f"{os.fspath(path)}: save_weights writes safetensors; use a {'/'.join(SAFETENSORS_SUFFIXES)} suffix")
+        raise ValueError(
+            f"{os.fspath(path)}: save_weights writes safetensors; use a {'/'.join(SAFETENSORS_SUFFIXES)} suffix"
+        )
     items: list[tuple[str, torch.Tensor]] = []
     for name, t in tensors.items():
         if not isinstance(name, str) or not isinstance(t, torch.Tensor):
@@ -119,7 +131,9 @@ def save_weights(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, m
     _write_safetensors(path, items, meta)
 
 
-def load_state(path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None, *, mmap: bool = True) -> Any:
+def load_state(
+    path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None, *, mmap: bool = True
+) -> Any:
     """Load what :func:`save_state` saved (or any ``.pt``/safetensors file).
 
     ``map_location`` takes every form ``torch.load`` accepts. ``weights_only`` applies to torch
@@ -152,7 +166,9 @@ def _load_safetensors(path: str, map_location: Any, use_mmap: bool) -> Any:
         header = sft.read_header(f, path)
         has_data = any(e.nbytes for e in header.entries)
         mapped = mmap_module.mmap(f.fileno(), 0, access=mmap_module.ACCESS_COPY) if use_mmap and has_data else None
-        return _assemble(path, header, lambda e, location: place(sft.read_entry(f, header, e, path, mapped), location, map_location))
+        return _assemble(
+            path, header, lambda e, location: place(sft.read_entry(f, header, e, path, mapped), location, map_location)
+        )
 
 
 def _assemble(path: str, header: sft.Header, tensor: Callable[[sft.Entry, str], torch.Tensor]) -> Any:
@@ -224,14 +240,6 @@ def load_structure(path: str | os.PathLike, weights_only: bool | None = None) ->
     if _existing_checkpoint(path) == "torch":
         return load_torch(path, map_location="meta", weights_only=weights_only)
     path = os.fspath(path)
-    return _assemble(path, read_safetensors_header(path), lambda e, location: torch.empty(e.shape, dtype=e.dtype, device="meta"))
-
-
-def pick_path(path: str | os.PathLike, *suffixes: str) -> Path:
-    """The first ``path.with_suffix(s)`` that exists, in the order given; else ``path`` itself."""
-    path = Path(path)
-    for suffix in suffixes:
-        candidate = path.with_suffix(suffix)
-        if candidate.exists():
-            return candidate
-    return path
+    return _assemble(
+        path, read_safetensors_header(path), lambda e, location: torch.empty(e.shape, dtype=e.dtype, device="meta")
+    )

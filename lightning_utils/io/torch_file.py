@@ -23,7 +23,6 @@ import torch
 from lightning_utils.io.atomic import atomic_write
 from lightning_utils.io.errors import CheckpointFormatError, UnsafeCheckpointError
 
-
 # Lightning stores hparams as a plain dict (``dict(model.hparams)``), so paths are the only extra
 # type its checkpoints need. (torch's restricted unpickler cannot rebuild dict subclasses such as
 # Lightning's AttributeDict at all, so allowlisting those would not help.)
@@ -59,14 +58,16 @@ def load_torch(path: str | os.PathLike, map_location: Any = None, weights_only: 
         raise CheckpointFormatError(path, f"not a valid torch checkpoint ({str(exc)[:300]})") from None
     except _PARSE_ERRORS as exc:
         text = str(exc)
-        if "deserialize object on" in text or "CUDA" in text and "available" in text:
+        if "deserialize object on" in text or ("CUDA" in text and "available" in text):
             raise  # a map_location/device problem, not a damaged file
-        raise CheckpointFormatError(path, f"not a valid torch checkpoint ({type(exc).__name__}: {text[:300]})") from None
+        raise CheckpointFormatError(
+            path, f"not a valid torch checkpoint ({type(exc).__name__}: {text[:300]})"
+        ) from None
 
 
 def _refused_as_unsafe(path: str, message: str) -> bool:
     """A weights-only refusal of a *well-formed* pickle (not a damaged file)."""
-    if "Unsupported global" in message or "Can only" in message and "for" in message:
+    if "Unsupported global" in message or ("Can only" in message and "for" in message):
         return True
     try:
         return bool(torch.serialization.get_unsafe_globals_in_checkpoint(path))

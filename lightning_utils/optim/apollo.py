@@ -1,8 +1,7 @@
 """APOLLO and APOLLO-Mini: AdamW-quality training with SGD-like optimizer memory.
 
 What it is for: a :class:`torch.optim.Optimizer` implementing APOLLO (Zhu et al., "APOLLO:
-SGD-like Memory, AdamW-level Performance", arXiv 2412.05270, MLSys 2025), written from the paper
-and this project's behaviour reference. For a weight matrix with gradient ``G``, APOLLO keeps
+SGD-like Memory, AdamW-level Performance", arXiv 2412.05270, MLSys 2025). For a weight matrix with gradient ``G``, APOLLO keeps
 Adam's two moments only for a random low-rank projection ``R`` of ``G`` and uses them to estimate
 a per-channel (APOLLO) or per-tensor (APOLLO-Mini, rank 1) learning-rate scale ``s``; the update
 is the full-rank gradient times that scale, ``-lr_t * sqrt(scale) * G * s``, with Fira's
@@ -40,7 +39,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch.optim import Optimizer
@@ -104,9 +103,7 @@ def _validate(options: dict[str, Any], where: str) -> None:
     if not _is_number(options["scale"]) or not options["scale"] > 0.0:
         raise ValueError(f"{where}: invalid scale={options['scale']!r}; it must be a number > 0")
     if not _is_int(options["update_proj_gap"]) or options["update_proj_gap"] < 1:
-        raise ValueError(
-            f"{where}: invalid update_proj_gap={options['update_proj_gap']!r}; it must be an int >= 1"
-        )
+        raise ValueError(f"{where}: invalid update_proj_gap={options['update_proj_gap']!r}; it must be an int >= 1")
     if not _is_int(options["min_numel"]) or options["min_numel"] < 0:
         raise ValueError(f"{where}: invalid min_numel={options['min_numel']!r}; it must be an int >= 0")
     dims = options["exclude_dims"]
@@ -132,8 +129,10 @@ def _channel_norms(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 def _side(m: int, n: int, proj_type: str) -> Side:
     """Which side of the (m, n) gradient is projected: "right" keeps rows, "left" keeps columns."""
-    if proj_type == "right" or proj_type == "left":
-        return proj_type
+    if proj_type == "right":
+        return "right"
+    if proj_type == "left":
+        return "left"
     tall = m >= n
     if proj_type == "reverse_std":
         tall = not tall
@@ -149,17 +148,24 @@ def _clamped_rank(m: int, n: int, side: Side, group: dict[str, Any]) -> int:
     return rank
 
 
+def _grad(param: torch.Tensor) -> torch.Tensor:
+    """The gradient of a parameter that :meth:`Apollo.step` planned to update (it has one)."""
+    grad = param.grad
+    assert grad is not None, "only parameters with a gradient are planned"
+    return grad
+
+
 class _Planned:
     """One APOLLO parameter of the current step: its state and 2-D geometry (no tensors kept)."""
 
-    __slots__ = ("param", "state", "m", "n", "side", "rank")
+    __slots__ = ("m", "n", "param", "rank", "side", "state")
 
     def __init__(self, param: torch.Tensor, state: dict[str, Any], m: int, n: int, side: Side, rank: int) -> None:
         self.param, self.state, self.m, self.n, self.side, self.rank = param, state, m, n, side, rank
 
 
 class Apollo(Optimizer):
-    r"""APOLLO (arXiv 2412.05270): structured learning-rate scaling from a low-rank Adam state.
+    r"""APOLLO: structured learning-rate scaling from a low-rank Adam state.
 
     For each parameter treated as a matrix ``G`` of shape ``(m, n)`` (see
     :mod:`lightning_utils.optim.selection` for which ones), with ``t`` the step count:
@@ -179,8 +185,8 @@ class Apollo(Optimizer):
     5. ``p -= lr_t * sqrt(scale) * U`` with ``lr_t = lr * sqrt(1 - b2**t) / (1 - b1**t)`` when
        ``correct_bias`` (else ``lr``); then ``p *= 1 - lr * weight_decay`` (decoupled).
 
-    AdamW parameters use steps 2 and 5 on the full gradient, without ``sqrt(scale)`` (as a
-    ``rank=0`` group in the reference does), batched with foreach ops. Every constructor option is also a
+    AdamW parameters use steps 2 and 5 on the full gradient, without ``sqrt(scale)`` (exactly
+    what a ``rank=0`` group does), batched with foreach ops. Every constructor option is also a
     param-group key, so groups may differ (e.g. ``{"params": norms, "rank": 0}``). Parameters may
     be given as a flat iterable, as groups, or as ``(name, tensor)`` pairs.
 
@@ -195,7 +201,7 @@ class Apollo(Optimizer):
         proj: ``"random"`` (APOLLO) or ``"svd"`` (GaLore-style basis, kept in state).
         scale_type: ``"channel"`` (APOLLO) or ``"tensor"`` (APOLLO-Mini).
         scale: update multiplier; enters as ``sqrt(scale)`` (APOLLO-Mini uses 128).
-        update_proj_gap: steps between projection refreshes (the paper uses 200).
+        update_proj_gap: steps between projection refreshes.
         proj_type: ``"std"``, ``"reverse_std"``, ``"left"`` or ``"right"`` (see step 1).
         min_numel: matrices with fewer elements use AdamW.
         exclude_dims: matrices with any of these sizes as a dimension use AdamW (e.g. the
@@ -223,21 +229,21 @@ class Apollo(Optimizer):
         min_numel: int = 0,
         exclude_dims: Sequence[int] = (),
     ) -> None:
-        defaults: dict[str, Any] = dict(
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            correct_bias=correct_bias,
-            rank=rank,
-            proj=proj,
-            scale_type=scale_type,
-            scale=scale,
-            update_proj_gap=update_proj_gap,
-            proj_type=proj_type,
-            min_numel=min_numel,
-            exclude_dims=exclude_dims,
-        )
+        defaults: dict[str, Any] = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "correct_bias": correct_bias,
+            "rank": rank,
+            "proj": proj,
+            "scale_type": scale_type,
+            "scale": scale,
+            "update_proj_gap": update_proj_gap,
+            "proj_type": proj_type,
+            "min_numel": min_numel,
+            "exclude_dims": exclude_dims,
+        }
         _validate(defaults, type(self).__name__)
         # Random projections cached until their next refresh; rebuilt from (seed, step) on demand,
         # never saved. Keyed by parameter.
@@ -339,8 +345,14 @@ class Apollo(Optimizer):
         side = _side(m, n, group["proj_type"])
         return projected_shape((m, n), side, _clamped_rank(m, n, side, group))
 
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
+
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Perform one optimisation step; ``closure`` re-evaluates the model and returns the loss.
 
         Every parameter is checked (sparse gradient, moments that no longer fit the options)
@@ -351,7 +363,7 @@ class Apollo(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         plans = []
-        index = 0  # 1-based across groups, counting gradient-less params (reference case 37)
+        index = 0  # a new parameter's seed: its 1-based index across groups, gradient-less params counted
         for group in self.param_groups:
             apollo: list[_Planned] = []
             adamw: list[torch.Tensor] = []
@@ -367,8 +379,9 @@ class Apollo(Optimizer):
                     state["seed"] = index
                 item = None
                 expected = tuple(param.shape)
-                if self.uses_projection(param, group):
-                    m, n = matrix_shape(param.shape)  # type: ignore[misc]
+                shape = matrix_shape(param.shape) if self.uses_projection(param, group) else None
+                if shape is not None:
+                    m, n = shape
                     side = _side(m, n, group["proj_type"])
                     item = _Planned(param, state, m, n, side, _clamped_rank(m, n, side, group))
                     expected = projected_shape((m, n), side, item.rank)
@@ -432,7 +445,7 @@ class Apollo(Optimizer):
         grads, factors, update_norms = [], [], []
         for item in items:
             state = item.state
-            grad = item.param.grad
+            grad = _grad(item.param)
             if grad.dim() != 2:
                 grad = grad.reshape(item.m, item.n)
             proj = self._projection(item, group, grad)
@@ -544,7 +557,7 @@ class Apollo(Optimizer):
             buckets.setdefault((param.device, param.dtype), []).append(param)
         beta1, beta2 = group["betas"]
         for bucket in buckets.values():
-            grads = [p.grad for p in bucket]
+            grads = [_grad(p) for p in bucket]
             exp_avgs = [self.state[p]["exp_avg"] for p in bucket]
             exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in bucket]
             torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)

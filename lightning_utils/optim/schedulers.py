@@ -1,7 +1,7 @@
 """Warmup and Noam learning-rate schedules as ``torch.optim.lr_scheduler.LRScheduler`` subclasses.
 
-What it is for: the two schedules of the original training utilities, with the same values
-(see the class docstrings), usable in ``configure_optimizers`` and from LightningCLI's
+What it is for: a linear warmup (with optional exponential decay) and the "Noam" warmup then
+inverse-sqrt decay, with the exact values given in the class docstrings, usable in ``configure_optimizers`` and from LightningCLI's
 ``--lr_scheduler`` by class path (``lightning_utils.optim.WarmupLR``). Both are closed-form
 functions of ``last_epoch``, so ``state_dict()`` / ``load_state_dict()`` resume them exactly and
 ``interval: step`` or ``epoch`` both work.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
@@ -68,16 +69,14 @@ class WarmupLR(LRScheduler):
             return (1.0 - self.decay_factor) ** (step - self.warmup_steps)
         return 1.0
 
-    def get_lr(self) -> list[float]:  # type: ignore[override]
+    def get_lr(self) -> list[float | Tensor]:
+        """The lrs after ``last_epoch``: closed form, so ``step(epoch)`` needs nothing else."""
         factor = self.lr_factor(self.last_epoch)
         return [base_lr * factor for base_lr in self.base_lrs]
 
-    def _get_closed_form_lr(self) -> list[float]:
-        return self.get_lr()
-
 
 class NoamLR(LRScheduler):
-    """The "Noam" schedule of "Attention Is All You Need": warmup then inverse-sqrt decay.
+    """The "Noam" schedule of the Transformer: linear warmup, then inverse-sqrt decay.
 
     With ``step = max(1, last_epoch)``:
     ``lr = base_lr * d_model ** -0.5 * min(step ** -0.5, step * warmup_steps ** -1.5)``.
@@ -109,9 +108,7 @@ class NoamLR(LRScheduler):
         step = max(1, last_epoch)
         return self.d_model**-0.5 * min(step**-0.5, step * self.warmup_steps**-1.5)
 
-    def get_lr(self) -> list[float]:  # type: ignore[override]
+    def get_lr(self) -> list[float | Tensor]:
+        """The lrs after ``last_epoch``: closed form, so ``step(epoch)`` needs nothing else."""
         factor = self.lr_factor(self.last_epoch)
         return [base_lr * factor for base_lr in self.base_lrs]
-
-    def _get_closed_form_lr(self) -> list[float]:
-        return self.get_lr()

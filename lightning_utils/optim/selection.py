@@ -2,8 +2,7 @@
 
 What it is for: one documented rule, used by :class:`~lightning_utils.optim.Apollo` itself, plus
 a helper that builds param groups from parameter *names*. LightningCLI's automatic
-``configure_optimizers`` hands the optimizer a flat list of parameters with no names
-(Lightning #20743), so the rule that works from YAML is a rule on shapes, expressed by the
+``configure_optimizers`` hands the optimizer a flat list of parameters with no names, so the rule that works from YAML is a rule on shapes, expressed by the
 optimizer's own options ``min_numel`` and ``exclude_dims``; the name-based helper is for
 ``configure_optimizers`` and for LightningCLI's ``OptimizerCallable`` injection.
 
@@ -15,7 +14,7 @@ matrix ``(shape[0], prod(shape[1:]))``, i.e. one channel per output feature. Eve
 bias correction and decoupled weight decay.
 
 Typical YAML, keeping embeddings and the LM head (both have the vocabulary size as a dimension)
-and small matrices on AdamW, as the APOLLO paper does::
+and small matrices on AdamW::
 
     optimizer:
       class_path: lightning_utils.optim.ApolloMini
@@ -50,15 +49,13 @@ def matrix_shape(shape: Sequence[int]) -> tuple[int, int] | None:
     return int(shape[0]), int(math.prod(shape[1:]))
 
 
-def uses_apollo(
-    shape: Sequence[int], *, rank: int, min_numel: int = 0, exclude_dims: Iterable[int] = ()
-) -> bool:
+def uses_apollo(shape: Sequence[int], *, rank: int, min_numel: int = 0, exclude_dims: Iterable[int] = ()) -> bool:
     """Whether a parameter of ``shape`` is projected under these group options (see module doc)."""
     if rank <= 0 or len(shape) < 2:
         return False
     if math.prod(shape) < min_numel:
         return False
-    excluded = set(int(d) for d in exclude_dims)
+    excluded = {int(d) for d in exclude_dims}
     return not any(int(d) in excluded for d in shape)
 
 
@@ -102,7 +99,7 @@ def apollo_param_groups(
             raise ValueError(f"apollo_options/adamw_options must not set {key!r}")
     adamw_opts["rank"] = 0
 
-    used: dict[str, bool] = {pattern: False for pattern in (*include, *exclude)}
+    used: dict[str, bool] = dict.fromkeys((*include, *exclude), False)
     apollo_params: list[torch.nn.Parameter] = []
     apollo_names: list[str] = []
     adamw_params: list[torch.nn.Parameter] = []

@@ -16,8 +16,10 @@ A model that takes a provider as an argument should leave it out of its saved hy
 (``self.save_hyperparameters(ignore=["pattern"])``): ``.sft`` checkpoints hold no objects, and
 LightningCLI rebuilds it from the config's class path.
 
-Everything is vectorised (index tables and gathers, cached per shape and device). This package
-only lays tokens out; it never owns a model, a loss or a tokenizer.
+Everything is vectorised (index tables and gathers, cached per shape and device).
+
+What it must never do: own a model, a loss or a tokenizer (it only lays tokens out), or import
+anything beyond torch.
 """
 
 from lightning_utils.patterns.pattern import LayoutCoord, Pattern, PatternLayout

@@ -6,7 +6,7 @@ DAC or Mimi give ``K`` codebooks per frame) reads one *sequence step* at a time,
 pattern puts codebook ``q`` of frame ``t`` at step ``t + q + 1``. ``Pattern`` turns codes
 ``[B, K, T]`` into the pattern's sequence ``[B, K, S]`` (empty cells hold a special token),
 turns such a sequence back into codes, and maps model logits ``[B, card, K, S]`` back onto the
-codes' timeline so that a loss can be taken against the original codes.
+codes' timeline so that a loss can be taken against the input codes.
 
 How: the layout is kept as three flat integer tensors (step, codebook, timestep) of all its
 coordinates, and every conversion is one gather (``index_select``) through an index table
@@ -24,7 +24,7 @@ import numbers
 import operator
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any, NamedTuple, Optional, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
@@ -45,7 +45,7 @@ class LayoutCoord(NamedTuple):
 PatternLayout = list[list[LayoutCoord]]
 
 
-def _as_int(name: str, value: Any, minimum: Optional[int] = None) -> int:
+def _as_int(name: str, value: Any, minimum: int | None = None) -> int:
     """``value`` as a Python int, or a ValueError naming ``name`` (bools are not integers here)."""
     if isinstance(value, bool):
         raise ValueError(f"{name} must be an integer, got {value!r}")
@@ -97,7 +97,9 @@ def _special_token_for(values: Tensor, special_token: Any) -> Any:
     """
     if isinstance(special_token, Tensor):
         if special_token.numel() != 1:
-            raise ValueError(f"special_token must be a number or a one-element tensor, got shape {tuple(special_token.shape)}")
+            raise ValueError(
+                f"special_token must be a number or a one-element tensor, got shape {tuple(special_token.shape)}"
+            )
         special_token = special_token.item()
     if isinstance(special_token, numbers.Integral) and not isinstance(special_token, bool):
         special_token = int(special_token)  # numpy integers too
@@ -121,9 +123,9 @@ class _IndexTable(NamedTuple):
 
     indexes: Tensor  # [K, N]; the value n_sources means "the special token"
     mask: Tensor  # [K, N]; True where a real value is read
-    gather: Optional[Tensor]  # [K * N] in-range indexes (None when there is nothing to read)
+    gather: Tensor | None  # [K * N] in-range indexes (None when there is nothing to read)
     fill: Tensor  # [K * N]; True where the special token goes
-    fill_index: Optional[Tensor]  # positions of ``fill`` when they are few (None: use ``fill``)
+    fill_index: Tensor | None  # positions of ``fill`` when they are few (None: use ``fill``)
     any_fill: bool
 
     @classmethod
@@ -136,7 +138,7 @@ class _IndexTable(NamedTuple):
         return cls(indexes, mask, gather, fill, fill_index, positions.numel() > 0)
 
     def to(self, device: torch.device) -> _IndexTable:
-        def move(x: Optional[Tensor]) -> Optional[Tensor]:
+        def move(x: Tensor | None) -> Tensor | None:
             return None if x is None else x.to(device)
 
         return _IndexTable(
@@ -224,7 +226,8 @@ class Pattern:
         self._steps = steps[order].contiguous()
         self._codebooks = codebooks[order].contiguous()
         self._times = times[order].contiguous()
-        # Like the reference: the largest t + 1 over all steps but the first, minus timesteps.
+        # How many steps past the last frame the pattern reaches: the largest t + 1 over all
+        # steps but the first, minus timesteps.
         later = self._steps >= 1
         max_t = int((self._times[later] + 1).max()) if bool(later.any()) else 0
         self.max_delay = max_t - self.timesteps
@@ -267,7 +270,7 @@ class Pattern:
     def _init_caches(self) -> None:
         self._sequence_tables = _BoundedCache(100)
         self._timeline_tables = _BoundedCache(100)
-        self._layout: Optional[PatternLayout] = None
+        self._layout: PatternLayout | None = None
 
     # Caches are rebuilt on demand; pickles (e.g. in saved hyperparameters) carry only the layout.
     def __getstate__(self) -> dict[str, Any]:
@@ -294,7 +297,7 @@ class Pattern:
 
     @property
     def valid_layout(self) -> PatternLayout:
-        """The first ``num_steps - max_delay`` steps (``len == num_valid_steps``), the reference's definition.
+        """The first ``num_steps - max_delay`` steps (``len == num_valid_steps``).
 
         For delay patterns (delayed, parallel, coarse-first) these are exactly the steps before
         the first one that holds a coordinate past the last frame, so a model trained on them
@@ -307,14 +310,14 @@ class Pattern:
 
     @property
     def num_sequence_steps(self) -> int:
-        """``num_steps - 1``: the steps after the leading one (the reference's definition)."""
+        """``num_steps - 1``: the steps after the leading one."""
         return self.num_steps - 1
 
     def starts_with_special_token(self) -> bool:
         """Whether step 0 is empty, i.e. every built sequence starts with the special token."""
         return self._steps.numel() == 0 or int(self._steps[0]) != 0
 
-    def get_sequence_coords_with_timestep(self, t: int, q: Optional[int] = None) -> list[tuple[int, LayoutCoord]]:
+    def get_sequence_coords_with_timestep(self, t: int, q: int | None = None) -> list[tuple[int, LayoutCoord]]:
         """``(step, coord)`` for every coordinate at timestep ``t`` (of codebook ``q`` if given), in step order."""
         hit = self._times == t
         if q is not None:
@@ -324,11 +327,11 @@ class Pattern:
             for s, tt, qq in zip(self._steps[hit].tolist(), self._times[hit].tolist(), self._codebooks[hit].tolist())
         ]
 
-    def get_steps_with_timestep(self, t: int, q: Optional[int] = None) -> list[int]:
+    def get_steps_with_timestep(self, t: int, q: int | None = None) -> list[int]:
         """The step of every coordinate at timestep ``t`` (of codebook ``q`` if given), in step order."""
         return [s for s, _ in self.get_sequence_coords_with_timestep(t, q)]
 
-    def get_first_step_with_timesteps(self, t: int, q: Optional[int] = None) -> Optional[int]:
+    def get_first_step_with_timesteps(self, t: int, q: int | None = None) -> int | None:
         """The first step holding timestep ``t`` (of codebook ``q`` if given), or None."""
         steps = self.get_steps_with_timestep(t, q)
         return steps[0] if steps else None
@@ -433,7 +436,6 @@ class Pattern:
         # masked_fill_, whose parallel loop was ~100x slower on a busy 2-core machine.
         return torch.where(table.fill, torch.tensor(special_token, dtype=dtype, device=values.device), values)
 
-
     def build_pattern_sequence(
         self, z: Tensor, special_token: Any, keep_only_valid_steps: bool = False
     ) -> tuple[Tensor, Tensor, Tensor]:
@@ -487,9 +489,9 @@ class Pattern:
         The output at step ``s`` is the model's prediction for the input at step ``s + 1`` when
         the pattern starts with the special token, so this reads code ``(t, q)`` from the step
         before the one that holds it. A pattern whose first step holds codes (e.g.
-        ``DelayedPatternProvider(empty_initial=-1)``) is read without that shift, as in the
-        reference: the output at step ``s`` must then already be the prediction for step ``s``
-        (shift a next-step model's outputs yourself).
+        ``DelayedPatternProvider(empty_initial=-1)``) is read without that shift: the output at
+        step ``s`` must then already be the prediction for step ``s`` (shift a next-step model's
+        outputs yourself).
 
         Args:
             logits: ``[B, card, K, S]`` (``card`` classes per code).

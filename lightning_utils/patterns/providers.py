@@ -25,7 +25,7 @@ arguments that give a pattern that cannot be reverted (a ValueError names the ar
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -136,7 +136,7 @@ class DelayedPatternProvider(CodebooksPatternProvider):
     """
 
     def __init__(
-        self, n_q: int, delays: Optional[list[int]] = None, flatten_first: int = 0, empty_initial: int = 0
+        self, n_q: int, delays: list[int] | None = None, flatten_first: int = 0, empty_initial: int = 0
     ) -> None:
         super().__init__(n_q)
         self.delays = _int_list("delays", list(range(self.n_q)) if delays is None else delays, self.n_q)
@@ -201,7 +201,7 @@ class UnrolledPatternProvider(CodebooksPatternProvider):
         delays: non-negative, non-decreasing delay per codebook; ``None`` means all 0.
     """
 
-    def __init__(self, n_q: int, flattening: Optional[list[int]] = None, delays: Optional[list[int]] = None) -> None:
+    def __init__(self, n_q: int, flattening: list[int] | None = None, delays: list[int] | None = None) -> None:
         super().__init__(n_q)
         self.flattening = _int_list("flattening", list(range(self.n_q)) if flattening is None else flattening, self.n_q)
         self.delays = _int_list("delays", [0] * self.n_q if delays is None else delays, self.n_q)
@@ -257,7 +257,7 @@ class CoarseFirstPattern(CodebooksPatternProvider):
             (``n_q - 1`` entries); ``None`` means all 0.
     """
 
-    def __init__(self, n_q: int, delays: Optional[list[int]] = None) -> None:
+    def __init__(self, n_q: int, delays: list[int] | None = None) -> None:
         super().__init__(n_q)
         if self.n_q < 2:
             raise ValueError(

@@ -1,0 +1,130 @@
+"""Making submodules run as offloaded checkpoints: apply, remove, and ask.
+
+What it is for: ``apply_activation_offload(module, target)`` puts an instance-level ``forward``
+on every matching submodule that routes the call through :func:`.function.checkpoint_call`, with
+the submodule's parameters as the checkpoint's parameters and the model it was applied to as the
+owner of the tensors never to offload. ``remove_activation_offload`` takes those forwards off
+again, ``is_offloaded`` tells whether a module has one.
+
+What it must never do: change a module's class, parameters, buffers or state-dict keys, wrap a
+module (or anything inside it) twice, or make a module and its wrapper reference each other
+strongly (a deleted model would then wait for the cyclic garbage collector).
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+
+from lightning_utils.modules.offload.function import BlockInfo, GraphCheck, OffloadOptions, checkpoint_call
+from lightning_utils.modules.targets import Target, find_targets
+
+__all__ = ["apply_activation_offload", "is_offloaded", "remove_activation_offload"]
+
+
+class _OffloadedForward:
+    """Replaces ``module.forward`` on the instance; the class, parameters and keys stay as they
+    are. It refers back to the module weakly (a strong reference would make a module <-> wrapper
+    cycle, so a deleted model and its device memory would wait for the cyclic garbage
+    collector); pickling and deep copies carry the reference over to the new module."""
+
+    def __init__(
+        self, module: nn.Module, name: str, options: OffloadOptions, inner: Any, root: nn.Module | None = None
+    ):
+        self._module = weakref.ref(module)
+        # the model it was applied to: its parameters and buffers are never offloaded
+        self._root = weakref.ref(root if root is not None else module)
+        self.name = name
+        self.options = options
+        self.inner = inner  # an instance-level forward that was already there, or None
+        self.checker = GraphCheck()
+
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.inner is not None:
+            return self.inner(*args, **kwargs)
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        module = self.module
+        root = self._root()
+        block = BlockInfo(self.options, self.name, self.checker, module, root if root is not None else module)
+        return checkpoint_call(self._forward, args, kwargs, module.parameters(), block)
+
+    @property
+    def module(self) -> nn.Module:
+        module = self._module()
+        if module is None:
+            raise RuntimeError(f"ActivationOffload: the module {self.name!r} this forward belonged to was deleted")
+        return module
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_module"] = self.module  # pickle/deepcopy resolve the cycle through their memo
+        state["_root"] = None  # never drag the whole model along with one block (see __deepcopy__)
+        state["checker"] = GraphCheck()
+        return state
+
+    def __deepcopy__(self, memo: dict) -> _OffloadedForward:
+        new = _OffloadedForward.__new__(_OffloadedForward)
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        root = self._root()
+        if root is not None and id(root) in memo:  # the whole model is being copied
+            new._root = weakref.ref(memo[id(root)])
+        return new
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        state["_module"] = weakref.ref(state["_module"])
+        state["_root"] = weakref.ref(state["_root"] if state["_root"] is not None else state["_module"]())
+        self.__dict__.update(state)
+
+
+def is_offloaded(module: nn.Module) -> bool:
+    """True if ``module`` runs as an offloaded checkpoint."""
+    return isinstance(module.__dict__.get("forward"), _OffloadedForward)
+
+
+def apply_activation_offload(
+    module: nn.Module,
+    target: Target,
+    *,
+    pin_memory: bool = True,
+    min_bytes: int = 0,
+    offload: bool = True,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+) -> list[str]:
+    """Make every matching submodule of ``module`` (the root included) an offloaded checkpoint.
+
+    Only the outermost match of a nested pair is wrapped; modules already wrapped (and their
+    children) are left as they are, so calling this twice is harmless. Returns the qualified
+    names of the newly wrapped modules.
+    """
+    if min_bytes < 0:
+        raise ValueError(f"`min_bytes` must be >= 0, got {min_bytes}")
+    options = OffloadOptions(pin_memory=pin_memory, min_bytes=int(min_bytes), offload=offload)
+    wrapped = []
+    for name, sub in list(find_targets(module, target, include, exclude, skip=is_offloaded)):
+        inner = sub.__dict__.get("forward")
+        sub.forward = _OffloadedForward(sub, name, options, inner, module)
+        wrapped.append(name)
+    return wrapped
+
+
+def remove_activation_offload(module: nn.Module) -> list[str]:
+    """Undo ``apply_activation_offload`` on ``module`` and its submodules; returns the names."""
+    removed = []
+    for name, sub in module.named_modules():
+        fwd = sub.__dict__.get("forward")
+        if isinstance(fwd, _OffloadedForward):
+            if fwd.inner is None:
+                del sub.forward
+            else:
+                sub.forward = fwd.inner
+            removed.append(name)
+    return removed

@@ -1,0 +1,27 @@
+"""Lightning Trainer plugins for checkpoints, and loading a LightningModule from any checkpoint.
+
+What it is for: the Lightning side of :mod:`lightning_utils.io`.
+
+- :class:`SafetensorsCheckpointIO`: ``Trainer(plugins=[SafetensorsCheckpointIO()])``; every
+  checkpoint the trainer writes or reads goes through :func:`lightning_utils.io.save_state` /
+  :func:`~lightning_utils.io.load_state`, so the suffix (``.sft`` or ``.ckpt``) picks the format.
+- :class:`AsyncCheckpointIO`: Lightning's asynchronous wrapper, with removals queued behind saves.
+- :func:`load_from_checkpoint`: ``LightningModule.load_from_checkpoint`` for ``.sft`` files too.
+
+What it must never do: define a file format (that is :mod:`lightning_utils.io`'s job).
+"""
+
+from lightning_utils.plugins.checkpoint_io import (
+    AsyncCheckpointIO,
+    SafetensorsCheckpointIO,
+    ensure_safetensors_checkpoint_io,
+)
+from lightning_utils.plugins.module_loading import check_strategy_writes_through_checkpoint_io, load_from_checkpoint
+
+__all__ = [
+    "AsyncCheckpointIO",
+    "SafetensorsCheckpointIO",
+    "check_strategy_writes_through_checkpoint_io",
+    "ensure_safetensors_checkpoint_io",
+    "load_from_checkpoint",
+]

@@ -1,0 +1,243 @@
+"""ExportWeights: plain safetensors weights (dtype, metadata, tied weights, prefix), hooks, commands."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from control_scripts.fakes import StepScript
+from control_scripts.recording_module import RecordingModule
+from helpers.lightning import cpu_trainer
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from lightning_utils.callbacks.export_weights import ExportWeights
+from lightning_utils.callbacks.training_control import TrainingControl
+
+
+class Tied(RecordingModule):
+    def __init__(self):
+        super().__init__()
+        self.model = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 5, bias=False))
+        self.model[1].weight = self.model[0].weight  # tied, like an LM head
+        self.register_buffer("counter", torch.tensor(7, dtype=torch.int64))
+
+
+def fit(tmp_path, callbacks, model=None, **kwargs):
+    trainer = cpu_trainer(tmp_path, callbacks, **kwargs)
+    model = model or RecordingModule()
+    trainer.fit(model)
+    return trainer, model
+
+
+def metadata(path):
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()
+
+
+def test_export_on_train_end_bf16_with_metadata(tmp_path):
+    exporter = ExportWeights(dtype="bf16")
+    _, model = fit(tmp_path, [exporter], model=Tied(), max_steps=3)
+    path = tmp_path / "export" / "weights-step=3.sft"
+    assert exporter.last_path == path
+    tensors = load_file(path)  # plain safetensors: no lightning_utils needed to read it
+    sd = model.state_dict()
+    assert set(tensors) == set(sd)
+    assert tensors["layer.weight"].dtype == torch.bfloat16
+    assert tensors["counter"].dtype == torch.int64 and int(tensors["counter"]) == 7  # ints never cast
+    assert torch.equal(tensors["model.1.weight"], tensors["model.0.weight"])  # tied: written under both names
+    fresh = Tied()
+    fresh.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, strict=True)
+    assert torch.allclose(fresh.layer.weight, model.layer.weight.detach(), atol=1e-2)
+    meta = metadata(path)
+    assert meta["format"] == "pt" and json.loads(meta["step"]) == 3 and meta["dtype"] == "bfloat16"
+    assert json.loads(meta["hparams"])["lr"] == 0.1
+    assert "loss" in json.loads(meta["metrics"])
+
+
+def test_strip_prefix_dtype_none_extra_metadata_and_name(tmp_path):
+    exporter = ExportWeights(
+        dirpath=tmp_path / "hf",
+        filename="model-{epoch}-{step}.safetensors",
+        dtype=None,
+        strip_prefix="model.",
+        metadata=lambda t, m: {"symmap": {"a": 1}, "note": "hi"},
+    )
+    trainer, _ = fit(tmp_path, [exporter], model=Tied(), max_steps=2)
+    path = tmp_path / "hf" / f"model-{trainer.current_epoch}-2.safetensors"  # Lightning's epoch at train end
+    tensors = load_file(path)
+    assert set(tensors) == {"0.weight", "1.weight"} and tensors["0.weight"].dtype == torch.float32
+    meta = metadata(path)
+    assert json.loads(meta["symmap"]) == {"a": 1} and meta["note"] == "hi"
+
+
+def test_export_on_every_checkpoint(tmp_path):
+    exporter = ExportWeights(export_on_checkpoint=True, export_on_train_end=False)
+    control = TrainingControl(source=None, signal=None, save_every_n_steps=2)
+    fit(tmp_path, [control, exporter], max_steps=4)
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["weights-step=2.sft", "weights-step=4.sft"]
+
+
+def test_training_control_export_command_uses_the_callback_in_trainer(tmp_path):
+    holder = {}
+    exporter = ExportWeights(dtype="fp16", export_on_train_end=True)
+    control = TrainingControl(
+        source=StepScript(lambda: holder["t"].global_step, {2: ["export"], 3: ["quit"]}),
+        signal=None,
+        save_on_export=False,
+        export_on_quit=True,
+        save_on_quit=False,
+    )
+    trainer = holder["t"] = cpu_trainer(tmp_path, [control, exporter], max_steps=50)
+    trainer.fit(RecordingModule())
+    # export at 2 (command), at 3 (quit); the train-end export of step 3 is not written twice
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["weights-step=2.sft", "weights-step=3.sft"]
+    assert load_file(tmp_path / "export" / "weights-step=2.sft")["layer.weight"].dtype == torch.float16
+    assert not (tmp_path / "checkpoints").exists()  # no save_on_export, no save_on_quit
+
+
+def test_training_control_default_exporter(tmp_path):
+    holder = {}
+    control = TrainingControl(
+        source=StepScript(lambda: holder["t"].global_step, {1: ["export"]}), signal=None, save_on_train_end=False
+    )
+    trainer = holder["t"] = cpu_trainer(tmp_path, [control], max_steps=2)
+    trainer.fit(RecordingModule())
+    assert load_file(tmp_path / "export" / "weights-step=1.sft")["layer.weight"].dtype == torch.float32
+    assert (tmp_path / "checkpoints" / "step=1.ckpt").is_file()  # save_on_export, on by default
+
+
+def test_only_global_rank_zero_writes(tmp_path):
+    exporter = ExportWeights(dirpath=tmp_path)
+    module = RecordingModule()
+    trainer = SimpleNamespace(
+        global_step=4,
+        current_epoch=0,
+        is_global_zero=False,
+        default_root_dir=str(tmp_path),
+        strategy=SimpleNamespace(lightning_module_state_dict=module.state_dict),
+        callback_metrics={},
+    )
+    assert exporter.export(trainer, module) is None
+    assert list(tmp_path.iterdir()) == []
+    trainer.is_global_zero = True
+    exporter = ExportWeights(dirpath=tmp_path)  # rank 0's own callback
+    assert exporter.export(trainer, module) == tmp_path / "weights-step=4.sft"
+    assert exporter.export(trainer, module) == tmp_path / "weights-step=4.sft"  # same step: not rewritten
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="dtype 'int8'"):
+        ExportWeights(dtype="int8")
+    with pytest.raises(ValueError, match="floating"):
+        ExportWeights(dtype=torch.int32)
+    with pytest.raises(ValueError, match="safetensors only"):
+        ExportWeights(filename="weights.pt")
+    with pytest.raises(ValueError, match="only {step} and {epoch}"):
+        ExportWeights(filename="w-{loss}")
+
+
+def test_nothing_under_prefix_is_a_clear_error(tmp_path):
+    exporter = ExportWeights(dirpath=tmp_path, strip_prefix="nothing.")
+    module = RecordingModule()
+    trainer = SimpleNamespace(
+        global_step=1,
+        current_epoch=0,
+        is_global_zero=True,
+        default_root_dir=str(tmp_path),
+        strategy=SimpleNamespace(lightning_module_state_dict=module.state_dict),
+        callback_metrics={},
+    )
+    with pytest.raises(ValueError, match="no tensors under prefix 'nothing.'"):
+        exporter.export(trainer, module)
+
+
+class CountingTrainer(SimpleNamespace):
+    """Counts the calls that are collectives on a real multi-rank strategy."""
+
+    def __init__(self, module, rank, root):
+        self.calls = []
+        trainer = self
+
+        class Strategy:
+            def lightning_module_state_dict(self):
+                trainer.calls.append("gather state dict")  # an all-gather under FSDP/DeepSpeed
+                return module.state_dict()
+
+        super().__init__(
+            global_step=3, current_epoch=0, is_global_zero=rank == 0, default_root_dir=str(root), strategy=Strategy()
+        )
+
+    @property
+    def callback_metrics(self):
+        self.calls.append("callback_metrics")  # an all-reduce for epoch-level sync_dist metrics
+        return {}
+
+
+def test_every_rank_runs_the_same_collectives_when_a_step_was_already_exported(tmp_path):
+    # e.g. `quit` with export_on_quit, then the train-end export at the same step: rank 0 skipped
+    # the second gather while rank 1 ran it, a collective rank 0 never joins (a hang under FSDP).
+    module = RecordingModule()
+    traces = []
+    for rank in (0, 1):
+        exporter = ExportWeights(dirpath=tmp_path)
+        trainer = CountingTrainer(module, rank, tmp_path)
+        first = exporter.export(trainer, module)
+        second = exporter.export(trainer, module)
+        assert first == second == (tmp_path / "weights-step=3.sft" if rank == 0 else None)
+        traces.append(trainer.calls)
+    assert traces[0] == traces[1] == ["gather state dict", "callback_metrics"]
+
+
+def test_metadata_reserved_keys_are_refused_up_front_and_values_round_trip(tmp_path):
+    from lightning_utils.io import load_state
+
+    for key in ("format", "module", "lightning_utils.skeleton", "lightning_utils.json_keys"):
+        with pytest.raises(ValueError, match=rf"metadata.*{key}.*reserved"):
+            ExportWeights(metadata={key: "x"})
+    with pytest.raises(TypeError, match="metadata"):
+        ExportWeights(metadata=3)
+    exporter = ExportWeights(dirpath=tmp_path, metadata=lambda t, m: {"module": "oops"})
+    module = RecordingModule()
+    trainer = SimpleNamespace(
+        global_step=1,
+        current_epoch=0,
+        is_global_zero=True,
+        default_root_dir=str(tmp_path),
+        strategy=SimpleNamespace(lightning_module_state_dict=module.state_dict),
+        callback_metrics={},
+    )
+    with pytest.raises(ValueError, match=r"ExportWeights\(metadata=\.\.\.\).*'module' is reserved"):
+        exporter.export(trainer, module)
+    assert list(tmp_path.iterdir()) == []
+    exporter = ExportWeights(dirpath=tmp_path, metadata={"note": "123", "symmap": {"a": 1}})
+    path = exporter.export(trainer, module)
+    state = load_state(path)  # what lightning_utils reads back: JSON values decoded, strings kept as strings
+    assert state["note"] == "123" and state["symmap"] == {"a": 1} and state["step"] == 1
+    assert state["hparams"]["lr"] == 0.1 and state["dtype"] == "float32"
+    assert metadata(path)["step"] == "1"  # and plain safetensors sees JSON strings
+
+
+def test_strip_prefix_matches_whole_module_names(tmp_path):
+    # "model" means the submodule `model`: not "model_ema.*", and no keys starting with "."
+    class Two(RecordingModule):
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Linear(2, 2)
+            self.model_ema = torch.nn.Linear(2, 2)
+
+    module = Two()
+    trainer = SimpleNamespace(
+        global_step=1,
+        current_epoch=0,
+        is_global_zero=True,
+        default_root_dir=str(tmp_path),
+        strategy=SimpleNamespace(lightning_module_state_dict=module.state_dict),
+        callback_metrics={},
+    )
+    for prefix in ("model", "model."):
+        path = ExportWeights(dirpath=tmp_path / prefix, strip_prefix=prefix).export(trainer, module)
+        assert set(load_file(path)) == {"weight", "bias"}
+        torch.nn.Linear(2, 2).load_state_dict(load_file(path))

@@ -1,0 +1,116 @@
+"""``lightning-utils inspect`` and ``convert`` (:mod:`lightning_utils.cli.inspect`,
+:mod:`lightning_utils.cli.convert`): output, exit codes, safety."""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers.checkpoints import Custom, assert_same
+
+from lightning_utils.cli import main
+from lightning_utils.io import load_state, save_state
+
+
+@pytest.fixture
+def ckpt():
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    return {
+        "state_dict": model.state_dict(),
+        "optimizer_states": [opt.state_dict()],
+        "epoch": 1,
+        "bf": torch.zeros(2, 2, dtype=torch.bfloat16),
+    }
+
+
+def test_inspect_sft_and_ckpt(tmp_path, ckpt, capsys):
+    save_state(ckpt, tmp_path / "c.sft")
+    save_state(ckpt, tmp_path / "c.ckpt")
+    assert main(["inspect", str(tmp_path / "c.sft")]) == 0
+    out_sft = capsys.readouterr().out
+    assert "weight: tensor float32 [3, 4] 48 B" in out_sft and "bf: tensor bfloat16 [2, 2]" in out_sft
+    assert "exp_avg_sq: tensor float32 [3, 4]" in out_sft and "epoch: 1" in out_sft
+    assert main(["inspect", str(tmp_path / "c.ckpt")]) == 0
+    out_ckpt = capsys.readouterr().out
+    assert out_sft.splitlines()[1:] == out_ckpt.splitlines()[1:]  # the same tree for both formats
+    assert main(["inspect", str(tmp_path / "c.sft"), "--depth", "1"]) == 0
+    assert "weight" not in capsys.readouterr().out
+
+
+def test_inspect_errors(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "missing.sft")]) == 1
+    assert "missing.sft" in capsys.readouterr().err
+    (tmp_path / "junk.sft").write_bytes(b"not a checkpoint")
+    assert main(["inspect", str(tmp_path / "junk.sft")]) == 1
+    assert "junk.sft" in capsys.readouterr().err
+
+
+def test_inspect_of_a_crafted_file_exits_1_with_a_message(tmp_path, capsys):
+    """A header whose shape torch cannot represent makes ``inspect`` exit 1 with a message naming the file."""
+    header = json.dumps({"x": {"dtype": "F32", "shape": [0, 2**64], "data_offsets": [0, 0]}}).encode()
+    header += b" " * (-len(header) % 8)
+    p = tmp_path / "crafted.sft"
+    p.write_bytes(struct.pack("<Q", len(header)) + header)
+    assert main(["inspect", str(p)]) == 1
+    assert "crafted.sft" in capsys.readouterr().err
+
+
+def test_convert_both_ways(tmp_path, ckpt, capsys):
+    save_state(ckpt, tmp_path / "c.ckpt")
+    assert main(["convert", str(tmp_path / "c.ckpt"), str(tmp_path / "c.sft")]) == 0
+    assert_same(load_state(tmp_path / "c.sft"), load_state(tmp_path / "c.ckpt"))
+    assert main(["convert", str(tmp_path / "c.sft"), str(tmp_path / "back.pt")]) == 0
+    assert_same(load_state(tmp_path / "back.pt"), load_state(tmp_path / "c.ckpt"))
+    assert main(["convert", str(tmp_path / "c.ckpt"), str(tmp_path / "c.sft")]) == 2  # exists
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "c.ckpt"), str(tmp_path / "c.sft"), "--overwrite"]) == 0
+
+
+def test_convert_refuses_unsafe_pickles_unless_asked(tmp_path, capsys):
+    save_state({"obj": Custom(1), "w": torch.ones(1)}, tmp_path / "u.ckpt")
+    assert main(["convert", str(tmp_path / "u.ckpt"), str(tmp_path / "u.sft")]) == 1
+    err = capsys.readouterr().err
+    assert "--unsafe" in err and not (tmp_path / "u.sft").exists()
+    # with --unsafe it loads, but the object still cannot go into a .sft: a clear error naming it
+    assert main(["convert", str(tmp_path / "u.ckpt"), str(tmp_path / "u.sft"), "--unsafe"]) == 1
+    assert "['obj']" in capsys.readouterr().err and not (tmp_path / "u.sft").exists()
+
+
+def test_convert_to_ckpt_of_what_torch_cannot_pickle_exits_1(tmp_path, capsys):
+    """One storage viewed as two dtypes (which a .sft keeps and ``torch.save`` refuses) makes
+    ``convert`` to ``.ckpt`` exit 1 with a message naming the destination, and write nothing."""
+    base = torch.arange(8, dtype=torch.int32)
+    save_state({"i": base, "f": base.view(torch.float32)}, tmp_path / "mixed.sft")
+    assert main(["convert", str(tmp_path / "mixed.sft"), str(tmp_path / "mixed.ckpt")]) == 1
+    assert "mixed.ckpt" in capsys.readouterr().err
+    assert not (tmp_path / "mixed.ckpt").exists()
+
+
+def test_convert_onto_a_directory_exits_with_a_message(tmp_path, capsys):
+    """``convert SRC DST --overwrite`` with DST an existing directory exits with a message naming it
+    (any OSError from the write does), not a traceback."""
+    save_state({"a": torch.ones(1)}, tmp_path / "src.ckpt")
+    (tmp_path / "dst.sft").mkdir()
+    assert main(["convert", str(tmp_path / "src.ckpt"), str(tmp_path / "dst.sft"), "--overwrite"]) in (1, 2)
+    assert "dst.sft" in capsys.readouterr().err
+
+
+def test_convert_bad_suffix(tmp_path, capsys):
+    assert main(["convert", str(tmp_path / "a.ckpt"), str(tmp_path / "a.xyz")]) == 2
+    assert "a.xyz" in capsys.readouterr().err
+
+
+def test_console_entry_point_runs(tmp_path, ckpt):
+    save_state(ckpt, tmp_path / "c.sft")
+    proc = subprocess.run([sys.executable, "-m", "lightning_utils.cli", "inspect", str(tmp_path / "c.sft")],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0 and "state_dict: OrderedDict (2 items)" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "lightning_utils.cli"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "inspect" in proc.stdout

@@ -1,0 +1,1 @@
+"""Shared test helpers: the one CPU Trainer builder, the tiny LightningModule, free ports."""
