@@ -139,6 +139,9 @@ class _IndexTable(NamedTuple):
     fill: Tensor  # [K * N]; True where the special token goes
     fill_index: Tensor | None  # positions of ``fill`` when they are few (None: use ``fill``)
     any_fill: bool
+    # [K * N] indexes into the sources with the token appended (index n_sources), used when
+    # the special cells are many and the sources fewer than the outputs (None otherwise).
+    appended: Tensor | None
 
     @classmethod
     def make(cls, indexes: Tensor, mask: Tensor, n_sources: int) -> _IndexTable:
@@ -147,7 +150,12 @@ class _IndexTable(NamedTuple):
         positions = fill.nonzero().squeeze(1)
         # Few special cells (delay patterns: K * max_delay of them): write just those.
         fill_index = positions if positions.numel() * 8 <= fill.numel() else None
-        return cls(indexes, mask, gather, fill, fill_index, positions.numel() > 0)
+        # Many special cells: either gather then select the token into them (two passes over
+        # the output) or append the token to a copy of the sources and gather once (one pass
+        # over the sources, one over the output); the second wins when the sources are fewer,
+        # as when an unrolled pattern spreads K * T codes over K * S mostly empty cells.
+        appended = indexes.reshape(-1) if fill_index is None and n_sources < fill.numel() else None
+        return cls(indexes, mask, gather, fill, fill_index, positions.numel() > 0, appended)
 
     def to(self, device: torch.device) -> _IndexTable:
         def move(x: Tensor | None) -> Tensor | None:
@@ -155,7 +163,7 @@ class _IndexTable(NamedTuple):
 
         return _IndexTable(
             self.indexes.to(device), self.mask.to(device), move(self.gather), self.fill.to(device),
-            move(self.fill_index), self.any_fill,
+            move(self.fill_index), self.any_fill, move(self.appended),
         )  # fmt: skip
 
 
@@ -513,8 +521,11 @@ class Pattern:
         dtype = torch.result_type(flat, special_token)
         if table.gather is None:  # nothing to read from: every cell is special
             return torch.full((*flat.shape[:-1], table.fill.numel()), special_token, dtype=dtype, device=flat.device)
+        if table.any_fill and table.appended is not None:
+            token = torch.full((*flat.shape[:-1], 1), special_token, dtype=dtype, device=flat.device)
+            return torch.cat([flat.to(dtype), token], dim=-1).index_select(-1, table.appended)
         # Gather with in-range indexes, then overwrite the special cells: cheaper than
-        # appending the token to a copy of the whole input.
+        # appending the token to a copy of the whole input when the input is the larger.
         values = flat.index_select(-1, table.gather).to(dtype)
         if not table.any_fill:
             return values
