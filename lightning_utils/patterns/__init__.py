@@ -18,11 +18,21 @@ LightningCLI rebuilds it from the config's class path.
 
 Everything is vectorised (index tables and gathers, cached per shape and device).
 
+It is a drop-in for audiocraft's ``audiocraft.modules.codebooks_patterns``: the same classes,
+methods, properties, signatures, defaults and results (``timesteps=0`` and the two
+``_build_*_scatter_indexes`` helpers included), and a subclass that writes ``get_pattern``
+itself, as audiocraft's providers do, works and is cached. Bad arguments raise
+:class:`PatternError`, a ``ValueError`` that is also the ``AssertionError`` audiocraft raises.
+On top: conversions need no contiguous input and never wrap a special token that the codes'
+dtype cannot hold, ``Pattern`` takes plain ``(t, q)`` pairs or :meth:`Pattern.from_coordinates`
+tensors, answers step queries for any timestep, and providers pickle and have a ``repr`` that
+rebuilds them.
+
 What it must never do: own a model, a loss or a tokenizer (it only lays tokens out), or import
 anything beyond torch.
 """
 
-from lightning_utils.patterns.pattern import LayoutCoord, Pattern, PatternLayout
+from lightning_utils.patterns.pattern import LayoutCoord, Pattern, PatternError, PatternLayout
 from lightning_utils.patterns.providers import (
     CoarseFirstPattern,
     CodebooksPatternProvider,
@@ -40,6 +50,7 @@ __all__ = [
     "MusicLMPattern",
     "ParallelPatternProvider",
     "Pattern",
+    "PatternError",
     "PatternLayout",
     "UnrolledPatternProvider",
 ]

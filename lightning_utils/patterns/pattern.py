@@ -13,6 +13,10 @@ coordinates, and every conversion is one gather (``index_select``) through an in
 built from those tensors with scatter operations. The tables are cached per pattern, shape,
 ``keep_only_valid_steps`` and device.
 
+Its methods, properties and results are those of audiocraft's ``Pattern`` (a dataclass of
+``layout``, ``timesteps`` and ``n_q``, compared by value), the ``_build_*_scatter_indexes``
+helpers included.
+
 What it must never do: loop in Python over sequence steps or timesteps while converting,
 mutate its inputs, or hand out its cached tables (callers get copies, so changing a returned
 ``mask`` in place cannot corrupt later calls).
@@ -29,9 +33,17 @@ from typing import Any, NamedTuple, TypeVar
 import torch
 from torch import Tensor
 
-__all__ = ["LayoutCoord", "Pattern", "PatternLayout"]
+__all__ = ["LayoutCoord", "Pattern", "PatternError", "PatternLayout"]
 
 _V = TypeVar("_V")
+
+
+class PatternError(ValueError, AssertionError):
+    """Bad pattern arguments or input shapes.
+
+    A ``ValueError``; also an ``AssertionError`` because audiocraft's ``codebooks_patterns``
+    checks the same conditions with ``assert``, so code written against it keeps catching them.
+    """
 
 
 class LayoutCoord(NamedTuple):
@@ -46,15 +58,15 @@ PatternLayout = list[list[LayoutCoord]]
 
 
 def _as_int(name: str, value: Any, minimum: int | None = None) -> int:
-    """``value`` as a Python int, or a ValueError naming ``name`` (bools are not integers here)."""
+    """``value`` as a Python int, or a PatternError naming ``name`` (bools are not integers here)."""
     if isinstance(value, bool):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+        raise PatternError(f"{name} must be an integer, got {value!r}")
     try:
         out = operator.index(value)
     except TypeError:
-        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+        raise PatternError(f"{name} must be an integer, got {value!r}") from None
     if minimum is not None and out < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {out}")
+        raise PatternError(f"{name} must be >= {minimum}, got {out}")
     return out
 
 
@@ -83,7 +95,7 @@ class _BoundedCache:
 def _int_vector(name: str, values: Any) -> Tensor:
     tensor = torch.as_tensor(values)
     if tensor.dim() != 1 or tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
-        raise ValueError(
+        raise PatternError(
             f"{name} must be a 1-D integer tensor, got dtype {tensor.dtype} and shape {tuple(tensor.shape)}"
         )
     return tensor.to(device="cpu", dtype=torch.long).contiguous()
@@ -97,7 +109,7 @@ def _special_token_for(values: Tensor, special_token: Any) -> Any:
     """
     if isinstance(special_token, Tensor):
         if special_token.numel() != 1:
-            raise ValueError(
+            raise PatternError(
                 f"special_token must be a number or a one-element tensor, got shape {tuple(special_token.shape)}"
             )
         special_token = special_token.item()
@@ -106,12 +118,12 @@ def _special_token_for(values: Tensor, special_token: Any) -> Any:
     elif isinstance(special_token, numbers.Real) and not isinstance(special_token, bool):
         special_token = float(special_token)
     elif not isinstance(special_token, bool):
-        raise ValueError(f"special_token must be a real number, got {special_token!r}")
+        raise PatternError(f"special_token must be a real number, got {special_token!r}")
     dtype = torch.result_type(values, special_token)
     if not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool):
         info = torch.iinfo(dtype)
         if not info.min <= special_token <= info.max:
-            raise ValueError(
+            raise PatternError(
                 f"special_token={special_token} does not fit the codes' dtype {str(dtype).removeprefix('torch.')} "
                 f"(range {info.min}..{info.max}); use a wider dtype or a token inside that range"
             )
@@ -127,6 +139,9 @@ class _IndexTable(NamedTuple):
     fill: Tensor  # [K * N]; True where the special token goes
     fill_index: Tensor | None  # positions of ``fill`` when they are few (None: use ``fill``)
     any_fill: bool
+    # [K * N] indexes into the sources with the token appended (index n_sources), used when
+    # the special cells are many and the sources fewer than the outputs (None otherwise).
+    appended: Tensor | None
 
     @classmethod
     def make(cls, indexes: Tensor, mask: Tensor, n_sources: int) -> _IndexTable:
@@ -135,7 +150,12 @@ class _IndexTable(NamedTuple):
         positions = fill.nonzero().squeeze(1)
         # Few special cells (delay patterns: K * max_delay of them): write just those.
         fill_index = positions if positions.numel() * 8 <= fill.numel() else None
-        return cls(indexes, mask, gather, fill, fill_index, positions.numel() > 0)
+        # Many special cells: either gather then select the token into them (two passes over
+        # the output) or append the token to a copy of the sources and gather once (one pass
+        # over the sources, one over the output); the second wins when the sources are fewer,
+        # as when an unrolled pattern spreads K * T codes over K * S mostly empty cells.
+        appended = indexes.reshape(-1) if fill_index is None and n_sources < fill.numel() else None
+        return cls(indexes, mask, gather, fill, fill_index, positions.numel() > 0, appended)
 
     def to(self, device: torch.device) -> _IndexTable:
         def move(x: Tensor | None) -> Tensor | None:
@@ -143,7 +163,7 @@ class _IndexTable(NamedTuple):
 
         return _IndexTable(
             self.indexes.to(device), self.mask.to(device), move(self.gather), self.fill.to(device),
-            move(self.fill_index), self.any_fill,
+            move(self.fill_index), self.any_fill, move(self.appended),
         )  # fmt: skip
 
 
@@ -165,7 +185,7 @@ class Pattern:
 
     def __init__(self, layout: Sequence[Sequence[Any]], timesteps: int, n_q: int) -> None:
         if len(layout) == 0:
-            raise ValueError("layout must hold at least one sequence step")
+            raise PatternError("layout must hold at least one sequence step")
         steps: list[int] = []
         codebooks: list[int] = []
         times: list[int] = []
@@ -175,7 +195,7 @@ class Pattern:
                 try:
                     t, q = coord
                 except (TypeError, ValueError):
-                    raise ValueError(f"layout[{s}] holds {coord!r}, not a (t, q) coordinate") from None
+                    raise PatternError(f"layout[{s}] holds {coord!r}, not a (t, q) coordinate") from None
                 steps.append(s)
                 times.append(_as_int(f"layout[{s}] timestep", t))
                 codebooks.append(_as_int(f"layout[{s}] codebook", q))
@@ -212,11 +232,11 @@ class Pattern:
     def _setup(
         self, steps: Tensor, codebooks: Tensor, times: Tensor, *, num_steps: int, timesteps: int, n_q: int
     ) -> None:
-        self.timesteps = _as_int("timesteps", timesteps, minimum=1)
+        self.timesteps = _as_int("timesteps", timesteps, minimum=0)
         self.n_q = _as_int("n_q", n_q, minimum=1)
         self.num_steps = _as_int("num_steps", num_steps, minimum=1)
         if not (steps.shape == codebooks.shape == times.shape):
-            raise ValueError(
+            raise PatternError(
                 f"steps, codebooks and times must have the same length, got {steps.numel()}, "
                 f"{codebooks.numel()} and {times.numel()}"
             )
@@ -226,12 +246,14 @@ class Pattern:
         self._steps = steps[order].contiguous()
         self._codebooks = codebooks[order].contiguous()
         self._times = times[order].contiguous()
-        # How many steps past the last frame the pattern reaches: the largest t + 1 over all
-        # steps but the first, minus timesteps.
+        # How many frames past the last one the pattern reaches: the largest t + 1 over all
+        # steps but the first (the special step of a usual pattern), minus timesteps.
         later = self._steps >= 1
         max_t = int((self._times[later] + 1).max()) if bool(later.any()) else 0
-        self.max_delay = max_t - self.timesteps
-        self.num_valid_steps = max(0, min(self.num_steps, self.num_steps - self.max_delay))
+        self._max_delay = max_t - self.timesteps
+        # ``layout[:num_steps - max_delay]`` with Python's slice rules (a negative end counts
+        # from the back), which is how audiocraft defines the valid steps.
+        self.num_valid_steps = len(range(self.num_steps)[: self.num_steps - self._max_delay])
         self._init_caches()
 
     def _check_layout(self, steps: Tensor, codebooks: Tensor, times: Tensor) -> None:
@@ -240,17 +262,17 @@ class Pattern:
         bad = (steps < 0) | (steps >= self.num_steps)
         if bool(bad.any()):
             i = int(bad.nonzero()[0])
-            raise ValueError(f"layout: step {int(steps[i])} is outside [0, num_steps={self.num_steps})")
+            raise PatternError(f"layout: step {int(steps[i])} is outside [0, num_steps={self.num_steps})")
         bad = (codebooks < 0) | (codebooks >= self.n_q)
         if bool(bad.any()):
             i = int(bad.nonzero()[0])
-            raise ValueError(
+            raise PatternError(
                 f"layout: step {int(steps[i])} holds codebook {int(codebooks[i])}, outside [0, n_q={self.n_q})"
             )
         bad = times < 0
         if bool(bad.any()):
             i = int(bad.nonzero()[0])
-            raise ValueError(f"layout: step {int(steps[i])} holds a negative timestep {int(times[i])}")
+            raise PatternError(f"layout: step {int(steps[i])} holds a negative timestep {int(times[i])}")
         # Sorted by (codebook, step), each codebook's entries are contiguous and in step order.
         order = torch.argsort(codebooks * self.num_steps + steps, stable=True)
         q, s, t = codebooks[order], steps[order], times[order]
@@ -258,11 +280,11 @@ class Pattern:
         twice = same_q & (s[1:] == s[:-1])
         if bool(twice.any()):
             i = int(twice.nonzero()[0])
-            raise ValueError(f"layout: step {int(s[i])} holds codebook {int(q[i])} more than once")
+            raise PatternError(f"layout: step {int(s[i])} holds codebook {int(q[i])} more than once")
         back = same_q & (t[1:] < t[:-1])
         if bool(back.any()):
             i = int(back.nonzero()[0])
-            raise ValueError(
+            raise PatternError(
                 f"layout: codebook {int(q[i])} goes back in time at step {int(s[i + 1])} "
                 f"(timestep {int(t[i + 1])} after {int(t[i])})"
             )
@@ -280,8 +302,25 @@ class Pattern:
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        if "max_delay" in state:  # pickled before max_delay became a property
+            state["_max_delay"] = state.pop("max_delay")
         self.__dict__.update(state)
         self._init_caches()
+
+    def __eq__(self, other: object) -> bool:
+        """Equal when ``layout``, ``timesteps`` and ``n_q`` are (as for a dataclass)."""
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, Pattern)
+        return (
+            (self.timesteps, self.n_q, self.num_steps) == (other.timesteps, other.n_q, other.num_steps)
+            and torch.equal(self._steps, other._steps)
+            and torch.equal(self._codebooks, other._codebooks)
+            and torch.equal(self._times, other._times)
+        )
+
+    # Equal patterns must hash equally and the layout is long: unhashable, like a dataclass.
+    __hash__ = None  # type: ignore[assignment]
 
     # ------------------------------------------------------------------ inspection
 
@@ -297,16 +336,24 @@ class Pattern:
 
     @property
     def valid_layout(self) -> PatternLayout:
-        """The first ``num_steps - max_delay`` steps (``len == num_valid_steps``).
+        """``layout[:num_steps - max_delay]`` (``len == num_valid_steps``).
 
         For delay patterns (delayed, parallel, coarse-first) these are exactly the steps before
         the first one that holds a coordinate past the last frame, so a model trained on them
         reads ``timesteps`` frames of codebook 0. Steps past them may still hold real codes of
         the later codebooks (dropped by ``keep_only_valid_steps=True``; the reverted ``mask``
         says which codes were kept). For unrolled patterns with delays the cut is by steps, not
-        frames, so it can keep a step that holds a coordinate past the last frame.
+        frames, so it can keep a step that holds a coordinate past the last frame. A layout
+        reaching more than ``num_steps`` frames past the end gets Python's slice of a negative
+        end (``layout[:-n]``), as in audiocraft.
         """
         return self.layout[: self.num_valid_steps]
+
+    @property
+    def max_delay(self) -> int:
+        """How many frames past the last one the layout reaches: the largest ``t + 1`` over the
+        steps after the first, minus :attr:`timesteps` (negative when it stops short)."""
+        return self._max_delay
 
     @property
     def num_sequence_steps(self) -> int:
@@ -395,16 +442,65 @@ class Pattern:
             return cpu
         return self._timeline_tables.get((*key, device), lambda: cpu.to(device))
 
+    def _check_helper_n_q(self, n_q: int) -> None:
+        if n_q != self.n_q:
+            raise PatternError(f"n_q={n_q} does not match the pattern's n_q={self.n_q}")
+
+    def _build_pattern_sequence_scatter_indexes(
+        self, timesteps: int, n_q: int, keep_only_valid_steps: bool, device: torch.device | str = "cpu"
+    ) -> tuple[Tensor, Tensor]:
+        """The index table :meth:`build_pattern_sequence` gathers through, for codes ``[B, n_q, timesteps]``.
+
+        Returns:
+            ``(indexes [K, S], mask [K, S])`` on ``device``: ``indexes[q, s]`` is where step
+            ``s`` of codebook ``q`` reads from the codes flattened to ``[K * timesteps]``
+            (``K * timesteps`` means the special token); ``mask`` is true where it reads a code.
+        """
+        self._check_helper_n_q(n_q)
+        timesteps = _as_int("timesteps", timesteps, minimum=0)
+        if timesteps > self.timesteps:
+            raise PatternError(f"timesteps={timesteps} is more than the pattern's timesteps={self.timesteps}")
+        table = self._sequence_tables_on(timesteps, bool(keep_only_valid_steps), torch.device(device))
+        return table.indexes.clone(), table.mask.clone()
+
+    def _build_reverted_sequence_scatter_indexes(
+        self,
+        sequence_steps: int,
+        n_q: int,
+        keep_only_valid_steps: bool = False,
+        is_model_output: bool = False,
+        device: torch.device | str = "cpu",
+    ) -> tuple[Tensor, Tensor]:
+        """The index table :meth:`revert_pattern_sequence` (``is_model_output=False``) or
+        :meth:`revert_pattern_logits` (``True``) gathers through, for ``sequence_steps`` steps.
+
+        Returns:
+            ``(indexes [K, timesteps], mask [K, timesteps])`` on ``device``: ``indexes[q, t]``
+            is where code ``(t, q)`` is read from the sequence flattened to
+            ``[K * sequence_steps]`` (``K * sequence_steps`` means the special token); ``mask``
+            is true where the code is found.
+        """
+        self._check_helper_n_q(n_q)
+        sequence_steps = _as_int("sequence_steps", sequence_steps, minimum=0)
+        keep = bool(keep_only_valid_steps)
+        if sequence_steps > self._steps_in_use(keep):
+            which = "valid steps" if keep else "steps"
+            raise PatternError(
+                f"sequence_steps={sequence_steps} is more than the pattern's {self._steps_in_use(keep)} {which}"
+            )
+        table = self._timeline_tables_on(sequence_steps, keep, bool(is_model_output), torch.device(device))
+        return table.indexes.clone(), table.mask.clone()
+
     # ------------------------------------------------------------------ conversions
 
     def _check_codebooks(self, name: str, tensor: Tensor, layout: str, ndim: int, dim: int) -> None:
         """``tensor`` has ``ndim`` dimensions (named in ``layout``) and ``n_q`` codebooks at ``dim``."""
         if not isinstance(tensor, Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor of shape {layout}, got {type(tensor).__name__}")
+            raise PatternError(f"{name} must be a torch.Tensor of shape {layout}, got {type(tensor).__name__}")
         if tensor.dim() != ndim:
-            raise ValueError(f"{name} must have shape {layout}, got shape {tuple(tensor.shape)}")
+            raise PatternError(f"{name} must have shape {layout}, got shape {tuple(tensor.shape)}")
         if tensor.shape[dim] != self.n_q:
-            raise ValueError(
+            raise PatternError(
                 f"{name} has {tensor.shape[dim]} codebooks (shape {tuple(tensor.shape)}) but the pattern has n_q={self.n_q}"
             )
 
@@ -412,7 +508,7 @@ class Pattern:
         limit = self._steps_in_use(keep)
         if steps > limit:
             which = "valid steps" if keep else "steps"
-            raise ValueError(f"{name} has {steps} sequence steps but the pattern has only {limit} {which}")
+            raise PatternError(f"{name} has {steps} sequence steps but the pattern has only {limit} {which}")
 
     @staticmethod
     def _gather_with_special(flat: Tensor, table: _IndexTable, special_token: Any) -> Tensor:
@@ -425,8 +521,11 @@ class Pattern:
         dtype = torch.result_type(flat, special_token)
         if table.gather is None:  # nothing to read from: every cell is special
             return torch.full((*flat.shape[:-1], table.fill.numel()), special_token, dtype=dtype, device=flat.device)
+        if table.any_fill and table.appended is not None:
+            token = torch.full((*flat.shape[:-1], 1), special_token, dtype=dtype, device=flat.device)
+            return torch.cat([flat.to(dtype), token], dim=-1).index_select(-1, table.appended)
         # Gather with in-range indexes, then overwrite the special cells: cheaper than
-        # appending the token to a copy of the whole input.
+        # appending the token to a copy of the whole input when the input is the larger.
         values = flat.index_select(-1, table.gather).to(dtype)
         if not table.any_fill:
             return values
@@ -454,7 +553,7 @@ class Pattern:
         self._check_codebooks("z", z, "[B, K, T]", ndim=3, dim=1)
         batch, n_q, timesteps = z.shape
         if timesteps > self.timesteps:
-            raise ValueError(f"z has {timesteps} timesteps, more than the pattern's timesteps={self.timesteps}")
+            raise PatternError(f"z has {timesteps} timesteps, more than the pattern's timesteps={self.timesteps}")
         table = self._sequence_tables_on(timesteps, bool(keep_only_valid_steps), z.device)
         values = self._gather_with_special(z.reshape(batch, n_q * timesteps), table, special_token)
         return values.view(batch, n_q, table.indexes.shape[-1]), table.indexes.clone(), table.mask.clone()

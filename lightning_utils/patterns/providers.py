@@ -8,7 +8,9 @@ last 100 patterns (and each pattern caches its index tables).
 The layouts, for ``n_q = K`` codebooks and ``T`` timesteps (step 0 is the special token):
 
 * :class:`DelayedPatternProvider` (MusicGen's delay pattern): code ``(t, q)`` at step
-  ``1 + t + delays[q]``; ``delays`` defaults to ``0, 1, ..., K - 1``.
+  ``1 + t + delays[q]``; ``delays`` defaults to ``0, 1, ..., K - 1``. Every codebook runs on
+  until the most delayed one has reached frame ``T - 1``, so the less delayed ones hold
+  coordinates past the end (``t >= T``; special tokens in built sequences).
 * :class:`ParallelPatternProvider`: all codebooks of frame ``t`` at step ``1 + t``.
 * :class:`UnrolledPatternProvider`: each frame unrolled into inner steps, ``flattening[q]``
   naming codebook ``q``'s inner step (codebooks sharing one stay in parallel), optionally
@@ -17,20 +19,26 @@ The layouts, for ``n_q = K`` codebooks and ``T`` timesteps (step 0 is the specia
 * :class:`MusicLMPattern`: codebooks in groups of ``group_by``, each group flattened over the
   whole sequence before the next group starts.
 
+Classes, arguments, defaults, attributes and layouts are those of audiocraft's
+``codebooks_patterns`` (``timesteps=0`` included), so either can replace the other.
+
 What it must never do: build layouts with Python loops over timesteps (they are made with
 tensor arithmetic, so a 3000-frame pattern costs about as little as a 30-frame one), or accept
-arguments that give a pattern that cannot be reverted (a ValueError names the argument).
+arguments that give a pattern that cannot be reverted (a PatternError names the argument).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from abc import ABC, abstractmethod
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from lightning_utils.patterns.pattern import Pattern, _as_int, _BoundedCache
+from lightning_utils.patterns.pattern import Pattern, PatternError, _as_int, _BoundedCache
 
 __all__ = [
     "CoarseFirstPattern",
@@ -43,19 +51,19 @@ __all__ = [
 
 
 def _int_list(name: str, values: Any, length: int, *, non_decreasing: bool = True) -> list[int]:
-    """``values`` as a list of ``length`` non-negative ints (non-decreasing), or a ValueError naming ``name``."""
+    """``values`` as a list of ``length`` non-negative ints (non-decreasing), or a PatternError naming ``name``."""
     if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
-        raise ValueError(f"{name} must be a list of {length} integers, got {values!r}")
+        raise PatternError(f"{name} must be a list of {length} integers, got {values!r}")
     out = [_as_int(f"{name}[{i}]", v) for i, v in enumerate(values)]
     if len(out) != length:
-        raise ValueError(f"{name} must have {length} entries, got {len(out)}: {out}")
+        raise PatternError(f"{name} must have {length} entries, got {len(out)}: {out}")
     for i, v in enumerate(out):
         if v < 0:
-            raise ValueError(f"{name}[{i}] must be >= 0, got {v} (in {out})")
+            raise PatternError(f"{name}[{i}] must be >= 0, got {v} (in {out})")
     if non_decreasing:
         for i in range(1, len(out)):
             if out[i] < out[i - 1]:
-                raise ValueError(f"{name} must be non-decreasing, got {out} ({name}[{i}] < {name}[{i - 1}])")
+                raise PatternError(f"{name} must be non-decreasing, got {out} ({name}[{i}] < {name}[{i - 1}])")
     return out
 
 
@@ -67,7 +75,8 @@ class CodebooksPatternProvider(ABC):
         cached: keep the last 100 patterns (by ``timesteps``); turn off for providers whose
             subclass changes its layout between calls.
 
-    Subclasses implement :meth:`make_pattern`.
+    Subclasses implement :meth:`make_pattern`, or, as audiocraft's providers do,
+    :meth:`get_pattern` itself (it is then cached all the same, and ``make_pattern`` calls it).
     """
 
     def __init__(self, n_q: int, cached: bool = True) -> None:
@@ -75,16 +84,38 @@ class CodebooksPatternProvider(ABC):
         self.cached = bool(cached)
         self._patterns = _BoundedCache(100)
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("get_pattern")
+        if own is None or not callable(own) or getattr(own, "_caches_patterns", False):
+            return
+        # audiocraft's extension point is get_pattern: cache what the subclass wrote under
+        # its own key (a super().get_pattern call inside it caches the parent's pattern apart).
+        cls.get_pattern = _caching_get_pattern(own)  # type: ignore[method-assign, assignment]
+        if getattr(cls.make_pattern, "__isabstractmethod__", False):
+            cls.make_pattern = _make_pattern_with(own)  # type: ignore[method-assign, assignment]
+
     def get_pattern(self, timesteps: int) -> Pattern:
-        """The pattern for sequences of ``timesteps`` code frames."""
-        timesteps = _as_int("timesteps", timesteps, minimum=1)
-        if not self.cached:
+        """The pattern for sequences of ``timesteps`` code frames (``0`` included)."""
+        if getattr(type(self).make_pattern, "_calls_get_pattern", False):
+            # Only a subclass's get_pattern calling super().get_pattern() gets here: the base
+            # has no layout of its own, and going on would call that get_pattern again.
+            raise NotImplementedError(f"{type(self).__name__}.get_pattern must build the pattern itself")
+        timesteps = _as_int("timesteps", timesteps, minimum=0)
+        if not getattr(self, "cached", True):
             return self.make_pattern(timesteps)
-        return self._patterns.get(timesteps, lambda: self.make_pattern(timesteps))
+        return self._pattern_cache().get(timesteps, lambda: self.make_pattern(timesteps))
 
     @abstractmethod
     def make_pattern(self, timesteps: int) -> Pattern:
         """Build (uncached) the pattern for ``timesteps`` frames; called by :meth:`get_pattern`."""
+
+    def _pattern_cache(self) -> _BoundedCache:
+        # A subclass whose __init__ skips ours still gets a cache.
+        cache = self.__dict__.get("_patterns")
+        if cache is None:
+            cache = self._patterns = _BoundedCache(100)
+        return cache
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -96,8 +127,39 @@ class CodebooksPatternProvider(ABC):
         self._patterns = _BoundedCache(100)
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.__dict__.items() if not k.startswith("_") and k != "cached")
+        """The constructor call: each ``__init__`` argument the provider keeps as an attribute."""
+        names = [
+            p.name
+            for p in inspect.signature(type(self).__init__).parameters.values()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in ("self", "cached")
+        ]
+        args = ", ".join(f"{name}={getattr(self, name)!r}" for name in names if hasattr(self, name))
         return f"{type(self).__name__}({args})"
+
+
+def _caching_get_pattern(build: Callable[[Any, int], Pattern]) -> Callable[[Any, int], Pattern]:
+    """``build`` (a subclass's own ``get_pattern``) behind the provider's pattern cache."""
+
+    @functools.wraps(build)
+    def get_pattern(self: CodebooksPatternProvider, timesteps: int) -> Pattern:
+        timesteps = _as_int("timesteps", timesteps, minimum=0)
+        if not getattr(self, "cached", True):
+            return build(self, timesteps)
+        return self._pattern_cache().get((build, timesteps), lambda: build(self, timesteps))
+
+    get_pattern._caches_patterns = True  # type: ignore[attr-defined]
+    return get_pattern
+
+
+def _make_pattern_with(build: Callable[[Any, int], Pattern]) -> Callable[[Any, int], Pattern]:
+    """``make_pattern`` for a subclass that only wrote ``get_pattern``: that, uncached."""
+
+    def make_pattern(self: CodebooksPatternProvider, timesteps: int) -> Pattern:
+        return build(self, _as_int("timesteps", timesteps, minimum=0))
+
+    make_pattern.__doc__ = CodebooksPatternProvider.make_pattern.__doc__
+    make_pattern._calls_get_pattern = True  # type: ignore[attr-defined]
+    return make_pattern
 
 
 def _delayed_coordinates(
@@ -176,9 +238,6 @@ class ParallelPatternProvider(DelayedPatternProvider):
     def __init__(self, n_q: int, empty_initial: int = 0) -> None:
         super().__init__(n_q, [0] * _as_int("n_q", n_q, minimum=1), empty_initial=empty_initial)
 
-    def __repr__(self) -> str:  # its own arguments only: ``delays`` is not one
-        return f"{type(self).__name__}(n_q={self.n_q}, empty_initial={self.empty_initial})"
-
 
 class UnrolledPatternProvider(CodebooksPatternProvider):
     """Each frame unrolled over inner steps: codebook ``q`` goes to inner step ``flattening[q]``.
@@ -199,7 +258,16 @@ class UnrolledPatternProvider(CodebooksPatternProvider):
         n_q: the number of codebooks.
         flattening: non-negative, non-decreasing inner step per codebook; ``None`` means ``range(n_q)``.
         delays: non-negative, non-decreasing delay per codebook; ``None`` means all 0.
+
+    Attributes:
+        max_delay: ``max(delays)``: the pattern runs that many frames past the last one.
     """
+
+    class FlattenedCodebook(NamedTuple):
+        """The codebooks of one inner step and their shared delay."""
+
+        codebooks: list[int]
+        delay: int
 
     def __init__(self, n_q: int, flattening: list[int] | None = None, delays: list[int] | None = None) -> None:
         super().__init__(n_q)
@@ -207,13 +275,29 @@ class UnrolledPatternProvider(CodebooksPatternProvider):
         self.delays = _int_list("delays", [0] * self.n_q if delays is None else delays, self.n_q)
         for q in range(1, self.n_q):
             if self.flattening[q] == self.flattening[q - 1] and self.delays[q] != self.delays[q - 1]:
-                raise ValueError(
+                raise PatternError(
                     f"delays: codebooks {q - 1} and {q} share inner step {self.flattening[q]} (flattening="
                     f"{self.flattening}) so they must share a delay, got {self.delays[q - 1]} and {self.delays[q]}"
                 )
+        self.max_delay = max(self.delays)
+        # inner step -> its codebooks and delay (inner steps no codebook names are absent)
+        self._flattened_codebooks: dict[int, UnrolledPatternProvider.FlattenedCodebook] = {}
+        for q, (inner, delay) in enumerate(zip(self.flattening, self.delays)):
+            self._flattened_codebooks.setdefault(inner, self.FlattenedCodebook([], delay)).codebooks.append(q)
+
+    @property
+    def _num_inner_steps(self) -> int:
+        """Sequence steps per frame: one per inner step up to the last one named."""
+        return max(self.flattening) + 1
+
+    def num_virtual_steps(self, timesteps: int) -> int:
+        """``timesteps * inner steps + 1``: the pattern's length for ``timesteps`` frames
+        without delays (the leading special step, then every inner step of every frame);
+        delays add ``max_delay`` steps to it."""
+        return _as_int("timesteps", timesteps, minimum=0) * self._num_inner_steps + 1
 
     def make_pattern(self, timesteps: int) -> Pattern:
-        n_q, n_inner = self.n_q, max(self.flattening) + 1
+        n_q, n_inner = self.n_q, self._num_inner_steps
         end = timesteps + max(self.delays)  # frames run on until the most delayed one has ended
         flattening = torch.tensor(self.flattening, dtype=torch.long)
         member = flattening.unsqueeze(1) == torch.arange(n_inner).unsqueeze(0)  # [K, n_inner]
@@ -260,7 +344,7 @@ class CoarseFirstPattern(CodebooksPatternProvider):
     def __init__(self, n_q: int, delays: list[int] | None = None) -> None:
         super().__init__(n_q)
         if self.n_q < 2:
-            raise ValueError(
+            raise PatternError(
                 f"n_q must be >= 2 for a coarse-first pattern (one coarse, then fine codebooks), got {n_q}"
             )
         self.delays = _int_list("delays", [0] * (self.n_q - 1) if delays is None else delays, self.n_q - 1)
@@ -291,7 +375,7 @@ class MusicLMPattern(CodebooksPatternProvider):
         super().__init__(n_q)
         self.group_by = _as_int("group_by", group_by, minimum=1)
         if self.n_q % self.group_by:
-            raise ValueError(f"group_by={self.group_by} must divide n_q={self.n_q}")
+            raise PatternError(f"group_by={self.group_by} must divide n_q={self.n_q}")
 
     def make_pattern(self, timesteps: int) -> Pattern:
         groups = self.n_q // self.group_by
