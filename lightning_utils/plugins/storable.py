@@ -15,6 +15,7 @@ What it must never do: change any state, or fail for a part it cannot read (an o
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -44,11 +45,16 @@ def check_checkpoint_storable(trainer: Any, writer: str = "a .sft checkpoint", w
             ) from None
 
 
+def _hparams(obj: Any) -> dict[str, Any]:
+    """The hyperparameters as Lightning saves them (a plain dict of ``obj.hparams``)."""
+    return dict(obj.hparams)
+
+
 def _parts(trainer: Any, weights_only: bool) -> Iterator[tuple[tuple[Any, ...], Callable[[], Any]]]:
     """``(key path, reader)`` for each part of the checkpoint Lightning will save, in its layout."""
     for obj in (trainer.lightning_module, trainer.datamodule):
         if obj is not None:
-            yield (obj.CHECKPOINT_HYPER_PARAMS_KEY,), (lambda obj=obj: dict(obj.hparams))
+            yield (obj.CHECKPOINT_HYPER_PARAMS_KEY,), functools.partial(_hparams, obj)
     if trainer.datamodule is not None:
         dm = trainer.datamodule
         yield (type(dm).__qualname__,), dm.state_dict
