@@ -127,7 +127,7 @@ def test_check_checkpoint_storable_can_be_called_by_any_callback(tmp_path):
     assert model.steps == 0 and "SavesSft" in seen[0] and "checkpoint['hyper_parameters']['extra'][0]" in seen[0]
 
 
-def test_datamodule_hparams_and_optimizer_groups_are_checked(tmp_path):
+def test_datamodule_hparams_optimizer_groups_and_scheduler_state_are_checked(tmp_path):
     class DM(pl.LightningDataModule):
         def __init__(self, fn: Any = None) -> None:
             super().__init__()
@@ -151,4 +151,21 @@ def test_datamodule_hparams_and_optimizer_groups_are_checked(tmp_path):
     model = GroupModule()
     with pytest.raises(TypeError, match=r"checkpoint\['optimizer_states'\]\[0\]\['param_groups'\]\[0\]\['tag'\]"):
         _fit(tmp_path / "g", model, [SafetensorsModelCheckpoint(dirpath=tmp_path / "g", every_n_train_steps=2)])
+    assert model.steps == 0
+
+    class Warmup:  # a callable object: LambdaLR saves its __dict__
+        def __init__(self) -> None:
+            self.handle = object()
+
+        def __call__(self, step: int) -> float:
+            return 1.0
+
+    class LambdaModule(HparamsModule):
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=0.1)
+            return [opt], [torch.optim.lr_scheduler.LambdaLR(opt, Warmup())]
+
+    model = LambdaModule()
+    with pytest.raises(TypeError, match=r"checkpoint\['lr_schedulers'\]\[0\]\['lr_lambdas'\]\[0\]\['handle'\]"):
+        _fit(tmp_path / "s", model, [SafetensorsModelCheckpoint(dirpath=tmp_path / "s", every_n_train_steps=2)])
     assert model.steps == 0

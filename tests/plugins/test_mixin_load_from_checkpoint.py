@@ -137,14 +137,25 @@ def test_sft_needs_no_weights_only_allowlist(tmp_path):
         WithPath.load_from_checkpoint(tmp_path / "p.ckpt")
 
 
+class Plain(pl.LightningModule):
+    """Loadable without the mixin."""
+
+    def __init__(self, hidden: int = 8, lr: float = 0.05) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = torch.nn.Sequential(torch.nn.Linear(4, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1))
+
+    training_step = TinyModule.training_step
+    configure_optimizers = TinyModule.configure_optimizers
+
+
 def test_without_the_mixin_lightning_cannot_read_sft_and_the_function_can(saved):
     """Lightning reads the file with ``torch.load``, which no plugin can intercept: the README says
     to add the mixin or call ``lightning_utils.plugins.load_from_checkpoint``."""
-    with pytest.raises(pickle.UnpicklingError):
-        TinyModule.load_from_checkpoint(saved["root"] / "m.sft")
+    with pytest.raises(pickle.UnpicklingError, match="Unsupported operand"):
+        Plain.load_from_checkpoint(saved["root"] / "m.sft")
     _same_module(
-        load_from_checkpoint(TinyModule, saved["root"] / "m.sft"),
-        TinyModule.load_from_checkpoint(saved["root"] / "m.ckpt"),
+        load_from_checkpoint(Plain, saved["root"] / "m.sft"), Plain.load_from_checkpoint(saved["root"] / "m.ckpt")
     )
 
 
@@ -232,3 +243,23 @@ def test_a_model_trained_on_cuda_comes_back_on_cuda_as_from_ckpt(tmp_path):
     assert from_sft.device == from_ckpt.device and from_sft.device.type == "cuda"
     _same_module(from_sft, from_ckpt)
     assert Loadable.load_from_checkpoint(tmp_path / "g.sft", map_location="cpu").device.type == "cpu"
+
+
+def test_the_readme_block_runs_as_written(tmp_path, monkeypatch):
+    """README's ``SafetensorsLoadMixin`` example, run on a ``ckpts/last.sft`` of its module's state."""
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", readme, re.DOTALL) if "SafetensorsLoadMixin" in b]
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, Any] = {"__name__": "readme_block"}
+    source = block.split("\nmodel = ", 1)[0]  # the class only, to write the checkpoint it loads
+    exec(source, namespace)
+    module = namespace["MyModule"]()
+    save_state({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "pytorch-lightning_version": pl.__version__}, tmp_path / "ckpts" / "last.sft")  # fmt: skip
+    exec(block, namespace)
+    model = namespace["model"]
+    assert type(model).__name__ == "MyModule" and model.hparams.lr == 1e-3
+    assert torch.equal(model.layer.weight, module.layer.weight)
