@@ -190,8 +190,9 @@ class _Encoder:
                 if obj.__dict__:
                     walk(obj.__dict__, path + ("<attributes>",))
                 return
-            kind = _record_kind(obj)
-            if dict_tag(type(obj)) is None and type(obj) not in _CONTAINERS and kind is None:
+            plain = dict_tag(type(obj)) is not None or type(obj) in _CONTAINERS
+            kind = None if plain else _record_kind(obj)
+            if not plain and kind is None:
                 if _numpy_kind(obj) == "ndarray":  # a leaf, but the same array twice is one array
                     if id(obj) in seen:
                         self._repeated.add(id(obj))
@@ -240,8 +241,9 @@ class _Encoder:
             return _float_node(obj)
         if isinstance(obj, torch.Tensor):
             return self.tensor_node(obj, path)
-        kind = _record_kind(obj) or _numpy_kind(obj)
-        if dict_tag(t) is not None or t in _CONTAINERS or kind in ("namespace", "hfconfig", "dataclass", "ndarray"):
+        plain = dict_tag(t) is not None or t in _CONTAINERS
+        kind = None if plain else _record_kind(obj) or _numpy_kind(obj)
+        if plain or kind in ("namespace", "hfconfig", "dataclass", "ndarray"):
             key = id(obj)
             if key in self._container_nodes:  # the same object again (pickle's memo, in .pt terms)
                 return {"$": "ref", "id": self._container_nodes[key]["id"]}
