@@ -4,8 +4,10 @@ Every feature of ``ModelCheckpoint`` (``every_n_train_steps``, ``save_top_k``, `
 ``ckpt_path="last"``) works unchanged; only the file extension differs. At setup it makes sure
 the trainer writes through :class:`~lightning_utils.plugins.SafetensorsCheckpointIO` (installing it
 in place of Lightning's default) and refuses strategies that bypass the plugin (FSDP, DeepSpeed),
-so a ``.sft`` name never holds a pickle. It must never define how a file is written (that is
-the plugin's job).
+so a ``.sft`` name never holds a pickle. When ``fit`` starts it checks that a ``.sft`` can hold the
+run's state (hyperparameters at setup, then callback, optimizer and scheduler state), so a value
+it cannot hold fails before the first step instead of at the first save. It must never define how
+a file is written (that is the plugin's job).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_utils.plugins.checkpoint_io import ensure_safetensors_checkpoint_io
 from lightning_utils.plugins.module_loading import check_strategy_writes_through_checkpoint_io
+from lightning_utils.plugins.storable import check_checkpoint_storable
 
 
 class SafetensorsModelCheckpoint(ModelCheckpoint):
@@ -25,4 +28,11 @@ class SafetensorsModelCheckpoint(ModelCheckpoint):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_strategy_writes_through_checkpoint_io(trainer.strategy, self.FILE_EXTENSION)
         ensure_safetensors_checkpoint_io(trainer.strategy)
+        if stage == "fit":  # the hyperparameters, before configure_model builds anything big
+            check_checkpoint_storable(trainer, type(self).__name__, weights_only=True)
         super().setup(trainer, pl_module, stage)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Callbacks are restored and the optimizers built by now; the first step has not run.
+        check_checkpoint_storable(trainer, type(self).__name__, weights_only=self.save_weights_only)
+        super().on_fit_start(trainer, pl_module)

@@ -2,8 +2,8 @@
 
 Works for ``.sft`` (reads only the header: instant on any size) and ``.ckpt``/``.pt`` (loaded onto
 the meta device, so no tensor data is copied). Pickle files are opened with ``weights_only=True``
-unless ``--unsafe`` is given. Exit codes: 0 success, 1 unreadable or missing file. This command
-never writes anything.
+unless ``--unsafe`` is given. Exit codes: 0 success, 1 unreadable or missing file, 2 bad
+arguments (a negative ``--depth`` or ``--max-items``). This command never writes anything.
 """
 
 from __future__ import annotations
@@ -100,11 +100,19 @@ def run(args: argparse.Namespace) -> int:
     from lightning_utils.io.errors import CheckpointFormatError, UnsafeCheckpointError
     from lightning_utils.io.state import checkpoint_format, load_structure
 
+    prog = "lightning-utils inspect"
+    for flag, value in (("--depth", args.depth), ("--max-items", args.max_items)):
+        if value is not None and value < 0:
+            print(f"{prog}: error: argument {flag}: must be 0 or more, got {value}", file=sys.stderr)
+            return 2
     try:
         fmt = checkpoint_format(args.path)
         obj = load_structure(args.path, weights_only=False if args.unsafe else None)
-    except (FileNotFoundError, CheckpointFormatError, UnsafeCheckpointError, ValueError) as exc:
-        print(f"lightning-utils inspect: error: {exc}", file=sys.stderr)
+    except UnsafeCheckpointError as exc:
+        print(f"{prog}: error: {exc}\n(re-run with --unsafe only if you trust {args.path})", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, CheckpointFormatError, ValueError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     count, total = _tensor_bytes(obj)
     print(f"{args.path} ({fmt}; {count} tensors, {_human(total)} of tensor data)")

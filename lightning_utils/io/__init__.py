@@ -14,6 +14,7 @@ from typing import Any
 from lightning_utils.io.atomic import atomic_write
 from lightning_utils.io.errors import CheckpointFormatError, UnsafeCheckpointError
 from lightning_utils.io.jsonio import json_dumps, json_read, json_write
+from lightning_utils.io.skeleton import check_storable
 from lightning_utils.io.state import (
     SAFETENSORS_SUFFIXES,
     TORCH_SUFFIXES,
@@ -29,6 +30,7 @@ __all__ = [
     "CheckpointFormatError",
     "UnsafeCheckpointError",
     "atomic_write",
+    "check_storable",
     "checkpoint_format",
     "json_dumps",
     "json_read",

@@ -10,30 +10,49 @@ weights, optimizer moments, callback state). :func:`encode` walks that tree and 
   ``list``, non-string keys, NaN and infinities, paths, 0-dim tensors vs Python scalars,
   ``Parameter`` and tensor attributes, strides, views, conjugate/negative bits.
 
+It also stores the values users put in hyperparameters (format version 2): numpy scalars and
+arrays and ``argparse.Namespace`` come back as themselves (as from a ``.pt``); enums, dataclasses
+and ``transformers`` configs are stored as data, because rebuilding them would mean importing a
+class the file names. An enum comes back as its value, a dataclass as a dict of its fields, a
+``transformers`` config as the same config class only when transformers' own registry maps the
+saved ``model_type`` to that class (as ``AutoConfig`` does for ``config.json``), else as its
+``to_dict()`` data. numpy and transformers values are recognised only when those modules are
+already imported; this module imports numpy only to decode numpy values and transformers only
+to rebuild a config.
+
 :func:`decode` rebuilds the identical object. Tensors that share memory (tied weights, views)
 are stored once and come back sharing storage; the same object (tensor or container) reached
 twice comes back as one object, as with pickle's memo. A value the skeleton cannot represent (an
 arbitrary object, a class, a lambda, a container that contains itself) raises ``TypeError``
-naming its key path: nothing is silently dropped, nothing is pickled. This module must never
-pickle or execute anything, and never import Lightning (Lightning's hparams ``AttributeDict`` is
-recognised by its import path). The on-disk format is written down in ``docs/sft-format.md``.
+naming its key path: nothing is silently dropped, nothing is pickled; :func:`check_storable` runs
+the same checks without building anything. This module must never pickle or execute anything,
+never import a class or module named in a file, and never import Lightning (Lightning's hparams
+``AttributeDict`` is recognised by its import path). The on-disk format is written down in
+``docs/sft-format.md``.
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
+import dataclasses
+import enum
 import importlib
 import math
 import pathlib
+import sys
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from lightning_utils.io.safetensors_file import NAME_FROM_DTYPE
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this module reads and writes
+# The tags version 2 added; a skeleton that uses none of them is written as version 1, so that
+# version-1 readers still read it.
+V2_TAGS = frozenset({"ndarray", "npscalar", "namespace", "dataclass", "enum", "hfconfig"})
 MAX_DEPTH = 200  # nesting the decoder accepts; the encoder refuses deeper trees
 _BIG_INT_BITS = 8192  # above this, ints are stored as hex (json refuses > 4300 decimal digits)
 # Top-level keys whose tensor leaves are named by their bare key, so a checkpoint's weights read
@@ -67,6 +86,50 @@ _PATH_TYPES = {
 }
 _NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 _CONTAINERS = (dict, list, tuple, set, frozenset)
+_SCALARS = frozenset({type(None), bool, int, float, str, bytes, complex})
+# numpy scalar types stored as their Python value (exact for each of these), and array dtypes
+# that both torch.from_numpy and safetensors take.
+_NP_SCALAR_DTYPES = frozenset(
+    {"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"}
+    | {"float16", "float32", "float64", "complex64", "complex128"}
+)
+_NP_ARRAY_DTYPES = _NP_SCALAR_DTYPES - {"complex128"}
+
+
+def _numpy_kind(obj: Any) -> str | None:
+    """``"ndarray"``/``"npscalar"`` for a numpy array/scalar (numpy already imported), else None."""
+    np = sys.modules.get("numpy")
+    if np is None or not type(obj).__module__.startswith("numpy"):
+        return None
+    if type(obj) is np.ndarray:
+        return "ndarray"
+    if isinstance(obj, np.generic):
+        return "npscalar"
+    return None
+
+
+def _hf_config_base() -> type | None:
+    """transformers' config base class, if transformers' config module is already imported."""
+    module = sys.modules.get("transformers.configuration_utils")
+    base = getattr(module, "PreTrainedConfig", None) or getattr(module, "PretrainedConfig", None)
+    return base if isinstance(base, type) else None
+
+
+def _qualified_name(t: type) -> str:
+    return f"{t.__module__}.{t.__qualname__}"
+
+
+def _record_kind(obj: Any) -> str | None:
+    """The tag of an object stored with named members (``namespace``, ``hfconfig``, ``dataclass``)."""
+    t = type(obj)
+    if t is argparse.Namespace:
+        return "namespace"
+    base = _hf_config_base()
+    if base is not None and isinstance(obj, base):
+        return "hfconfig"
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return "dataclass"
+    return None
 
 
 def format_key_path(path: tuple[Any, ...]) -> str:
@@ -94,9 +157,25 @@ class _Encoder:
         self._container_nodes: dict[int, dict[str, Any]] = {}  # id(container) -> its node
         self._names: set[str] = set()
         self._next_id = 0
+        self.version = 1  # raised to 2 by the first version-2 tag
+        self._records: dict[int, dict[str, Any]] = {}  # id(record) -> its members (kept alive: ids stay unique)
+        self._arrays: list[torch.Tensor] = []  # tensors over ndarrays' memory (kept alive: their ids stay unique)
+
+    def members(self, obj: Any, kind: str) -> dict[str, Any]:
+        """The named members a record (Namespace, transformers config, dataclass) is stored with."""
+        key = id(obj)
+        if key not in self._records:
+            if kind == "namespace":
+                members = dict(vars(obj))
+            elif kind == "hfconfig":
+                members = obj.to_dict()  # transformers' own serialisation (what config.json holds)
+            else:
+                members = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+            self._records[key] = members
+        return self._records[key]
 
     # -- pre-pass: shared containers, cycles, depth -----------------------------------------
-    def scan(self, root: Any) -> None:
+    def scan(self, root: Any, prefix: tuple[Any, ...] = ()) -> None:
         seen: set[int] = set()
         active: set[int] = set()
 
@@ -105,11 +184,19 @@ class _Encoder:
                 raise TypeError(
                     f"{format_key_path(path[:3])}...: nesting deeper than {MAX_DEPTH} levels cannot be stored"
                 )
+            if type(obj) in _SCALARS:
+                return
             if isinstance(obj, torch.Tensor):
                 if obj.__dict__:
                     walk(obj.__dict__, path + ("<attributes>",))
                 return
-            if dict_tag(type(obj)) is None and type(obj) not in (list, tuple, set, frozenset):
+            plain = dict_tag(type(obj)) is not None or type(obj) in _CONTAINERS
+            kind = None if plain else _record_kind(obj)
+            if not plain and kind is None:
+                if _numpy_kind(obj) == "ndarray":  # a leaf, but the same array twice is one array
+                    if id(obj) in seen:
+                        self._repeated.add(id(obj))
+                    seen.add(id(obj))
                 return
             key = id(obj)
             if key in active:
@@ -121,7 +208,10 @@ class _Encoder:
                 return
             seen.add(key)
             active.add(key)
-            if isinstance(obj, dict):
+            if kind is not None:
+                for k, v in self.members(obj, kind).items():
+                    walk(v, path + (k,))
+            elif isinstance(obj, dict):
                 meta = getattr(obj, "_metadata", None) if type(obj) is OrderedDict else None
                 if meta is not None:
                     walk(meta, path + ("_metadata",))
@@ -133,7 +223,7 @@ class _Encoder:
                     walk(v, path + (i,))
             active.discard(key)
 
-        walk(root, ())
+        walk(root, prefix)
 
     def _new_id(self) -> int:
         self._next_id += 1
@@ -151,11 +241,13 @@ class _Encoder:
             return _float_node(obj)
         if isinstance(obj, torch.Tensor):
             return self.tensor_node(obj, path)
-        if dict_tag(t) is not None or t in (list, tuple, set, frozenset):
+        plain = dict_tag(t) is not None or t in _CONTAINERS
+        kind = None if plain else _record_kind(obj) or _numpy_kind(obj)
+        if plain or kind in ("namespace", "hfconfig", "dataclass", "ndarray"):
             key = id(obj)
             if key in self._container_nodes:  # the same object again (pickle's memo, in .pt terms)
                 return {"$": "ref", "id": self._container_nodes[key]["id"]}
-            node = self.container_node(obj, path)
+            node = self.container_node(obj, path) if kind is None else self.v2_node(obj, kind, path)
             if key in self._repeated:
                 if not isinstance(node, dict):  # a list: tag it so it can carry an id
                     node = {"$": "list", "v": node}
@@ -174,12 +266,75 @@ class _Encoder:
             return {"$": "bytes", "v": base64.b64encode(obj).decode("ascii")}
         if t is complex:
             return {"$": "complex", "re": _float_node(obj.real), "im": _float_node(obj.imag)}
+        if kind == "npscalar" or isinstance(obj, enum.Enum):
+            return self.v2_node(obj, kind or "enum", path)
         raise TypeError(
             f"{format_key_path(path)} holds a {t.__module__}.{t.__qualname__}, which a safetensors "
             "checkpoint cannot represent without pickle (supported: tensors, dict/OrderedDict, "
-            "list/tuple/set, str/int/float/bool/None, bytes, paths, torch dtype/device/Size); "
+            "list/tuple/set, str/int/float/bool/None, bytes, paths, torch dtype/device/Size, numpy "
+            "scalars and arrays, argparse.Namespace, enums, dataclasses, transformers configs); "
             "convert it to one of these or save this checkpoint as .ckpt"
         )
+
+    def v2_node(self, obj: Any, kind: str, path: tuple[Any, ...]) -> dict[str, Any]:
+        """The node of a value stored with a version-2 tag (``kind``)."""
+        self.version = 2
+        t = type(obj)
+        if kind == "npscalar":
+            name = obj.dtype.name
+            if name not in _NP_SCALAR_DTYPES or t is not obj.dtype.type:
+                raise TypeError(
+                    f"{format_key_path(path)} is a numpy {name} scalar; only bool, int, uint, float16/32/64 "
+                    "and complex64/128 scalars can be stored"
+                )
+            value = obj.item()
+            v: Any = (
+                {"$": "complex", "re": _float_node(value.real), "im": _float_node(value.imag)}
+                if isinstance(value, complex)
+                else _float_node(value)
+                if isinstance(value, float)
+                else value
+            )
+            return {"$": "npscalar", "dtype": name, "v": v}
+        if kind == "ndarray":
+            return {"$": "ndarray", "v": self.tensor_node(self.array_tensor(obj, path), path)}
+        if kind == "enum":
+            node: dict[str, Any] = {"$": "enum", "cls": _qualified_name(t)}
+            if isinstance(obj.name, str):
+                node["name"] = obj.name
+            node["v"] = self.node(obj.value, path + ("<value>",))
+            return node
+        members = self.members(obj, kind)
+        if not all(type(k) is str for k in members):
+            raise TypeError(
+                f"{format_key_path(path)}: a {t.__qualname__} with non-str attribute names cannot be stored"
+            )
+        body = {"$": "dict", "v": {k: self.node(v, path + (k,)) for k, v in members.items()}}
+        if kind == "namespace":
+            return {"$": "namespace", "v": body["v"]}
+        if kind == "dataclass":
+            return {"$": "dataclass", "cls": _qualified_name(t), "v": body["v"]}
+        return {"$": "hfconfig", "cls": _qualified_name(t), "type": str(getattr(obj, "model_type", "")), "v": body}
+
+    def array_tensor(self, arr: Any, path: tuple[Any, ...]) -> torch.Tensor:
+        """A tensor over the memory of numpy array ``arr`` (a copy only where torch cannot view it)."""
+        name = arr.dtype.name
+        if name not in _NP_ARRAY_DTYPES:
+            raise TypeError(
+                f"{format_key_path(path)} is a numpy array of dtype {arr.dtype}; only bool, int, uint, "
+                "float16/32/64 and complex64 arrays can be stored (safetensors has no other dtype)"
+            )
+        np = sys.modules["numpy"]
+        if not arr.dtype.isnative:
+            arr = arr.astype(arr.dtype.newbyteorder("="))
+        if not arr.flags.writeable:  # torch.from_numpy warns about read-only memory: copy it
+            arr = arr.copy()
+        try:
+            t = torch.from_numpy(arr)
+        except (ValueError, TypeError, RuntimeError):  # negative strides, misaligned data
+            t = torch.from_numpy(np.ascontiguousarray(arr))
+        self._arrays.append(t)
+        return t
 
     def container_node(self, obj: Any, path: tuple[Any, ...]) -> Any:
         t = type(obj)
@@ -367,10 +522,24 @@ def encode(obj: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     enc.scan(obj)
     root = enc.node(obj, ())
     enc.assign_entries()
-    skeleton: dict[str, Any] = {"version": FORMAT_VERSION, "root": root}
+    skeleton: dict[str, Any] = {"version": enc.version, "root": root}
     if enc.devices:
         skeleton["devices"] = enc.devices
     return enc.entries, skeleton
+
+
+def check_storable(obj: Any, path_prefix: Sequence[Any] = ()) -> None:
+    """Raise the ``TypeError`` that saving ``obj`` to a ``.sft`` would raise, without saving.
+
+    ``path_prefix`` is where ``obj`` sits in the checkpoint (``("hyper_parameters",)``), so the
+    error names the full key path (``checkpoint['hyper_parameters']['loss_fn']``) and the depth
+    limit counts the levels above it. Runs the encoder's checks on every value and tensor but
+    copies no tensor data, so it is cheap enough to call when a run starts.
+    """
+    enc = _Encoder()
+    prefix = tuple(path_prefix)
+    enc.scan(obj, prefix)
+    enc.node(obj, prefix)
 
 
 class SkeletonError(ValueError):
@@ -399,7 +568,8 @@ def _devices(skeleton: dict[str, Any]) -> dict[str, str]:
 class _Decoder:
     """The inverse of :class:`_Encoder`: one method per node kind, the shared state as attributes."""
 
-    def __init__(self, devices: dict[str, str], entry: Callable[[str, str], torch.Tensor]) -> None:
+    def __init__(self, devices: dict[str, str], entry: Callable[[str, str], torch.Tensor], version: int = 1) -> None:
+        self._version = version
         self._devices = devices  # entry name -> the device it was saved from, when not CPU
         self._entry = entry
         self._bases: dict[str, torch.Tensor] = {}  # entry name -> its tensor (each entry is read once)
@@ -424,6 +594,8 @@ class _Decoder:
         method = _NODE_METHODS.get(tag)
         if method is None:
             raise SkeletonError(f"unknown skeleton tag {tag!r}")
+        if tag in V2_TAGS and self._version < 2:
+            raise SkeletonError(f"unknown skeleton tag {tag!r} in a version {self._version} skeleton")
         return method(self, n, depth)
 
     def _remember(self, n: dict[str, Any], value: Any) -> Any:
@@ -535,6 +707,90 @@ class _Decoder:
     def device_node(self, n: dict[str, Any], depth: int) -> torch.device:
         return torch.device(n["v"])
 
+    # -- version 2: values users put in hyperparameters ----------------------------------------
+    def _members(self, n: dict[str, Any], depth: int) -> dict[str, Any]:
+        if not isinstance(n.get("v"), dict):
+            raise SkeletonError(f"malformed {n['$']} node")
+        return {k: self.node(v, depth + 1) for k, v in n["v"].items()}
+
+    def namespace_node(self, n: dict[str, Any], depth: int) -> argparse.Namespace:
+        return self._remember(n, argparse.Namespace(**self._members(n, depth)))
+
+    def dataclass_node(self, n: dict[str, Any], depth: int) -> dict[str, Any]:
+        return self._remember(n, self._members(n, depth))  # data: the class is never imported
+
+    def enum_node(self, n: dict[str, Any], depth: int) -> Any:
+        return self.node(n["v"], depth + 1)  # the member's value: the class is never imported
+
+    def hfconfig_node(self, n: dict[str, Any], depth: int) -> Any:
+        data = self.node(n["v"], depth + 1)
+        if not isinstance(data, dict):
+            raise SkeletonError("malformed hfconfig node")
+        return self._remember(n, _transformers_config(n.get("cls"), n.get("type"), data))
+
+    def npscalar_node(self, n: dict[str, Any], depth: int) -> Any:
+        name = n.get("dtype")
+        if name not in _NP_SCALAR_DTYPES:
+            raise SkeletonError(f"unsupported numpy scalar dtype {name!r}")
+        value = self.node(n["v"], depth + 1)
+        expected = (
+            bool
+            if name == "bool"
+            else complex
+            if name.startswith("complex")
+            else float
+            if name.startswith("float")
+            else int
+        )
+        if type(value) is not expected and not (expected is complex and type(value) in (int, float)):
+            raise SkeletonError(f"numpy {name} scalar holds a {type(value).__name__}")
+        return _numpy().dtype(name).type(value)
+
+    def ndarray_node(self, n: dict[str, Any], depth: int) -> Any:
+        t = self.node(n.get("v"), depth + 1)
+        if not isinstance(t, torch.Tensor):
+            raise SkeletonError("an ndarray node must hold a tensor node")
+        if t.device.type == "meta":  # a structure-only load (no data read): keep the placeholder
+            return self._remember(n, t)
+        arr = t.detach().resolve_conj().resolve_neg().cpu().numpy()
+        return self._remember(n, arr)
+
+
+def _numpy() -> Any:
+    try:
+        import numpy
+    except ImportError:
+        raise ModuleNotFoundError("this checkpoint holds numpy values; install numpy to load it") from None
+    return numpy
+
+
+def _transformers_config(cls_name: Any, model_type: Any, data: dict[str, Any]) -> Any:
+    """The transformers config the data was saved from, or the data itself.
+
+    The class is looked up in transformers' own registry (``CONFIG_MAPPING``, what ``AutoConfig``
+    uses for ``config.json``) by ``model_type``, never imported from the name in the file; the
+    name only has to agree with it. Without transformers, or when the registry has no such class
+    (a user's own config class), the ``to_dict()`` data comes back.
+    """
+    try:
+        import transformers
+    except ImportError:
+        return data
+    base = _hf_config_base()
+    cls: Any = None
+    if base is not None and cls_name == _qualified_name(base):
+        cls = base
+    elif isinstance(model_type, str) and model_type in transformers.CONFIG_MAPPING:
+        cls = transformers.CONFIG_MAPPING[model_type]
+    if cls is None or _qualified_name(cls) != cls_name:
+        return data
+    try:
+        return cls.from_dict(data)
+    except Exception as exc:  # noqa: BLE001 - whatever the config's validation raises
+        raise SkeletonError(
+            f"transformers could not rebuild the {cls_name} saved here ({type(exc).__name__}: {exc})"
+        ) from None
+
 
 # Every tag other than the dict tags (see dict_tag), and the method that decodes it.
 _NODE_METHODS: dict[str, Callable[[_Decoder, dict[str, Any], int], Any]] = {
@@ -552,6 +808,12 @@ _NODE_METHODS: dict[str, Callable[[_Decoder, dict[str, Any], int], Any]] = {
     "size": _Decoder.size_node,
     "dtype": _Decoder.dtype_node,
     "device": _Decoder.device_node,
+    "ndarray": _Decoder.ndarray_node,
+    "npscalar": _Decoder.npscalar_node,
+    "namespace": _Decoder.namespace_node,
+    "dataclass": _Decoder.dataclass_node,
+    "enum": _Decoder.enum_node,
+    "hfconfig": _Decoder.hfconfig_node,
 }
 # Every tag a skeleton may hold.
 TAGS = frozenset(_NODE_METHODS) | {"dict", "odict", "attrdict"}
@@ -563,9 +825,10 @@ def decode(skeleton: Any, entry: Callable[[str, str], torch.Tensor]) -> Any:
     ``entry(name, saved_device)`` returns the (already device-mapped) tensor stored under
     ``name``; it is called once per name.
     """
-    if not isinstance(skeleton, dict) or skeleton.get("version") != FORMAT_VERSION or "root" not in skeleton:
-        raise SkeletonError(f"unsupported skeleton (expected version {FORMAT_VERSION})")
-    decoder = _Decoder(_devices(skeleton), entry)
+    version = skeleton.get("version") if isinstance(skeleton, dict) else None
+    if type(version) is not int or not 1 <= version <= FORMAT_VERSION or "root" not in skeleton:
+        raise SkeletonError(f"unsupported skeleton (expected version 1 to {FORMAT_VERSION})")
+    decoder = _Decoder(_devices(skeleton), entry, version)
     try:
         return decoder.node(skeleton["root"])
     except _EntryError as failure:

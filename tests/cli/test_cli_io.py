@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 import struct
 import subprocess
 import sys
@@ -114,3 +115,42 @@ def test_console_entry_point_runs(tmp_path, ckpt):
     assert proc.returncode == 0 and "state_dict: OrderedDict (2 items)" in proc.stdout
     proc = subprocess.run([sys.executable, "-m", "lightning_utils.cli"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "inspect" in proc.stdout
+
+
+def test_inspect_of_an_unsafe_pickle_names_its_own_unsafe_flag(tmp_path, capsys):
+    save_state({"obj": Custom(1), "w": torch.ones(1)}, tmp_path / "u.ckpt")
+    assert main(["inspect", str(tmp_path / "u.ckpt")]) == 1
+    err = capsys.readouterr().err
+    assert "u.ckpt" in err and "--unsafe" in err
+    assert main(["inspect", str(tmp_path / "u.ckpt"), "--unsafe"]) == 0
+    assert "obj: " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args", [["--depth", "-1"], ["--max-items", "-2"]], ids=["depth", "max-items"])
+def test_inspect_refuses_negative_limits_naming_the_argument(tmp_path, ckpt, capsys, args):
+    save_state(ckpt, tmp_path / "c.sft")
+    assert main(["inspect", str(tmp_path / "c.sft"), *args]) == 2
+    captured = capsys.readouterr()
+    assert args[0] in captured.err and captured.out == ""
+
+
+def test_convert_of_an_old_ckpt_with_namespace_hparams(tmp_path, capsys):
+    """Old Lightning checkpoints hold ``argparse.Namespace`` hyperparameters, which
+    ``weights_only=True`` refuses: ``convert --unsafe`` writes a ``.sft`` that loads them back as a
+    ``Namespace``, with no pickle in it."""
+    import argparse
+
+    args = argparse.Namespace(lr=0.1, layers=2, data=pathlib.PosixPath("/data"))
+    old = {
+        "state_dict": torch.nn.Linear(2, 2).state_dict(),
+        "hyper_parameters": {"hparams": args, "hidden": 8},
+        "hparams": args,  # where Lightning 0.7 put them
+        "pytorch-lightning_version": "0.7.6",
+    }
+    save_state(old, tmp_path / "old.ckpt")
+    assert main(["convert", str(tmp_path / "old.ckpt"), str(tmp_path / "old.sft")]) == 1
+    assert "--unsafe" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "old.ckpt"), str(tmp_path / "old.sft"), "--unsafe"]) == 0
+    out = load_state(tmp_path / "old.sft")
+    assert_same(out, load_state(tmp_path / "old.ckpt", weights_only=False))
+    assert type(out["hparams"]) is argparse.Namespace and out["hyper_parameters"]["hparams"] is not None

@@ -3,7 +3,10 @@ field, the version, the metadata keys and dtypes, and its worked example byte fo
 
 from __future__ import annotations
 
+import argparse
 import collections
+import dataclasses
+import enum
 import itertools
 import json
 import math
@@ -11,13 +14,15 @@ import pathlib
 import re
 import struct
 
+import numpy as np
 import pytest
 import torch
+import transformers
 from lightning.fabric.utilities.data import AttributeDict
 
 from lightning_utils.io import load_state, save_state
 from lightning_utils.io.safetensors_file import _DTYPE_NAMES
-from lightning_utils.io.skeleton import FORMAT_VERSION, TAGS, SkeletonError, decode, encode
+from lightning_utils.io.skeleton import FORMAT_VERSION, TAGS, V2_TAGS, SkeletonError, decode, encode
 from lightning_utils.io.state import JSON_KEYS_KEY, SKELETON_KEY
 
 DOC = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "sft-format.md").read_text()
@@ -36,6 +41,15 @@ def _first_cells(section: str) -> list[str]:
 
 def _code_blocks(section: str, language: str) -> list[str]:
     return re.findall(rf"^```{language}\n(.*?)^```", section, re.MULTILINE | re.DOTALL)
+
+
+class _Color(enum.Enum):
+    RED = 1
+
+
+@dataclasses.dataclass
+class _Config:
+    lr: float = 0.1
 
 
 def _every_kind() -> dict:
@@ -69,6 +83,15 @@ def _every_kind() -> dict:
         "views": {"i": base, "f": base.view(torch.float32)[1:3]},
         "conj": {"c": c.conj(), "imag": c.conj().imag},
         "transposed": torch.randn(3, 2).t(),
+        # version 2
+        "npscalar": np.float32(0.5),
+        "ndarray": np.arange(3),
+        "namespace": argparse.Namespace(a=1),
+        "dataclass": _Config(),
+        "enum": _Color.RED,
+        "hfconfig": transformers.GPT2Config(
+            n_layer=1, n_embd=8, n_head=2, vocab_size=16, bos_token_id=0, eos_token_id=0
+        ),
     }
 
 
@@ -84,7 +107,9 @@ def _walk(node, tags: set[str], fields: set[str]) -> None:
     if node["$"] == "tensor":
         fields.update(k for k in node if k != "$")
         children = [node.get("attrs")]
-    elif isinstance(node.get("v"), dict):  # a dict node with str keys: {key: node}
+    elif node["$"] in ("ndarray", "enum", "hfconfig"):
+        children = [node["v"]]
+    elif isinstance(node.get("v"), dict):  # a dict-like node with str keys: {key: node}
         children = [*node["v"].values(), node.get("meta")]
     else:
         children = [v for k, v in node.items() if k not in ("$", "id")]
@@ -93,14 +118,31 @@ def _walk(node, tags: set[str], fields: set[str]) -> None:
 
 
 def test_the_documented_version_is_the_code_version():
-    assert re.search(r"`FORMAT_VERSION = (\d+)`", DOC).group(1) == str(FORMAT_VERSION)
+    assert {int(v) for v in re.findall(r"`FORMAT_VERSION = (\d+)`", DOC)} == {FORMAT_VERSION} == {2}
     assert f'{{"version": {FORMAT_VERSION}, "root"' in _section(3)
+    assert all(f"`{tag}`" in _section(6) for tag in V2_TAGS)  # the versioning section lists what 2 added
+
+
+def test_each_file_is_written_with_the_lowest_version_that_holds_its_tags():
+    """The versioning rule of section 6: a file without version-2 tags is a version-1 file; each
+    version-2 tag alone makes it version 2; a version-1 skeleton with a version-2 tag is refused."""
+    every = _every_kind()
+    version_1 = {k: v for k, v in every.items() if k not in V2_TAGS}
+    assert encode(version_1)[1]["version"] == 1
+    for tag in V2_TAGS:
+        entries, skeleton = encode({"x": every[tag]})
+        assert skeleton["version"] == 2, tag
+        skeleton["version"] = 1
+        with pytest.raises(SkeletonError, match="version 1"):
+            decode(skeleton, lambda name, device, entries=entries: entries[name])
 
 
 def test_the_tag_table_lists_every_tag_the_encoder_emits_and_the_decoder_accepts(tmp_path):
     documented = _first_cells(_section(4))
-    assert len(documented) == len(set(documented)) == 17
+    assert len(documented) == len(set(documented)) == 23
     assert set(documented) == TAGS
+    version_2_table = _section(4).split("**Added in version 2")[1]
+    assert set(_first_cells(version_2_table)) == V2_TAGS
     obj = _every_kind()
     tags: set[str] = set()
     _walk(encode(obj)[1]["root"], tags, set())
@@ -108,6 +150,8 @@ def test_the_tag_table_lists_every_tag_the_encoder_emits_and_the_decoder_accepts
     save_state(obj, tmp_path / "all.sft")
     out = load_state(tmp_path / "all.sft")  # ...and decoded
     assert type(out["attrdict"]) is AttributeDict and out["again"][0] is out["shared"]
+    assert type(out["namespace"]) is argparse.Namespace and type(out["ndarray"]) is np.ndarray
+    assert out["enum"] == 1 and out["dataclass"] == {"lr": 0.1} and type(out["hfconfig"]) is transformers.GPT2Config
     with pytest.raises(SkeletonError, match="unknown skeleton tag"):  # the compatibility rule
         decode({"version": FORMAT_VERSION, "root": {"$": "from-a-later-version"}}, lambda name, device: None)
     with pytest.raises(SkeletonError, match="unsupported skeleton"):
