@@ -104,8 +104,10 @@ def test_every_supported_placement_matches_plain_tensors(tmp_path):
     (replicate, shard) meshes, 2 ranks: after 8 steps (gap 3) the gathered parameters and moments
     equal those of the plain run within 1e-4 relative, for Apollo (channel and tensor scale, both
     sides) and ApolloMini. The state follows the parameter's placements; the limiter norm is a
-    plain tensor, equal on every rank. Also: weights_only state dicts, DCP save/resume, loading
-    an unsharded state into the sharded optimizer, and clear errors for refused placements."""
+    plain tensor, equal on every rank. Also: weights_only state dicts; bit-exact resume through
+    DCP (sharded) and through a gathered full state dict broadcast from rank 0; the sharded DCP
+    checkpoint loaded into one process and an unsharded state loaded into the sharded optimizer
+    (world size 2 -> 1 and 1 -> 2) continue like the other; clear errors for refused placements."""
     _run(str(SCRIPTS / "fsdp_placements.py"), str(tmp_path), "2")
     results = torch.load(tmp_path / "results.pt", weights_only=False)
     checkpoint, errors = results.pop("checkpoint"), results.pop("errors")
@@ -137,7 +139,8 @@ def test_every_supported_placement_matches_plain_tensors(tmp_path):
     assert results["hsdp_1x2"]["placements"]["left"] == ((Replicate(), Shard(0)), (3, 12))
 
     assert checkpoint["weights_only"] == ["exp_avg", "exp_avg_sq", "scaling_grad", "seed", "step"]
-    assert checkpoint["dcp_resume_equal"]
+    assert checkpoint["dcp_resume_equal"] and checkpoint["full_resume_equal"]
+    assert checkpoint["dcp_to_one_process"] <= 1e-4  # world size 2 -> 1 through DCP's resharding load
     assert checkpoint["from_unsharded"] <= 1e-4
     assert checkpoint["full_state_dict"] <= 1e-4
     assert checkpoint["dcp_keys"]["optimizer.state.left.exp_avg"] == ((3, 12), 2)

@@ -125,6 +125,15 @@ def local_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def roundtrip(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Through torch.save and torch.load(weights_only=True), as a checkpoint file would be: the
+    loaded tensors are not the saved optimizer's (optimizers update their state in place)."""
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
 def checkpoint_checks(rank: int, tmp: Path) -> dict[str, Any]:
     """State dicts: weights_only torch.load, DCP save/load resumes bit-exactly, and an unsharded
     state loaded into the sharded optimizer continues like the unsharded one."""
@@ -150,27 +159,51 @@ def checkpoint_checks(rank: int, tmp: Path) -> dict[str, Any]:
 
     module, opt = build()
     steps(module, opt, 0, 4)
-    buffer = io.BytesIO()
-    torch.save(opt.state_dict(), buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=True)
-    out["weights_only"] = sorted(loaded["state"][0])
+    out["weights_only"] = sorted(roundtrip(opt.state_dict())["state"][0])
 
     # Lightning's ModelParallelStrategy path: get_optimizer_state_dict -> DCP save, and on
     # resume get_optimizer_state_dict (on a fresh optimizer) -> DCP load -> set_optimizer_state_dict
     dcp.save({"optimizer": get_optimizer_state_dict(module, opt)}, checkpoint_id=tmp / "dcp")
-    fresh, fresh_opt = build()
-    with torch.no_grad():
-        for p, q in zip(fresh.parameters(), module.parameters()):
-            p.copy_(q)
-    target = {"optimizer": get_optimizer_state_dict(fresh, fresh_opt)}
+    # save_distributed_checkpoint=False: the gathered state on rank 0, broadcast on load
+    full_options = StateDictOptions(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=True)
+    gathered_state = roundtrip(get_optimizer_state_dict(module, opt, options=full_options))
+    at_step4 = {name: full(p.detach()) for name, p in module.named_parameters()}
+
+    def fresh_copy() -> tuple[nn.Module, torch.optim.Optimizer]:
+        fresh, fresh_opt = build()
+        with torch.no_grad():
+            for p, q in zip(fresh.parameters(), module.parameters()):
+                p.copy_(q)
+        return fresh, fresh_opt
+
+    from_dcp, from_dcp_opt = fresh_copy()
+    target = {"optimizer": get_optimizer_state_dict(from_dcp, from_dcp_opt)}
     dcp.load(target, checkpoint_id=tmp / "dcp")
-    set_optimizer_state_dict(fresh, fresh_opt, optim_state_dict=target["optimizer"])
-    steps(module, opt, 4, 8)
-    steps(fresh, fresh_opt, 4, 8)
-    out["dcp_resume_equal"] = all(
-        torch.equal(p.to_local(), q.to_local()) for p, q in zip(module.parameters(), fresh.parameters())
+    set_optimizer_state_dict(from_dcp, from_dcp_opt, optim_state_dict=target["optimizer"])
+    from_full, from_full_opt = fresh_copy()
+    set_optimizer_state_dict(
+        from_full, from_full_opt, optim_state_dict=gathered_state if rank == 0 else {}, options=full_options
     )
+    for each, each_opt in ((module, opt), (from_dcp, from_dcp_opt), (from_full, from_full_opt)):
+        steps(each, each_opt, 4, 8)
+    for key, resumed in (("dcp_resume_equal", from_dcp), ("full_resume_equal", from_full)):
+        out[key] = all(
+            torch.equal(p.to_local(), q.to_local()) for p, q in zip(module.parameters(), resumed.parameters())
+        )
+    at_step8 = {name: full(p.detach()) for name, p in module.named_parameters()}
+    if rank == 0:
+        # the 2-rank DCP checkpoint loaded by one process into plain tensors (DCP reslices the
+        # sharded moments), continued there: the same steps as the sharded run
+        one, one_opt = make_module(None, mesh), None
+        with torch.no_grad():
+            for name, p in one.named_parameters():
+                p.copy_(at_step4[name])
+        one_opt = optimizer("apollo", one)
+        target = {"optimizer": get_optimizer_state_dict(one, one_opt)}
+        dcp.load(target, checkpoint_id=tmp / "dcp", no_dist=True)
+        set_optimizer_state_dict(one, one_opt, optim_state_dict=target["optimizer"])
+        steps(one, one_opt, 4, 8)
+        out["dcp_to_one_process"] = max(rel(p.detach(), at_step8[name]) for name, p in one.named_parameters())
     metadata = dcp.FileSystemReader(tmp / "dcp").read_metadata().state_dict_metadata
     out["dcp_keys"] = {
         key: (tuple(meta.size), len(meta.chunks)) if hasattr(meta, "chunks") else type(meta).__name__
@@ -186,10 +219,7 @@ def checkpoint_checks(rank: int, tmp: Path) -> dict[str, Any]:
     with torch.no_grad():
         for p, q in zip(resharded.parameters(), plain.parameters()):
             p.copy_(distribute_tensor(q.detach(), p.device_mesh, p.placements, src_data_rank=None))
-    saved = io.BytesIO()  # a state dict read back from a file shares no tensor with plain_opt
-    torch.save(plain_opt.state_dict(), saved)
-    saved.seek(0)
-    resharded_opt.load_state_dict(torch.load(saved, weights_only=True))
+    resharded_opt.load_state_dict(roundtrip(plain_opt.state_dict()))
     steps(plain, plain_opt, 4, 8)
     steps(resharded, resharded_opt, 4, 8)
     out["from_unsharded"] = max(
