@@ -176,7 +176,9 @@ def _sharded_grad(param: Any) -> torch.Tensor:
             f"parameter {tuple(param.shape)} is a DTensor but its gradient is a {type(grad).__name__}; "
             "set DTensor gradients on DTensor parameters"
         )
-    if grad.device_mesh != param.device_mesh or tuple(grad.placements) != tuple(param.placements):
+    if grad.placements != param.placements or (
+        grad.device_mesh is not param.device_mesh and grad.device_mesh != param.device_mesh
+    ):
         grad = grad.redistribute(param.device_mesh, param.placements)
     return grad.to_local()
 
@@ -650,7 +652,7 @@ class Apollo(Optimizer):
         channel = group["scale_type"] == "channel"
         grads: list[torch.Tensor] = []
         lows: list[torch.Tensor] = []
-        scatters: dict[tuple[Any, int], list[int]] = {}
+        scatters: dict[tuple[Any, int, int], list[int]] = {}  # (group, size, index) -> items
         for i, item in enumerate(items):
             layout = item.layout
             assert layout is not None
@@ -663,10 +665,10 @@ class Apollo(Optimizer):
             grads.append(grad)
             lows.append(low)
             if over is not None:  # a partial sum: reduce-scatter its r dimension over that mesh dim
-                scatters.setdefault((layout.mesh, over), []).append(i)
-        for (mesh, mesh_dim), indices in scatters.items():
+                scatters.setdefault(layout.axes[over], []).append(i)
+        for axis, indices in scatters.items():
             rows_first = [lows[i] if items[i].side == "left" else lows[i].t() for i in indices]
-            for i, chunk in zip(indices, reduce_scatter_rows(rows_first, mesh, mesh_dim)):
+            for i, chunk in zip(indices, reduce_scatter_rows(rows_first, axis)):
                 lows[i] = chunk if items[i].side == "left" else chunk.t()
 
         reducer = SumReducer()
@@ -701,7 +703,7 @@ class Apollo(Optimizer):
                 dims = tuple(d for d in (layout.row_dim, layout.col_dim) if d is not None)
             stats.append(stat)
             if dims:
-                reducer.add(stat, layout.mesh, dims)
+                reducer.add(stat, tuple(layout.axes[d][0] for d in dims))
                 deferred.append(i)
             else:
                 scales[i] = self._sharded_scale(item, stat, channel, reducer)
@@ -747,7 +749,7 @@ class Apollo(Optimizer):
         layout = item.layout
         assert layout is not None
         kept = layout.row_dim if item.side == "right" else layout.col_dim
-        reducer.add(update_sq, layout.mesh, () if kept is None else (kept,))
+        reducer.add(update_sq, () if kept is None else (layout.axes[kept][0],))
         return factor, update_sq
 
     def _scratch_pair(self, shape: tuple[int, int], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

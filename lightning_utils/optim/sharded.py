@@ -72,10 +72,12 @@ class ShardLayout:
     """Where a rank's local block sits in the ``(m, n)`` matrix of a DTensor parameter.
 
     ``row_dim``/``col_dim`` are the mesh dimensions sharding the rows/columns (``None`` when no
-    mesh dimension of size > 1 does); ``rows``/``cols`` are the local block's bounds.
+    mesh dimension of size > 1 does); ``rows``/``cols`` are the local block's bounds;
+    ``axes[mesh_dim]`` is ``(process group, group size, this rank's index)`` of each of them
+    (looked up once: ``DeviceMesh.get_group`` is not free).
     """
 
-    __slots__ = ("col_dim", "cols", "mesh", "placements", "row_dim", "rows")
+    __slots__ = ("axes", "col_dim", "cols", "mesh", "placements", "row_dim", "rows")
 
     def __init__(self, param: Any, m: int, n: int, name: str) -> None:
         from torch.distributed.tensor import Replicate, Shard
@@ -89,6 +91,7 @@ class ShardLayout:
         self.row_dim: int | None = None
         self.col_dim: int | None = None
         self.rows, self.cols = (0, m), (0, n)
+        self.axes: dict[int, tuple[Any, int, int]] = {}
         for mesh_dim, placement in enumerate(placements):
             if isinstance(placement, Replicate):
                 continue
@@ -117,6 +120,8 @@ class ShardLayout:
             else:
                 self.cols = chunk_bounds(n, parts, coordinate[mesh_dim])
                 self.col_dim = mesh_dim if parts > 1 else None
+            if parts > 1:
+                self.axes[mesh_dim] = (mesh.get_group(mesh_dim), parts, coordinate[mesh_dim])
         local_rows = param.to_local().shape[0] if param.dim() else 0
         if local_rows != self.rows[1] - self.rows[0] or (
             param.dim() == 2 and param.to_local().shape[1] != self.cols[1] - self.cols[0]
@@ -166,14 +171,14 @@ def shard_like(value: torch.Tensor, param: Any) -> Any:
     )
 
 
-def reduce_scatter_rows(tensors: list[torch.Tensor], mesh: Any, mesh_dim: int) -> list[torch.Tensor]:
-    """Sum each 2-D tensor over the ranks of ``mesh_dim`` and keep this rank's chunk of its rows
-    (``torch.chunk``'s rule), with one ``reduce_scatter_tensor`` for all of them.
+def reduce_scatter_rows(tensors: list[torch.Tensor], axis: tuple[Any, int, int]) -> list[torch.Tensor]:
+    """Sum each 2-D tensor over the ranks of a mesh dimension (``axis``: its process group, size
+    and this rank's index there) and keep this rank's chunk of its rows (``torch.chunk``'s rule),
+    with one reduce-scatter for all of them.
 
     Rows are padded to a multiple of the group size, so uneven (and empty) chunks work.
     """
-    parts = mesh.size(mesh_dim)
-    index = mesh.get_coordinate()[mesh_dim]
+    group, parts, index = axis
     chunks = [-(-t.shape[0] // parts) for t in tensors]
     widths = [c * t.shape[1] for c, t in zip(chunks, tensors)]
     send = torch.zeros((parts, sum(widths)), dtype=tensors[0].dtype, device=tensors[0].device)
@@ -184,7 +189,11 @@ def reduce_scatter_rows(tensors: list[torch.Tensor], mesh: Any, mesh_dim: int) -
             send[:, offset : offset + width].copy_(rows.view(parts, width))
         offset += width
     received = torch.empty(sum(widths), dtype=send.dtype, device=send.device)
-    dist.reduce_scatter_tensor(received, send.view(-1), group=mesh.get_group(mesh_dim))
+    single = getattr(dist, "reduce_scatter_single", None)  # torch >= 2.13 deprecates reduce_scatter_tensor
+    if single is not None:
+        single(received, send.view(-1), group=group)
+    else:
+        dist.reduce_scatter_tensor(received, send.view(-1), group=group)
     out, offset = [], 0
     for tensor, chunk, width in zip(tensors, chunks, widths):
         start, stop = chunk_bounds(tensor.shape[0], parts, index)
@@ -196,23 +205,23 @@ def reduce_scatter_rows(tensors: list[torch.Tensor], mesh: Any, mesh_dim: int) -
 class SumReducer:
     """Batches the sums of squares that one round of a step must add across ranks.
 
-    ``add`` queues a tensor under the mesh dimensions it is a partial sum over; ``flush`` runs one
-    ``all_reduce`` per mesh dimension and queue (the queues in the order they were first used,
-    the same on every rank) and writes the totals back into the queued tensors.
+    ``add`` queues a tensor under the process groups (of mesh dimensions) it is a partial sum
+    over; ``flush`` runs one ``all_reduce`` per group and queue (the queues in the order they
+    were first used, the same on every rank) and writes the totals back into the queued tensors.
     """
 
     def __init__(self) -> None:
-        self._queues: dict[tuple[Any, tuple[int, ...]], list[torch.Tensor]] = {}
+        self._queues: dict[tuple[Any, ...], list[torch.Tensor]] = {}
 
-    def add(self, tensor: torch.Tensor, mesh: Any, dims: tuple[int, ...]) -> None:
-        if dims:
-            self._queues.setdefault((mesh, dims), []).append(tensor)
+    def add(self, tensor: torch.Tensor, groups: tuple[Any, ...]) -> None:
+        if groups:
+            self._queues.setdefault(groups, []).append(tensor)
 
     def flush(self) -> None:
-        for (mesh, dims), tensors in self._queues.items():
+        for groups, tensors in self._queues.items():
             flat = torch.cat([t.reshape(-1) for t in tensors])
-            for mesh_dim in dims:
-                dist.all_reduce(flat, group=mesh.get_group(mesh_dim))
+            for group in groups:
+                dist.all_reduce(flat, group=group)
             offset = 0
             for tensor in tensors:
                 tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
