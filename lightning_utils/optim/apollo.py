@@ -10,7 +10,8 @@ decay. 0-D/1-D tensors, excluded matrices and groups with ``rank=0`` get AdamW.
 
 What it must never do: store anything but tensors and Python numbers in its state (so
 ``torch.load(weights_only=True)`` and safetensors checkpoints work), touch the global RNG, make a
-projection depend on the device it is drawn on, or crash on a parameter shape.
+projection depend on the device it is drawn on, crash on a parameter shape, or gather a sharded
+weight or gradient.
 
 Per-parameter state (tensors and ints only):
 
@@ -20,6 +21,16 @@ Per-parameter state (tensors and ints only):
   APOLLO parameters and in the parameter's shape for AdamW ones;
 - ``scaling_grad`` (0-d tensor): the norm of the last (limited) APOLLO update direction;
 - ``projection`` (tensor, ``proj="svd"`` only): the SVD basis, which depends on the gradient.
+
+DTensor parameters (FSDP2's ``fully_shard``, HSDP, tensor parallelism; :mod:`.sharded`) are
+updated on each rank's local block, with the same result as on the unsharded tensors up to
+float rounding. Their state follows the parameter: ``exp_avg``/``exp_avg_sq`` are DTensors on
+the parameter's mesh with the parameter's placements, on the moments' own global shape (for a
+``Shard(0)`` parameter, a right projection's ``(m, r)`` moments split their ``m`` rows as the
+parameter does, a left projection's ``(r, n)`` moments split their ``r`` rows); ``scaling_grad``
+is a plain 0-d tensor, identical on every rank; ``step``/``seed`` are the same ints everywhere.
+A checkpoint loader can therefore reslice every state tensor for another world size, and
+``load_state_dict`` accepts an unsharded state for sharded parameters (each rank keeps its block).
 
 The random projection is never stored: refresh ``k = step // update_proj_gap`` of a parameter is
 regenerated from ``(seed, k)`` on a dedicated CPU generator (:mod:`.projection`) and cached
@@ -227,7 +238,15 @@ class Apollo(Optimizer):
        ``correct_bias`` (else ``lr``); then ``p *= 1 - lr * weight_decay`` (decoupled).
 
     AdamW parameters use steps 2 and 5 on the full gradient, without ``sqrt(scale)`` (exactly
-    what a ``rank=0`` group does), batched with foreach ops. Every constructor option is also a
+    what a ``rank=0`` group does), batched with foreach ops.
+
+    DTensor parameters get the same update, computed on each rank's block (see the module
+    docstring for their state). Per mesh dimension the placement may be ``Replicate()``,
+    ``Shard(0)`` or, for 2-D parameters, ``Shard(1)``; a matrix projected on the side its mesh
+    shards (``Shard(0)`` with a left projection, i.e. ``m < n`` under ``proj_type="std"``)
+    reduce-scatters its ``(r, n)`` projected gradient, otherwise only norms cross ranks
+    (``proj_type="right"`` keeps every ``Shard(0)`` matrix that way). Other placements, and
+    ``proj="svd"`` on a sharded matrix, raise ``ValueError`` naming the parameter. Every constructor option is also a
     param-group key, so groups may differ (e.g. ``{"params": norms, "rank": 0}``). Parameters may
     be given as a flat iterable, as groups, or as ``(name, tensor)`` pairs.
 
@@ -250,7 +269,8 @@ class Apollo(Optimizer):
 
     Raises:
         ValueError: for a bad option, naming it (and the param group, if that is where it is),
-            or for a complex parameter (optimize ``torch.view_as_real(p)`` instead).
+            for a complex parameter (optimize ``torch.view_as_real(p)`` instead), or for a
+            DTensor parameter whose placements the low-rank update cannot use.
     """
 
     def __init__(

@@ -115,6 +115,17 @@ def test_every_supported_placement_matches_plain_tensors(tmp_path):
         for name, error in {**result["params"], **result["moments"]}.items():
             assert error <= 1e-4, (case, name, error)
 
+    # FSDP2's layout: one reduce-scatter (the left-projected gradients: r x n = 3 x 12 and 1 x 8,
+    # rows padded to the 2 ranks) and one all-reduce (norms) per step; nothing is gathered
+    def collectives(case):  # reduce_scatter_single on torch >= 2.13, reduce_scatter_tensor before
+        return [(name.split("_single")[0].split("_tensor")[0], n) for name, n in results[case]["collectives"]]
+
+    for case in ("shard0_apollo", "shard0_mini", "shard0_tensor", "hsdp_1x2"):
+        assert sorted(name for name, _ in collectives(case)) == ["all_reduce", "reduce_scatter"], case
+    assert dict(collectives("shard0_apollo"))["reduce_scatter"] == 4 * 12 + 2 * 8
+    assert dict(collectives("shard0_apollo"))["all_reduce"] <= 3 * 12 + 3 * 8 + 4  # floats
+    assert results["replicate"]["collectives"] == [] and results["hsdp_2x1"]["collectives"] == []
+
     shard0 = results["shard0_apollo"]
     from torch.distributed.tensor import Replicate, Shard
 

@@ -12,9 +12,10 @@ local shapes, bytes), for the test to assert on.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,36 @@ def full(t: Any) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+@contextlib.contextmanager
+def recorded_collectives() -> Iterator[list[tuple[str, int]]]:
+    """Records ``(name, elements sent)`` of every torch.distributed collective called inside."""
+    calls: list[tuple[str, int]] = []
+    names = [
+        name
+        for name in ("all_reduce", "reduce_scatter_single", "reduce_scatter_tensor", "reduce_scatter", "all_gather")
+        + ("all_gather_single", "all_gather_into_tensor", "all_gather_object", "broadcast", "all_to_all_single")
+        if hasattr(dist, name)
+    ]
+    originals = {name: getattr(dist, name) for name in names}
+
+    def wrap(name: str) -> Callable[..., Any]:
+        def recorded(*args: Any, **kwargs: Any) -> Any:
+            tensors = [t for a in (*args, *kwargs.values()) for t in (a if isinstance(a, list) else [a])]
+            sent = tensors[1] if name.startswith("reduce_scatter") else tensors[0]
+            calls.append((name, sent.numel() if torch.is_tensor(sent) else -1))
+            return originals[name](*args, **kwargs)
+
+        return recorded
+
+    for name in names:
+        setattr(dist, name, wrap(name))
+    try:
+        yield calls
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)
+
+
 def run_case(mesh_shape: tuple[int, ...], placements: Any, kind: str) -> dict[str, Any]:
     names = ("replicate", "shard")[-len(mesh_shape) :] if len(mesh_shape) > 1 else ("shard",)
     mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=names)
@@ -93,8 +124,12 @@ def run_case(mesh_shape: tuple[int, ...], placements: Any, kind: str) -> dict[st
     for step in range(STEPS):
         for module, opt in ((plain, plain_opt), (sharded, sharded_opt)):
             set_grads(module, step)
-            opt.step()
-    result: dict[str, Any] = {"params": {}, "moments": {}, "placements": {}, "local": {}}
+            if module is sharded and step == STEPS - 1:
+                with recorded_collectives() as calls:
+                    opt.step()
+            else:
+                opt.step()
+    result: dict[str, Any] = {"params": {}, "moments": {}, "placements": {}, "local": {}, "collectives": calls}
     for (name, p), q in zip(sharded.named_parameters(), plain.parameters()):
         result["params"][name] = rel(full(p.detach()), q.detach())
         state, reference = sharded_opt.state[p], plain_opt.state[q]
