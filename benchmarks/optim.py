@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import inspect
 import math
 import statistics
 import sys
@@ -395,6 +396,7 @@ class CollectiveBytes:
         import torch.distributed as dist
 
         self.dist, self.sent, self.calls, self._on = dist, 0.0, 0, False
+        self.by_name: dict[str, float] = {}
         world = dist.get_world_size()
         self._originals: dict[str, Callable[..., Any]] = {}
         for name, (arg, factor) in _COLLECTIVES.items():
@@ -407,24 +409,29 @@ class CollectiveBytes:
     def _wrap(self, name: str, arg: int | None, factor: float) -> None:
         original = getattr(self.dist, name)
         self._originals[name] = original
+        signature = inspect.signature(original)
+        payload = None if arg is None else list(signature.parameters)[arg]
 
         @functools.wraps(original)
         def counted(*args: Any, **kwargs: Any) -> Any:
             if self._on:
                 self.calls += 1
-                if arg is None:  # list forms: count every tensor argument once
-                    tensors = [t for a in (*args, *kwargs.values()) for t in (a if isinstance(a, list) else [a])]
-                    self.sent += sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+                bound = signature.bind(*args, **kwargs).arguments
+                if payload is None:  # list forms: count every tensor argument once
+                    tensors = [t for a in bound.values() for t in (a if isinstance(a, list) else [a])]
+                    sent = float(sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t)))
                 else:
-                    tensor = args[arg] if len(args) > arg else next(iter(kwargs.values()))
-                    self.sent += factor * tensor.numel() * tensor.element_size()
+                    tensor = bound[payload]
+                    sent = factor * tensor.numel() * tensor.element_size()
+                self.sent += sent
+                self.by_name[name] = self.by_name.get(name, 0.0) + sent
             return original(*args, **kwargs)
 
         setattr(self.dist, name, counted)
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[None]:
-        self.sent, self.calls, self._on = 0.0, 0, True
+        self.sent, self.calls, self._on, self.by_name = 0.0, 0, True, {}
         try:
             yield
         finally:
@@ -462,7 +469,7 @@ def _fsdp2_worker(rank: int, args: argparse.Namespace, store: str) -> None:
         data = BigramCodecData(vocab, seq, batch_size=1, seed=rank)
         with counter.recording():
             lm_loss(model, data.batch(0)).backward()
-        backward_rs = counter.sent
+        backward_rs = sum(sent for name, sent in counter.by_name.items() if name.startswith("reduce_scatter"))
         grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # global sizes
         computed_rs = grad_bytes * (world - 1) / world
         groups = lm_groups(model)  # apollo_param_groups on the sharded module
@@ -471,6 +478,8 @@ def _fsdp2_worker(rank: int, args: argparse.Namespace, store: str) -> None:
         gap = args.gap
         factories: dict[str, Callable[[], torch.optim.Optimizer]] = {
             "AdamW(foreach)": lambda: torch.optim.AdamW([p for g in groups for p in g["params"]], foreach=True),
+            # our AdamW path (rank=0) on the local shards: the same math without DTensor dispatch
+            "Apollo(rank=0)": lambda: Apollo([{**g, "rank": 0} for g in groups]),
             f"Apollo(r={rank_r})": lambda: Apollo([dict(g) for g in groups], rank=rank_r, update_proj_gap=gap),
             f"Apollo(r={rank_r}, right)": lambda: Apollo(
                 [dict(g) for g in groups], rank=rank_r, update_proj_gap=gap, proj_type="right"
@@ -525,12 +534,13 @@ def _fsdp2_worker(rank: int, args: argparse.Namespace, store: str) -> None:
             print(
                 f"{name:<24}{times[name] * 1e3:>9.1f}{times[name] / times[base]:>9.2f}x"
                 f"{state[name] / 2**20:>16.2f}{state[name] / state[base]:>9.2%} "
-                f"{sent[name] / 2**10:>14.1f}{calls[name]:>7}{sent[name] / computed_rs:>11.3%}"
+                f"{sent[name] / 2**10:>14.2f}{calls[name]:>7}{sent[name] / computed_rs:>11.3%}"
             )
         print(
             "step ms: wall time of optimizer.step() on the slowest rank, collectives included (median of "
             f"{args.rounds} interleaved rounds of {args.time_steps}); state on the projected matrices; sent: "
-            "bytes this rank's collectives send in one step (ring algorithms)"
+            "bytes this rank's collectives send in one step (ring algorithms); Apollo(rank=0) is AdamW "
+            "computed by Apollo's foreach path on the local shards"
         )
     finally:
         dist.destroy_process_group()
