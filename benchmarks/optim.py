@@ -6,7 +6,13 @@ Measures, in one run, on this machine's CPU:
 2. the same on a small transformer LM (default ~3.7M parameters: d_model 256, 4 layers,
    vocab 1024), APOLLO on the block matrices, AdamW on embeddings, head, norms and biases;
 3. held-out loss after N training steps on synthetic codec-token data (a sparse bigram chain),
-   best of a small lr grid for each optimizer.
+   best of a small lr grid for each optimizer;
+4. ``--sections fsdp2`` (not in the default run): the optimizers on a ~50M-parameter transformer
+   sharded with FSDP2 (``fully_shard`` per block, then the root) over 2 gloo ranks on CPU:
+   wall time of ``step()`` (slowest rank, collectives included), per-rank optimizer state on the
+   projected matrices, and the bytes each optimizer's collectives send per step, recorded by
+   wrapping ``torch.distributed``'s collectives during ``step()``, against the bytes of the
+   gradient reduce-scatter (computed from the gradient sizes and also recorded in backward).
 
 Goals (issue 4): Mini state < 5% of AdamW on projected matrices; step time <= 1.3x
 ``torch.optim.AdamW(foreach=True)``; <= 1.0x the upstream package; loss within 5% of AdamW.
@@ -23,6 +29,7 @@ Usage (about 3 minutes on a 2-core CPU with the defaults; ``--quick`` takes well
     .venv/bin/python benchmarks/optim.py
     .venv/bin/python benchmarks/optim.py --quick
     .venv/bin/python benchmarks/optim.py --matrix-size 2048 --matrices 1 --loss-steps 0
+    .venv/bin/python benchmarks/optim.py --sections fsdp2             # about 3 minutes
 
 Timings are CPU time with one intra-op thread by default (``--threads``), interleaving the
 optimizers over several rounds and reporting the median, because the machine may be shared;
@@ -37,12 +44,17 @@ has them); the header prints the resulting matmul error so the trade is visible.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import inspect
 import math
 import statistics
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -358,6 +370,196 @@ def bench_loss(args: argparse.Namespace) -> None:
         print(f"{name:<20}{lr:>10g}{loss:>10.4f}{loss / base - 1:>+9.1%}")
 
 
+# --- FSDP2: 2 gloo ranks on CPU ------------------------------------------------------------------
+
+# Per-rank bytes sent by ring algorithms, as a multiple of the payload, for world size W:
+# all-reduce 2(W-1)/W, reduce-scatter (W-1)/W of its input, all-gather (W-1)/W of its output.
+_COLLECTIVES = {
+    "all_reduce": (0, 2.0),
+    "reduce_scatter_single": (1, 1.0),
+    "reduce_scatter_tensor": (1, 1.0),
+    "all_gather_single": (0, 1.0),
+    "all_gather_into_tensor": (0, 1.0),
+    "broadcast": (0, 1.0),
+}
+
+
+class CollectiveBytes:
+    """Counts the bytes this rank sends in ``torch.distributed`` collectives while recording.
+
+    Wraps the module's functions, so every caller that looks them up at call time (the
+    optimizer, FSDP2's reduce-scatter) is counted; ``all_gather`` and ``reduce_scatter`` with
+    lists are wrapped too, so that nothing goes uncounted.
+    """
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self.dist, self.sent, self.calls, self._on = dist, 0.0, 0, False
+        self.by_name: dict[str, float] = {}
+        world = dist.get_world_size()
+        self._originals: dict[str, Callable[..., Any]] = {}
+        for name, (arg, factor) in _COLLECTIVES.items():
+            if hasattr(dist, name):
+                self._wrap(name, arg, factor * (world - 1) / world)
+        for name in ("all_gather", "reduce_scatter", "all_to_all", "all_to_all_single", "all_reduce_coalesced"):
+            if hasattr(dist, name):
+                self._wrap(name, None, 1.0)
+
+    def _wrap(self, name: str, arg: int | None, factor: float) -> None:
+        original = getattr(self.dist, name)
+        self._originals[name] = original
+        signature = inspect.signature(original)
+        payload = None if arg is None else list(signature.parameters)[arg]
+
+        @functools.wraps(original)
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            if self._on:
+                self.calls += 1
+                bound = signature.bind(*args, **kwargs).arguments
+                if payload is None:  # list forms: count every tensor argument once
+                    tensors = [t for a in bound.values() for t in (a if isinstance(a, list) else [a])]
+                    sent = float(sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t)))
+                else:
+                    tensor = bound[payload]
+                    sent = factor * tensor.numel() * tensor.element_size()
+                self.sent += sent
+                self.by_name[name] = self.by_name.get(name, 0.0) + sent
+            return original(*args, **kwargs)
+
+        setattr(self.dist, name, counted)
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        self.sent, self.calls, self._on, self.by_name = 0.0, 0, True, {}
+        try:
+            yield
+        finally:
+            self._on = False
+
+    def restore(self) -> None:
+        for name, original in self._originals.items():
+            setattr(self.dist, name, original)
+
+
+def _local_bytes(value: Any) -> int:
+    if hasattr(value, "to_local"):
+        value = value.to_local()
+    return value.numel() * value.element_size() if torch.is_tensor(value) else 0
+
+
+def _fsdp2_worker(rank: int, args: argparse.Namespace, store: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import init_device_mesh
+
+    torch.set_num_threads(args.threads)
+    world = args.fsdp_world
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        torch.manual_seed(0)
+        d, layers, vocab, seq = args.fsdp_d_model, args.fsdp_layers, args.fsdp_vocab, args.seq_len
+        model = TinyLM(vocab, d, layers, args.fsdp_heads, seq)
+        n_params = sum(p.numel() for p in model.parameters())
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        counter = CollectiveBytes()
+        data = BigramCodecData(vocab, seq, batch_size=1, seed=rank)
+        with counter.recording():
+            lm_loss(model, data.batch(0)).backward()
+        backward_rs = sum(sent for name, sent in counter.by_name.items() if name.startswith("reduce_scatter"))
+        grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # global sizes
+        computed_rs = grad_bytes * (world - 1) / world
+        groups = lm_groups(model)  # apollo_param_groups on the sharded module
+        projected = groups[0]["params"]
+        rank_r = args.fsdp_rank
+        gap = args.gap
+        factories: dict[str, Callable[[], torch.optim.Optimizer]] = {
+            "AdamW(foreach)": lambda: torch.optim.AdamW([p for g in groups for p in g["params"]], foreach=True),
+            # our AdamW path (rank=0) on the local shards: the same math without DTensor dispatch
+            "Apollo(rank=0)": lambda: Apollo([{**g, "rank": 0} for g in groups]),
+            f"Apollo(r={rank_r})": lambda: Apollo([dict(g) for g in groups], rank=rank_r, update_proj_gap=gap),
+            f"Apollo(r={rank_r}, right)": lambda: Apollo(
+                [dict(g) for g in groups], rank=rank_r, update_proj_gap=gap, proj_type="right"
+            ),
+            "ApolloMini": lambda: ApolloMini([dict(g) for g in groups], update_proj_gap=gap),
+        }
+        built = {name: make() for name, make in factories.items()}
+        sent: dict[str, float] = {}
+        calls: dict[str, int] = {}
+        for name, optimizer in built.items():
+            optimizer.step()  # allocate state and draw the projections (refresh cost not timed)
+            with counter.recording():
+                optimizer.step()
+            sent[name], calls[name] = counter.sent, counter.calls
+        counter.restore()
+        samples: dict[str, list[float]] = {name: [] for name in built}
+        for _ in range(args.rounds):
+            for name, optimizer in built.items():
+                dist.barrier()
+                start = time.perf_counter()
+                for _ in range(args.time_steps):
+                    optimizer.step()
+                elapsed = torch.tensor([(time.perf_counter() - start) / args.time_steps], dtype=torch.float64)
+                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the slowest rank's step
+                samples[name].append(elapsed.item())
+        times = {name: statistics.median(values) for name, values in samples.items()}
+        keep = {id(p) for p in projected}
+        state = {
+            name: sum(_local_bytes(v) for p, s in optimizer.state.items() if id(p) in keep for v in s.values())
+            for name, optimizer in built.items()
+        }
+        if rank != 0:
+            return
+        base = "AdamW(foreach)"
+        projected_numel = sum(p.numel() for p in projected)
+        print(
+            f"\n## FSDP2, {world} gloo ranks on CPU ({args.threads} thread(s) each): transformer LM "
+            f"{n_params / 1e6:.1f}M params (d_model {d}, {layers} layers, vocab {vocab}; "
+            f"{projected_numel / 1e6:.1f}M on APOLLO), fully_shard per block then the root; "
+            f"update_proj_gap={gap}"
+        )
+        print(
+            f"gradient reduce-scatter per step and rank: {computed_rs / 2**20:.1f} MiB computed from the "
+            f"gradient sizes ((W-1)/W x {grad_bytes / 2**20:.1f} MiB), {backward_rs / 2**20:.1f} MiB "
+            "recorded in backward"
+        )
+        print(
+            f"{'optimizer':<24}{'step ms':>9}{'vs AdamW':>10}{'state/rank MiB':>16}{'vs AdamW':>10}"
+            f"{'sent/step KiB':>15}{'calls':>7}{'vs grad RS':>12}"
+        )
+        for name in built:
+            print(
+                f"{name:<24}{times[name] * 1e3:>9.1f}{times[name] / times[base]:>9.2f}x"
+                f"{state[name] / 2**20:>16.2f}{state[name] / state[base]:>9.2%} "
+                f"{sent[name] / 2**10:>14.2f}{calls[name]:>7}{sent[name] / computed_rs:>11.3%}"
+            )
+        print(
+            "step ms: wall time of optimizer.step() on the slowest rank, collectives included (median of "
+            f"{args.rounds} interleaved rounds of {args.time_steps}); state on the projected matrices; sent: "
+            "bytes this rank's collectives send in one step (ring algorithms); Apollo(rank=0) is AdamW "
+            "computed by Apollo's foreach path on the local shards"
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def bench_fsdp2(args: argparse.Namespace) -> None:
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # fork: the ranks inherit this interpreter's imports; nothing has touched threads yet
+        mp.start_processes(
+            _fsdp2_worker,
+            args=(args, str(Path(tmp) / "store")),
+            nprocs=args.fsdp_world,
+            join=True,
+            start_method="fork",
+        )
+
+
 def matmul_error() -> float:
     """Relative error of a float32 ``G @ P.T`` under the current matmul precision (vs float64)."""
     gen = torch.Generator().manual_seed(0)
@@ -388,7 +590,15 @@ def main() -> None:
     parser.add_argument("--adamw-lrs", default="1e-3,3e-3,1e-2")
     parser.add_argument("--apollo-lrs", default="1e-3,3e-3,1e-2")
     parser.add_argument("--mini-lrs", default="1e-3,3e-3,1e-2")
-    parser.add_argument("--sections", default="matrices,lm,loss", help="comma list of matrices,lm,loss")
+    parser.add_argument(
+        "--sections", default="matrices,lm,loss", help="comma list of matrices,lm,loss,fsdp2 (fsdp2: not by default)"
+    )
+    parser.add_argument("--fsdp-d-model", type=int, default=1408)
+    parser.add_argument("--fsdp-layers", type=int, default=2)
+    parser.add_argument("--fsdp-heads", type=int, default=11)
+    parser.add_argument("--fsdp-vocab", type=int, default=1024)
+    parser.add_argument("--fsdp-rank", type=int, default=128, help="Apollo rank in the fsdp2 section")
+    parser.add_argument("--fsdp-world", type=int, default=2, help="gloo ranks in the fsdp2 section")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: stable CPU times)")
     parser.add_argument(
         "--matmul-precision",
@@ -401,6 +611,7 @@ def main() -> None:
     if args.quick:
         args.matrix_size, args.matrices, args.d_model, args.layers = 1024, 1, 128, 2
         args.rounds, args.time_steps = 3, 3
+        args.fsdp_d_model, args.fsdp_heads, args.fsdp_rank = 256, 4, 32
     if args.loss_steps is None:
         args.loss_steps = 40 if args.quick else 150
     torch.set_num_threads(args.threads)
@@ -417,6 +628,8 @@ def main() -> None:
         bench_lm_step(args)
     if "loss" in sections and args.loss_steps > 0:
         bench_loss(args)
+    if "fsdp2" in sections:
+        bench_fsdp2(args)
 
 
 if __name__ == "__main__":

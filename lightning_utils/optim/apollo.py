@@ -10,7 +10,8 @@ decay. 0-D/1-D tensors, excluded matrices and groups with ``rank=0`` get AdamW.
 
 What it must never do: store anything but tensors and Python numbers in its state (so
 ``torch.load(weights_only=True)`` and safetensors checkpoints work), touch the global RNG, make a
-projection depend on the device it is drawn on, or crash on a parameter shape.
+projection depend on the device it is drawn on, crash on a parameter shape, or gather a sharded
+weight or gradient.
 
 Per-parameter state (tensors and ints only):
 
@@ -20,6 +21,16 @@ Per-parameter state (tensors and ints only):
   APOLLO parameters and in the parameter's shape for AdamW ones;
 - ``scaling_grad`` (0-d tensor): the norm of the last (limited) APOLLO update direction;
 - ``projection`` (tensor, ``proj="svd"`` only): the SVD basis, which depends on the gradient.
+
+DTensor parameters (FSDP2's ``fully_shard``, HSDP, tensor parallelism; :mod:`.sharded`) are
+updated on each rank's local block, with the same result as on the unsharded tensors up to
+float rounding. Their state follows the parameter: ``exp_avg``/``exp_avg_sq`` are DTensors on
+the parameter's mesh with the parameter's placements, on the moments' own global shape (for a
+``Shard(0)`` parameter, a right projection's ``(m, r)`` moments split their ``m`` rows as the
+parameter does, a left projection's ``(r, n)`` moments split their ``r`` rows); ``scaling_grad``
+is a plain 0-d tensor, identical on every rank; ``step``/``seed`` are the same ints everywhere.
+A checkpoint loader can therefore reslice every state tensor for another world size, and
+``load_state_dict`` accepts an unsharded state for sharded parameters (each rank keeps its block).
 
 The random projection is never stored: refresh ``k = step // update_proj_gap`` of a parameter is
 regenerated from ``(seed, k)`` on a dedicated CPU generator (:mod:`.projection`) and cached
@@ -52,6 +63,15 @@ from lightning_utils.optim.projection import (
     svd_projection,
 )
 from lightning_utils.optim.selection import matrix_shape, uses_apollo
+from lightning_utils.optim.sharded import (
+    ShardLayout,
+    SumReducer,
+    is_dtensor,
+    local,
+    reduce_scatter_rows,
+    shard_like,
+    state_dtensor,
+)
 
 __all__ = ["Apollo", "ApolloMini"]
 
@@ -155,13 +175,45 @@ def _grad(param: torch.Tensor) -> torch.Tensor:
     return grad
 
 
+def _sharded_grad(param: Any) -> torch.Tensor:
+    """The local block of a DTensor parameter's gradient, in the parameter's placements.
+
+    A gradient laid out differently (e.g. ``Partial`` from tensor parallelism) is redistributed
+    to the parameter's placements first, as DTensor's own ops would do implicitly.
+    """
+    grad: Any = _grad(param)
+    if not is_dtensor(grad):
+        raise RuntimeError(
+            f"parameter {tuple(param.shape)} is a DTensor but its gradient is a {type(grad).__name__}; "
+            "set DTensor gradients on DTensor parameters"
+        )
+    if grad.placements != param.placements or (
+        grad.device_mesh is not param.device_mesh and grad.device_mesh != param.device_mesh
+    ):
+        grad = grad.redistribute(param.device_mesh, param.placements)
+    return grad.to_local()
+
+
 class _Planned:
-    """One APOLLO parameter of the current step: its state and 2-D geometry (no tensors kept)."""
+    """One APOLLO parameter of the current step: its state and 2-D geometry (no tensors kept).
 
-    __slots__ = ("m", "n", "param", "rank", "side", "state")
+    ``layout`` is set for a DTensor parameter: the block of the matrix this rank holds.
+    """
 
-    def __init__(self, param: torch.Tensor, state: dict[str, Any], m: int, n: int, side: Side, rank: int) -> None:
+    __slots__ = ("layout", "m", "n", "param", "rank", "side", "state")
+
+    def __init__(
+        self,
+        param: torch.Tensor,
+        state: dict[str, Any],
+        m: int,
+        n: int,
+        side: Side,
+        rank: int,
+        layout: ShardLayout | None = None,
+    ) -> None:
         self.param, self.state, self.m, self.n, self.side, self.rank = param, state, m, n, side, rank
+        self.layout = layout
 
 
 class Apollo(Optimizer):
@@ -186,7 +238,15 @@ class Apollo(Optimizer):
        ``correct_bias`` (else ``lr``); then ``p *= 1 - lr * weight_decay`` (decoupled).
 
     AdamW parameters use steps 2 and 5 on the full gradient, without ``sqrt(scale)`` (exactly
-    what a ``rank=0`` group does), batched with foreach ops. Every constructor option is also a
+    what a ``rank=0`` group does), batched with foreach ops.
+
+    DTensor parameters get the same update, computed on each rank's block (see the module
+    docstring for their state). Per mesh dimension the placement may be ``Replicate()``,
+    ``Shard(0)`` or, for 2-D parameters, ``Shard(1)``; a matrix projected on the side its mesh
+    shards (``Shard(0)`` with a left projection, i.e. ``m < n`` under ``proj_type="std"``)
+    reduce-scatters its ``(r, n)`` projected gradient, otherwise only norms cross ranks
+    (``proj_type="right"`` keeps every ``Shard(0)`` matrix that way). Other placements, and
+    ``proj="svd"`` on a sharded matrix, raise ``ValueError`` naming the parameter. Every constructor option is also a
     param-group key, so groups may differ (e.g. ``{"params": norms, "rank": 0}``). Parameters may
     be given as a flat iterable, as groups, or as ``(name, tensor)`` pairs.
 
@@ -209,7 +269,8 @@ class Apollo(Optimizer):
 
     Raises:
         ValueError: for a bad option, naming it (and the param group, if that is where it is),
-            or for a complex parameter (optimize ``torch.view_as_real(p)`` instead).
+            for a complex parameter (optimize ``torch.view_as_real(p)`` instead), or for a
+            DTensor parameter whose placements the low-rank update cannot use.
     """
 
     def __init__(
@@ -250,6 +311,8 @@ class Apollo(Optimizer):
         self._projections: dict[torch.Tensor, tuple[tuple[Any, ...], torch.Tensor]] = {}
         # Reused per-step workspace (see _scratch_pair); not state.
         self._scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        # The local block of each DTensor parameter (ShardLayout); derived, never saved.
+        self._layouts: dict[torch.Tensor, ShardLayout] = {}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -258,12 +321,16 @@ class Apollo(Optimizer):
         where = f"{type(self).__name__} param group {len(self.param_groups) - 1}"
         try:
             _validate(group, where)
+            first = sum(len(g["params"]) for g in self.param_groups[:-1])
             for i, param in enumerate(group["params"]):
                 if param.is_complex():
                     raise ValueError(
                         f"{where}: parameter {i} is complex ({param.dtype}); complex parameters are not "
                         "supported (optimize torch.view_as_real(param) instead)"
                     )
+                if is_dtensor(param):  # an unsupported placement fails here, not at the first step
+                    shape = matrix_shape(param.shape) if self.uses_projection(param, group) else None
+                    self._layout(param, shape, group, i, first + i + 1)
         except ValueError:
             self.param_groups.pop()  # a rejected group must not stay in the optimizer
             raise
@@ -272,6 +339,7 @@ class Apollo(Optimizer):
         super().__setstate__(state)
         self._projections = {}
         self._scratch = {}
+        self._layouts = {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict saved by :class:`Apollo` (or :class:`ApolloMini`).
@@ -304,6 +372,14 @@ class Apollo(Optimizer):
                 self._check_saved_state(index, param, state, merged)
         super().load_state_dict({**state_dict, "param_groups": merged_groups})
         self._projections.clear()
+        for group in self.param_groups:
+            for param in group["params"]:
+                state = self.state.get(param)
+                if state and is_dtensor(param):
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        if torch.is_tensor(state.get(key)) and not is_dtensor(state[key]):
+                            # an unsharded state (one process, or gathered): keep this rank's block
+                            state[key] = shard_like(state[key], param)
 
     def _check_saved_state(self, index: int, param: torch.Tensor, state: Any, group: dict[str, Any]) -> None:
         where = f"{type(self).__name__}.load_state_dict: parameter #{index} {tuple(param.shape)}"
@@ -367,23 +443,29 @@ class Apollo(Optimizer):
         for group in self.param_groups:
             apollo: list[_Planned] = []
             adamw: list[torch.Tensor] = []
-            for param in group["params"]:
+            sharded_apollo: list[_Planned] = []
+            sharded_adamw: list[torch.Tensor] = []
+            for position, param in enumerate(group["params"]):
                 index += 1
                 if param.grad is None:
                     continue
                 if param.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                sharded = is_dtensor(param)
+                shape = matrix_shape(param.shape) if self.uses_projection(param, group) else None
+                layout = None
+                if sharded:
+                    layout = self._layout(param, shape, group, position, index)
                 state = self.state[param]
                 if not state:
                     state["step"] = 0
                     state["seed"] = index
                 item = None
                 expected = tuple(param.shape)
-                shape = matrix_shape(param.shape) if self.uses_projection(param, group) else None
                 if shape is not None:
                     m, n = shape
                     side = _side(m, n, group["proj_type"])
-                    item = _Planned(param, state, m, n, side, _clamped_rank(m, n, side, group))
+                    item = _Planned(param, state, m, n, side, _clamped_rank(m, n, side, group), layout)
                     expected = projected_shape((m, n), side, item.rank)
                 exp_avg = state.get("exp_avg")
                 if exp_avg is not None and tuple(exp_avg.shape) != expected:
@@ -393,16 +475,53 @@ class Apollo(Optimizer):
                         "proj_type or the exclusion rule changed after the state was created"
                     )
                 if item is None:
-                    adamw.append(param)
+                    (sharded_adamw if sharded else adamw).append(param)
                 else:
-                    apollo.append(item)
-            plans.append((group, apollo, adamw))
-        for group, apollo, adamw in plans:
+                    (sharded_apollo if sharded else apollo).append(item)
+            plans.append((group, apollo, adamw, sharded_apollo, sharded_adamw))
+        for group, apollo, adamw, sharded_apollo, sharded_adamw in plans:
             if apollo:
                 self._apollo_update(apollo, group)
             if adamw:
                 self._adamw_update(adamw, group)
+            if sharded_apollo:
+                self._apollo_update_sharded(sharded_apollo, group)
+            if sharded_adamw:
+                self._adamw_update(sharded_adamw, group, sharded=True)
         return loss
+
+    def _layout(
+        self, param: Any, shape: tuple[int, int] | None, group: dict[str, Any], position: int, index: int
+    ) -> ShardLayout | None:
+        """The local block of a DTensor parameter that gets APOLLO (``shape`` is its matrix
+        shape), cached per parameter; checks that an AdamW-routed one (``shape`` None) is not
+        ``Partial``. Raises ``ValueError`` naming the parameter and its placements."""
+        names = group.get("param_names")
+        name = repr(names[position]) if names and position < len(names) else f"#{index}"
+        if shape is None:
+            if any(p.is_partial() for p in param.placements):
+                raise ValueError(
+                    f"{type(self).__name__}: parameter {name} {tuple(param.shape)} has placements "
+                    f"{tuple(param.placements)}; a Partial parameter holds no values to update elementwise "
+                    "(redistribute it to Replicate or Shard first)"
+                )
+            return None
+        cached = self._layouts.get(param)
+        if cached is not None and cached.mesh is param.device_mesh and cached.placements == tuple(param.placements):
+            layout = cached
+        else:
+            try:
+                layout = ShardLayout(param, shape[0], shape[1], name)
+            except ValueError as error:
+                raise ValueError(f"{type(self).__name__}: {error}") from None
+            self._layouts[param] = layout
+        if group["proj"] == "svd" and layout.sharded:
+            raise ValueError(
+                f"{type(self).__name__}: parameter {name} {tuple(param.shape)} with placements "
+                f"{layout.placements}: proj='svd' needs the whole gradient of a matrix, which a sharded "
+                "parameter never gathers; use proj='random' (the default) for sharded parameters"
+            )
+        return layout
 
     def _step_size(self, group: dict[str, Any], step: int) -> float:
         lr = float(group["lr"])
@@ -421,6 +540,9 @@ class Apollo(Optimizer):
                 basis = svd_projection(grad, side, rank)
                 state["projection"] = basis
             return basis
+        layout = item.layout
+        if layout is not None and layout.sharded:
+            return self._projection_block(item, refresh, size, layout, grad)
         key = (state["seed"], refresh, size, grad.device, grad.dtype)
         cached = self._projections.get(item.param)
         if cached is not None and cached[0] == key:
@@ -430,6 +552,27 @@ class Apollo(Optimizer):
         )
         self._projections[item.param] = (key, matrix)
         return matrix
+
+    def _projection_block(
+        self, item: _Planned, refresh: int, size: tuple[int, int], layout: ShardLayout, grad: torch.Tensor
+    ) -> torch.Tensor:
+        """This rank's block of the random projection of a sharded parameter: the columns of
+        ``P`` (r, n) it holds for a right projection, the rows of ``P`` (m, r) for a left one.
+
+        The whole matrix is drawn exactly as for an unsharded parameter (same seed, same CPU
+        generator, so every rank draws the same values) and only the block is kept.
+        """
+        bounds = layout.cols if item.side == "right" else layout.rows
+        key = (item.state["seed"], refresh, size, bounds, grad.device, grad.dtype)
+        cached = self._projections.get(item.param)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        seed = projection_seed(item.state["seed"], refresh)
+        matrix = random_projection((item.m, item.n), item.side, item.rank, seed)
+        block = matrix[:, bounds[0] : bounds[1]] if item.side == "right" else matrix[bounds[0] : bounds[1]]
+        block = block.to(device=grad.device, dtype=grad.dtype).contiguous()
+        self._projections[item.param] = (key, block)
+        return block
 
     def _apollo_update(self, items: list[_Planned], group: dict[str, Any]) -> None:
         """APOLLO for one group's projected params.
@@ -508,6 +651,127 @@ class Apollo(Optimizer):
         if group["weight_decay"] > 0.0:
             torch._foreach_mul_([item.param for item in items], 1.0 - float(group["lr"]) * group["weight_decay"])
 
+    def _apollo_update_sharded(self, items: list[_Planned], group: dict[str, Any]) -> None:
+        """APOLLO for one group's DTensor params, on each rank's local block of each matrix.
+
+        The math is :meth:`_apollo_update`'s; what differs is where the sums run. For a right
+        projection ``R = G @ P.T`` (``P`` is ``(r, n)``) the rows of ``G`` stay local: a rank
+        computes its rows of ``R`` from its block of ``G`` and its columns of ``P``; for a left
+        projection ``R = P.T @ G`` the sum runs over the rows, so each rank's ``P_rows.T @ G_rows``
+        is a partial sum. A partial ``R`` (r rows) is reduce-scattered over the mesh dimension
+        that shards the projected side, leaving each rank a chunk of ``R``'s ``r`` dimension:
+        the moments then have the parameter's own placements on the ``(m, r)`` or ``(r, n)``
+        shape. The scale and the limiter need sums of squares over the projected side (per
+        channel or per tensor) and over the kept side (the update norm): they are all-reduced,
+        as a few floats per channel, batched over the group (at most two rounds per step, one
+        when each matrix is split along one side only, as under FSDP2). Every rank holds the
+        same factors and norms for its block, so the limiter and the update are local.
+        """
+        beta1, beta2 = group["betas"]
+        eps = group["eps"]
+        channel = group["scale_type"] == "channel"
+        grads: list[torch.Tensor] = []
+        lows: list[torch.Tensor] = []
+        scatters: dict[tuple[Any, int, int], list[int]] = {}  # (group, size, index) -> items
+        for i, item in enumerate(items):
+            layout = item.layout
+            assert layout is not None
+            grad = _sharded_grad(item.param).reshape(layout.shape)
+            proj = self._projection(item, group, grad)
+            if item.side == "right":
+                low, over = torch.mm(grad, proj.t()), layout.col_dim
+            else:
+                low, over = torch.mm(proj.t(), grad), layout.row_dim
+            grads.append(grad)
+            lows.append(low)
+            if over is not None:  # a partial sum: reduce-scatter its r dimension over that mesh dim
+                scatters.setdefault(layout.axes[over], []).append(i)
+        for axis, indices in scatters.items():
+            rows_first = [lows[i] if items[i].side == "left" else lows[i].t() for i in indices]
+            for i, chunk in zip(indices, reduce_scatter_rows(rows_first, axis)):
+                lows[i] = chunk if items[i].side == "left" else chunk.t()
+
+        reducer = SumReducer()
+        stats: list[torch.Tensor] = []
+        deferred: list[int] = []
+        scales: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # item -> (s, squared update norm)
+        for i, item in enumerate(items):
+            layout, state, low = item.layout, item.state, lows[i]
+            assert layout is not None
+            if "exp_avg" not in state:
+                shape = projected_shape((item.m, item.n), item.side, item.rank)
+                for key in ("exp_avg", "exp_avg_sq"):
+                    zeros = torch.zeros(low.shape, dtype=low.dtype, device=low.device)
+                    state[key] = state_dtensor(zeros, layout, shape)
+            exp_avg, exp_avg_sq = local(state["exp_avg"]), local(state["exp_avg_sq"])
+            state["step"] += 1
+            exp_avg.lerp_(low, 1.0 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
+            normed = torch.sqrt(exp_avg_sq).add_(eps)
+            torch.div(exp_avg, normed, out=normed)
+            # Sums of squares in float32 (they cross ranks): of N and R over the projected side
+            # and of G, per kept channel or over the whole block.
+            if channel:
+                dim = 1 if item.side == "right" else 0
+                stat = torch.stack(
+                    [_channel_norms(x, dim).float().square_() for x in (normed, low, grads[i])]
+                )  # (3, rows, 1) or (3, 1, cols)
+                over = layout.col_dim if item.side == "right" else layout.row_dim
+                dims: tuple[int, ...] = () if over is None else (over,)
+            else:
+                stat = torch.stack([torch.linalg.vector_norm(x).float().square() for x in (normed, low, grads[i])])
+                dims = tuple(d for d in (layout.row_dim, layout.col_dim) if d is not None)
+            stats.append(stat)
+            if dims:
+                reducer.add(stat, tuple(layout.axes[d][0] for d in dims))
+                deferred.append(i)
+            else:
+                scales[i] = self._sharded_scale(item, stat, channel, reducer)
+        reducer.flush()
+        for i in deferred:
+            scales[i] = self._sharded_scale(items[i], stats[i], channel, reducer)
+        reducer.flush()
+        factors = [scales[i][0].to(grad.dtype) for i, grad in enumerate(grads)]
+        update_norms = [scales[i][1].sqrt().to(grad.dtype) for i, grad in enumerate(grads)]
+
+        self._limit_norm_growth(items, factors, update_norms)
+
+        root_scale = math.sqrt(group["scale"])
+        views, view_grads, view_factors, alphas = [], [], [], []
+        params = []
+        for item, grad, factor in zip(items, grads, factors):
+            param = local(item.param)
+            params.append(param)
+            alpha = -self._step_size(group, item.state["step"]) * root_scale
+            if param.is_contiguous():
+                views.append(param.view(grad.shape))
+                view_grads.append(grad)
+                view_factors.append(factor)
+                alphas.append(alpha)
+            else:
+                param.add_((grad * factor).reshape(param.shape), alpha=alpha)
+        if views:
+            torch._foreach_addcmul_(views, view_grads, view_factors, alphas)
+        if group["weight_decay"] > 0.0:
+            torch._foreach_mul_(params, 1.0 - float(group["lr"]) * group["weight_decay"])
+
+    @staticmethod
+    def _sharded_scale(
+        item: _Planned, stat: torch.Tensor, channel: bool, reducer: SumReducer
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scale ``s`` of a sharded matrix from its summed squares (``stat``: N, R, G) and the
+        squared norm of its update ``G * s``; a partial sum of that norm over the kept side is
+        queued on ``reducer`` (and complete once it is flushed)."""
+        factor = stat[0].sqrt().div_(stat[1].sqrt().add_(_NORM_EPS))
+        if not channel:
+            return factor, stat[2].mul(factor.square())
+        update_sq = stat[2].mul(factor.square()).sum()
+        layout = item.layout
+        assert layout is not None
+        kept = layout.row_dim if item.side == "right" else layout.col_dim
+        reducer.add(update_sq, () if kept is None else (layout.axes[kept][0],))
+        return factor, update_sq
+
     def _scratch_pair(self, shape: tuple[int, int], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Two ``shape`` views of a reused buffer for the projected gradient and ``N``.
 
@@ -545,8 +809,13 @@ class Apollo(Optimizer):
             torch._foreach_div_([factors[i] for i in limited], per_param)
             torch._foreach_copy_(previous, list(norms.div_(limiters).unbind()))
 
-    def _adamw_update(self, params: list[torch.Tensor], group: dict[str, Any]) -> None:
-        """AdamW for the non-projected params of one group, batched with foreach ops."""
+    def _adamw_update(self, params: list[torch.Tensor], group: dict[str, Any], sharded: bool = False) -> None:
+        """AdamW for the non-projected params of one group, batched with foreach ops.
+
+        ``sharded``: the params are DTensors; the ops run on their local shards (elementwise, so
+        every placement but ``Partial`` works without communication) and the moments are
+        DTensors with the parameter's placements.
+        """
         buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
         for param in params:
             state = self.state[param]
@@ -560,15 +829,21 @@ class Apollo(Optimizer):
             grads = [_grad(p) for p in bucket]
             exp_avgs = [self.state[p]["exp_avg"] for p in bucket]
             exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in bucket]
+            tensors = bucket
+            if sharded:
+                tensors = [local(p) for p in bucket]
+                grads = [_sharded_grad(p) for p in bucket]
+                exp_avgs = [local(t) for t in exp_avgs]
+                exp_avg_sqs = [local(t) for t in exp_avg_sqs]
             torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
             torch._foreach_mul_(exp_avg_sqs, beta2)
             torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
             denoms = torch._foreach_sqrt(exp_avg_sqs)
             torch._foreach_add_(denoms, group["eps"])
             step_sizes = [-self._step_size(group, self.state[p]["step"]) for p in bucket]
-            torch._foreach_addcdiv_(bucket, exp_avgs, denoms, step_sizes)
+            torch._foreach_addcdiv_(tensors, exp_avgs, denoms, step_sizes)
             if group["weight_decay"] > 0.0:
-                torch._foreach_mul_(bucket, 1.0 - float(group["lr"]) * group["weight_decay"])
+                torch._foreach_mul_(tensors, 1.0 - float(group["lr"]) * group["weight_decay"])
 
 
 class ApolloMini(Apollo):
