@@ -501,6 +501,9 @@ class ExportWeights(Callback):
         out = {src: TensorSpec(dst, specs[src].dtype, specs[src].shape) for src, dst in names.items()}
         by_out = {spec.name: (src, spec) for src, spec in out.items()}
         files, index = hf_export.shard_layout(list(out.values()), self.max_shard_size)
+        count = getattr(target.hf_model, "num_parameters", None)
+        if index is not None and callable(count):  # what save_pretrained records next to total_size
+            index["metadata"] = {"total_parameters": count(), **index["metadata"]}
         chosen: list[tuple[str, TensorSpec]] = []
         layout_files = []
         for file_name, tensor_names in files:
