@@ -57,6 +57,8 @@ __all__ = [
     "Chunk",
     "MemoryTracker",
     "OtherRankError",
+    "OtherRankOSError",
+    "OtherRankValueError",
     "PlanEntry",
     "RankZeroGather",
     "TensorInfo",
@@ -75,12 +77,12 @@ class OtherRankError(RuntimeError):
         super().__init__(f"rank {rank}: {message}")
 
 
-class _OtherRankOSError(OtherRankError, OSError):
-    pass
+class OtherRankOSError(OtherRankError, OSError):
+    """An ``OSError`` on another rank (a full disk, a missing folder on rank 0)."""
 
 
-class _OtherRankValueError(OtherRankError, ValueError):
-    pass
+class OtherRankValueError(OtherRankError, ValueError):
+    """A ``ValueError`` on another rank (bad input: metadata, names, a model the ranks disagree on)."""
 
 
 def _family(exc: BaseException) -> str:
@@ -92,7 +94,7 @@ def _family(exc: BaseException) -> str:
 
 
 def _raise_remote(rank: int, family: str, message: str) -> None:
-    cls = {"OSError": _OtherRankOSError, "ValueError": _OtherRankValueError}.get(family, OtherRankError)
+    cls = {"OSError": OtherRankOSError, "ValueError": OtherRankValueError}.get(family, OtherRankError)
     raise cls(rank, message)
 
 
@@ -270,7 +272,8 @@ def _describe(name: str, value: Any, dtensor: Any) -> _Described | None:
                 Chunk(tuple(int(o) for o in s.metadata.shard_offsets), tuple(int(n) for n in s.metadata.shard_sizes))
                 for s in shards
             )
-            return _Described(name, "sharded", tuple(int(n) for n in value.size()), value.dtype, chunks)
+            meta = value.metadata()
+            return _Described(name, "sharded", tuple(int(n) for n in meta.size), meta.tensor_properties.dtype, chunks)
         if isinstance(value, torch.Tensor):
             shape = tuple(value.shape)
             return _Described(name, "plain", shape, value.dtype, (Chunk((0,) * len(shape), shape),))
