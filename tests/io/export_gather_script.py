@@ -130,7 +130,7 @@ def scenario_memory():
     report = {}
     for name, target in (("fp32", None), ("bf16", torch.bfloat16)):
         seen = []
-        g_, entries = run(items, choose_all(target), lambda e, t: seen.append(e.out.nbytes))
+        g_, entries = run(items, choose_all(target), lambda e, t, seen=seen: seen.append(e.out.nbytes))
         tracker = g_.tracker
         largest = 128 * 64 * (4 if target is None else 2)
         assert tracker.largest_tensor_bytes == largest
@@ -151,7 +151,7 @@ def scenario_memory():
 def expect_failure(items, choose, sink, check):
     try:
         run(items, choose, sink)
-    except Exception as exc:  # noqa: BLE001 - checked below
+    except Exception as exc:
         check(exc)
         return
     raise AssertionError("no error")

@@ -20,9 +20,9 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/, for helpers
 
-from helpers.hf_export_models import HFModule, logits  # noqa: E402
+from helpers.hf_export_models import HFModule, logits
 
-from lightning_utils.callbacks import ExportWeights, TrainingControl  # noqa: E402
+from lightning_utils.callbacks import ExportWeights, TrainingControl
 
 
 def trainer(root: Path, callbacks: list, max_steps: int) -> pl.Trainer:
@@ -80,7 +80,7 @@ def ok(root: Path) -> None:
     try:
         bad.export(t, module)
         print(f"RANK {t.global_rank} DID NOT RAISE", flush=True)
-    except Exception as exc:  # noqa: BLE001 - printed for the test
+    except Exception as exc:
         print(f"RANK {t.global_rank} RAISED {type(exc).__name__}: {exc}", flush=True)
     t.strategy.barrier()
     print(f"RANK {t.global_rank} IN STEP", flush=True)
