@@ -520,18 +520,28 @@ class RankZeroGather(Generic[T]):
         """Assemble ``entries`` in order (collective) and hand each full CPU tensor to ``sink`` on rank 0.
 
         ``sink`` failures (and failures preparing a piece on any rank) are recorded in
-        ``outcome``; the ranks then stop together before the next tensor.
+        ``outcome``; the ranks then stop together before the next tensor that needs more than
+        rank 0.
         """
         for entry in entries:
             self.tracker.largest_tensor_bytes = max(self.tracker.largest_tensor_bytes, entry.out.nbytes)
         for entry in entries:
+            # A tensor rank 0 has whole needs no other rank (DDP, replicated buffers): the ranks
+            # only agree before the tensors they take part in, and the final exchange of
+            # outcomes covers the rest.
+            local = not entry.collective and all(s.rank == 0 for s in entry.sources)
+            if local and not self.is_rank_zero:
+                continue
             full: torch.Tensor | None = None
             sends: list[tuple[Source, torch.Tensor]] = []
             with outcome.capture():
                 if self.is_rank_zero and sink is None:
                     raise RuntimeError("the export output could not be opened")
                 full, sends = self._prepare(entry)
-            if self._any(outcome.failed):
+            if local:
+                if outcome.failed:
+                    continue
+            elif self._any(outcome.failed):
                 return
             full = self._assemble_collective(entry, full) if entry.collective else self._assemble(entry, full, sends)
             del sends

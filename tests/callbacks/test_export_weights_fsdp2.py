@@ -64,7 +64,12 @@ def test_fsdp2_exports_unsharded_weights_one_tensor_at_a_time(tmp_path):
     torch.testing.assert_close(logits(model), reference["logits"], atol=1e-5, rtol=1e-5)
     assert "lm_head.weight" not in load_file(hf32 / "model.safetensors")  # tied: written once
     # TrainingControl's `export@2` went through the same exporter on both ranks
-    assert (tmp_path / "hf32" / "weights-step=2" / "model.safetensors").is_file()
+    step2 = load_file(tmp_path / "hf32" / "weights-step=2" / "model.safetensors")
+    # and export_on_checkpoint exported the same step from the checkpoint's sharded state dict
+    on_save = load_file(tmp_path / "on_save" / "weights-step=2.sft")
+    assert on_save.keys() == state.keys()
+    for name, value in step2.items():
+        assert torch.equal(on_save[f"model.{name}"], value), name
 
     # bf16, sharded as save_pretrained shards
     hf16 = tmp_path / "hf16" / "weights-step=3"
@@ -76,7 +81,8 @@ def test_fsdp2_exports_unsharded_weights_one_tensor_at_a_time(tmp_path):
     for name, value in model16.named_parameters():
         assert torch.equal(value, state[f"model.{name}"].to(torch.bfloat16)), name
     torch.testing.assert_close(logits(model16), reference["logits"], atol=0.1, rtol=0.05)
-    assert not [p for p in tmp_path.rglob("*") if p.suffix in {".bin", ".pkl", ".pth", ".ckpt"}]  # no pickle
+    exports = [p for d in ("hf32", "hf16", "plain", "on_save") for p in (tmp_path / d).rglob("*") if p.is_file()]
+    assert {p.suffix for p in exports} == {".json", ".safetensors", ".sft"}  # no pickle anywhere
 
     # memory: on every rank, never more than one tensor extra; rank 1 only ever sends its shards
     for report in reports:

@@ -2,7 +2,7 @@
 
 Usage: python export_fsdp2.py OUT_DIR
 
-Exports at step 2 (TrainingControl's ``export@2``) and at the end: a Hugging Face directory in
+Exports at step 2 (TrainingControl's ``export@2``, and alongside its ``save@2`` checkpoint) and at the end: a Hugging Face directory in
 fp32, one in bf16 sharded, and a plain ``.sft``. Then every rank runs the sharded model on a fixed
 input; rank 0 saves the logits and the full state dict (``OUT_DIR/reference.pt``) and each rank
 its exporters' memory accounting (``OUT_DIR/rank{r}.json``). Last, every rank calls ``export`` of
@@ -48,12 +48,16 @@ def memory(exporter: ExportWeights) -> dict:
 
 def ok(root: Path) -> None:
     control = TrainingControl(
-        source=None, signal=None, commands=["export@2"], save_on_export=False, save_on_train_end=False
+        source=None, signal=None, commands=["export@2", "save@2"], save_on_export=False, save_on_train_end=False
     )
     hf32 = ExportWeights(dirpath=root / "hf32")  # the first ExportWeights: TrainingControl exports with it
     hf16 = ExportWeights(dirpath=root / "hf16", dtype="bf16", max_shard_size=20_000)
     plain = ExportWeights(dirpath=root / "plain", hf_format=False)
-    t = trainer(root, [control, hf32, hf16, plain], max_steps=3)
+    # with the checkpoint TrainingControl saves at step 2, from the checkpoint's (sharded) state dict
+    on_save = ExportWeights(
+        dirpath=root / "on_save", hf_format=False, export_on_checkpoint=True, export_on_train_end=False
+    )
+    t = trainer(root, [control, hf32, hf16, plain, on_save], max_steps=3)
     module = HFModule("gpt2", fsdp=True)
     t.fit(module)
     out = logits(module.model)  # collective under FSDP2: every rank runs it
