@@ -238,10 +238,12 @@ class ExportWeights(Callback):
     Nothing is pickled.
 
     Call :meth:`export` on every rank (the callback's hooks and ``TrainingControl`` do): under
-    ``ModelParallelStrategy`` (FSDP2, tensor parallel), ``FSDPStrategy`` and DDP the weights are
-    gathered to global rank 0 one tensor at a time, so the extra memory on any rank is at most
-    about one tensor (:attr:`last_memory` accounts it), and only rank 0 writes. A failure on
-    any rank raises on every rank. DeepSpeed ZeRO stage 3 is refused when fit starts.
+    ``ModelParallelStrategy`` (FSDP2, tensor parallel) and DDP the weights are gathered to global
+    rank 0 one tensor at a time, so the extra memory on any rank is at most about one tensor
+    (:attr:`last_memory` accounts it), and only rank 0 writes; ``FSDPStrategy``'s sharded state
+    goes through the same gather (GPU only, so not run in this project's tests). A failure on any
+    rank raises on every rank, and that step may be exported again. DeepSpeed ZeRO stage 3 is
+    refused when fit starts.
     :attr:`last_path` is the latest export written.
     """
 
@@ -340,6 +342,22 @@ class ExportWeights(Callback):
         metrics = self._metrics(trainer)
         if not trainer.is_global_zero and not (dist.is_available() and dist.is_initialized()):
             return None  # no process group: nothing to gather, and only rank 0 writes
+        try:
+            return self._gather_and_write(trainer, pl_module, state_dict, target, metrics)
+        except BaseException:
+            # Every rank raised alike (the gather makes sure of it), so every rank forgets the
+            # step alike: a later export of the same step tries again.
+            self._last_export_step = None
+            raise
+
+    def _gather_and_write(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        state_dict: Mapping[str, Any],
+        target: _Target,
+        metrics: dict[str, Any],
+    ) -> Path | None:
         items = self._items(state_dict, target.prefix)
         tracker = MemoryTracker()
         gather: RankZeroGather[_Layout] = RankZeroGather(items, tracker=tracker)

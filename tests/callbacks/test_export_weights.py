@@ -406,3 +406,15 @@ def test_export_memory_is_one_tensor_at_a_time(tmp_path):
     exporter = ExportWeights(dirpath=tmp_path / "same", dtype=None, hf_format=False)
     exporter.export(trainer, module)
     assert exporter.last_memory.peak_bytes == 0  # nothing to cast: written straight from the parameters
+
+
+def test_a_failed_export_can_be_retried_at_the_same_step(tmp_path):
+    module = RecordingModule()
+    trainer = fake_trainer(module, tmp_path)
+    (tmp_path / "out").write_text("a file where the export folder should be")
+    exporter = ExportWeights(dirpath=tmp_path / "out")
+    with pytest.raises(OSError, match="out"):
+        exporter.export(trainer, module)
+    (tmp_path / "out").unlink()
+    assert exporter.export(trainer, module) == tmp_path / "out" / "weights-step=1.sft"
+    assert set(load_file(tmp_path / "out" / "weights-step=1.sft")) == set(module.state_dict())
