@@ -371,8 +371,11 @@ def test_hf_export_arguments_that_cannot_work_fail_when_fit_starts(tmp_path):
 def test_deepspeed_stage_3_is_refused_not_exported_empty(tmp_path):
     module = RecordingModule()
     strategy = SimpleNamespace(zero_stage_3=True, lightning_module_state_dict=module.state_dict)
+    trainer = fake_trainer(module, tmp_path, strategy=strategy)
     with pytest.raises(ValueError, match="DeepSpeed ZeRO stage 3"):
-        ExportWeights(dirpath=tmp_path).export(fake_trainer(module, tmp_path, strategy=strategy), module)
+        ExportWeights(dirpath=tmp_path).on_fit_start(trainer, module)  # before the first step
+    with pytest.raises(ValueError, match="DeepSpeed ZeRO stage 3"):
+        ExportWeights(dirpath=tmp_path).export(trainer, module)
     assert list(tmp_path.iterdir()) == []
 
 
