@@ -508,6 +508,11 @@ _CONTROL_EVAL_PUBLIC = (
     "trainer.validate() is a run of its own (its own setup and teardown), not a step of a running fit; users "
     "who want no internals pass eval_fn="
 )
+_EXPORT_USER = "lightning_utils.io.hf_export (for lightning_utils.callbacks.export_weights)"
+_EXPORT_PUBLIC = (
+    "save_pretrained is the public route, but it needs every tensor of a shard in memory at once (it takes a "
+    "state dict), which a sharded model gathered one tensor at a time never has"
+)
 _CONTROL: tuple[PrivateName, ...] = (
     PrivateName(
         "lightning.pytorch.trainer.trainer",
@@ -567,6 +572,38 @@ _CONTROL: tuple[PrivateName, ...] = (
         "the 'lr' command rebases the schedulers a SequentialLR holds, so that their closed-form schedules "
         "continue from the new lr",
         "none: SequentialLR exposes its schedulers only as state_dict()['_schedulers'], copies of their states",
+    ),
+    PrivateName(
+        "transformers.modeling_utils",
+        "remove_tied_weights_from_state_dict",
+        _EXPORT_USER,
+        "a Hugging Face export leaves out the tied duplicates (lm_head.weight) exactly as save_pretrained does; "
+        "called on meta tensors, it finds the ties by parameter identity in the model",
+        _EXPORT_PUBLIC + "; without this function (older transformers) the tied keys are dropped by "
+        "parameter identity and _tied_weights_keys",
+    ),
+    PrivateName(
+        "transformers.core_model_loading",
+        "revert_weight_conversion",
+        _EXPORT_USER,
+        "a Hugging Face export writes the checkpoint names save_pretrained writes for models whose weights are "
+        "renamed on load; called on meta tensors, a pure renaming is read back by tensor identity",
+        _EXPORT_PUBLIC + "; without this function (older transformers) the model's own names are written",
+    ),
+    PrivateName(
+        "transformers.modeling_utils",
+        "PreTrainedModel._keys_to_ignore_on_save",
+        _EXPORT_USER,
+        "keys a model asks save_pretrained not to write are left out of a Hugging Face export too",
+        _EXPORT_PUBLIC,
+    ),
+    PrivateName(
+        "transformers.modeling_utils",
+        "PreTrainedModel._tied_weights_keys",
+        _EXPORT_USER,
+        "which of the names sharing one parameter are the tied duplicates, for transformers releases without "
+        "remove_tied_weights_from_state_dict",
+        _EXPORT_PUBLIC,
     ),
     PrivateName(
         "torch.optim.lr_scheduler",

@@ -1,32 +1,55 @@
-"""``ExportWeights``: write the model's weights, and only the weights, as a plain ``.sft`` file.
+"""``ExportWeights``: write the model's weights, and only the weights, for use outside training.
 
-The file is an ordinary safetensors file (a flat ``name -> tensor`` dict plus string
-metadata) that ``safetensors.torch.load_file``, Hugging Face tools and
-``module.load_state_dict`` read directly: no optimizer, no pickle, no Lightning. Floating
-tensors are cast to the chosen dtype; the step, epoch, hyperparameters and the latest scalar
-metrics go into the metadata as JSON strings.
+Two forms, chosen per model:
+
+* a plain ``.sft`` file: an ordinary safetensors file (a flat ``name -> tensor`` dict plus
+  string metadata) that ``safetensors.torch.load_file``, Hugging Face tools and
+  ``module.load_state_dict`` read directly;
+* a Hugging Face directory, when the exported module is a ``transformers`` ``PreTrainedModel``:
+  ``config.json`` and the weights as ``save_pretrained`` writes them, so that
+  ``from_pretrained(directory)`` loads the trained model as it is.
+
+Floating tensors are cast to the chosen dtype; the step, epoch, hyperparameters and the latest
+scalar metrics go into the safetensors metadata as JSON strings. Under every strategy the
+weights are gathered to global rank 0 one tensor at a time (:mod:`lightning_utils.io.gather`)
+and written as they arrive (:mod:`lightning_utils.io.weights`), so no rank ever holds more
+than one extra tensor.
 
 It exports on train end, when :class:`~lightning_utils.callbacks.TrainingControl` asks
 (``export`` command, schedule, quit), and optionally alongside every checkpoint.
 
-This callback must never write anything but a ``.sft`` weights file, never write from a rank
-other than global rank 0, and never leave a partial file under the final name.
+This callback must never write pickle files or anything but weights and their configs, never
+write from a rank other than global rank 0, never hold the whole model on one rank, and never
+leave a partial file or directory under the final name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
+from torch import nn
 
+from lightning_utils.io import hf_export
+from lightning_utils.io.gather import MemoryTracker, PlanEntry, RankZeroGather, TensorInfo
 from lightning_utils.io.state import JSON_KEYS_KEY, SKELETON_KEY
+from lightning_utils.io.weights import (
+    TensorSpec,
+    encode_metadata,
+    file_order,
+    staged_directory,
+    stream_safetensors,
+)
 
 __all__ = ["ExportWeights"]
 
@@ -91,27 +114,137 @@ def _check_metadata_keys(extra: Mapping[str, Any]) -> None:
             )
 
 
+@dataclass(frozen=True)
+class _Target:
+    """What an export writes: the keys under ``prefix`` (``None``: every key), and, for a
+    Hugging Face directory, the ``PreTrainedModel`` that lives there."""
+
+    prefix: str | None
+    hf_model: nn.Module | None = None
+
+
+@dataclass
+class _File:
+    name: str
+    specs: list[TensorSpec]  # in file order
+    metadata: dict[str, str]
+
+
+@dataclass
+class _Layout:
+    """What rank 0 writes: one file, or a directory of files plus configs and an index."""
+
+    path: Path
+    files: list[_File]
+    hf_model: nn.Module | None = None
+    index: dict[str, Any] | None = None
+
+
+class _Output:
+    """Rank 0's writer for one export: files are opened in turn as the tensors arrive; nothing
+    appears under the final name until :meth:`commit`."""
+
+    def __init__(self, layout: _Layout, dtype: torch.dtype | None) -> None:
+        self._layout = layout
+        self._stack = contextlib.ExitStack()
+        self._file_stack: contextlib.ExitStack | None = None
+        self._writer: Any = None
+        self._files = iter(layout.files)
+        try:
+            if layout.hf_model is not None:
+                self._folder = self._stack.enter_context(staged_directory(layout.path))
+                hf_export.write_hf_configs(layout.hf_model, self._folder, dtype)
+                if layout.index is not None:
+                    hf_export.write_hf_index(self._folder, layout.index)
+            else:
+                self._folder = layout.path.parent
+        except BaseException:
+            self._stack.close()
+            raise
+
+    def _next_file(self) -> None:
+        if self._file_stack is not None:
+            self._file_stack.close()  # the previous file is complete: rename it into place
+        file = next(self._files)
+        self._file_stack = contextlib.ExitStack()
+        target = self._folder / file.name
+        self._writer = self._file_stack.enter_context(stream_safetensors(target, file.specs, file.metadata))
+
+    def write(self, entry: PlanEntry, tensor: torch.Tensor) -> None:
+        if self._writer is None or self._writer.expected is None:
+            self._next_file()
+        self._writer.write(entry.out.name, tensor)
+
+    def commit(self) -> None:
+        if self._file_stack is not None:
+            self._file_stack.close()
+        if next(self._files, None) is not None:
+            raise RuntimeError("an export file was never written")
+        self._stack.close()
+
+    def abort(self, error: BaseException) -> None:
+        for stack in (self._file_stack, self._stack):
+            if stack is not None:
+                stack.__exit__(type(error), error, error.__traceback__)
+
+
+def _sharding_strategy(strategy: Any) -> str | None:
+    """``"fsdp2"`` for Lightning's ModelParallelStrategy, ``"fsdp"`` for FSDPStrategy, else ``None``."""
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    if isinstance(strategy, ModelParallelStrategy):
+        return "fsdp2"
+    if isinstance(strategy, FSDPStrategy):
+        return "fsdp"
+    return None
+
+
 class ExportWeights(Callback):
-    r"""Export the model weights as a plain safetensors (``.sft``) file.
+    r"""Export the model weights: a plain safetensors (``.sft``) file, or a Hugging Face directory.
 
     Args:
-        dirpath: folder of the exported files. Default: ``<default_root_dir>/export``.
-        filename: file name template, formatted with ``step`` and ``epoch``; ``.sft`` is added
-            unless it ends in ``.sft``/``.safetensors``. Default ``"weights-step={step}"``.
+        dirpath: folder of the exports. Default: ``<default_root_dir>/export``.
+        filename: name template of each export, formatted with ``step`` and ``epoch``. Default
+            ``"weights-step={step}"``. A plain export is a file: ``.sft`` is added unless the
+            name ends in ``.sft``/``.safetensors``. A Hugging Face export is a directory of
+            that name (no suffix allowed).
         dtype: ``"bf16"``, ``"fp16"``, ``"fp32"`` (or a ``torch.dtype``) for floating tensors;
             ``None`` keeps each tensor's dtype. Integer and bool tensors are never cast.
-        strip_prefix: export only the keys under this prefix, without it (e.g. ``"model."`` to
-            export the inner ``nn.Module`` that your LightningModule holds as ``self.model``;
-            ``"model"`` means the same).
+        strip_prefix: export only the keys under this prefix, without it. It names a submodule
+            of the LightningModule: ``"model."`` (or ``"model"``) exports ``self.model``, under
+            its own names. When that submodule is a ``transformers`` ``PreTrainedModel`` the
+            export is a Hugging Face directory (see ``hf_format``). ``None``: the whole
+            LightningModule, or the one ``PreTrainedModel`` it holds.
         export_on_train_end: export when ``fit`` ends (normally or by ``quit``).
         export_on_checkpoint: also export whenever the trainer saves a checkpoint
             (``ModelCheckpoint``, ``TrainingControl``, ``trainer.save_checkpoint``).
         metadata: extra metadata (a mapping, or a callable ``(trainer, pl_module) -> mapping``),
             stored as JSON strings next to ``step``, ``epoch``, ``dtype``, ``hparams``, ``metrics``.
+        hf_format: ``None`` (default): a Hugging Face directory when the exported module is a
+            ``PreTrainedModel`` (``strip_prefix``'s submodule, or, without ``strip_prefix``, the
+            only ``PreTrainedModel`` in the LightningModule), a plain file otherwise. ``True``:
+            require one (a clear error when there is none). ``False``: always a plain file.
+        max_shard_size: Hugging Face directories only: the largest weight file, in bytes or as
+            ``"5GB"``; a larger model is split into ``model-0000k-of-0000n.safetensors`` with a
+            ``model.safetensors.index.json``, exactly as ``save_pretrained`` splits it. ``None``:
+            ``save_pretrained``'s default (50GB).
 
-    The file loads with ``safetensors.torch.load_file(path)`` and, for the full model,
-    ``pl_module.load_state_dict(load_file(path))`` (tied weights are written once per name).
-    :attr:`last_path` is the latest file written.
+    A plain file loads with ``safetensors.torch.load_file(path)`` and, for the full model,
+    ``pl_module.load_state_dict(load_file(path))`` (tied weights are written under each name).
+    A Hugging Face directory holds ``config.json`` (the model's config, with ``architectures``
+    and the exported dtype), ``generation_config.json`` for generative models, and the weights
+    under the names ``save_pretrained`` uses (tied duplicates such as ``lm_head.weight`` are
+    left out, as transformers does): ``AutoModelForCausalLM.from_pretrained(path)`` loads it.
+    Nothing is pickled.
+
+    Call :meth:`export` on every rank (the callback's hooks and ``TrainingControl`` do): under
+    ``ModelParallelStrategy`` (FSDP2, tensor parallel) and DDP the weights are gathered to global
+    rank 0 one tensor at a time, so the extra memory on any rank is at most about one tensor
+    (:attr:`last_memory` accounts it), and only rank 0 writes; ``FSDPStrategy``'s sharded state
+    goes through the same gather (GPU only, so not run in this project's tests). A failure on any
+    rank raises on every rank, and that step may be exported again. DeepSpeed ZeRO stage 3 is
+    refused when fit starts.
+    :attr:`last_path` is the latest export written.
     """
 
     def __init__(
@@ -123,6 +256,8 @@ class ExportWeights(Callback):
         export_on_train_end: bool = True,
         export_on_checkpoint: bool = False,
         metadata: Mapping[str, Any] | Callable[[Trainer, LightningModule], Mapping[str, Any]] | None = None,
+        hf_format: bool | None = None,
+        max_shard_size: int | str | None = None,
     ) -> None:
         super().__init__()
         self.dtype = _resolve_dtype(dtype)
@@ -156,15 +291,26 @@ class ExportWeights(Callback):
                 )
             _check_metadata_keys(metadata)
         self.metadata = metadata
+        if hf_format not in (None, True, False):
+            raise TypeError(f"hf_format must be None (automatic), True or False, got {hf_format!r}")
+        self.hf_format = hf_format
+        if max_shard_size is not None:
+            if hf_format is False:
+                raise ValueError("max_shard_size applies to Hugging Face directories, and hf_format=False was given")
+            hf_export.check_shard_size(max_shard_size)
+        self.max_shard_size = max_shard_size
         self.last_path: Path | None = None
+        self.last_memory: MemoryTracker | None = None
         self._last_export_step: int | None = None
-        self._in_checkpoint_export = False
 
     # public API -----------------------------------------------------------------------------
-    def export_path(self, trainer: Trainer) -> Path:
-        """Where an export at the trainer's current step goes."""
+    def export_path(self, trainer: Trainer, pl_module: LightningModule | None = None) -> Path:
+        """Where an export at the trainer's current step goes: a ``.sft`` file, or the directory
+        of a Hugging Face export."""
         name = self.filename.format(step=trainer.global_step, epoch=trainer.current_epoch)
-        if Path(name).suffix.lower() not in _SUFFIXES:
+        module = pl_module if pl_module is not None else getattr(trainer, "lightning_module", None)
+        hf = module is not None and self._target(module).hf_model is not None
+        if not hf and Path(name).suffix.lower() not in _SUFFIXES:
             name += ".sft"
         folder = self.dirpath if self.dirpath is not None else Path(trainer.default_root_dir) / "export"
         return folder / name
@@ -174,7 +320,11 @@ class ExportWeights(Callback):
     ) -> Path | None:
         """Export now. Call it on **every** rank (gathering a sharded model is collective);
         only global rank 0 writes. Returns the path on rank 0, ``None`` elsewhere or when the
-        weights of this step were already exported."""
+        weights of this step were already exported.
+
+        ``state_dict`` (a checkpoint's, when exporting alongside it) may hold sharded tensors
+        (``DTensor``); without it the model's own state is read, sharded as it is trained.
+        """
         step = trainer.global_step
         # The same test on every rank (never "and I wrote a file", which only rank 0 did): a rank
         # that went on would gather the state dict and read the metrics, collectives the ranks
@@ -182,28 +332,66 @@ class ExportWeights(Callback):
         if self._last_export_step == step:
             log.debug("weights of step %d already exported to %s", step, self.last_path)
             return self.last_path if trainer.is_global_zero else None
+        self._refuse_deepspeed_stage_3(trainer)
+        target = self._target(pl_module)
         if state_dict is None:
-            state_dict = trainer.strategy.lightning_module_state_dict()
+            state_dict = self._state_dict(trainer, pl_module)
         self._last_export_step = step
         # Read on every rank: Lightning computes callback_metrics on access, and for epoch-level
         # sync_dist metrics that is an all-reduce every rank must join.
         metrics = self._metrics(trainer)
-        if not trainer.is_global_zero:
-            return None
-        tensors = self._prepare(state_dict)
-        meta = self._metadata(trainer, pl_module, metrics)  # bad user metadata fails before any write
-        path = self.export_path(trainer)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        from lightning_utils.io import save_weights
+        if not trainer.is_global_zero and not (dist.is_available() and dist.is_initialized()):
+            return None  # no process group: nothing to gather, and only rank 0 writes
+        try:
+            return self._gather_and_write(trainer, pl_module, state_dict, target, metrics)
+        except BaseException:
+            # Every rank raised alike (the gather makes sure of it), so every rank forgets the
+            # step alike: a later export of the same step tries again.
+            self._last_export_step = None
+            raise
 
-        save_weights(tensors, path, meta)
-        self.last_path = path
-        log.info("exported %d tensors (%s) to %s", len(tensors), self._dtype_name, path)
-        return path
+    def _gather_and_write(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        state_dict: Mapping[str, Any],
+        target: _Target,
+        metrics: dict[str, Any],
+    ) -> Path | None:
+        items = self._items(state_dict, target.prefix)
+        tracker = MemoryTracker()
+        gather: RankZeroGather[_Layout] = RankZeroGather(items, tracker=tracker)
+        entries, layout = gather.plan(lambda available: self._layout(available, target, trainer, pl_module, metrics))
+        with gather.outcome() as outcome:
+            output: _Output | None = None
+            if gather.is_rank_zero:
+                assert layout is not None
+                with outcome.capture():
+                    output = _Output(layout, self.dtype)
+            gather.stream(entries, output.write if output is not None else None, outcome)
+            if output is not None:
+                if outcome.error is None:
+                    with outcome.capture():
+                        output.commit()
+                if outcome.error is not None:
+                    output.abort(outcome.error)
+        self.last_memory = tracker
+        if not gather.is_rank_zero:
+            return None
+        assert layout is not None
+        self.last_path = layout.path
+        log.info("exported %d tensors (%s) to %s", len(entries), self._dtype_name, layout.path)
+        return layout.path
 
     # hooks ------------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._last_export_step = None  # a new fit may reach the same step numbers again
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # The model is built (configure_model ran): settle now, before the first step, what the
+        # exports will be, so that a bad setting fails here rather than at the end of the run.
+        self._refuse_deepspeed_stage_3(trainer)
+        self._target(pl_module)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.export_on_train_end:
@@ -211,7 +399,7 @@ class ExportWeights(Callback):
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         if self.export_on_checkpoint and "state_dict" in checkpoint:
-            # The checkpoint already holds the gathered model state: no second gather.
+            # The checkpoint already holds the model state (sharded or gathered): no second read.
             self.export(trainer, pl_module, state_dict=checkpoint["state_dict"])
 
     # internals --------------------------------------------------------------------------------
@@ -219,10 +407,82 @@ class ExportWeights(Callback):
     def _dtype_name(self) -> str:
         return "original dtypes" if self.dtype is None else str(self.dtype).removeprefix("torch.")
 
-    def _prepare(self, state_dict: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        tensors: dict[str, torch.Tensor] = {}
-        seen_storage: set[tuple[int, int]] = set()
+    def _target(self, pl_module: nn.Module) -> _Target:
+        """Which keys to export, and whether as a Hugging Face directory (the same on every rank)."""
         prefix = self.strip_prefix
+        hf_model: nn.Module | None = None
+        if self.hf_format is not False:
+            if prefix is not None:
+                try:
+                    module = pl_module.get_submodule(prefix[:-1])
+                except AttributeError:
+                    module = None
+                if hf_export.is_pretrained_model(module):
+                    hf_model = module
+                elif self.hf_format:
+                    what = "no submodule" if module is None else f"a {type(module).__name__}"
+                    raise ValueError(
+                        f"ExportWeights(hf_format=True, strip_prefix={prefix!r}): the LightningModule has {what} "
+                        "there, not a transformers PreTrainedModel"
+                    )
+            else:
+                found = hf_export.pretrained_models(pl_module)
+                if len(found) > 1:
+                    names = ", ".join(repr(name) for name, _ in found)
+                    raise ValueError(
+                        f"ExportWeights: the LightningModule holds several transformers models ({names}); name the one "
+                        f"to export with strip_prefix='{found[0][0]}.', or pass hf_format=False to export everything "
+                        "as one plain .sft file"
+                    )
+                if found:
+                    name, hf_model = found[0]
+                    prefix = f"{name}." if name else None
+                elif self.hf_format:
+                    raise ValueError(
+                        "ExportWeights(hf_format=True): the LightningModule holds no transformers PreTrainedModel"
+                    )
+        if hf_model is not None and Path(self.filename).suffix.lower() in _SUFFIXES:
+            raise ValueError(
+                f"ExportWeights(filename={self.filename!r}): a Hugging Face export is a directory; drop the "
+                "suffix, or pass hf_format=False for a single .sft file"
+            )
+        if hf_model is None and self.max_shard_size is not None:
+            raise ValueError(
+                f"ExportWeights(max_shard_size={self.max_shard_size!r}) applies to Hugging Face directories, but "
+                "this export is a single .sft file (the exported module is not a transformers PreTrainedModel)"
+            )
+        return _Target(prefix, hf_model)
+
+    @staticmethod
+    def _refuse_deepspeed_stage_3(trainer: Trainer) -> None:
+        if getattr(trainer.strategy, "zero_stage_3", False):
+            raise ValueError(
+                "ExportWeights does not gather DeepSpeed ZeRO stage 3 partitions (its state dict would hold "
+                "empty tensors); export from a checkpoint with DeepSpeed's zero_to_fp32, or train with "
+                "ModelParallelStrategy (FSDP2), FSDPStrategy or ZeRO stage 1/2"
+            )
+
+    @staticmethod
+    def _state_dict(trainer: Trainer, pl_module: LightningModule) -> Mapping[str, Any]:
+        """The model state as the ranks hold it. For the sharding strategies this is the sharded
+        state dict, read without gathering or copying (Lightning's ``lightning_module_state_dict``
+        would gather the full model on rank 0 under ``FSDPStrategy``'s default and copy every
+        shard to the CPU under ``ModelParallelStrategy``); the gather below assembles it one
+        tensor at a time. Other strategies give their usual state dict."""
+        strategy = trainer.strategy
+        kind = _sharding_strategy(strategy)
+        if kind is None:
+            return strategy.lightning_module_state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        # FSDPStrategy wraps the LightningModule itself, so its state dict comes from the wrapper;
+        # fully_shard (FSDP2) changes the modules in place.
+        module = strategy.model if kind == "fsdp" and strategy.model is not None else pl_module
+        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=False, cpu_offload=False))
+
+    @staticmethod
+    def _items(state_dict: Mapping[str, Any], prefix: str | None) -> list[tuple[str, Any]]:
+        items = []
         for key, value in state_dict.items():
             if not isinstance(value, torch.Tensor):
                 continue
@@ -230,23 +490,48 @@ class ExportWeights(Callback):
                 if not key.startswith(prefix):
                     continue
                 key = key[len(prefix) :]
-            t = value.detach()
-            if t.device.type != "cpu":
-                t = t.cpu()
-            if self.dtype is not None and t.is_floating_point() and t.dtype != self.dtype:
-                t = t.to(self.dtype)
-            # safetensors refuses tensors sharing memory (tied weights, views): give each name its
-            # own contiguous copy when its storage was already used by an earlier name.
-            storage = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-            if storage in seen_storage or not t.is_contiguous() or t.data_ptr() != storage[0]:
-                t = t.contiguous().clone()
-                storage = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-            seen_storage.add(storage)
-            tensors[key] = t
-        if not tensors:
-            where = f" under prefix {prefix!r}" if prefix else ""
+            items.append((key, value))
+        return items
+
+    def _export_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return self.dtype if self.dtype is not None and dtype.is_floating_point else dtype
+
+    def _layout(
+        self,
+        available: dict[str, TensorInfo],
+        target: _Target,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        metrics: dict[str, Any],
+    ) -> tuple[list[tuple[str, TensorSpec]], _Layout]:
+        """Rank 0: which tensors go into which file, in the order they are gathered."""
+        if not available:
+            where = f" under prefix {target.prefix!r}" if target.prefix else ""
             raise ValueError(f"ExportWeights: the model state has no tensors{where} to export")
-        return tensors
+        meta = encode_metadata(self._metadata(trainer, pl_module, metrics))  # bad user metadata fails first
+        path = self.export_path(trainer, pl_module)
+        specs = {name: TensorSpec(name, self._export_dtype(info.dtype), info.shape) for name, info in available.items()}
+        if target.hf_model is None:
+            ordered = file_order(list(specs.values()))
+            layout = _Layout(path, [_File(path.name, ordered, meta)])
+            return [(s.name, s) for s in ordered], layout
+        names = hf_export.hf_weight_names(target.hf_model, specs.values())
+        out = {src: TensorSpec(dst, specs[src].dtype, specs[src].shape) for src, dst in names.items()}
+        by_out = {spec.name: (src, spec) for src, spec in out.items()}
+        files, index = hf_export.shard_layout(list(out.values()), self.max_shard_size)
+        count = getattr(target.hf_model, "num_parameters", None)
+        if index is not None and callable(count):  # what save_pretrained records next to total_size
+            index["metadata"] = {"total_parameters": count(), **index["metadata"]}
+        chosen: list[tuple[str, TensorSpec]] = []
+        layout_files = []
+        for file_name, tensor_names in files:
+            ordered = file_order([by_out[n][1] for n in tensor_names])
+            chosen.extend((by_out[spec.name][0], spec) for spec in ordered)
+            layout_files.append(_File(file_name, ordered, meta))
+        left_out = len(available) - len(chosen)
+        if left_out:
+            log.info("Hugging Face export: %d tensor name(s) left out (tied duplicates, keys not saved)", left_out)
+        return chosen, _Layout(path, layout_files, target.hf_model, index)
 
     @staticmethod
     def _metrics(trainer: Trainer) -> dict[str, Any]:
@@ -271,7 +556,7 @@ class ExportWeights(Callback):
                 raise TypeError(f"ExportWeights(metadata=...) returned {type(extra).__name__}, not a mapping")
             _check_metadata_keys(extra)
             meta.update(_jsonable(dict(extra)))
-        # save_weights stores strings as they are and JSON-encodes the rest, listing those keys in
-        # the file, so lightning_utils.io.load_state gives back exactly these values (a string
-        # "123" stays a string) while plain safetensors readers see JSON strings.
+        # Strings are stored as they are and the rest JSON-encoded, those keys listed in the
+        # file, so lightning_utils.io.load_state gives back exactly these values (a string "123"
+        # stays a string) while plain safetensors readers see JSON strings.
         return meta

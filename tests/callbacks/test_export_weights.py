@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from control_scripts.fakes import StepScript
 from control_scripts.recording_module import RecordingModule
+from helpers.hf_export_models import HFModule, logits, tiny_model
 from helpers.lightning import cpu_trainer
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -241,3 +244,180 @@ def test_strip_prefix_matches_whole_module_names(tmp_path):
         path = ExportWeights(dirpath=tmp_path / prefix, strip_prefix=prefix).export(trainer, module)
         assert set(load_file(path)) == {"weight", "bias"}
         torch.nn.Linear(2, 2).load_state_dict(load_file(path))
+
+
+# -- Hugging Face models: a directory that from_pretrained loads as it is ----------------------
+def fake_trainer(module, root, step=1, rank0=True, strategy=None):
+    return SimpleNamespace(
+        global_step=step,
+        current_epoch=0,
+        is_global_zero=rank0,
+        default_root_dir=str(root),
+        strategy=strategy or SimpleNamespace(lightning_module_state_dict=module.state_dict),
+        callback_metrics={},
+        lightning_module=module,
+    )
+
+
+def no_pickle_in(root):
+    found = [p for p in Path(root).rglob("*") if p.suffix in {".bin", ".pt", ".pth", ".pkl", ".ckpt"}]
+    assert found == []
+
+
+def files_in(path):
+    return sorted(p.name for p in Path(path).iterdir())
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_hf_export_is_a_directory_from_pretrained_loads_as_trained(tmp_path, arch):
+    from transformers import AutoModelForCausalLM
+
+    holder = {}
+    full = ExportWeights(dirpath=tmp_path / "fp32")  # the first ExportWeights: TrainingControl's exporter
+    sharded = ExportWeights(dirpath=tmp_path / "bf16", dtype="bf16", max_shard_size=20_000)
+    control = TrainingControl(
+        source=StepScript(lambda: holder["t"].global_step, {1: ["export"]}), signal=None, save_on_export=False
+    )
+    trainer = holder["t"] = cpu_trainer(tmp_path, [control, full, sharded], max_steps=3)
+    module = HFModule(arch)
+    config_before = module.model.config.to_dict()
+    trainer.fit(module)
+    trained = module.model
+    want = logits(trained)
+    reference = tmp_path / "save_pretrained"  # transformers' own export of the trained model, as the oracle
+    copy.deepcopy(trained).save_pretrained(reference)
+
+    # fp32, one file: the files save_pretrained writes, the same names and the same tensors
+    export = tmp_path / "fp32" / "weights-step=3"
+    assert full.last_path == export
+    assert files_in(export) == files_in(reference) == ["config.json", "generation_config.json", "model.safetensors"]
+    ours, theirs = load_file(export / "model.safetensors"), load_file(reference / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    if arch == "gpt2":  # tied: written once, under the embedding's name, as transformers does
+        assert "lm_head.weight" not in ours and "transformer.wte.weight" in ours
+    config = json.loads((export / "config.json").read_text())
+    assert config == json.loads((reference / "config.json").read_text())
+    loaded = AutoModelForCausalLM.from_pretrained(export)
+    assert type(loaded) is type(trained)
+    assert torch.equal(logits(loaded), want)  # the trained model, not a random one
+    assert (tmp_path / "fp32" / "weights-step=1" / "model.safetensors").is_file()  # TrainingControl's export
+
+    # bf16, sharded: HF's model-0000k-of-0000n.safetensors and its index, split as save_pretrained splits
+    export16 = tmp_path / "bf16" / "weights-step=3"
+    reference16 = tmp_path / "save_pretrained_bf16"
+    copy.deepcopy(trained).to(torch.bfloat16).save_pretrained(reference16, max_shard_size=20_000)
+    assert files_in(export16) == files_in(reference16)
+    shards = [n for n in files_in(export16) if n.startswith("model-")]
+    assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    index = json.loads((export16 / "model.safetensors.index.json").read_text())
+    assert index == json.loads((reference16 / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == shards
+    loaded16 = AutoModelForCausalLM.from_pretrained(export16)
+    assert loaded16.dtype == torch.bfloat16
+    for name, value in loaded16.named_parameters():  # the trained weights, rounded to bf16
+        assert torch.equal(value, trained.get_parameter(name).detach().to(torch.bfloat16)), name
+    torch.testing.assert_close(logits(loaded16), want, atol=0.1, rtol=0.05)  # bf16 rounding of the weights
+    meta = metadata(export16 / shards[0])
+    assert meta["format"] == "pt" and json.loads(meta["step"]) == 3 and meta["dtype"] == "bfloat16"
+    no_pickle_in(tmp_path / "fp32")
+    no_pickle_in(tmp_path / "bf16")
+    assert trained.config.to_dict() == config_before  # the exports wrote copies of the live config
+
+
+class TwoModels(RecordingModule):
+    def __init__(self):
+        super().__init__()
+        self.student = tiny_model("llama")
+        self.teacher = tiny_model("gpt2")
+
+
+def test_hf_export_names_the_model_with_strip_prefix_and_refuses_guessing(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    module = TwoModels()
+    trainer = fake_trainer(module, tmp_path)
+    with pytest.raises(ValueError, match=r"several transformers models \('student', 'teacher'\).*strip_prefix"):
+        ExportWeights(dirpath=tmp_path).export(trainer, module)
+    assert list(tmp_path.iterdir()) == []
+    path = ExportWeights(dirpath=tmp_path, strip_prefix="teacher").export(trainer, module)
+    assert path == tmp_path / "weights-step=1" and path.is_dir()
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(path)), logits(module.teacher))
+    # hf_format=False: everything, as one plain file under the LightningModule's names
+    plain = ExportWeights(dirpath=tmp_path / "plain", hf_format=False).export(trainer, module)
+    assert plain == tmp_path / "plain" / "weights-step=1.sft"
+    names = set(load_file(plain))
+    assert "teacher.lm_head.weight" in names and "student.model.embed_tokens.weight" in names
+
+
+def test_hf_export_arguments_that_cannot_work_fail_when_fit_starts(tmp_path):
+    with pytest.raises(ValueError, match="a Hugging Face export is a directory"):
+        cpu_trainer(tmp_path, [ExportWeights(filename="w-{step}.sft")], max_steps=2).fit(HFModule("gpt2"))
+    with pytest.raises(ValueError, match=r"max_shard_size=1000.*single \.sft file"):
+        cpu_trainer(tmp_path, [ExportWeights(max_shard_size=1000)], max_steps=2).fit(RecordingModule())
+    with pytest.raises(ValueError, match="holds no transformers PreTrainedModel"):
+        cpu_trainer(tmp_path, [ExportWeights(hf_format=True)], max_steps=2).fit(RecordingModule())
+    with pytest.raises(ValueError, match="hf_format=True, strip_prefix='layer.'.*a Linear"):
+        cpu_trainer(tmp_path, [ExportWeights(hf_format=True, strip_prefix="layer")], max_steps=2).fit(RecordingModule())
+    with pytest.raises(ValueError, match="max_shard_size"):
+        ExportWeights(max_shard_size="lots")
+    with pytest.raises(ValueError, match="max_shard_size.*hf_format=False"):
+        ExportWeights(max_shard_size="5GB", hf_format=False)
+    with pytest.raises(TypeError, match="hf_format"):
+        ExportWeights(hf_format="yes")
+    assert not (tmp_path / "export").exists()  # every failure came before the first step
+
+
+def test_deepspeed_stage_3_is_refused_not_exported_empty(tmp_path):
+    module = RecordingModule()
+    strategy = SimpleNamespace(zero_stage_3=True, lightning_module_state_dict=module.state_dict)
+    trainer = fake_trainer(module, tmp_path, strategy=strategy)
+    with pytest.raises(ValueError, match="DeepSpeed ZeRO stage 3"):
+        ExportWeights(dirpath=tmp_path).on_fit_start(trainer, module)  # before the first step
+    with pytest.raises(ValueError, match="DeepSpeed ZeRO stage 3"):
+        ExportWeights(dirpath=tmp_path).export(trainer, module)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_hf_export_replaces_an_existing_directory_whole_and_a_failure_leaves_it(tmp_path):
+    module = HFModule("gpt2")
+    trainer = fake_trainer(module, tmp_path)
+    path = ExportWeights(dirpath=tmp_path, max_shard_size=20_000).export(trainer, module)
+    assert any(n.startswith("model-") for n in files_in(path))
+    (path / "stale.txt").write_text("from an older export")
+    path = ExportWeights(dirpath=tmp_path).export(trainer, module)  # same step again, now unsharded
+    assert files_in(path) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert files_in(tmp_path) == ["weights-step=1"]  # no staging left behind
+    before = load_file(path / "model.safetensors")
+    bad = ExportWeights(dirpath=tmp_path, metadata=lambda t, m: {"module": "reserved"})
+    with pytest.raises(ValueError, match="reserved"):
+        bad.export(trainer, module)
+    assert files_in(tmp_path) == ["weights-step=1"]
+    assert load_file(path / "model.safetensors").keys() == before.keys()
+
+
+def test_export_memory_is_one_tensor_at_a_time(tmp_path):
+    module = HFModule("llama")
+    trainer = fake_trainer(module, tmp_path)
+    exporter = ExportWeights(dirpath=tmp_path / "bf16", dtype="bf16", hf_format=False)
+    exporter.export(trainer, module)
+    memory = exporter.last_memory
+    largest = max(t.numel() * 2 for t in module.state_dict().values())
+    total = sum(t.numel() * 2 for t in module.state_dict().values())
+    assert memory.largest_tensor_bytes == largest < total / 4
+    assert 0 < memory.peak_bytes <= largest  # each cast copy is freed before the next one is made
+    exporter = ExportWeights(dirpath=tmp_path / "same", dtype=None, hf_format=False)
+    exporter.export(trainer, module)
+    assert exporter.last_memory.peak_bytes == 0  # nothing to cast: written straight from the parameters
+
+
+def test_a_failed_export_can_be_retried_at_the_same_step(tmp_path):
+    module = RecordingModule()
+    trainer = fake_trainer(module, tmp_path)
+    (tmp_path / "out").write_text("a file where the export folder should be")
+    exporter = ExportWeights(dirpath=tmp_path / "out")
+    with pytest.raises(OSError, match="out"):
+        exporter.export(trainer, module)
+    (tmp_path / "out").unlink()
+    assert exporter.export(trainer, module) == tmp_path / "out" / "weights-step=1.sft"
+    assert set(load_file(tmp_path / "out" / "weights-step=1.sft")) == set(module.state_dict())
