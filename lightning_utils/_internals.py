@@ -169,6 +169,40 @@ _DATA: tuple[PrivateName, ...] = (
         "Lightning pairs saved states with its stateful loaders, which is Lightning's to change",
     ),
     PrivateName(
+        "lightning.pytorch.loops.fit_loop",
+        "_FitLoop.<instance>.epoch_progress",
+        _LOADER,
+        "when fit stops before an epoch's last batch (max_steps, should_stop), Lightning still counts that "
+        "epoch as processed, and a checkpoint written then (at on_train_epoch_end, on_train_end, or with "
+        "trainer.save_checkpoint after fit) resumes at the next epoch. The loader, restored in the middle of "
+        "that epoch, takes the count back so that Lightning resumes the epoch where it stopped",
+        _NO_HANDLE + "; the checkpoint dict, which holds these counts, reaches callbacks and the module "
+        "(on_load_checkpoint), never a loader, and a fix there would need a callback added by every user",
+    ),
+    PrivateName(
+        "lightning.pytorch.loops.training_epoch_loop",
+        "_TrainingEpochLoop.<instance>.batch_progress",
+        _LOADER,
+        "whether the restored epoch stopped before its last batch (is_last_batch, the batches done)",
+        "trainer.fit_loop.epoch_loop.batch_progress is reached through the same private loop classes; "
+        "no public property says whether the last epoch ran to its end",
+    ),
+    PrivateName(
+        "lightning.pytorch.loops.loop",
+        "_Loop.restarting",
+        _LOADER,
+        "a loop whose epoch was taken back restarts mid-epoch: the setter also marks the epoch and "
+        "validation loops, as Lightning's own restore does",
+        _NO_HANDLE,
+    ),
+    PrivateName(
+        "lightning.pytorch.loops.loop",
+        "_Loop.is_resuming",
+        _LOADER,
+        "only a loop just restored from a checkpoint has an epoch to take back",
+        "Trainer.ckpt_path says a checkpoint was given, not whether the loops were restored from it yet",
+    ),
+    PrivateName(
         "lightning.pytorch.overrides.distributed",
         "_IndexBatchSamplerWrapper.<instance>._batch_sampler",
         _LOADER,
@@ -320,6 +354,73 @@ def skipped_train_loader_restore() -> SkippedRestore | None:
                 return None
             return SkippedRestore(list(combined.flattened), bool(fit_loop.restarting), fit_loop, states)
     return None
+
+
+def _fit_loop_on_stack() -> Any:
+    """The fit loop of the Lightning training loop found up the stack (see ``_callers_of_caller``)."""
+    classes = _loaded_classes(
+        ("lightning.pytorch.loops.training_epoch_loop", "_TrainingEpochLoop"),
+        ("lightning.pytorch.loops.fit_loop", "_FitLoop"),
+    )
+    if not classes:
+        return None
+    for frame in _callers_of_caller():
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, classes):
+            return getattr(getattr(candidate, "trainer", None), "fit_loop", None)
+    return None
+
+
+@dataclass(frozen=True)
+class CutShortEpoch:
+    """A fit loop restored from a checkpoint in which Lightning counts its last epoch as processed
+    although that epoch stopped before its last batch (``max_steps``, ``trainer.should_stop``)."""
+
+    epoch: int  # Lightning's number of the epoch that was cut short
+    batches_done: int  # batches of that epoch trained before the stop
+    _fit_loop: Any
+
+    def reopen(self) -> None:
+        """Take back Lightning's count of that epoch, so that it resumes it mid-way, as from a
+        checkpoint written after a batch of that epoch, and marks its loops as restarting."""
+        fit_loop = self._fit_loop
+        progress = fit_loop.epoch_progress
+        for tracker in (progress.current, progress.total):
+            tracker.processed -= 1
+            tracker.completed = tracker.processed
+        fit_loop.restarting = True  # the setter marks the epoch and validation loops too
+
+
+def _cut_short(fit_loop: Any) -> CutShortEpoch | None:
+    if fit_loop is None or not getattr(fit_loop, "is_resuming", False):
+        return None
+    try:
+        progress = fit_loop.epoch_progress
+        batches = fit_loop.epoch_loop.batch_progress
+    except AttributeError:  # pragma: no cover - a Lightning that moved its loops
+        return None
+    for epochs in (progress.current, progress.total):
+        # every started epoch processed (on_train_epoch_end ran), completed or about to be
+        if not (epochs.ready == epochs.started == epochs.processed >= 1):
+            return None
+        if epochs.completed not in (epochs.processed, epochs.processed - 1):
+            return None
+    done = batches.current
+    if batches.is_last_batch or done.ready == 0 or done.completed != done.ready:
+        return None  # the epoch ran to its last batch (or was ended by on_train_batch_start returning -1)
+    return CutShortEpoch(epoch=progress.current.processed - 1, batches_done=done.completed, _fit_loop=fit_loop)
+
+
+def cut_short_epoch_of_caller() -> CutShortEpoch | None:
+    """The fit loop iterating the caller's loader, if it was just restored from a checkpoint that
+    Lightning wrote as "epoch finished" although the epoch stopped before its last batch.
+
+    Call it from the loader's ``__iter__``: Lightning's fit loop calls it in ``setup_data`` after
+    restoring the checkpoint's loops (and the loader states, when it is restarting) and before it
+    decides how to restart (``reset``) and calls ``set_epoch``, so a :meth:`CutShortEpoch.reopen`
+    there is what Lightning then acts on.
+    """
+    return _cut_short(_fit_loop_on_stack())
 
 
 def unwrap_index_batch_sampler(batch_sampler: Any) -> Any:

@@ -107,7 +107,7 @@ class TrainingControl(Callback):
     | every `save_every_n_steps` steps (unset: `eval_every_n_steps`) | save | - |
     | every `export_every_n_steps` steps | export | - |
     | every `eval_every_n_steps` steps | eval | - |
-    | end of training, if `save_on_train_end` (not after `quit`, nor when that step was saved) | save | - |
+    | end of training, if `save_on_train_end` (not after `quit`, nor when that step was saved; when `max_steps` ends the run, at its last step boundary) | save | - |
 
     - With `export_on_save`, every save (whatever triggered it) also runs export.
     - save, export, eval and quit run once each per step boundary, in that order, after all the
@@ -128,7 +128,9 @@ class TrainingControl(Callback):
         export_on_save: export the weights with every checkpoint this callback writes.
         save_on_export: the ``export`` command also writes a checkpoint.
         save_on_train_end: write a final checkpoint when training ends, unless one was written
-            at that step or the run was ended by ``quit`` (then ``save_on_quit`` decides).
+            at that step or the run was ended by ``quit`` (then ``save_on_quit`` decides). When
+            ``max_steps`` ends the run it is written at the last step boundary, so it resumes
+            mid-epoch exactly like every other checkpoint of this callback.
         dirpath: checkpoint folder. Default: the ``ModelCheckpoint``'s folder if there is one,
             else ``<default_root_dir>/checkpoints``.
         filename: checkpoint name template (``{step}``, ``{epoch}``). Default ``"step={step}"``.
@@ -330,8 +332,17 @@ class TrainingControl(Callback):
         self._clock.tick(step - previous, time.monotonic())
         lines = self._receive(trainer) if step % self.check_every_n_steps == 0 else []
         self._run_boundary(trainer, pl_module, previous, step, lines)
+        if 0 < trainer.max_steps <= step:
+            # max_steps ends the run after this batch: the final save happens here, at the step
+            # boundary, like ModelCheckpoint(every_n_train_steps)'s. Written at on_train_end, after
+            # Lightning counted the epoch as finished, the file would tell Lightning to resume at the
+            # next epoch (only ResumableDataLoader gives it the rest of the epoch back).
+            self._run_train_end(trainer, pl_module)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._run_train_end(trainer, pl_module)
+
+    def _run_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.quit_requested or trainer.global_step == self.last_save_step:
             return
         self._run_step_end(trainer, pl_module, train_end_actions(self.flags), "end of training", "at the end")

@@ -28,10 +28,13 @@ Behaviour worth knowing:
   ``trainer.estimated_stepping_batches``; a loader without a length, whose first batch
   Lightning then prefetched from the wrong position, raises instead).
 - The position survives ``Trainer.fit`` returning: ``trainer.save_checkpoint`` afterwards
-  records where training stopped. Lightning itself, however, counts an epoch stopped by
-  ``max_steps`` as completed and calls ``set_epoch(next)`` on resume, so a run resumed from
-  such a checkpoint starts the next epoch; checkpoints written during ``fit`` (e.g.
-  ``ModelCheckpoint(every_n_train_steps=...)``) resume mid-epoch exactly.
+  records where training stopped.
+- An epoch that ``max_steps`` or ``trainer.should_stop`` ended before its last batch is one
+  Lightning counts as finished: a checkpoint written then (``on_train_epoch_end``,
+  ``on_train_end``, ``trainer.save_checkpoint`` after ``fit``) would resume at the next epoch.
+  When Lightning restores such a checkpoint, the loader (whose state says where in the epoch
+  training stopped) gives Lightning that epoch back before it restarts, so the resumed run
+  finishes the epoch exactly as an uninterrupted run would, then goes on with the next ones.
 - The samplers subclass ``DistributedSampler``, and with ``batch_sampler=`` ``loader.sampler``
   is that batch sampler, so Lightning's ``use_distributed_sampler=True`` leaves the loader as
   it is instead of wrapping the sampler; the samplers shard themselves.
@@ -57,6 +60,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset,
 from lightning_utils._internals import (
     LightningFetcher,
     SkippedRestore,
+    cut_short_epoch_of_caller,
     lightning_data_caller,
     skipped_train_loader_restore,
     unwrap_index_batch_sampler,
@@ -339,12 +343,36 @@ class ResumableDataLoader(DataLoader):
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         fetcher, evaluating = lightning_data_caller()
-        if not evaluating and self._tracker is not None:
-            # Now, not at the lazy first next(): by then Lightning's fetcher has reset and forgotten
-            # the batch it prefetched from the old pass and never trained on (a loader without a
-            # length that Lightning stops at the end of an epoch it resumed on its last batch).
-            self._tracker.freeze()
+        if not evaluating:
+            if self._tracker is not None:
+                # Now, not at the lazy first next(): by then Lightning's fetcher has reset and forgotten
+                # the batch it prefetched from the old pass and never trained on (a loader without a
+                # length that Lightning stops at the end of an epoch it resumed on its last batch).
+                self._tracker.freeze()
+            self._resume_cut_short_epoch()
         return _ResumableIterator(self, fetcher, evaluating)
+
+    def _resume_cut_short_epoch(self) -> None:
+        """Continue an epoch that ``max_steps`` or ``should_stop`` ended before its last batch.
+
+        Lightning counts such an epoch as processed, so a checkpoint written then
+        (``on_train_epoch_end``, ``on_train_end``, ``trainer.save_checkpoint`` after ``fit``)
+        would resume at the next epoch and skip the rest of this one, although this loader's
+        state says where in the epoch training stopped. When Lightning restores such a
+        checkpoint it iterates the train loader before deciding how to restart: here the loader
+        applies its state (Lightning skips it for an epoch it counts as done) and, standing in
+        the middle of that epoch, gives Lightning its epoch back to finish.
+        """
+        cut = cut_short_epoch_of_caller()
+        if cut is None:
+            return
+        _apply_skipped_restore(skipped_train_loader_restore(), can_apply=True)
+        here = self._resumable.bookmark()
+        if here.epoch_arg not in (None, cut.epoch) or here.requested is not None:
+            return  # this state belongs to another epoch than the one Lightning stopped
+        plan = self._resumable.plan_pass()
+        if plan.length is None or (plan.start > 0 and (plan.epoch, plan.start) == here.effective()):
+            cut.reopen()
 
     # -- state -------------------------------------------------------------------------------
     def _batches_in_pass(self, units: int) -> int:
