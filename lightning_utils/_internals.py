@@ -662,6 +662,35 @@ _CONTROL: tuple[PrivateName, ...] = (
         _CONTROL_EVAL_PUBLIC,
     ),
     PrivateName(
+        "lightning.pytorch.trainer.trainer",
+        "Trainer.<instance>._checkpoint_connector",
+        _CONTROL_USER,
+        "TrainingControl's save builds the checkpoint dict with Lightning's own dump_checkpoint, writes it with "
+        "the strategy's public save_checkpoint, then has every rank report whether its part failed before any "
+        "rank goes on, so that a write failing on rank 0 ends every rank with that error",
+        "Trainer.save_checkpoint does the same three steps in one call, ending in a barrier: a write that fails "
+        "on rank 0 skips that barrier while the other ranks wait in it, so they hang until the process-group "
+        "timeout (or die on a closed connection) instead of raising the error",
+    ),
+    PrivateName(
+        "lightning.pytorch.trainer.connectors.checkpoint_connector",
+        "_CheckpointConnector.dump_checkpoint",
+        _CONTROL_USER,
+        "see Trainer._checkpoint_connector: the checkpoint dict Trainer.save_checkpoint would write",
+        "see Trainer._checkpoint_connector",
+    ),
+    PrivateName(
+        "lightning.pytorch.callbacks.model_checkpoint",
+        "ModelCheckpoint.<instance>._last_checkpoint_saved",
+        _CONTROL_USER,
+        "when TrainingControl points a ModelCheckpoint's save_last file or link at its own newer checkpoint, "
+        "the ModelCheckpoint must count that file as its latest save: with save_last='link' it re-links "
+        "'last' to this file at the next epoch or validation end, and at the end of training it writes no "
+        "extra 'last' when one was saved",
+        "last_model_path (public) names the 'last' file itself, not the checkpoint it copies or links to; "
+        "ModelCheckpoint has no public method to record a save made by someone else",
+    ),
+    PrivateName(
         "torch.optim.lr_scheduler",
         "SequentialLR.<instance>._schedulers",
         "lightning_utils.control.actions",
@@ -706,6 +735,18 @@ def run_fit_validation(trainer: Any) -> bool:
         trainer.training = True
         connector._first_loop_iter = first_loop_iter
     return True
+
+
+def dump_checkpoint(trainer: Any) -> dict[str, Any]:
+    """The whole checkpoint dict ``trainer.save_checkpoint`` would write now (a collective under
+    sharded strategies: every rank calls it)."""
+    return trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+
+
+def note_checkpoint_saved(model_checkpoint: Any, path: str) -> None:
+    """Make ``path`` the latest checkpoint a ``ModelCheckpoint`` counts as saved (what its
+    ``save_last='link'`` links to)."""
+    model_checkpoint._last_checkpoint_saved = path
 
 
 def inner_lr_schedulers(scheduler: Any) -> list[Any]:

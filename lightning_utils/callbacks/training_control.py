@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lightning_utils import _internals
@@ -44,14 +45,19 @@ from lightning_utils.control.dispatch import (
     step_end_plan,
     train_end_actions,
 )
+from lightning_utils.control.last import copy_last, link_last
 from lightning_utils.control.sources import CommandSource, SignalFlag, resolve_source
-from lightning_utils.distributed import broadcast_object
+from lightning_utils.distributed import all_gather_object, broadcast_object
 
-__all__ = ["TrainingControl"]
+__all__ = ["ControlError", "TrainingControl"]
 
 log = logging.getLogger(__name__)
 
 EvalFn = Callable[[Trainer, LightningModule], Any]
+
+
+class ControlError(RuntimeError):
+    """A save, export or evaluation that failed on one rank, raised on every rank (naming that rank)."""
 
 
 def _make_log_visible() -> None:
@@ -118,7 +124,10 @@ class TrainingControl(Callback):
     Args:
         source: ``"stdin"`` (default), a command file or FIFO path (``echo save >> PATH``),
             a :class:`~lightning_utils.control.sources.CommandSource`, or ``None`` (no reader:
-            schedules, the signal and periodic work only). Only global rank 0 reads.
+            schedules, the signal and periodic work only). Only global rank 0 reads. A command
+            file is read like ``tail -f``: the lines already in it when ``fit`` starts belong to
+            an earlier run and are skipped (a resumed run does not replay them); give commands
+            for the start of a run with ``commands=``.
         save_every_n_steps: periodic checkpoint every N optimizer steps. ``None``/0 falls back
             to ``eval_every_n_steps``; both ``None``: no periodic save.
         eval_every_n_steps: periodic evaluation every N steps.
@@ -522,14 +531,92 @@ class TrainingControl(Callback):
         name = self.filename.format(step=trainer.global_step, epoch=trainer.current_epoch)
         return Path(folder) / (name + self._extension(trainer))
 
+    def _agreed(
+        self, trainer: Trainer, what: str, fn: Callable[[], Any], soft: tuple[type[Exception], ...] = ()
+    ) -> Any:
+        """Run ``fn`` on this rank, then settle its outcome with every rank (a collective).
+
+        Every rank calls this at the same point with the same ``what``. If ``fn`` raised on any
+        rank, every rank learns which rank failed first and how: an error of a ``soft`` type on
+        every failing rank is reported and training goes on (returns ``None``); any other error
+        ends every rank with a :class:`ControlError` naming the rank and the error (chained to the
+        original on the rank that raised it), so that no rank is left waiting in a collective the
+        failed rank never joins. Returns ``fn``'s result when it succeeded everywhere.
+        """
+        error: Exception | None = None
+        result = None
+        try:
+            result = fn()
+        except Exception as err:  # noqa: BLE001 - settled with every rank below, then raised or reported
+            error = err
+        if not trainer.strategy.reduce_boolean_decision(error is not None, all=False):
+            return result
+        mine = None if error is None else (f"{type(error).__name__}: {error}", isinstance(error, soft))
+        reports = all_gather_object(mine)
+        failed = [(rank, report) for rank, report in enumerate(reports) if report is not None]
+        rank, (text, _) = failed[0]
+        message = f"{what} failed at step {trainer.global_step} on rank {rank}: {text}"
+        if all(is_soft for _, (_, is_soft) in failed):
+            if error is not None:
+                log.debug("%s (rank %d)", what, trainer.global_rank, exc_info=error)
+            self._warn(message + "; training goes on")
+            return None
+        raise ControlError(f"TrainingControl: {message}") from error
+
     def _save(self, trainer: Trainer, reason: str) -> None:
         step = trainer.global_step
         path = self.checkpoint_path(trainer)
         self.last_save_step = step  # before the save, so the checkpoint records it
-        # Collective: every rank calls it (it ends in a barrier); rank 0 writes.
-        trainer.save_checkpoint(path, weights_only=False)
+        lasts = self._last_files(trainer, path)
+        for callback, last in lasts:
+            callback.last_model_path = str(last)  # part of the state being saved, as ModelCheckpoint does
+        self._write_checkpoint(trainer, path)
         self.last_checkpoint_path = path
         self._info(f"saved checkpoint {path} ({reason}, step {step})")
+        for callback, last in lasts:
+            self._point_last(trainer, callback, last, path)
+
+    def _write_checkpoint(self, trainer: Trainer, path: Path) -> None:
+        """``trainer.save_checkpoint(path)``, with the outcome settled on every rank before any goes on.
+
+        The dict is built on every rank (gathering sharded state is collective), written by the
+        strategy (rank 0, or every rank for sharded files), then every rank reports whether its
+        part failed: a write failing on rank 0 raises on every rank instead of leaving the others
+        waiting in ``Trainer.save_checkpoint``'s closing barrier.
+        """
+        checkpoint = _internals.dump_checkpoint(trainer)
+        self._agreed(trainer, f"saving {path}", lambda: trainer.strategy.save_checkpoint(checkpoint, path))
+
+    def _last_files(self, trainer: Trainer, path: Path) -> list[tuple[ModelCheckpoint, Path]]:
+        """The ``last`` file of every ModelCheckpoint with ``save_last`` that a checkpoint at ``path``
+        must update (same file extension), so that ``fit(ckpt_path="last")`` restores it."""
+        found = []
+        for callback in trainer.checkpoint_callbacks:
+            if not isinstance(callback, ModelCheckpoint) or not callback.save_last or not callback.dirpath:
+                continue
+            if callback.FILE_EXTENSION.lower() != path.suffix.lower():
+                continue  # a '.ckpt' name must never stand for a '.sft' file (the suffix picks the reader)
+            metrics = dict(trainer.callback_metrics)
+            metrics.update(epoch=torch.tensor(trainer.current_epoch), step=torch.tensor(trainer.global_step))
+            found.append((callback, Path(callback.format_checkpoint_name(metrics, callback.CHECKPOINT_NAME_LAST))))
+        return found
+
+    def _point_last(self, trainer: Trainer, callback: ModelCheckpoint, last: Path, path: Path) -> None:
+        """Make ``last`` (a ModelCheckpoint's save_last file) the checkpoint just written at ``path``:
+        a symlink with ``save_last="link"``, else a copy (a second save for a folder checkpoint)."""
+        link = callback.save_last == "link"
+        # Rank 0 wrote the file and decides; the decision picks collectives, so every rank takes it.
+        copy = not link and broadcast_object(self._is_leader and path.is_file(), src=0, trainer=trainer)
+        if link or copy:
+
+            def update() -> None:
+                if self._is_leader:
+                    (link_last if link else copy_last)(path, last)
+
+            self._agreed(trainer, f"pointing {last} at {path}", update)
+        else:
+            self._write_checkpoint(trainer, last)
+        _internals.note_checkpoint_saved(callback, str(path))
 
     def _find_exporter(self, trainer: Trainer) -> Any:
         if self.exporter is not None:
@@ -548,23 +635,25 @@ class TrainingControl(Callback):
             self._info(f"weights of step {step} already exported; not exporting again")
             return
         self.last_export_step = step
-        try:
-            self._find_exporter(trainer).export(trainer, pl_module)
-        except (ValueError, OSError) as err:
-            self._warn(f"export failed at step {step}: {err}")
+        exporter = self._find_exporter(trainer)
+        # Every rank exports (gathering sharded weights is collective); a bad argument or a full disk
+        # is reported and training goes on, anything else ends every rank.
+        where = self._agreed(trainer, "export", lambda: exporter.export(trainer, pl_module), soft=(ValueError, OSError))
+        if where is not None:
+            self._info(f"exported the weights of step {step} to {where}")
 
     def _eval(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.last_eval_step = trainer.global_step
         if self.eval_fn is not None:
-            try:
-                self.eval_fn(trainer, pl_module)
-            except Exception:  # a failing evaluation is reported, and training goes on
-                log.exception("eval_fn failed at step %d", trainer.global_step)
+            eval_fn = self.eval_fn
+            # A failing evaluation is reported, and training goes on.
+            self._agreed(trainer, "eval_fn", lambda: eval_fn(trainer, pl_module), soft=(Exception,))
             return
         if not is_overridden("validation_step", pl_module):
             self._warn("eval: no eval_fn was given and the model has no validation_step; nothing to run")
             return
-        if not _internals.run_fit_validation(trainer):  # pragma: no cover - a Lightning that moved its loops
+        ran = self._agreed(trainer, "eval (the validation loop)", lambda: _internals.run_fit_validation(trainer))
+        if not ran:  # pragma: no cover - a Lightning that moved its loops
             self._warn("eval: this Lightning version hides its validation loop; pass eval_fn=")
 
     def _quit(self, trainer: Trainer, when: str) -> None:

@@ -115,8 +115,30 @@ def _apply_skipped_restore(skipped: SkippedRestore | None, can_apply: bool) -> N
     requests = [sampler.bookmark().requested for sampler in samplers]
     skipped.apply()
     for sampler, requested in zip(samplers, requests):
-        if requested is not None:
-            sampler.seek(replace(sampler.bookmark(), requested=requested))
+        if requested is None:
+            continue
+        restored = sampler.bookmark()
+        if _stands_mid_epoch(sampler) and requested != restored.epoch_arg:
+            # A checkpoint of an epoch that fit stopped early (max_steps, should_stop): the loader
+            # gives Lightning such an epoch back in ``__iter__`` (see ``_resume_cut_short_epoch``),
+            # which Lightning does not call between its restore and its restart when it built the
+            # loader early; it has moved on to the next epoch already.
+            warnings.warn(
+                f"ResumableDataLoader: the checkpoint was written when fit stopped in the middle of epoch "
+                f"{restored.epoch_arg}, but Lightning built the train loader before restoring it (e.g. for "
+                "`trainer.estimated_stepping_batches` in `configure_optimizers`, Lightning #20550) and has "
+                f"already started epoch {requested}: the rest of epoch {restored.epoch_arg} is skipped. Resume "
+                "from a checkpoint written at a step boundary (ModelCheckpoint(every_n_train_steps), "
+                "TrainingControl), or compute the schedule without `estimated_stepping_batches`.",
+                stacklevel=2,
+            )
+        sampler.seek(replace(restored, requested=requested))
+
+
+def _stands_mid_epoch(sampler: ResumableSampler) -> bool:
+    """Whether the sampler's next pass continues an epoch begun before (an endless sampler always does)."""
+    plan = sampler.plan_pass()
+    return plan.length is None or (plan.start > 0 and (plan.epoch, plan.start) == sampler.bookmark().effective())
 
 
 class _PassTracker:
@@ -370,8 +392,7 @@ class ResumableDataLoader(DataLoader):
         here = self._resumable.bookmark()
         if here.epoch_arg not in (None, cut.epoch) or here.requested is not None:
             return  # this state belongs to another epoch than the one Lightning stopped
-        plan = self._resumable.plan_pass()
-        if plan.length is None or (plan.start > 0 and (plan.epoch, plan.start) == here.effective()):
+        if _stands_mid_epoch(self._resumable):
             cut.reopen()
 
     # -- state -------------------------------------------------------------------------------

@@ -113,3 +113,39 @@ def test_trainer_save_checkpoint_after_fit_resumes_exactly(tmp_path, uninterrupt
     assert rest.losses == pytest.approx(uninterrupted.losses[4:12], rel=1e-6, abs=0)
     assert not (tmp_path / "checkpoints" / "step=4.ckpt").exists()
     assert torch.load(path, weights_only=False)["global_step"] == 4
+
+
+def last_checkpoint(dirpath, save_last, fmt="sft"):
+    checkpoint_class = H._checkpoint_class(fmt)
+    return checkpoint_class(
+        dirpath=dirpath, every_n_train_steps=3, save_top_k=-1, filename="{step}", save_last=save_last
+    )
+
+
+@pytest.mark.parametrize("save_last", [True, "link"])
+def test_ckpt_path_last_after_quit_restores_the_quit_save_and_quit_does_not_fire_again(
+    tmp_path, uninterrupted, save_last
+):
+    """ModelCheckpoint saves every 3 steps with save_last; ``quit@5`` saves ``step=5.sft`` into its
+    folder. ``fit(ckpt_path="last")`` must resume at step 5 (not 3), and ``quit@5`` must not run
+    again: the resumed run trains on to max_steps, exactly as the uninterrupted run."""
+    ckpts = tmp_path / "ckpts"
+    cfg = {"commands": ["quit@5"]}
+    trainer, _ = run(tmp_path, 100, callbacks=[last_checkpoint(ckpts, save_last), control(**cfg)], fmt="sft")
+    assert trainer.global_step == 5
+    last = ckpts / "last.sft"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.sft", "step=3.sft", "step=5.sft"]
+    assert H.load_checkpoint_file(str(last))["global_step"] == 5
+    if save_last == "link":
+        assert last.is_symlink() and os.readlink(last) == "step=5.sft"
+    else:
+        assert not last.is_symlink()
+    resumed, rest = run(
+        tmp_path, 12, ckpt_path="last", callbacks=[last_checkpoint(ckpts, save_last), control(**cfg)], fmt="sft"
+    )
+    assert resumed.global_step == 12
+    assert rest.seen == uninterrupted.seen[5:12]
+    assert rest.losses == pytest.approx(uninterrupted.losses[5:12], rel=1e-6, abs=0)
+    # the last file follows the saves of the resumed run too (ModelCheckpoint's own, then TrainingControl's final)
+    assert H.load_checkpoint_file(str(last))["global_step"] == 12
+    assert not list(ckpts.glob(".lu-tmp-*")) and not list(ckpts.glob("*.tmp*"))

@@ -324,6 +324,20 @@ def test_lightning_resume_survives_estimated_stepping_batches(uninterrupted, tmp
     assert model.seen == full_model.seen[3:]
 
 
+def test_estimated_stepping_batches_with_a_checkpoint_of_an_epoch_cut_short_warns(tmp_path):
+    """Lightning built the loader before restoring (#20550), so nothing runs between its restore
+    and its restart to give it the cut-short epoch back: the skipped samples are reported."""
+    trainer, _ = H.fit(lambda: H.make_loader("random"), str(tmp_path), max_epochs=2, max_steps=4)
+    path = str(tmp_path / "after_fit.ckpt")
+    trainer.save_checkpoint(path)
+    model = _EstimatingModel()
+    with pytest.warns(UserWarning, match="rest of epoch 0 is skipped"):
+        H.make_trainer(str(tmp_path), max_epochs=2).fit(
+            model, train_dataloaders=H.make_loader("random"), ckpt_path=path
+        )
+    assert len(model.seen) == 6  # epoch 1 only
+
+
 class _PredictingModel(H.RecordingModel):
     def predict_step(self, batch, batch_idx):
         return batch
