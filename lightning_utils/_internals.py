@@ -356,6 +356,31 @@ def skipped_train_loader_restore() -> SkippedRestore | None:
     return None
 
 
+def distributed_sampler_kwargs_of_caller() -> dict[str, Any] | None:
+    """``trainer.distributed_sampler_kwargs`` (public: the data-parallel ``num_replicas`` and
+    ``rank``) of the trainer whose loop is calling the caller's loader, or ``None`` when no
+    Lightning loop is found up the stack or the strategy is not a parallel one.
+
+    Call it from the loader's ``__len__`` / ``__iter__``: Lightning's loops size the loader
+    (``len``) when they set up its data and iterate it afterwards; both calls come from the loop.
+    """
+    classes = _loaded_classes(
+        ("lightning.pytorch.loops.training_epoch_loop", "_TrainingEpochLoop"),
+        ("lightning.pytorch.loops.fit_loop", "_FitLoop"),
+        ("lightning.pytorch.loops.evaluation_loop", "_EvaluationLoop"),
+        ("lightning.pytorch.loops.prediction_loop", "_PredictionLoop"),
+    )
+    if not classes:
+        return None
+    for frame in _callers_of_caller():
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, classes):
+            trainer = getattr(candidate, "trainer", None)
+            kwargs = getattr(trainer, "distributed_sampler_kwargs", None)
+            return dict(kwargs) if kwargs else None
+    return None
+
+
 def _fit_loop_on_stack() -> Any:
     """The fit loop of the Lightning training loop found up the stack (see ``_callers_of_caller``)."""
     classes = _loaded_classes(

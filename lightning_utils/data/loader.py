@@ -37,7 +37,11 @@ Behaviour worth knowing:
   finishes the epoch exactly as an uninterrupted run would, then goes on with the next ones.
 - The samplers subclass ``DistributedSampler``, and with ``batch_sampler=`` ``loader.sampler``
   is that batch sampler, so Lightning's ``use_distributed_sampler=True`` leaves the loader as
-  it is instead of wrapping the sampler; the samplers shard themselves.
+  it is instead of wrapping the sampler; the samplers shard themselves, by the *data-parallel*
+  rank and size: when a Lightning loop sizes or iterates the loader, the loader passes the
+  trainer's ``distributed_sampler_kwargs`` to its sampler (``set_replicas``), so under tensor
+  parallelism the ranks of one tensor-parallel group see the same samples (a sampler built
+  with explicit ``num_replicas``/``rank`` keeps them).
 
 The loader drives its sampler only through the resume contract documented in
 :mod:`lightning_utils.data.samplers.base`, and learns which Lightning loop and fetcher iterate
@@ -61,6 +65,7 @@ from lightning_utils._internals import (
     LightningFetcher,
     SkippedRestore,
     cut_short_epoch_of_caller,
+    distributed_sampler_kwargs_of_caller,
     lightning_data_caller,
     skipped_train_loader_restore,
     unwrap_index_batch_sampler,
@@ -363,7 +368,25 @@ class ResumableDataLoader(DataLoader):
     def sampler(self, value: Any) -> None:
         self.__dict__["_dataloader_sampler"] = value  # what DataLoader.__init__ assigned
 
+    def __len__(self) -> int:
+        self._follow_trainer_shard()
+        return super().__len__()
+
+    def _follow_trainer_shard(self) -> None:
+        """Shard by the data-parallel rank and size of the trainer using this loader.
+
+        Under tensor (model) parallelism they are not the process group's global rank and world
+        size: the ranks of one tensor-parallel group must see the same samples. Lightning sizes
+        (``len``) and iterates its loaders from its loops, after the strategy exists, so the
+        loader reads ``trainer.distributed_sampler_kwargs`` there and hands it to the sampler
+        (``set_replicas``); a loader built before the strategy existed is sharded right.
+        """
+        kwargs = distributed_sampler_kwargs_of_caller()
+        if kwargs is not None and "num_replicas" in kwargs and "rank" in kwargs:
+            self._resumable.set_replicas(int(kwargs["num_replicas"]), int(kwargs["rank"]))
+
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        self._follow_trainer_shard()
         fetcher, evaluating = lightning_data_caller()
         if not evaluating:
             if self._tracker is not None:
