@@ -12,9 +12,17 @@ which action, under which flags, is the data of :mod:`lightning_utils.control.di
 loss-scale and time-left computations are :mod:`lightning_utils.control.actions`. This module
 holds the hooks and the actions that need the trainer (save, export, eval, quit).
 
+Each save, export and eval ends with every rank reporting whether its part failed (a small
+all-reduce, and the errors gathered only when one failed): a failure on one rank then ends
+every rank with a :class:`ControlError` naming that rank and its error, where it would
+otherwise leave the other ranks waiting in the next collective. A save also keeps the ``last``
+file of each ``ModelCheckpoint(save_last=...)`` pointing at it (:mod:`lightning_utils.control.last`),
+so ``fit(ckpt_path="last")`` restores the latest checkpoint written.
+
 This callback must never act from a reader thread or a signal handler, never block the
-training thread on input, and never let a bad command stop training: bad commands are
-reported on the log and ignored.
+training thread on input, never let a bad command stop training (bad commands are reported
+on the log and ignored), and never let ranks leave a step boundary having run different
+collectives.
 """
 
 from __future__ import annotations
