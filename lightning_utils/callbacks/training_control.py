@@ -563,11 +563,14 @@ class TrainingControl(Callback):
         reports = all_gather_object(mine)
         failed = [(rank, report) for rank, report in enumerate(reports) if report is not None]
         rank, (text, _) = failed[0]
-        message = f"{what} failed at step {trainer.global_step} on rank {rank}: {text}"
+        step = trainer.global_step
+        message = f"{what} failed at step {step} on rank {rank}: {text}"
         if all(is_soft for _, (_, is_soft) in failed):
-            if error is not None:
-                log.debug("%s (rank %d)", what, trainer.global_rank, exc_info=error)
-            self._warn(message + "; training goes on")
+            if error is not None:  # each failing rank shows its own error, with its traceback
+                own = f"{what} failed at step {step} on rank {trainer.global_rank}: {mine[0] if mine else ''}"
+                log.warning("%s; training goes on", own, exc_info=error)
+            else:
+                self._warn(message + "; training goes on")
             return None
         raise ControlError(f"TrainingControl: {message}") from error
 

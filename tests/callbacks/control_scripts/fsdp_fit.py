@@ -7,6 +7,8 @@ for tests/callbacks/test_fsdp_training_control.py. Launched once per rank by the
 ``ckpt_path="last"`` and the same command file and schedules. Every rank writes, per fit, what
 it did in order (saves, validations, exports: each a collective) to <out>/<fit>-rank<r>.json.
 
+Rank 1's export fails with an OSError (a full disk): reported on every rank, training goes on.
+
 ``fail-save`` / ``fail-export`` modes: the scheduled ``save@3`` fails writing on rank 0 (a full
 disk), or ``export@3`` fails on rank 1 after gathering the weights; the run must end on both
 ranks with that error (the test checks both outputs and the time it took).
@@ -80,14 +82,14 @@ class GatheringExporter:
     """An exporter doing what an export of sharded weights does: gather every parameter (a
     collective), then (on rank 0) write. ``fail_on_rank`` raises there after the gathers."""
 
-    def __init__(self, trace: Trace, out: Path, fail_on_rank: int | None = None):
-        self.trace, self.out, self.fail_on_rank = trace, out, fail_on_rank
+    def __init__(self, trace: Trace, out: Path, fail_on_rank: int | None = None, error: type[Exception] = RuntimeError):
+        self.trace, self.out, self.fail_on_rank, self.error = trace, out, fail_on_rank, error
 
     def export(self, trainer, pl_module, state_dict=None):
         total = sum(float(p.full_tensor().sum()) for p in pl_module.parameters())  # collective gathers
         self.trace.events.append(["export", trainer.global_step])
         if trainer.global_rank == self.fail_on_rank:
-            raise RuntimeError(f"export exploded on rank {trainer.global_rank}")
+            raise self.error(f"export exploded on rank {trainer.global_rank}")
         if not trainer.is_global_zero:
             return None
         path = self.out / f"weights-step={trainer.global_step}.txt"
@@ -135,7 +137,8 @@ def fit(out: Path, name: str, max_steps: int, mode: str, ckpt_path: str | None =
         if mode == "fail-export"
         else ["save@3", "eval@4", "export@5"],
         save_on_export=False,
-        exporter=GatheringExporter(trace, out / "export", fail_on_rank=1 if mode == "fail-export" else None),
+        # in "commands" mode rank 1's export hits a full disk: reported on every rank, training goes on
+        exporter=GatheringExporter(trace, out / "export", fail_on_rank=1, error=RuntimeError if fails else OSError),
         signal=None,
     )
     callbacks = [control, trace, MetricsPrinter(path=out / f"{name}-metrics.jsonl", window=3)]
