@@ -123,7 +123,8 @@ def _apply_skipped_restore(skipped: SkippedRestore | None, can_apply: bool) -> N
         if requested is None:
             continue
         restored = sampler.bookmark()
-        if _stands_mid_epoch(sampler) and requested != restored.epoch_arg:
+        finite = sampler.plan_pass().length is not None  # an endless sampler's stream goes on either way
+        if finite and _stands_mid_epoch(sampler) and restored.epoch_arg not in (None, requested):
             # A checkpoint of an epoch that fit stopped early (max_steps, should_stop): the loader
             # gives Lightning such an epoch back in ``__iter__`` (see ``_resume_cut_short_epoch``),
             # which Lightning does not call between its restore and its restart when it built the
