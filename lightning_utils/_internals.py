@@ -169,6 +169,40 @@ _DATA: tuple[PrivateName, ...] = (
         "Lightning pairs saved states with its stateful loaders, which is Lightning's to change",
     ),
     PrivateName(
+        "lightning.pytorch.loops.fit_loop",
+        "_FitLoop.<instance>.epoch_progress",
+        _LOADER,
+        "when fit stops before an epoch's last batch (max_steps, should_stop), Lightning still counts that "
+        "epoch as processed, and a checkpoint written then (at on_train_epoch_end, on_train_end, or with "
+        "trainer.save_checkpoint after fit) resumes at the next epoch. The loader, restored in the middle of "
+        "that epoch, takes the count back so that Lightning resumes the epoch where it stopped",
+        _NO_HANDLE + "; the checkpoint dict, which holds these counts, reaches callbacks and the module "
+        "(on_load_checkpoint), never a loader, and a fix there would need a callback added by every user",
+    ),
+    PrivateName(
+        "lightning.pytorch.loops.training_epoch_loop",
+        "_TrainingEpochLoop.<instance>.batch_progress",
+        _LOADER,
+        "whether the restored epoch stopped before its last batch (is_last_batch, the batches done)",
+        "trainer.fit_loop.epoch_loop.batch_progress is reached through the same private loop classes; "
+        "no public property says whether the last epoch ran to its end",
+    ),
+    PrivateName(
+        "lightning.pytorch.loops.loop",
+        "_Loop.restarting",
+        _LOADER,
+        "a loop whose epoch was taken back restarts mid-epoch: the setter also marks the epoch and "
+        "validation loops, as Lightning's own restore does",
+        _NO_HANDLE,
+    ),
+    PrivateName(
+        "lightning.pytorch.loops.loop",
+        "_Loop.is_resuming",
+        _LOADER,
+        "only a loop just restored from a checkpoint has an epoch to take back",
+        "Trainer.ckpt_path says a checkpoint was given, not whether the loops were restored from it yet",
+    ),
+    PrivateName(
         "lightning.pytorch.overrides.distributed",
         "_IndexBatchSamplerWrapper.<instance>._batch_sampler",
         _LOADER,
@@ -320,6 +354,98 @@ def skipped_train_loader_restore() -> SkippedRestore | None:
                 return None
             return SkippedRestore(list(combined.flattened), bool(fit_loop.restarting), fit_loop, states)
     return None
+
+
+def distributed_sampler_kwargs_of_caller() -> dict[str, Any] | None:
+    """``trainer.distributed_sampler_kwargs`` (public: the data-parallel ``num_replicas`` and
+    ``rank``) of the trainer whose loop is calling the caller's loader, or ``None`` when no
+    Lightning loop is found up the stack or the strategy is not a parallel one.
+
+    Call it from the loader's ``__len__`` / ``__iter__``: Lightning's loops size the loader
+    (``len``) when they set up its data and iterate it afterwards; both calls come from the loop.
+    """
+    classes = _loaded_classes(
+        ("lightning.pytorch.loops.training_epoch_loop", "_TrainingEpochLoop"),
+        ("lightning.pytorch.loops.fit_loop", "_FitLoop"),
+        ("lightning.pytorch.loops.evaluation_loop", "_EvaluationLoop"),
+        ("lightning.pytorch.loops.prediction_loop", "_PredictionLoop"),
+    )
+    if not classes:
+        return None
+    for frame in _callers_of_caller():
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, classes):
+            trainer = getattr(candidate, "trainer", None)
+            kwargs = getattr(trainer, "distributed_sampler_kwargs", None)
+            return dict(kwargs) if kwargs else None
+    return None
+
+
+def _fit_loop_on_stack() -> Any:
+    """The fit loop of the Lightning training loop found up the stack (see ``_callers_of_caller``)."""
+    classes = _loaded_classes(
+        ("lightning.pytorch.loops.training_epoch_loop", "_TrainingEpochLoop"),
+        ("lightning.pytorch.loops.fit_loop", "_FitLoop"),
+    )
+    if not classes:
+        return None
+    for frame in _callers_of_caller():
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, classes):
+            return getattr(getattr(candidate, "trainer", None), "fit_loop", None)
+    return None
+
+
+@dataclass(frozen=True)
+class CutShortEpoch:
+    """A fit loop restored from a checkpoint in which Lightning counts its last epoch as processed
+    although that epoch stopped before its last batch (``max_steps``, ``trainer.should_stop``)."""
+
+    epoch: int  # Lightning's number of the epoch that was cut short
+    batches_done: int  # batches of that epoch trained before the stop
+    _fit_loop: Any
+
+    def reopen(self) -> None:
+        """Take back Lightning's count of that epoch, so that it resumes it mid-way, as from a
+        checkpoint written after a batch of that epoch, and marks its loops as restarting."""
+        fit_loop = self._fit_loop
+        progress = fit_loop.epoch_progress
+        for tracker in (progress.current, progress.total):
+            tracker.processed -= 1
+            tracker.completed = tracker.processed
+        fit_loop.restarting = True  # the setter marks the epoch and validation loops too
+
+
+def _cut_short(fit_loop: Any) -> CutShortEpoch | None:
+    if fit_loop is None or not getattr(fit_loop, "is_resuming", False):
+        return None
+    try:
+        progress = fit_loop.epoch_progress
+        batches = fit_loop.epoch_loop.batch_progress
+    except AttributeError:  # pragma: no cover - a Lightning that moved its loops
+        return None
+    for epochs in (progress.current, progress.total):
+        # every started epoch processed (on_train_epoch_end ran), completed or about to be
+        if not (epochs.ready == epochs.started == epochs.processed >= 1):
+            return None
+        if epochs.completed not in (epochs.processed, epochs.processed - 1):
+            return None
+    done = batches.current
+    if batches.is_last_batch or done.ready == 0 or done.completed != done.ready:
+        return None  # the epoch ran to its last batch (or was ended by on_train_batch_start returning -1)
+    return CutShortEpoch(epoch=progress.current.processed - 1, batches_done=done.completed, _fit_loop=fit_loop)
+
+
+def cut_short_epoch_of_caller() -> CutShortEpoch | None:
+    """The fit loop iterating the caller's loader, if it was just restored from a checkpoint that
+    Lightning wrote as "epoch finished" although the epoch stopped before its last batch.
+
+    Call it from the loader's ``__iter__``: Lightning's fit loop calls it in ``setup_data`` after
+    restoring the checkpoint's loops (and the loader states, when it is restarting) and before it
+    decides how to restart (``reset``) and calls ``set_epoch``, so a :meth:`CutShortEpoch.reopen`
+    there is what Lightning then acts on.
+    """
+    return _cut_short(_fit_loop_on_stack())
 
 
 def unwrap_index_batch_sampler(batch_sampler: Any) -> Any:
@@ -566,6 +692,35 @@ _CONTROL: tuple[PrivateName, ...] = (
         _CONTROL_EVAL_PUBLIC,
     ),
     PrivateName(
+        "lightning.pytorch.trainer.trainer",
+        "Trainer.<instance>._checkpoint_connector",
+        _CONTROL_USER,
+        "TrainingControl's save builds the checkpoint dict with Lightning's own dump_checkpoint, writes it with "
+        "the strategy's public save_checkpoint, then has every rank report whether its part failed before any "
+        "rank goes on, so that a write failing on rank 0 ends every rank with that error",
+        "Trainer.save_checkpoint does the same three steps in one call, ending in a barrier: a write that fails "
+        "on rank 0 skips that barrier while the other ranks wait in it, so they hang until the process-group "
+        "timeout (or die on a closed connection) instead of raising the error",
+    ),
+    PrivateName(
+        "lightning.pytorch.trainer.connectors.checkpoint_connector",
+        "_CheckpointConnector.dump_checkpoint",
+        _CONTROL_USER,
+        "see Trainer._checkpoint_connector: the checkpoint dict Trainer.save_checkpoint would write",
+        "see Trainer._checkpoint_connector",
+    ),
+    PrivateName(
+        "lightning.pytorch.callbacks.model_checkpoint",
+        "ModelCheckpoint.<instance>._last_checkpoint_saved",
+        _CONTROL_USER,
+        "when TrainingControl points a ModelCheckpoint's save_last file or link at its own newer checkpoint, "
+        "the ModelCheckpoint must count that file as its latest save: with save_last='link' it re-links "
+        "'last' to this file at the next epoch or validation end, and at the end of training it writes no "
+        "extra 'last' when one was saved",
+        "last_model_path (public) names the 'last' file itself, not the checkpoint it copies or links to; "
+        "ModelCheckpoint has no public method to record a save made by someone else",
+    ),
+    PrivateName(
         "torch.optim.lr_scheduler",
         "SequentialLR.<instance>._schedulers",
         "lightning_utils.control.actions",
@@ -642,6 +797,18 @@ def run_fit_validation(trainer: Any) -> bool:
         trainer.training = True
         connector._first_loop_iter = first_loop_iter
     return True
+
+
+def dump_checkpoint(trainer: Any) -> dict[str, Any]:
+    """The whole checkpoint dict ``trainer.save_checkpoint`` would write now (a collective under
+    sharded strategies: every rank calls it)."""
+    return trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+
+
+def note_checkpoint_saved(model_checkpoint: Any, path: str) -> None:
+    """Make ``path`` the latest checkpoint a ``ModelCheckpoint`` counts as saved (what its
+    ``save_last='link'`` links to)."""
+    model_checkpoint._last_checkpoint_saved = path
 
 
 def inner_lr_schedulers(scheduler: Any) -> list[Any]:

@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from lightning.pytorch import Trainer
 
 __all__ = [
+    "all_gather_object",
     "broadcast_object",
     "distributed_is_initialized",
     "global_leader_only",
@@ -158,3 +159,16 @@ def broadcast_object(obj: T, src: int = 0, trainer: Trainer | None = None) -> T:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_object(obj: T) -> list[T]:
+    """Every rank's ``obj``, in rank order, on every rank (a collective: every rank must call it).
+
+    Uses ``torch.distributed.all_gather_object`` on the default group; in a single process it
+    returns ``[obj]``. ``obj`` must be picklable.
+    """
+    if not distributed_is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

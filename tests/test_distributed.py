@@ -89,8 +89,14 @@ def test_after_init_uses_the_process_group(clean_env, tmp_path):
         assert D.distributed_is_initialized()
         assert D.global_rank() == 0 and D.world_size() == 1
         assert D.broadcast_object(["quit"]) == ["quit"]
+        assert D.all_gather_object(("rank", 0)) == [("rank", 0)]
     finally:
         dist.destroy_process_group()
+
+
+def test_all_gather_object_in_a_single_process():
+    obj = {"error": None}
+    assert D.all_gather_object(obj) == [obj]
 
 
 def test_multi_node_launcher_environment_before_init(clean_env):

@@ -4,12 +4,22 @@ Each line is a JSON object::
 
     {"step": 120, "epoch": 0, "loss": 2.31, "loss_mean": 2.4467, "lr": 0.0003, "step_time": 0.052}
 
-It holds every scalar the LightningModule logged (``self.log``), the first optimizer's
-learning rate, the step time, and ``<key>_mean``, a running mean over the last ``window``
-steps: each step's value goes into a fixed-size window (a ``deque``), and a printed line's mean
-is computed over that window by ``torchmetrics.aggregation.MeanMetric``. Lines go to stdout and/or an
+A step's line holds what was logged for that step and nothing older: the scalars the
+LightningModule logged (``self.log``) in that training step, those of a validation run that
+followed it, and epoch-level values on the last line of their epoch; the learning rate that
+step used (the first optimizer's, read just before its update, not the one a scheduler set
+for the next step); the step time; and ``<key>_mean``, the mean of the key's last ``window``
+fresh values (a value repeated by Lightning's ``callback_metrics`` is not fresh): each fresh
+value goes into a fixed-size window (a ``deque``), and a printed line's mean is computed over
+that window by ``torchmetrics.aggregation.MeanMetric``. Lines go to stdout and/or an
 append-only file (``lightning-utils plot FILE`` draws them), written and flushed one by one so
 that a crash loses nothing already printed.
+
+Freshness: Lightning keeps every metric ever logged in ``trainer.callback_metrics`` (a validation
+loss stays there until the next validation). Each value Lightning reports there is a view of the
+tensor the last ``self.log`` (or epoch-end reduction) made, and every log call makes a new one.
+The printer keeps the tensors it saw last (so their memory cannot be reused) and counts a key as
+fresh when its tensor's memory differs from the one seen before.
 
 This callback must never print or write on a rank other than global rank 0, and never run a
 collective: its running means are local (``sync_on_compute=False``) because only rank 0 computes
@@ -42,6 +52,30 @@ def _round(value: float, digits: int | None) -> float | str | None:
     if digits is None or value == 0:
         return value
     return float(f"{value:.{digits}g}")
+
+
+def _first_lr(trainer: Trainer) -> float | None:
+    if trainer.optimizers and trainer.optimizers[0].param_groups:
+        lr = trainer.optimizers[0].param_groups[0].get("lr")
+        if lr is not None:
+            return float(lr)
+    return None
+
+
+def _is_new(before: Any, now: Any) -> bool:
+    """Whether ``now`` is another logged value than ``before`` (the value object last read)."""
+    if before is now:
+        return False
+    if isinstance(before, torch.Tensor) and isinstance(now, torch.Tensor):
+        # A new view of the same tensor (Lightning detaches on every read) is the same value;
+        # ``before`` is still referenced, so its memory cannot hold a newer tensor.
+        return not (
+            before.device == now.device
+            and before.dtype == now.dtype
+            and before.shape == now.shape
+            and before.data_ptr() == now.data_ptr()
+        )
+    return True
 
 
 class MetricsPrinter(Callback):
@@ -98,6 +132,8 @@ class MetricsPrinter(Callback):
             torch.float64
         )
         self._file: IO[str] | None = None
+        self._seen: dict[str, Any] = {}  # the value objects of the last read, kept alive (see the module doc)
+        self._step_lr: float | None = None
         self._pending: dict[str, Any] | None = None
         self._last_step: int | None = None
         self._last_time: float | None = None
@@ -115,6 +151,15 @@ class MetricsPrinter(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._last_step = trainer.global_step
         self._last_time = time.monotonic()
+        self._step_lr = None
+        # What is in callback_metrics now was logged before this fit (an earlier run or validation).
+        self._seen = dict(trainer.callback_metrics)
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        # The rate this step uses: a per-step scheduler moves the optimizer's lr on before
+        # on_train_batch_end, to the rate of the next step.
+        if self._step_lr is None:
+            self._step_lr = _first_lr(trainer)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._flush(trainer)
@@ -130,10 +175,9 @@ class MetricsPrinter(Callback):
         record: dict[str, Any] = {"step": step, "epoch": trainer.current_epoch}
         if self._last_time is not None:
             record["step_time"] = (now - self._last_time) / max(1, step - previous)
-        if trainer.optimizers and trainer.optimizers[0].param_groups:
-            lr = trainer.optimizers[0].param_groups[0].get("lr")
-            if lr is not None:
-                record["lr"] = float(lr)
+        lr, self._step_lr = (self._step_lr if self._step_lr is not None else _first_lr(trainer)), None
+        if lr is not None:
+            record["lr"] = lr
         self._last_step, self._last_time = step, now
         self._pending = record
 
@@ -161,9 +205,14 @@ class MetricsPrinter(Callback):
             self._file = None
 
     def _scalars(self, trainer: Trainer) -> dict[str, float]:
+        """The scalars logged since the last read (see "Freshness" in the module docstring)."""
         out: dict[str, float] = {}
-        for key, value in trainer.callback_metrics.items():
+        current = dict(trainer.callback_metrics)
+        seen, self._seen = self._seen, current
+        for key, value in current.items():
             if self.keys is not None and key not in self.keys:
+                continue
+            if not _is_new(seen.get(key), value):
                 continue
             if isinstance(value, torch.Tensor):
                 if value.numel() != 1:
@@ -199,7 +248,7 @@ class MetricsPrinter(Callback):
                 if window is None:
                     window = self._windows[key] = deque(maxlen=self.window)
                 window.append(value)
-                if printed and f"{key}_mean" not in metrics:  # only for a written line; never over a logged metric
+                if printed and f"{key}_mean" not in self._seen:  # only for a written line; never over a logged metric
                     record[f"{key}_mean"] = self._window_mean(window)
         if not printed:
             return

@@ -12,9 +12,17 @@ which action, under which flags, is the data of :mod:`lightning_utils.control.di
 loss-scale and time-left computations are :mod:`lightning_utils.control.actions`. This module
 holds the hooks and the actions that need the trainer (save, export, eval, quit).
 
+Each save, export and eval ends with every rank reporting whether its part failed (a small
+all-reduce, and the errors gathered only when one failed): a failure on one rank then ends
+every rank with a :class:`ControlError` naming that rank and its error, where it would
+otherwise leave the other ranks waiting in the next collective. A save also keeps the ``last``
+file of each ``ModelCheckpoint(save_last=...)`` pointing at it (:mod:`lightning_utils.control.last`),
+so ``fit(ckpt_path="last")`` restores the latest checkpoint written.
+
 This callback must never act from a reader thread or a signal handler, never block the
-training thread on input, and never let a bad command stop training: bad commands are
-reported on the log and ignored.
+training thread on input, never let a bad command stop training (bad commands are reported
+on the log and ignored), and never let ranks leave a step boundary having run different
+collectives.
 """
 
 from __future__ import annotations
@@ -27,8 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lightning_utils import _internals
@@ -44,14 +53,19 @@ from lightning_utils.control.dispatch import (
     step_end_plan,
     train_end_actions,
 )
+from lightning_utils.control.last import copy_last, link_last
 from lightning_utils.control.sources import CommandSource, SignalFlag, resolve_source
-from lightning_utils.distributed import broadcast_object
+from lightning_utils.distributed import all_gather_object, broadcast_object
 
-__all__ = ["TrainingControl"]
+__all__ = ["ControlError", "TrainingControl"]
 
 log = logging.getLogger(__name__)
 
 EvalFn = Callable[[Trainer, LightningModule], Any]
+
+
+class ControlError(RuntimeError):
+    """A save, export or evaluation that failed on one rank, raised on every rank (naming that rank)."""
 
 
 def _make_log_visible() -> None:
@@ -107,7 +121,7 @@ class TrainingControl(Callback):
     | every `save_every_n_steps` steps (unset: `eval_every_n_steps`) | save | - |
     | every `export_every_n_steps` steps | export | - |
     | every `eval_every_n_steps` steps | eval | - |
-    | end of training, if `save_on_train_end` (not after `quit`, nor when that step was saved) | save | - |
+    | end of training, if `save_on_train_end` (not after `quit`, nor when that step was saved; when `max_steps` ends the run, at its last step boundary) | save | - |
 
     - With `export_on_save`, every save (whatever triggered it) also runs export.
     - save, export, eval and quit run once each per step boundary, in that order, after all the
@@ -118,7 +132,10 @@ class TrainingControl(Callback):
     Args:
         source: ``"stdin"`` (default), a command file or FIFO path (``echo save >> PATH``),
             a :class:`~lightning_utils.control.sources.CommandSource`, or ``None`` (no reader:
-            schedules, the signal and periodic work only). Only global rank 0 reads.
+            schedules, the signal and periodic work only). Only global rank 0 reads. A command
+            file is read like ``tail -f``: the lines already in it when ``fit`` starts belong to
+            an earlier run and are skipped (a resumed run does not replay them); give commands
+            for the start of a run with ``commands=``.
         save_every_n_steps: periodic checkpoint every N optimizer steps. ``None``/0 falls back
             to ``eval_every_n_steps``; both ``None``: no periodic save.
         eval_every_n_steps: periodic evaluation every N steps.
@@ -128,7 +145,9 @@ class TrainingControl(Callback):
         export_on_save: export the weights with every checkpoint this callback writes.
         save_on_export: the ``export`` command also writes a checkpoint.
         save_on_train_end: write a final checkpoint when training ends, unless one was written
-            at that step or the run was ended by ``quit`` (then ``save_on_quit`` decides).
+            at that step or the run was ended by ``quit`` (then ``save_on_quit`` decides). When
+            ``max_steps`` ends the run it is written at the last step boundary, so it resumes
+            mid-epoch exactly like every other checkpoint of this callback.
         dirpath: checkpoint folder. Default: the ``ModelCheckpoint``'s folder if there is one,
             else ``<default_root_dir>/checkpoints``.
         filename: checkpoint name template (``{step}``, ``{epoch}``). Default ``"step={step}"``.
@@ -330,8 +349,17 @@ class TrainingControl(Callback):
         self._clock.tick(step - previous, time.monotonic())
         lines = self._receive(trainer) if step % self.check_every_n_steps == 0 else []
         self._run_boundary(trainer, pl_module, previous, step, lines)
+        if 0 < trainer.max_steps <= step:
+            # max_steps ends the run after this batch: the final save happens here, at the step
+            # boundary, like ModelCheckpoint(every_n_train_steps)'s. Written at on_train_end, after
+            # Lightning counted the epoch as finished, the file would tell Lightning to resume at the
+            # next epoch (only ResumableDataLoader gives it the rest of the epoch back).
+            self._run_train_end(trainer, pl_module)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._run_train_end(trainer, pl_module)
+
+    def _run_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.quit_requested or trainer.global_step == self.last_save_step:
             return
         self._run_step_end(trainer, pl_module, train_end_actions(self.flags), "end of training", "at the end")
@@ -511,14 +539,95 @@ class TrainingControl(Callback):
         name = self.filename.format(step=trainer.global_step, epoch=trainer.current_epoch)
         return Path(folder) / (name + self._extension(trainer))
 
+    def _agreed(
+        self, trainer: Trainer, what: str, fn: Callable[[], Any], soft: tuple[type[Exception], ...] = ()
+    ) -> Any:
+        """Run ``fn`` on this rank, then settle its outcome with every rank (a collective).
+
+        Every rank calls this at the same point with the same ``what``. If ``fn`` raised on any
+        rank, every rank learns which rank failed first and how: an error of a ``soft`` type on
+        every failing rank is reported and training goes on (returns ``None``); any other error
+        ends every rank with a :class:`ControlError` naming the rank and the error (chained to the
+        original on the rank that raised it), so that no rank is left waiting in a collective the
+        failed rank never joins. Returns ``fn``'s result when it succeeded everywhere.
+        """
+        error: Exception | None = None
+        result = None
+        try:
+            result = fn()
+        except Exception as err:  # noqa: BLE001 - settled with every rank below, then raised or reported
+            error = err
+        if not trainer.strategy.reduce_boolean_decision(error is not None, all=False):
+            return result
+        mine = None if error is None else (f"{type(error).__name__}: {error}", isinstance(error, soft))
+        reports = all_gather_object(mine)
+        failed = [(rank, report) for rank, report in enumerate(reports) if report is not None]
+        rank, (text, _) = failed[0]
+        step = trainer.global_step
+        message = f"{what} failed at step {step} on rank {rank}: {text}"
+        if all(is_soft for _, (_, is_soft) in failed):
+            if error is not None:  # each failing rank shows its own error, with its traceback
+                own = f"{what} failed at step {step} on rank {trainer.global_rank}: {mine[0] if mine else ''}"
+                log.warning("%s; training goes on", own, exc_info=error)
+            else:
+                self._warn(message + "; training goes on")
+            return None
+        raise ControlError(f"TrainingControl: {message}") from error
+
     def _save(self, trainer: Trainer, reason: str) -> None:
         step = trainer.global_step
         path = self.checkpoint_path(trainer)
         self.last_save_step = step  # before the save, so the checkpoint records it
-        # Collective: every rank calls it (it ends in a barrier); rank 0 writes.
-        trainer.save_checkpoint(path, weights_only=False)
+        lasts = self._last_files(trainer, path)
+        for callback, last in lasts:
+            callback.last_model_path = str(last)  # part of the state being saved, as ModelCheckpoint does
+        self._write_checkpoint(trainer, path)
         self.last_checkpoint_path = path
         self._info(f"saved checkpoint {path} ({reason}, step {step})")
+        for callback, last in lasts:
+            self._point_last(trainer, callback, last, path)
+
+    def _write_checkpoint(self, trainer: Trainer, path: Path) -> None:
+        """``trainer.save_checkpoint(path)``, with the outcome settled on every rank before any goes on.
+
+        The dict is built on every rank (gathering sharded state is collective), written by the
+        strategy (rank 0, or every rank for sharded files), then every rank reports whether its
+        part failed: a write failing on rank 0 raises on every rank instead of leaving the others
+        waiting in ``Trainer.save_checkpoint``'s closing barrier.
+        """
+        checkpoint = _internals.dump_checkpoint(trainer)
+        self._agreed(trainer, f"saving {path}", lambda: trainer.strategy.save_checkpoint(checkpoint, path))
+
+    def _last_files(self, trainer: Trainer, path: Path) -> list[tuple[ModelCheckpoint, Path]]:
+        """The ``last`` file of every ModelCheckpoint with ``save_last`` that a checkpoint at ``path``
+        must update (same file extension), so that ``fit(ckpt_path="last")`` restores it."""
+        found = []
+        for callback in trainer.checkpoint_callbacks:
+            if not isinstance(callback, ModelCheckpoint) or not callback.save_last or not callback.dirpath:
+                continue
+            if callback.FILE_EXTENSION.lower() != path.suffix.lower():
+                continue  # a '.ckpt' name must never stand for a '.sft' file (the suffix picks the reader)
+            metrics = dict(trainer.callback_metrics)
+            metrics.update(epoch=torch.tensor(trainer.current_epoch), step=torch.tensor(trainer.global_step))
+            found.append((callback, Path(callback.format_checkpoint_name(metrics, callback.CHECKPOINT_NAME_LAST))))
+        return found
+
+    def _point_last(self, trainer: Trainer, callback: ModelCheckpoint, last: Path, path: Path) -> None:
+        """Make ``last`` (a ModelCheckpoint's save_last file) the checkpoint just written at ``path``:
+        a symlink with ``save_last="link"``, else a copy (a second save for a folder checkpoint)."""
+        link = callback.save_last == "link"
+        # Rank 0 wrote the file and decides; the decision picks collectives, so every rank takes it.
+        copy = not link and broadcast_object(self._is_leader and path.is_file(), src=0, trainer=trainer)
+        if link or copy:
+
+            def update() -> None:
+                if self._is_leader:
+                    (link_last if link else copy_last)(path, last)
+
+            self._agreed(trainer, f"pointing {last} at {path}", update)
+        else:
+            self._write_checkpoint(trainer, last)
+        _internals.note_checkpoint_saved(callback, str(path))
 
     def _find_exporter(self, trainer: Trainer) -> Any:
         if self.exporter is not None:
@@ -537,23 +646,25 @@ class TrainingControl(Callback):
             self._info(f"weights of step {step} already exported; not exporting again")
             return
         self.last_export_step = step
-        try:
-            self._find_exporter(trainer).export(trainer, pl_module)
-        except (ValueError, OSError) as err:
-            self._warn(f"export failed at step {step}: {err}")
+        exporter = self._find_exporter(trainer)
+        # Every rank exports (gathering sharded weights is collective); a bad argument or a full disk
+        # is reported and training goes on, anything else ends every rank.
+        where = self._agreed(trainer, "export", lambda: exporter.export(trainer, pl_module), soft=(ValueError, OSError))
+        if where is not None:
+            self._info(f"exported the weights of step {step} to {where}")
 
     def _eval(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.last_eval_step = trainer.global_step
         if self.eval_fn is not None:
-            try:
-                self.eval_fn(trainer, pl_module)
-            except Exception:  # a failing evaluation is reported, and training goes on
-                log.exception("eval_fn failed at step %d", trainer.global_step)
+            eval_fn = self.eval_fn
+            # A failing evaluation is reported, and training goes on.
+            self._agreed(trainer, "eval_fn", lambda: eval_fn(trainer, pl_module), soft=(Exception,))
             return
         if not is_overridden("validation_step", pl_module):
             self._warn("eval: no eval_fn was given and the model has no validation_step; nothing to run")
             return
-        if not _internals.run_fit_validation(trainer):  # pragma: no cover - a Lightning that moved its loops
+        ran = self._agreed(trainer, "eval (the validation loop)", lambda: _internals.run_fit_validation(trainer))
+        if not ran:  # pragma: no cover - a Lightning that moved its loops
             self._warn("eval: this Lightning version hides its validation loop; pass eval_fn=")
 
     def _quit(self, trainer: Trainer, when: str) -> None:

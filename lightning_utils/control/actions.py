@@ -155,7 +155,11 @@ def time_left(step: int, target: int | None, seconds_per_step: float | None) -> 
     """The line that answers ``time``/``time to N`` at ``step``."""
     if target is None:
         return "time: the run has no known last step; use 'time to N'"
+    if target < step:
+        return f"time: step {target} is behind: the run is at step {step}"
+    if target == step:
+        return f"time: the run is at step {step} now"
     if seconds_per_step is None:
         return f"time: at step {step}; no step timed yet"
-    left = max(0, target - step)
+    left = target - step
     return f"time: step {step}/{target}, {seconds_per_step:.3g} s/step, about {duration(left * seconds_per_step)} left"

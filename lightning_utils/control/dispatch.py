@@ -239,7 +239,8 @@ def actions_table() -> str:
         rows.append(f"| every `{cadence}` steps{fallback} | {action.value} | - |")
     for flag, action in TRAIN_END:
         rows.append(
-            f"| end of training, if `{flag}` (not after `quit`, nor when that step was saved) | {action.value} | - |"
+            f"| end of training, if `{flag}` (not after `quit`, nor when that step was saved; when `max_steps` "
+            f"ends the run, at its last step boundary) | {action.value} | - |"
         )
     notes = [
         f"With `{flag}`, every {action.value} (whatever triggered it) also runs {added.value}."

@@ -28,13 +28,20 @@ Behaviour worth knowing:
   ``trainer.estimated_stepping_batches``; a loader without a length, whose first batch
   Lightning then prefetched from the wrong position, raises instead).
 - The position survives ``Trainer.fit`` returning: ``trainer.save_checkpoint`` afterwards
-  records where training stopped. Lightning itself, however, counts an epoch stopped by
-  ``max_steps`` as completed and calls ``set_epoch(next)`` on resume, so a run resumed from
-  such a checkpoint starts the next epoch; checkpoints written during ``fit`` (e.g.
-  ``ModelCheckpoint(every_n_train_steps=...)``) resume mid-epoch exactly.
+  records where training stopped.
+- An epoch that ``max_steps`` or ``trainer.should_stop`` ended before its last batch is one
+  Lightning counts as finished: a checkpoint written then (``on_train_epoch_end``,
+  ``on_train_end``, ``trainer.save_checkpoint`` after ``fit``) would resume at the next epoch.
+  When Lightning restores such a checkpoint, the loader (whose state says where in the epoch
+  training stopped) gives Lightning that epoch back before it restarts, so the resumed run
+  finishes the epoch exactly as an uninterrupted run would, then goes on with the next ones.
 - The samplers subclass ``DistributedSampler``, and with ``batch_sampler=`` ``loader.sampler``
   is that batch sampler, so Lightning's ``use_distributed_sampler=True`` leaves the loader as
-  it is instead of wrapping the sampler; the samplers shard themselves.
+  it is instead of wrapping the sampler; the samplers shard themselves, by the *data-parallel*
+  rank and size: when a Lightning loop sizes or iterates the loader, the loader passes the
+  trainer's ``distributed_sampler_kwargs`` to its sampler (``set_replicas``), so under tensor
+  parallelism the ranks of one tensor-parallel group see the same samples (a sampler built
+  with explicit ``num_replicas``/``rank`` keeps them).
 
 The loader drives its sampler only through the resume contract documented in
 :mod:`lightning_utils.data.samplers.base`, and learns which Lightning loop and fetcher iterate
@@ -57,6 +64,8 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset,
 from lightning_utils._internals import (
     LightningFetcher,
     SkippedRestore,
+    cut_short_epoch_of_caller,
+    distributed_sampler_kwargs_of_caller,
     lightning_data_caller,
     skipped_train_loader_restore,
     unwrap_index_batch_sampler,
@@ -111,8 +120,31 @@ def _apply_skipped_restore(skipped: SkippedRestore | None, can_apply: bool) -> N
     requests = [sampler.bookmark().requested for sampler in samplers]
     skipped.apply()
     for sampler, requested in zip(samplers, requests):
-        if requested is not None:
-            sampler.seek(replace(sampler.bookmark(), requested=requested))
+        if requested is None:
+            continue
+        restored = sampler.bookmark()
+        finite = sampler.plan_pass().length is not None  # an endless sampler's stream goes on either way
+        if finite and _stands_mid_epoch(sampler) and restored.epoch_arg not in (None, requested):
+            # A checkpoint of an epoch that fit stopped early (max_steps, should_stop): the loader
+            # gives Lightning such an epoch back in ``__iter__`` (see ``_resume_cut_short_epoch``),
+            # which Lightning does not call between its restore and its restart when it built the
+            # loader early; it has moved on to the next epoch already.
+            warnings.warn(
+                f"ResumableDataLoader: the checkpoint was written when fit stopped in the middle of epoch "
+                f"{restored.epoch_arg}, but Lightning built the train loader before restoring it (e.g. for "
+                "`trainer.estimated_stepping_batches` in `configure_optimizers`, Lightning #20550) and has "
+                f"already started epoch {requested}: the rest of epoch {restored.epoch_arg} is skipped. Resume "
+                "from a checkpoint written at a step boundary (ModelCheckpoint(every_n_train_steps), "
+                "TrainingControl), or compute the schedule without `estimated_stepping_batches`.",
+                stacklevel=2,
+            )
+        sampler.seek(replace(restored, requested=requested))
+
+
+def _stands_mid_epoch(sampler: ResumableSampler) -> bool:
+    """Whether the sampler's next pass continues an epoch begun before (an endless sampler always does)."""
+    plan = sampler.plan_pass()
+    return plan.length is None or (plan.start > 0 and (plan.epoch, plan.start) == sampler.bookmark().effective())
 
 
 class _PassTracker:
@@ -337,14 +369,55 @@ class ResumableDataLoader(DataLoader):
     def sampler(self, value: Any) -> None:
         self.__dict__["_dataloader_sampler"] = value  # what DataLoader.__init__ assigned
 
+    def __len__(self) -> int:
+        self._follow_trainer_shard()
+        return super().__len__()
+
+    def _follow_trainer_shard(self) -> None:
+        """Shard by the data-parallel rank and size of the trainer using this loader.
+
+        Under tensor (model) parallelism they are not the process group's global rank and world
+        size: the ranks of one tensor-parallel group must see the same samples. Lightning sizes
+        (``len``) and iterates its loaders from its loops, after the strategy exists, so the
+        loader reads ``trainer.distributed_sampler_kwargs`` there and hands it to the sampler
+        (``set_replicas``); a loader built before the strategy existed is sharded right.
+        """
+        kwargs = distributed_sampler_kwargs_of_caller()
+        if kwargs is not None and "num_replicas" in kwargs and "rank" in kwargs:
+            self._resumable.set_replicas(int(kwargs["num_replicas"]), int(kwargs["rank"]))
+
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        self._follow_trainer_shard()
         fetcher, evaluating = lightning_data_caller()
-        if not evaluating and self._tracker is not None:
-            # Now, not at the lazy first next(): by then Lightning's fetcher has reset and forgotten
-            # the batch it prefetched from the old pass and never trained on (a loader without a
-            # length that Lightning stops at the end of an epoch it resumed on its last batch).
-            self._tracker.freeze()
+        if not evaluating:
+            if self._tracker is not None:
+                # Now, not at the lazy first next(): by then Lightning's fetcher has reset and forgotten
+                # the batch it prefetched from the old pass and never trained on (a loader without a
+                # length that Lightning stops at the end of an epoch it resumed on its last batch).
+                self._tracker.freeze()
+            self._resume_cut_short_epoch()
         return _ResumableIterator(self, fetcher, evaluating)
+
+    def _resume_cut_short_epoch(self) -> None:
+        """Continue an epoch that ``max_steps`` or ``should_stop`` ended before its last batch.
+
+        Lightning counts such an epoch as processed, so a checkpoint written then
+        (``on_train_epoch_end``, ``on_train_end``, ``trainer.save_checkpoint`` after ``fit``)
+        would resume at the next epoch and skip the rest of this one, although this loader's
+        state says where in the epoch training stopped. When Lightning restores such a
+        checkpoint it iterates the train loader before deciding how to restart: here the loader
+        applies its state (Lightning skips it for an epoch it counts as done) and, standing in
+        the middle of that epoch, gives Lightning its epoch back to finish.
+        """
+        cut = cut_short_epoch_of_caller()
+        if cut is None:
+            return
+        _apply_skipped_restore(skipped_train_loader_restore(), can_apply=True)
+        here = self._resumable.bookmark()
+        if here.epoch_arg not in (None, cut.epoch) or here.requested is not None:
+            return  # this state belongs to another epoch than the one Lightning stopped
+        if _stands_mid_epoch(self._resumable):
+            cut.reopen()
 
     # -- state -------------------------------------------------------------------------------
     def _batches_in_pass(self, units: int) -> int:

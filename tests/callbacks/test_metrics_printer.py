@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from control_scripts.recording_module import RecordingModule, RecordingModuleWithVal
 from helpers.lightning import cpu_trainer
 
@@ -60,21 +61,66 @@ def test_gradient_accumulation_one_line_per_optimizer_step(tmp_path):
     assert [r["step"] for r in read(path)] == [1, 2, 3]
 
 
-def test_validation_metrics_appear_after_validation(tmp_path):
+def test_validation_metrics_appear_on_the_line_of_the_step_they_followed_only(tmp_path):
+    """Validation runs after steps 3 and 6: its metrics are on those two lines and nowhere else,
+    and their running mean is over those two fresh values (never over repeats)."""
     path = tmp_path / "m.jsonl"
+    model = RecordingModuleWithVal()
     fit(
         tmp_path,
-        MetricsPrinter(path=path, mean_keys=["loss"]),
-        model=RecordingModuleWithVal(),
-        max_steps=6,
+        MetricsPrinter(path=path, window=10, digits=None),
+        model=model,
+        max_steps=7,
         val_check_interval=3,
         check_val_every_n_epoch=None,
         limit_val_batches=1,
         num_sanity_val_steps=0,
     )
     rows = read(path)
-    assert "val_loss" not in rows[1] and "val_loss" in rows[3]
-    assert "val_loss_mean" not in rows[3] and "loss_mean" in rows[3]
+    assert [r["step"] for r in rows] == list(range(1, 8))
+    assert [r["step"] for r in rows if "val_loss" in r] == [3, 6] == model.val_steps
+    assert [r["step"] for r in rows if "val_loss_mean" in r] == [3, 6]
+    val3, val6 = rows[2]["val_loss"], rows[5]["val_loss"]
+    assert val3 != val6  # the model moved between the two validations
+    assert rows[2]["val_loss_mean"] == pytest.approx(val3, rel=1e-12)
+    assert rows[5]["val_loss_mean"] == pytest.approx((val3 + val6) / 2, rel=1e-12)
+    assert all("loss" in r and "loss_mean" in r for r in rows)  # training's own metrics: every line
+
+
+class LogsSometimes(RecordingModule):
+    """Logs ``sometimes`` on even steps only, and runs a per-step LR schedule 0.1, 0.2, 0.3..."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if self.trainer.global_step % 2 == 1:  # the step being trained is global_step + 1
+            self.log("sometimes", float(self.trainer.global_step + 1))
+        return loss
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: k + 1.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def test_a_line_carries_what_that_step_logged_and_the_lr_it_used(tmp_path):
+    path = tmp_path / "m.jsonl"
+    model = LogsSometimes()
+    fit(tmp_path, MetricsPrinter(path=path, window=3, digits=None), model=model, max_steps=6)
+    rows = read(path)
+    assert [r.get("sometimes") for r in rows] == [None, 2.0, None, 4.0, None, 6.0]
+    assert [r.get("sometimes_mean") for r in rows] == [None, 2.0, None, 3.0, None, 4.0]  # over fresh values
+    # step k trained with lr 0.1 * k; the scheduler had already moved on when the step ended
+    assert [r["lr"] for r in rows] == pytest.approx([0.1 * k for k in range(1, 7)], rel=1e-12)
+    assert [lr for _, lr in model.lr_trace] == pytest.approx([0.1 * k for k in range(2, 8)], rel=1e-12)
+
+
+def test_epoch_level_metrics_are_on_the_last_line_of_their_epoch(tmp_path):
+    """``loss_epoch_synced`` is logged with on_epoch=True: Lightning computes it when the epoch ends
+    (16 steps here, then a run stopped after 4 steps of the next epoch)."""
+    path = tmp_path / "m.jsonl"
+    fit(tmp_path, MetricsPrinter(path=path, window=None), max_steps=20)
+    rows = read(path)
+    assert [r["step"] for r in rows if "loss_epoch_synced" in r] == [16, 20]
 
 
 def test_arguments_are_checked():

@@ -13,6 +13,7 @@ from control_scripts.fakes import FakeTrainer, RecordingExporter, StepScript, dr
 from control_scripts.recording_module import RecordingModule, RecordingModuleWithVal
 from helpers.lightning import cpu_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from lightning_utils.callbacks.training_control import TrainingControl
 
@@ -187,11 +188,57 @@ def test_periodic_export_without_checkpoint(tmp_path):
 
 def test_time_command_reports_eta(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger=LOGGER)
-    control, trainer = make(tmp_path, {0: ["time"], 3: ["time", "time to 100", "time to x"]})
+    control, trainer = make(tmp_path, {0: ["time"], 3: ["time", "time to 100", "time to x", "time to 2"]})
     drive(control, trainer, 4)
     assert "no step timed yet" in caplog.text
     assert "step 3/12" in caplog.text and "step 3/100" in caplog.text
     assert "expected 'time' or 'time to N'" in caplog.text
+    assert "time: step 2 is behind: the run is at step 3" in caplog.text and "3/2" not in caplog.text
+
+
+def test_export_command_says_where_the_weights_went(tmp_path, caplog):
+    from lightning_utils.callbacks.export_weights import ExportWeights
+
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    exporter = ExportWeights(dirpath=tmp_path / "weights")
+    holder = {}
+    control = TrainingControl(
+        source=StepScript(lambda: holder["t"].global_step, {2: ["export"]}), signal=None, save_on_export=False
+    )
+    trainer = holder["t"] = cpu_trainer(tmp_path, [control, exporter], max_steps=3)
+    trainer.fit(RecordingModule())
+    where = tmp_path / "weights" / "weights-step=2.sft"
+    assert where.is_file()
+    assert f"exported the weights of step 2 to {where}" in caplog.text
+
+
+def test_a_failing_export_is_reported_and_training_goes_on(tmp_path, caplog):
+    class FullDisk:
+        def export(self, trainer, pl_module):
+            raise OSError(28, "No space left on device")
+
+    control = TrainingControl(
+        source=None, signal=None, exporter=FullDisk(), commands=["export@2"], save_on_export=False
+    )
+    trainer = cpu_trainer(tmp_path, [control], max_steps=4)
+    trainer.fit(RecordingModule())
+    assert trainer.global_step == 4
+    assert "export failed at step 2 on rank 0: OSError: [Errno 28] No space left on device" in caplog.text
+
+
+def test_a_failing_save_ends_the_run_with_the_error(tmp_path):
+    from lightning_utils.callbacks.training_control import ControlError
+
+    class FullDiskIO(TorchCheckpointIO):
+        def save_checkpoint(self, checkpoint, path, storage_options=None):
+            raise OSError(28, "No space left on device")
+
+    control = TrainingControl(source=None, signal=None, commands=["save@2"])
+    trainer = cpu_trainer(tmp_path, [control], max_steps=4, plugins=[FullDiskIO()])
+    with pytest.raises(ControlError, match=r"saving .*step=2.ckpt failed at step 2 on rank 0: OSError") as info:
+        trainer.fit(RecordingModule())
+    assert isinstance(info.value.__cause__, OSError)  # the original error, chained
+    assert trainer.global_step == 2
 
 
 def test_help_and_loss_scale_without_scaler(tmp_path, caplog):

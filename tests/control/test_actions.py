@@ -105,4 +105,7 @@ def test_time_left_lines():
     assert time_left(3, None, 0.5) == "time: the run has no known last step; use 'time to N'"
     assert time_left(3, 100, None) == "time: at step 3; no step timed yet"
     assert time_left(40, 100, 0.5) == "time: step 40/100, 0.5 s/step, about 30.0s left"
-    assert time_left(140, 100, 0.5).endswith("about 0.0s left")  # past the target: nothing left
+    # a target behind the run is said to be behind, never "100/10 ... 0.0s left"
+    assert time_left(58, 10, 0.5) == "time: step 10 is behind: the run is at step 58"
+    assert time_left(58, 10, None) == "time: step 10 is behind: the run is at step 58"
+    assert time_left(10, 10, 0.5) == "time: the run is at step 10 now"

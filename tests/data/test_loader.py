@@ -241,21 +241,53 @@ def test_lightning_resume_twice_in_one_epoch(uninterrupted, tmp_path, kind, fmt)
     assert full[3:4] + rest == full[3:]
 
 
-def test_save_checkpoint_after_fit_keeps_the_position_and_lightning_starts_the_next_epoch(uninterrupted, tmp_path):
-    """The loader keeps its position after ``fit`` returns, but Lightning itself counts the
-    stopped epoch as completed (``fit_loop.epoch_progress``) and on resume calls
-    ``set_epoch(next)``, so training continues with the next epoch's full order."""
-    _, _, full = uninterrupted("random", 0)
-    trainer, part = H.fit(lambda: H.make_loader("random"), str(tmp_path), max_epochs=2, max_steps=4)
-    assert part == full[:4]
+@pytest.mark.parametrize("resume_with", ["max_epochs", "max_steps"])
+@pytest.mark.parametrize("kind", ["random", "random_nolen", "batched"])
+def test_save_checkpoint_after_fit_stopped_mid_epoch_resumes_exactly(tmp_path, kind, resume_with):
+    """``max_steps`` stops fit in the middle of an epoch; Lightning then counts that epoch as done
+    (``fit_loop.epoch_progress``), so a checkpoint written after ``fit`` returns says "epoch 0
+    finished" while the loader says "16 of 22 samples of epoch 0". Resuming it (training N more
+    steps, or to the end) continues epoch 0 exactly: same samples, same losses."""
+    full_trainer, full = H.fit_model(lambda: H.make_loader(kind), str(tmp_path / "full"), max_epochs=2)
+    trainer, part = H.fit_model(lambda: H.make_loader(kind), str(tmp_path), max_epochs=2, max_steps=4)
+    assert part.seen == full.seen[:4]
     path = str(tmp_path / "after_fit.ckpt")
     trainer.save_checkpoint(path)
     ckpt = torch.load(path, weights_only=False)
-    saved = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
-    assert saved["sampler"]["epoch"] == 0 and saved["sampler"]["position"] == 16  # position kept
     assert ckpt["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"] == 1  # Lightning: epoch done
-    _, rest = H.fit(lambda: H.make_loader("random"), str(tmp_path), ckpt_path=path, max_epochs=2)
-    assert rest == full[len(full) // 2 :]
+    limit = {"max_steps": 8} if resume_with == "max_steps" else {}
+    resumed_trainer, rest = H.fit_model(
+        lambda: H.make_loader(kind), str(tmp_path), ckpt_path=path, max_epochs=2, **limit
+    )
+    end = 8 if resume_with == "max_steps" else len(full.seen)
+    assert rest.seen == full.seen[4:end]
+    assert rest.losses == pytest.approx(full.losses[4:end], rel=1e-6, abs=0)
+    if resume_with == "max_epochs":  # the epochs are Lightning's as well: the same count, the same end
+        assert resumed_trainer.current_epoch == full_trainer.current_epoch == 2
+
+
+@pytest.mark.parametrize("fmt", ["ckpt", "sft"])
+def test_end_of_epoch_checkpoint_of_an_epoch_cut_short_by_max_steps_resumes_exactly(tmp_path, fmt):
+    """ModelCheckpoint's default save at ``on_train_epoch_end`` also runs when ``max_steps`` ends
+    the epoch early; the file says the epoch was processed. Extending the run resumes exactly."""
+    _, full = H.fit_model(lambda: H.make_loader("random"), str(tmp_path / "full"), max_epochs=2, max_steps=8, fmt=fmt)
+    ckpt_dir = str(tmp_path / "ckpt")
+    H.fit(
+        lambda: H.make_loader("random"),
+        str(tmp_path),
+        callbacks=[H.epoch_end_checkpoint(ckpt_dir, fmt)],
+        max_steps=4,
+        fmt=fmt,
+    )
+    _, rest = H.fit_model(
+        lambda: H.make_loader("random"),
+        str(tmp_path),
+        ckpt_path=H.ckpt_for_step(ckpt_dir, 4, fmt),
+        max_steps=8,
+        fmt=fmt,
+    )
+    assert rest.seen == full.seen[4:8]
+    assert rest.losses == pytest.approx(full.losses[4:8], rel=1e-6, abs=0)
 
 
 @pytest.mark.parametrize("kind", ["random", "pool"])
@@ -290,6 +322,20 @@ def test_lightning_resume_survives_estimated_stepping_batches(uninterrupted, tmp
     with pytest.warns(UserWarning, match="#20550"):
         trainer.fit(model, train_dataloaders=H.make_loader("random"), ckpt_path=H.ckpt_for_step(ckpt_dir, 3))
     assert model.seen == full_model.seen[3:]
+
+
+def test_estimated_stepping_batches_with_a_checkpoint_of_an_epoch_cut_short_warns(tmp_path):
+    """Lightning built the loader before restoring (#20550), so nothing runs between its restore
+    and its restart to give it the cut-short epoch back: the skipped samples are reported."""
+    trainer, _ = H.fit(lambda: H.make_loader("random"), str(tmp_path), max_epochs=2, max_steps=4)
+    path = str(tmp_path / "after_fit.ckpt")
+    trainer.save_checkpoint(path)
+    model = _EstimatingModel()
+    with pytest.warns(UserWarning, match="rest of epoch 0 is skipped"):
+        H.make_trainer(str(tmp_path), max_epochs=2).fit(
+            model, train_dataloaders=H.make_loader("random"), ckpt_path=path
+        )
+    assert len(model.seen) == 6  # epoch 1 only
 
 
 class _PredictingModel(H.RecordingModel):
@@ -510,15 +556,15 @@ def test_resume_from_the_default_end_of_epoch_checkpoint(tmp_path, kind):
 
 
 def test_save_checkpoint_after_fit_continues_the_pool_bag(tmp_path):
-    """After ``fit`` with the endless PoolSampler: Lightning starts a new epoch, the bag goes on
-    (not from draw 0)."""
+    """After ``fit`` stopped mid-epoch with the endless PoolSampler: the resumed run finishes
+    Lightning's epoch and the bag goes on (not from draw 0), exactly as without the stop."""
     _, full = H.fit(lambda: H.make_loader("pool"), str(tmp_path), max_epochs=2)
     trainer, part = H.fit(lambda: H.make_loader("pool"), str(tmp_path), max_epochs=2, max_steps=4)
     assert part == full[:4]
     path = str(tmp_path / "after_fit.ckpt")
     trainer.save_checkpoint(path)
     _, rest = H.fit(lambda: H.make_loader("pool"), str(tmp_path), ckpt_path=path, max_epochs=2)
-    assert rest == full[4 : 4 + len(rest)] and len(rest) == len(full) // 2
+    assert rest == full[4:]
 
 
 def test_resume_mid_epoch_on_more_ranks_fails_loudly_instead_of_skipping(tmp_path):

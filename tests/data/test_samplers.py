@@ -360,6 +360,31 @@ def test_replicas_are_read_from_torch_distributed_when_iteration_starts(monkeypa
     assert list(s) == list(RandomSampler(10, seed=4, num_replicas=2, rank=1))
 
 
+def test_set_replicas_gives_the_data_parallel_shard_and_explicit_arguments_win(monkeypatch):
+    """Tensor parallelism: 4 processes, 2 data-parallel ranks; global rank 3 is data-parallel rank 1."""
+    import lightning_utils.data.samplers.rank as rank_mod
+
+    monkeypatch.setattr(rank_mod.dist, "is_available", lambda: True)
+    monkeypatch.setattr(rank_mod.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(rank_mod.dist, "get_world_size", lambda: 4)
+    monkeypatch.setattr(rank_mod.dist, "get_rank", lambda: 3)
+    s = RandomSampler(10, seed=4)
+    assert (s.num_replicas, s.rank, len(s)) == (4, 3, 3)  # the process group's view
+    s.set_replicas(2, 1)
+    assert (s.num_replicas, s.rank, len(s)) == (2, 1, 5)
+    assert list(s) == list(RandomSampler(10, seed=4, num_replicas=2, rank=1))
+    assert s.state_dict()["num_replicas"] == 2
+    s.set_replicas(None, None)
+    assert (s.num_replicas, s.rank) == (4, 3)
+    explicit = OrderedSampler(10, num_replicas=5, rank=0)
+    explicit.set_replicas(2, 1)
+    assert (explicit.num_replicas, explicit.rank) == (5, 0)  # the constructor's arguments win
+    with pytest.raises(ValueError, match="rank must be < num_replicas"):
+        s.set_replicas(2, 2)
+    with pytest.raises(ValueError, match="needs both"):
+        s.set_replicas(2, None)
+
+
 def test_bad_replica_arguments():
     with pytest.raises(ValueError, match="num_replicas"):
         OrderedSampler(4, num_replicas=0)

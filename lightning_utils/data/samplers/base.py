@@ -21,6 +21,12 @@ only through its user-facing API (``state_dict``, ``load_state_dict``, ``set_epo
 - :meth:`~ResumableSampler.state_at`: the state of a sampler standing at a bookmark
   (``state_dict()`` is ``state_at(bookmark())``).
 
+The shard: rank ``r`` of ``R`` is the *data-parallel* rank and size. They come from the
+constructor, else from :meth:`ResumableSampler.set_replicas` (how a training framework that
+knows its data-parallel split, e.g. Lightning's ``trainer.distributed_sampler_kwargs`` through
+``ResumableDataLoader``, passes it in), else from ``torch.distributed`` (world size and global
+rank), read when a pass starts.
+
 Lightning compatibility: :class:`ResumableSampler` subclasses ``DistributedSampler`` so that
 ``Trainer(use_distributed_sampler=True)`` (the default) leaves it in place instead of wrapping
 it in ``DistributedSamplerWrapper``, which would hide its state. It never calls
@@ -126,6 +132,7 @@ class ResumableSampler(DistributedSampler):
         self._requested_epoch: int | None = None
         self._token = object()  # identifies the pass allowed to advance ``_position``
         self._last_num_replicas: int | None = None
+        self._replicas_default: tuple[int, int] | None = None  # see set_replicas
 
     def _keyed_permutation(self, n: int, epoch: int) -> KeyedPermutation:
         """The keyed permutation of ``range(n)`` for ``epoch``, cached until another one is asked for."""
@@ -165,11 +172,11 @@ class ResumableSampler(DistributedSampler):
     # -- DistributedSampler-compatible attributes -------------------------------------------
     @property
     def num_replicas(self) -> int:  # type: ignore[override]
-        return resolve_replicas(self._num_replicas_arg, self._rank_arg)[0]
+        return self._replicas()[0]
 
     @property
     def rank(self) -> int:  # type: ignore[override]
-        return resolve_replicas(self._num_replicas_arg, self._rank_arg)[1]
+        return self._replicas()[1]
 
     @property
     def epoch(self) -> int:  # type: ignore[override]
@@ -198,6 +205,29 @@ class ResumableSampler(DistributedSampler):
     @property
     def dataset(self) -> None:  # type: ignore[override]
         return None
+
+    # -- the shard --------------------------------------------------------------------------------
+    def set_replicas(self, num_replicas: int | None, rank: int | None) -> None:
+        """Serve shard ``rank`` of ``num_replicas``, unless the constructor was given them.
+
+        The data-parallel size and rank, for runs where they differ from the process group's
+        world size and rank (tensor parallelism: the ranks of one tensor-parallel group must see
+        the same samples). :class:`~lightning_utils.data.loader.ResumableDataLoader` sets them
+        from the trainer that iterates it (``trainer.distributed_sampler_kwargs``); in a plain
+        ``DataLoader``, pass ``num_replicas``/``rank`` or call this. ``None, None`` goes back to
+        reading ``torch.distributed``. Takes effect at the next pass (and for ``len()``).
+        """
+        if num_replicas is None and rank is None:
+            self._replicas_default = None
+            return
+        if num_replicas is None or rank is None:
+            raise ValueError(f"set_replicas needs both num_replicas and rank, got {num_replicas!r}, {rank!r}")
+        check_replica_args(num_replicas, rank)
+        self._replicas_default = (operator.index(num_replicas), operator.index(rank))
+
+    def _replicas(self) -> tuple[int, int]:
+        """``(num_replicas, rank)``: the constructor's, else :meth:`set_replicas`', else torch.distributed's."""
+        return resolve_replicas(self._num_replicas_arg, self._rank_arg, self._replicas_default)
 
     # -- epochs and passes --------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -256,7 +286,7 @@ class ResumableSampler(DistributedSampler):
         It starts at :meth:`Bookmark.effective` of :meth:`bookmark`, or at the beginning of the
         next epoch if that epoch has no units left for this shard.
         """
-        num_replicas, rank = resolve_replicas(self._num_replicas_arg, self._rank_arg)
+        num_replicas, rank = self._replicas()
         here = self.bookmark()
         epoch, start = here.effective()
         epoch_arg = here.epoch_arg_in_force()

@@ -117,7 +117,10 @@ class BatchedOrderedSampler(ResumableSampler):
         seed: selects the shuffles; ``None`` uses Lightning's ``PL_GLOBAL_SEED`` if set, else 0.
         cost: ``"padded"`` (default) = longest duration in the batch x batch size, the cost of a
             padded batch; ``"sum"`` = total duration, the cost of a packed batch.
-        num_replicas, rank: the shard; ``None`` reads ``torch.distributed`` when iteration starts.
+        num_replicas, rank: the shard; ``None``: the data-parallel ones given to
+            :meth:`~lightning_utils.data.samplers.ResumableSampler.set_replicas` (a
+            ``ResumableDataLoader`` gives its trainer's), else ``torch.distributed``'s, read
+            when iteration starts.
     """
 
     _STATE_NAME: ClassVar[str] = "BatchedOrderedSampler"

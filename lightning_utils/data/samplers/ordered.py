@@ -33,7 +33,10 @@ class OrderedSampler(ResumableSampler):
 
     Args:
         length: number of items, or a sized dataset.
-        num_replicas, rank: the shard; ``None`` reads ``torch.distributed`` when iteration starts.
+        num_replicas, rank: the shard; ``None``: the data-parallel ones given to
+            :meth:`~lightning_utils.data.samplers.ResumableSampler.set_replicas` (a
+            ``ResumableDataLoader`` gives its trainer's), else ``torch.distributed``'s, read
+            when iteration starts.
         drop_last: with several ranks, drop the tail that does not divide evenly instead of
             padding it with indices from the start (``DistributedSampler`` semantics).
     """

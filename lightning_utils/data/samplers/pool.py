@@ -16,7 +16,6 @@ import torch
 
 from lightning_utils.data.samplers.base import ResumableSampler
 from lightning_utils.data.samplers.permutation import KeyedPermutation
-from lightning_utils.data.samplers.rank import resolve_replicas
 
 __all__ = ["PoolSampler"]
 
@@ -33,7 +32,10 @@ class PoolSampler(ResumableSampler):
         pool: the values (or just something sized: only its length is used unless ``keep_all``).
         keep_all: yield ``pool[i]`` instead of the index ``i``.
         seed: selects the permutations; ``None`` uses Lightning's ``PL_GLOBAL_SEED`` if set, else 0.
-        num_replicas, rank: the shard; ``None`` reads ``torch.distributed`` when iteration starts.
+        num_replicas, rank: the shard; ``None``: the data-parallel ones given to
+            :meth:`~lightning_utils.data.samplers.ResumableSampler.set_replicas` (a
+            ``ResumableDataLoader`` gives its trainer's), else ``torch.distributed``'s, read
+            when iteration starts.
 
     ``len()`` is the pool size (divided among ranks): one Lightning epoch empties one bag.
     Iteration never ends on its own; ``set_epoch`` is accepted and ignored, because the bag's
@@ -110,7 +112,7 @@ class PoolSampler(ResumableSampler):
         """Draw one item for this rank; ``pool`` maps the drawn index into another sequence."""
         if self.length == 0:
             raise IndexError("PoolSampler.sample: the pool is empty")
-        num_replicas, rank = resolve_replicas(self._num_replicas_arg, self._rank_arg)
+        num_replicas, rank = self._replicas()
         draw = self._position + rank
         index = self._bag(draw // self.length)[draw % self.length]
         self._position += num_replicas

@@ -26,7 +26,10 @@ class RandomSampler(ResumableSampler):
     Args:
         length: number of items, or a sized dataset.
         seed: selects the permutations; the same seed gives the same order in every run.
-        num_replicas, rank: the shard; ``None`` reads ``torch.distributed`` when iteration starts.
+        num_replicas, rank: the shard; ``None``: the data-parallel ones given to
+            :meth:`~lightning_utils.data.samplers.ResumableSampler.set_replicas` (a
+            ``ResumableDataLoader`` gives its trainer's), else ``torch.distributed``'s, read
+            when iteration starts.
         drop_last: with several ranks, drop the uneven tail instead of padding it with indices
             from the start of the epoch's permutation (``DistributedSampler`` semantics).
     """

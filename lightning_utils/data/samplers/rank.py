@@ -3,7 +3,12 @@
 In a Lightning DDP script the DataLoader (and its sampler) is often built before the process
 group exists, so a sampler built with ``num_replicas=None`` / ``rank=None`` must not read
 ``torch.distributed`` at construction. :func:`resolve_replicas` is called at the start of every
-pass instead. This module must never initialise a process group or cache a world size.
+pass instead. With tensor (or any model) parallelism the shard is the *data-parallel* rank of
+the data-parallel size, not the global rank: the ranks of one tensor-parallel group must see the
+same samples. Only the training framework knows that split (Lightning's
+``trainer.distributed_sampler_kwargs``), so it comes in as ``default``
+(``ResumableSampler.set_replicas``). This module must never initialise a process group or cache
+a world size.
 """
 
 from __future__ import annotations
@@ -30,10 +35,15 @@ def check_replica_args(num_replicas: int | None, rank: int | None) -> tuple[int 
     return num_replicas, rank
 
 
-def resolve_replicas(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
-    """Fill in missing ``num_replicas`` / ``rank`` from an initialised process group, else ``(1, 0)``."""
+def resolve_replicas(
+    num_replicas: int | None, rank: int | None, default: tuple[int, int] | None = None
+) -> tuple[int, int]:
+    """Fill in missing ``num_replicas`` / ``rank`` from ``default`` (the data-parallel size and
+    rank someone who knows them set), else from an initialised process group, else ``(1, 0)``."""
     if num_replicas is None or rank is None:
-        if dist.is_available() and dist.is_initialized():
+        if default is not None:
+            world, me = default
+        elif dist.is_available() and dist.is_initialized():
             world, me = dist.get_world_size(), dist.get_rank()
         else:
             world, me = 1, 0

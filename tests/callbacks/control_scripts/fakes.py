@@ -58,12 +58,24 @@ class FakeTrainer:
         self.lr_scheduler_configs: list[Any] = []
         self.precision_plugin = SimpleNamespace()
         self.precision = "32-true"
-        self.strategy = SimpleNamespace(broadcast=lambda obj, src=0: obj, checkpoint_io=None)
+        self.strategy = SimpleNamespace(
+            broadcast=lambda obj, src=0: obj,
+            reduce_boolean_decision=lambda decision, all=True: decision,
+            save_checkpoint=self._write,
+            checkpoint_io=None,
+        )
+        # what TrainingControl's save builds the checkpoint with (Lightning's checkpoint connector)
+        self._checkpoint_connector = SimpleNamespace(dump_checkpoint=lambda weights_only=None: {})
+        self.checkpoint_callbacks: list[Any] = []
+        self.callback_metrics: dict[str, Any] = {}
         self.saved_paths: list[Path] = []
 
-    def save_checkpoint(self, path, weights_only=None, storage_options=None):
+    def _write(self, checkpoint, path, storage_options=None):
         self.trace.append(("save", self.global_step))
         self.saved_paths.append(Path(path))
+
+    def save_checkpoint(self, path, weights_only=None, storage_options=None):
+        self._write({}, path)
 
 
 class RecordingExporter:

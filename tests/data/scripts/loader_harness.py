@@ -38,19 +38,26 @@ class IndexDataset(Dataset):
 
 
 class RecordingModel(L.LightningModule):
-    """Records every batch of indices it is trained on, in order."""
+    """Records every batch of indices it is trained on, in order, and every loss; the same
+    initial weights in every run, so that two runs' losses can be compared."""
 
     def __init__(self) -> None:
         super().__init__()
         self.layer = torch.nn.Linear(1, 1)
+        with torch.no_grad():
+            self.layer.weight.fill_(0.5)
+            self.layer.bias.fill_(0.1)
         self.seen: list[list[int]] = []
+        self.losses: list[float] = []
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         self.seen.append(batch.tolist())
-        return self.layer(batch.float().view(-1, 1)).pow(2).mean()
+        loss = self.layer(batch.float().view(-1, 1) / 10).pow(2).mean()
+        self.losses.append(float(loss.detach()))
+        return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=1e-3)
+        return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
 class NoLenRandomSampler(RandomSampler):
@@ -126,22 +133,38 @@ def make_trainer(
 
 
 def fit(loader_factory: Callable[[], ResumableDataLoader], root: str, ckpt_path: str | None = None, **trainer_kw: Any):
+    trainer, model = fit_model(loader_factory, root, ckpt_path, **trainer_kw)
+    return trainer, model.seen
+
+
+def fit_model(
+    loader_factory: Callable[[], ResumableDataLoader], root: str, ckpt_path: str | None = None, **trainer_kw: Any
+) -> tuple[L.Trainer, RecordingModel]:
+    """:func:`fit`, returning the model (its ``seen`` indices and ``losses``)."""
     model = RecordingModel()
     trainer = make_trainer(root, **trainer_kw)
     trainer.fit(model, train_dataloaders=loader_factory(), ckpt_path=ckpt_path)
-    return trainer, model.seen
+    return trainer, model
+
+
+def _checkpoint_class(fmt: str) -> type[L.pytorch.callbacks.ModelCheckpoint]:
+    if fmt == "sft":
+        from lightning_utils.callbacks.safetensors_model_checkpoint import SafetensorsModelCheckpoint
+
+        return SafetensorsModelCheckpoint
+    return L.pytorch.callbacks.ModelCheckpoint
 
 
 def every_n_steps_checkpoint(dirpath: str, n: int, fmt: str = "ckpt") -> L.pytorch.callbacks.ModelCheckpoint:
     """A checkpoint every ``n`` training steps, named ``step=<k>.<fmt>``."""
-    checkpoint_class = L.pytorch.callbacks.ModelCheckpoint
-    if fmt == "sft":
-        from lightning_utils.callbacks.safetensors_model_checkpoint import SafetensorsModelCheckpoint
-
-        checkpoint_class = SafetensorsModelCheckpoint
-    return checkpoint_class(
+    return _checkpoint_class(fmt)(
         dirpath=dirpath, every_n_train_steps=n, save_top_k=-1, filename="{step}", save_on_train_epoch_end=False
     )
+
+
+def epoch_end_checkpoint(dirpath: str, fmt: str = "ckpt") -> L.pytorch.callbacks.ModelCheckpoint:
+    """ModelCheckpoint's default trigger (no validation): a checkpoint at every ``on_train_epoch_end``."""
+    return _checkpoint_class(fmt)(dirpath=dirpath, save_top_k=-1, filename="{step}")
 
 
 def load_checkpoint_file(path: str) -> dict:
