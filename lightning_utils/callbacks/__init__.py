@@ -18,6 +18,7 @@ _LAZY = {
     "ExportWeights": "lightning_utils.callbacks.export_weights",
     "MetricsPrinter": "lightning_utils.callbacks.metrics_printer",
     "RNGStateCheckpoint": "lightning_utils.callbacks.rng_state_checkpoint",
+    "ControlError": "lightning_utils.callbacks.training_control",
 }
 
 __all__ = list(_LAZY)

@@ -324,6 +324,14 @@ class TrainingControl(Callback):
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self.teardown(trainer, pl_module, "fit")
 
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # A run that saves .sft checkpoints must fail now, not at its first save, when its state
+        # holds something a .sft cannot store (every rank checks the same state and raises alike).
+        if self._extension(trainer) == ".sft":
+            from lightning_utils.plugins import check_checkpoint_storable
+
+            check_checkpoint_storable(trainer, type(self).__name__)
+
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._install_signal()
         step = trainer.global_step

@@ -63,6 +63,19 @@ def test_an_unstorable_hparam_fails_before_the_first_step_naming_the_key(tmp_pat
     assert "SafetensorsModelCheckpoint" in str(info.value)
 
 
+def test_training_control_saving_sft_fails_before_the_first_step_too(tmp_path):
+    from lightning_utils.callbacks import TrainingControl
+
+    model = HparamsModule(extra={"loss": torch.nn.MSELoss()})
+    control = TrainingControl(source=None, save_every_n_steps=2)
+    with pytest.raises(TypeError, match=r"checkpoint\['hyper_parameters'\]\['extra'\]\['loss'\]") as info:
+        _fit(tmp_path, model, [control], plugins=[SafetensorsCheckpointIO()])
+    assert model.steps == 0 and not list(tmp_path.rglob("*.sft"))
+    assert "TrainingControl" in str(info.value)
+    # the same run saving .ckpt is not checked: torch.save stores the object
+    _fit(tmp_path / "ckpt", HparamsModule(extra={"loss": torch.nn.MSELoss()}), [TrainingControl(source=None)])
+
+
 def test_an_unstorable_callback_state_fails_before_the_first_step(tmp_path):
     model = HparamsModule()
     with pytest.raises(TypeError, match=r"checkpoint\['callbacks'\]\['ObjectState'\]\['handle'\]"):
