@@ -28,6 +28,7 @@ or on local disk, and never leave a partial object under the final name.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import posixpath
 import re
@@ -42,7 +43,7 @@ from lightning_utils.io.errors import CheckpointWriteError
 
 PART_SIZE = 16 << 20  # S3 needs at least 5 MiB per part but the last
 PARALLEL_PARTS = 4  # parts uploading at once; memory is (PARALLEL_PARTS + 1) part buffers
-READ_CHUNK = 8 << 20  # bytes per ranged read
+READ_CHUNK = 4 << 20  # bytes per ranged read (the client holds about two copies of each in flight)
 READ_PARALLEL = 8  # ranged reads in flight
 _PARTS_PER_SIZE = 1000  # the part size doubles every this many parts (S3 allows 10,000)
 TEMP_PREFIX = ".lu-tmp-"  # as local staged files (lightning_utils.io.atomic)
@@ -116,11 +117,44 @@ class Upload:
         """Throw away what was sent; never raises. Returns a note when the clean-up itself failed."""
         raise NotImplementedError
 
-    def _failed(self, what: str, exc: BaseException) -> CheckpointWriteError:
+    def _failed(self, exc: BaseException) -> CheckpointWriteError:
         return CheckpointWriteError(
-            self.url,
-            f"{what} failed ({type(exc).__name__}: {exc}); nothing partial was written under this name",
+            self.url, f"the upload failed ({type(exc).__name__}: {exc}); nothing partial was written under this name"
         )
+
+
+class _PartReader(io.RawIOBase):
+    """A part buffer as a seekable file: botocore reads it in small chunks (checksumming as it
+    goes, and rewinding to retry) instead of copying the whole buffer, as it does with a bytes-like
+    body."""
+
+    def __init__(self, buf: bytearray, length: int) -> None:
+        super().__init__()
+        self._view = memoryview(buf)[:length]
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        n = min(len(b), len(self._view) - self._pos)
+        memoryview(b).cast("B")[:n] = self._view[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, min(len(self._view), base + offset))
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def __len__(self) -> int:
+        return len(self._view)
 
 
 class _S3MultipartUpload(Upload):
@@ -156,7 +190,7 @@ class _S3MultipartUpload(Upload):
         except CheckpointWriteError:
             raise
         except Exception as exc:
-            raise self._failed("uploading a part", exc) from exc
+            raise self._failed(exc) from exc
         self.written += total
         return total
 
@@ -169,8 +203,7 @@ class _S3MultipartUpload(Upload):
             self._pool = ThreadPoolExecutor(self._parallel, thread_name_prefix="lightning-utils-upload")
         assert self._pool is not None
         number = len(self._parts) + len(self._inflight) + 1
-        body = self._buf if self._fill == len(self._buf) else self._buf[: self._fill]  # only the last is short
-        self._inflight.append(self._pool.submit(self._upload_part, number, body))
+        self._inflight.append(self._pool.submit(self._upload_part, number, self._buf, self._fill))
         while len(self._inflight) > self._parallel:  # buffers: `parallel` in flight + the one filling
             self._finish_oldest()
         self._buf, self._fill = (bytearray() if last else self._next_buffer(self._size_of_part(number + 1))), 0
@@ -182,16 +215,16 @@ class _S3MultipartUpload(Upload):
                 return buf
         return bytearray(size)
 
-    def _upload_part(self, number: int, body: bytearray) -> tuple[dict[str, Any], bytearray]:
-        out = self._call("upload_part", UploadId=self._upload_id, PartNumber=number, Body=body)
+    def _upload_part(self, number: int, buf: bytearray, length: int) -> tuple[dict[str, Any], bytearray]:
+        out = self._call("upload_part", UploadId=self._upload_id, PartNumber=number, Body=_PartReader(buf, length))
         part = {"PartNumber": number, "ETag": out["ETag"]}
         part.update({k: v for k, v in out.items() if k.startswith("Checksum")})
-        return part, body
+        return part, buf
 
     def _finish_oldest(self) -> None:
-        part, body = self._inflight.popleft().result()
+        part, buf = self._inflight.popleft().result()
         self._parts.append(part)
-        self._free.append(body)
+        self._free.append(buf)
 
     def commit(self) -> None:
         try:
@@ -206,7 +239,7 @@ class _S3MultipartUpload(Upload):
                 self._call("complete_multipart_upload", UploadId=self._upload_id, MultipartUpload={"Parts": parts})
                 self._upload_id = None
         except Exception as exc:
-            raise self._failed("uploading", exc) from exc
+            raise self._failed(exc) from exc
         finally:
             self._buf, self._free = bytearray(), []
         self._close_pool()
@@ -250,7 +283,7 @@ class _FileUpload(Upload):
         try:
             n = self._file.write(data)
         except Exception as exc:
-            raise self._failed("uploading", exc) from exc
+            raise self._failed(exc) from exc
         self.written += len(memoryview(data).cast("B"))
         return n
 
@@ -259,7 +292,7 @@ class _FileUpload(Upload):
             self._file.close()
             self._file.commit()
         except Exception as exc:
-            raise self._failed("uploading", exc) from exc
+            raise self._failed(exc) from exc
 
     def abort(self) -> str | None:
         try:
@@ -285,7 +318,7 @@ class _StagedUpload(Upload):
         try:
             n = self._file.write(data)
         except Exception as exc:
-            raise self._failed("writing", exc) from exc
+            raise self._failed(exc) from exc
         self.written += len(memoryview(data).cast("B"))
         return n
 
@@ -294,7 +327,7 @@ class _StagedUpload(Upload):
             self._file.close()
             self._fs.mv(self._tmp, self._path)
         except Exception as exc:
-            raise self._failed("writing", exc) from exc
+            raise self._failed(exc) from exc
 
     def abort(self) -> str | None:
         with contextlib.suppress(Exception):
@@ -311,10 +344,15 @@ def open_upload(
     url: str,
     storage_options: dict[str, Any] | None = None,
     *,
-    part_size: int = PART_SIZE,
-    parallel: int = PARALLEL_PARTS,
+    part_size: int | None = None,
+    parallel: int | None = None,
 ) -> Upload:
-    """An :class:`Upload` to ``url`` (S3 multipart, a back end's deferred commit, or stage-and-move)."""
+    """An :class:`Upload` to ``url`` (S3 multipart, a back end's deferred commit, or stage-and-move).
+
+    ``part_size`` and ``parallel`` (S3 only) default to :data:`PART_SIZE` and :data:`PARALLEL_PARTS`.
+    """
+    part_size = PART_SIZE if part_size is None else part_size
+    parallel = PARALLEL_PARTS if parallel is None else parallel
     fs, path = filesystem(url, storage_options)
     if not _is_object_store(fs) and fs.isdir(path):
         raise IsADirectoryError(f"{url}: is a directory, cannot write a checkpoint file there")
@@ -375,8 +413,8 @@ def read_into(
     pieces: Sequence[tuple[int, memoryview]],
     storage_options: dict[str, Any] | None = None,
     *,
-    chunk: int = READ_CHUNK,
-    parallel: int = READ_PARALLEL,
+    chunk: int | None = None,
+    parallel: int | None = None,
 ) -> None:
     """Fill each buffer of ``pieces`` (``(offset in the object, writable byte buffer)``) from the object.
 
@@ -384,6 +422,8 @@ def read_into(
     ``parallel`` chunks. A short read (the object is shorter than the caller expects) raises
     ``EOFError`` naming the URL.
     """
+    chunk = READ_CHUNK if chunk is None else chunk
+    parallel = READ_PARALLEL if parallel is None else parallel
     fs, path = filesystem(url, storage_options)
     jobs = [
         (offset + start, buf[start : start + chunk])

@@ -215,7 +215,11 @@ def parse_header(raw: bytes, size: int, path: str) -> Header:
             raise _fail(path, f"entry {name!r} has invalid data_offsets {offsets!r}")
         begin, end = offsets
         if not 0 <= begin <= end <= data_len:
-            raise _fail(path, f"entry {name!r} data_offsets {offsets} fall outside the {data_len}-byte data buffer")
+            raise _fail(
+                path,
+                f"entry {name!r} data_offsets {offsets} fall outside the {data_len}-byte data buffer "
+                "(truncated, or a corrupted header)",
+            )
         dtype = DTYPE_FROM_NAME[dtype_name]
         itemsize = torch.empty((), dtype=dtype).element_size()
         if math.prod(shape) * itemsize != end - begin:
