@@ -391,6 +391,7 @@ def atomic_upload(url: str, storage_options: dict[str, Any] | None = None, **opt
 def size(url: str, storage_options: dict[str, Any] | None = None) -> int:
     """The object's size in bytes; ``FileNotFoundError`` naming ``url`` if there is none."""
     fs, path = filesystem(url, storage_options)
+    fs.invalidate_cache(path)  # a listing cached earlier may describe an object replaced since
     try:
         info = fs.info(path)
     except FileNotFoundError:

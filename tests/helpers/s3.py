@@ -45,6 +45,7 @@ class S3Server:
         # server right there (that request gets no answer).
         self.stop_on: Callable[[str, str], bool] | None = None
         self.requests: list[tuple[str, str, str | None]] = []  # method, path?query, Range header
+        self.saved_config: Any = None  # fsspec's s3 configuration before the tests replaced it
 
     @property
     def storage_options(self) -> dict[str, Any]:
@@ -133,6 +134,7 @@ class S3Server:
 
 
 _SHARED: S3Server | None = None
+_USERS = 0  # each test module that imports the fixture gets its own (session-scoped) instance of it
 
 
 @pytest.fixture(scope="session", name="s3_server")
@@ -140,21 +142,25 @@ def s3_server_fixture() -> Iterator[S3Server]:
     """The session's S3 server, with fsspec's ``s3`` configuration pointing at it."""
     import fsspec.config
 
-    global _SHARED
+    global _SHARED, _USERS
     if _SHARED is None:
         _SHARED = S3Server()
         _SHARED.start()
-    before = fsspec.config.conf.get("s3")
-    fsspec.config.conf["s3"] = _SHARED.storage_options
+        _SHARED.saved_config = fsspec.config.conf.get("s3")
+        fsspec.config.conf["s3"] = _SHARED.storage_options
+    _USERS += 1
+    server = _SHARED
     try:
-        yield _SHARED
+        yield server
     finally:
-        if before is None:
-            fsspec.config.conf.pop("s3", None)
-        else:
-            fsspec.config.conf["s3"] = before
-        _SHARED.stop()
-        _SHARED = None
+        _USERS -= 1
+        if _USERS == 0:
+            if server.saved_config is None:
+                fsspec.config.conf.pop("s3", None)
+            else:
+                fsspec.config.conf["s3"] = server.saved_config
+            server.stop()
+            _SHARED = None
 
 
 @pytest.fixture(name="s3_bucket")
