@@ -17,8 +17,10 @@ its name only at ``commit``:
 * Anything else (``memory://``, ``sftp://``, ``hdfs://``...): the bytes go to a temporary name
   beside the target (``.lu-tmp-<random>.<name>``), which is then moved over it.
 
-Reads are ``cat_file`` byte ranges, ``READ_PARALLEL`` at a time in chunks of at most
-``READ_CHUNK`` bytes, copied into the caller's buffers.
+Reads fill the caller's buffers with byte ranges, ``READ_PARALLEL`` at a time: on S3 one GET of
+up to ``READ_SPAN`` bytes each, its body streamed into place (s3fs's ``cat_file`` and ``cat_ranges``
+return each range as a new ``bytes`` object, twice its size in transit); elsewhere ``cat_file``
+reads of at most ``READ_CHUNK`` bytes, copied into place.
 
 Back ends are optional extras, imported by fsspec only when a URL needs one; a missing one is an
 ``ImportError`` naming the extra to install. This module must never stage a whole file in RAM
@@ -41,9 +43,10 @@ from typing import Any
 
 from lightning_utils.io.errors import CheckpointWriteError
 
-PART_SIZE = 16 << 20  # S3 needs at least 5 MiB per part but the last
+PART_SIZE = 8 << 20  # S3 needs at least 5 MiB per part but the last
 PARALLEL_PARTS = 4  # parts uploading at once; memory is (PARALLEL_PARTS + 1) part buffers
-READ_CHUNK = 4 << 20  # bytes per ranged read (the client holds about two copies of each in flight)
+READ_SPAN = 64 << 20  # bytes per ranged GET (S3: streamed into place, so memory does not grow with it)
+READ_CHUNK = 4 << 20  # other back ends: bytes per ranged read (about two copies of each are held in flight)
 READ_PARALLEL = 8  # ranged reads in flight
 _PARTS_PER_SIZE = 1000  # the part size doubles every this many parts (S3 allows 10,000)
 TEMP_PREFIX = ".lu-tmp-"  # as local staged files (lightning_utils.io.atomic)
@@ -414,26 +417,37 @@ def read_into(
     pieces: Sequence[tuple[int, memoryview]],
     storage_options: dict[str, Any] | None = None,
     *,
+    span: int | None = None,
     chunk: int | None = None,
     parallel: int | None = None,
 ) -> None:
     """Fill each buffer of ``pieces`` (``(offset in the object, writable byte buffer)``) from the object.
 
-    Ranged reads of at most ``chunk`` bytes, ``parallel`` at a time; extra memory is at most
-    ``parallel`` chunks. A short read (the object is shorter than the caller expects) raises
-    ``EOFError`` naming the URL.
+    The byte ranges are cut into spans of at most ``span`` bytes (contiguous pieces share a span),
+    ``parallel`` spans in flight. S3: one ranged GET per span, its body streamed straight into
+    the buffers, so the extra memory is a few small network chunks per span, whatever the span
+    size. Other back ends: ranged reads of at most ``chunk`` bytes, each copied into place (extra
+    memory about two chunks per span in flight). A short read (the object is shorter than the
+    caller expects) raises ``EOFError`` naming the URL.
     """
+    span = READ_SPAN if span is None else span
     chunk = READ_CHUNK if chunk is None else chunk
     parallel = READ_PARALLEL if parallel is None else parallel
     fs, path = filesystem(url, storage_options)
-    jobs = [
-        (offset + start, buf[start : start + chunk])
-        for offset, buf in pieces
-        for start in range(0, len(buf), chunk)
-        if len(buf)
-    ]
-    if not jobs:
+    spans = _spans(pieces, span)
+    if not spans:
         return
+    if type(fs).__module__.split(".")[0] == "s3fs":
+        from fsspec.asyn import sync
+
+        sync(fs.loop, _s3_read_spans, fs, path, url, spans, parallel)
+        return
+    jobs = [
+        (offset + start, view[start : start + chunk])
+        for segments in spans
+        for offset, view in segments
+        for start in range(0, len(view), chunk)
+    ]
     failed = threading.Event()
 
     def fetch(offset: int, dest: memoryview) -> None:
@@ -442,10 +456,7 @@ def read_into(
         data = fs.cat_file(path, start=offset, end=offset + len(dest))
         if len(data) != len(dest):
             failed.set()
-            raise EOFError(
-                f"{url}: expected {len(dest)} bytes at offset {offset}, got {len(data)} "
-                "(the object is shorter than its header says: truncated, or replaced while being read)"
-            )
+            raise _short_read(url, offset, len(dest), len(data))
         dest[:] = data
 
     with ThreadPoolExecutor(min(parallel, len(jobs)), thread_name_prefix="lightning-utils-read") as pool:
@@ -458,6 +469,83 @@ def read_into(
             for future in futures:
                 future.cancel()
             raise
+
+
+def _short_read(url: str, offset: int, expected: int, got: int) -> EOFError:
+    return EOFError(
+        f"{url}: expected {expected} bytes at offset {offset}, got {got} "
+        "(the object is shorter than its header says: truncated, or replaced while being read)"
+    )
+
+
+def _spans(pieces: Sequence[tuple[int, memoryview]], span: int) -> list[list[tuple[int, memoryview]]]:
+    """``pieces`` cut and grouped into spans: each a list of segments contiguous in the object,
+    ``span`` bytes at most in all."""
+    spans: list[list[tuple[int, memoryview]]] = []
+    current: list[tuple[int, memoryview]] = []
+    filled = end = 0
+    for offset, buf in sorted(pieces, key=lambda p: p[0]):
+        view = buf.cast("B") if buf.format != "B" else buf
+        pos = 0
+        while pos < len(view):
+            if current and (offset + pos != end or filled >= span):
+                spans.append(current)
+                current, filled = [], 0
+            take = min(len(view) - pos, span - filled)
+            current.append((offset + pos, view[pos : pos + take]))
+            pos += take
+            filled += take
+            end = offset + pos
+    if current:
+        spans.append(current)
+    return spans
+
+
+async def _s3_read_spans(
+    fs: Any, path: str, url: str, spans: list[list[tuple[int, memoryview]]], parallel: int
+) -> None:
+    import asyncio
+
+    bucket, key, version = fs.split_path(path)
+    extra = {"VersionId": version} if version else {}
+    gate = asyncio.Semaphore(parallel)
+
+    async def read_span(segments: list[tuple[int, memoryview]]) -> None:
+        start = segments[0][0]
+        end = segments[-1][0] + len(segments[-1][1])
+        async with gate:
+            for attempt in range(3):  # a dropped connection mid-body is retried from the start of the span
+                # s3fs's coroutine form of call_s3: its credentials, retries and extra arguments apply
+                response = await fs._call_s3(
+                    "get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}", **extra
+                )
+                body = response["Body"]
+                try:
+                    for offset, view in segments:
+                        done = 0
+                        while done < len(view):
+                            data = await body.read(min(len(view) - done, 1 << 20))
+                            if not data:
+                                raise _short_read(url, offset, len(view), done)
+                            view[done : done + len(data)] = data
+                            done += len(data)
+                    return
+                except EOFError:
+                    raise
+                except Exception:
+                    if attempt == 2:
+                        raise
+                finally:
+                    body.close()
+
+    tasks = [asyncio.ensure_future(read_span(segments)) for segments in spans]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def open_read(url: str, storage_options: dict[str, Any] | None = None) -> Any:
