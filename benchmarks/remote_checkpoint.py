@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import ctypes
 import gc
+import os
 import socket
 import statistics
 import subprocess
@@ -48,10 +49,9 @@ def start_server() -> tuple[subprocess.Popen, dict]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    log = open(os.environ.get("MOTO_LOG", os.devnull), "w")  # noqa: SIM115 - the server's lifetime
     proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log
     )
     for _ in range(600):
         try:
@@ -67,6 +67,9 @@ def start_server() -> tuple[subprocess.Popen, dict]:
         "secret": "bench",
         "endpoint_url": f"http://127.0.0.1:{port}",
         "client_kwargs": {"region_name": "us-east-1"},
+        # moto assembles a completed multipart upload in Python: on a busy machine that can take
+        # longer than botocore's default 60 s read timeout, and a retried completion then fails
+        "config_kwargs": {"read_timeout": 600},
     }
     return proc, options
 

@@ -175,10 +175,11 @@ def load_state(
                 url, map_location=map_location, weights_only=weights_only, storage_options=storage_options
             )
         return _load_safetensors_remote(url, map_location, storage_options)
+    path = storage.local_path(path)
     _existing_checkpoint(path)
     if fmt == "torch":
         return load_torch(path, map_location=map_location, weights_only=weights_only)
-    return _load_safetensors(os.fspath(path), map_location, use_mmap=mmap)
+    return _load_safetensors(path, map_location, use_mmap=mmap)
 
 
 def _existing_checkpoint(path: str | os.PathLike) -> Format:
@@ -291,7 +292,7 @@ def read_safetensors_header(path: str | os.PathLike, storage_options: dict[str, 
     """The validated header of a safetensors file or object (for inspection tools)."""
     if storage.is_url(path):
         return _remote_header(os.fspath(path), storage_options)
-    with open(path, "rb", buffering=0) as f:
+    with open(storage.local_path(path), "rb", buffering=0) as f:
         return sft.read_header(f, os.fspath(path))
 
 
@@ -306,6 +307,7 @@ def load_structure(
     """
     fmt = checkpoint_format(path)
     if not storage.is_url(path):
+        path = storage.local_path(path)
         _existing_checkpoint(path)
     if fmt == "torch":
         return load_torch(path, map_location="meta", weights_only=weights_only, storage_options=storage_options)

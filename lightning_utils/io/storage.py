@@ -36,9 +36,13 @@ is_url = remote.is_url
 StorageOptions = dict[str, Any] | None
 
 
-def _local(path: str | os.PathLike) -> str:
+def local_path(path: str | os.PathLike) -> str:
+    """A local path as a plain path (``file:///x`` -> ``/x``); leave URLs alone."""
     text = os.fspath(path)
     return text[len("file://") :] if isinstance(text, str) and text.startswith("file://") else text
+
+
+_local = local_path
 
 
 def path_key(path: str | os.PathLike) -> str:

@@ -192,6 +192,8 @@ def test_a_killed_upload_leaves_no_object_and_the_previous_intact(s3_server, s3_
         proc.wait(timeout=30)
     assert load_state(url) == {"version": 1}
     assert storage.listdir(s3_bucket) == ["last.sft"]
+    # its parts are invisible, left in the incomplete upload that a lifecycle rule removes
+    assert len(s3_server.multipart_uploads(s3_bucket.removeprefix("s3://"))) == 1
 
 
 def test_truncated_object_is_a_format_error_naming_the_url(s3_bucket, tmp_path):
@@ -245,6 +247,14 @@ def test_any_fsspec_url_works_memory_included(suffix, monkeypatch):
     assert not storage.exists(url)
 
 
+@pytest.mark.parametrize("suffix", [".sft", ".ckpt"])
+def test_file_urls_are_local_paths(tmp_path, suffix):
+    url = f"file://{tmp_path}/x{suffix}"
+    save_state({"w": torch.ones(2)}, url)
+    assert (tmp_path / f"x{suffix}").is_file()
+    assert torch.equal(load_state(url)["w"], torch.ones(2))
+
+
 @pytest.mark.parametrize(("url", "extra"), [("gs://bucket/x.sft", "gcs"), ("az://container/x.ckpt", "azure")])
 def test_a_missing_back_end_names_the_extra(url, extra, monkeypatch):
     package = {"gcs": "gcsfs", "azure": "adlfs"}[extra]
@@ -265,3 +275,22 @@ def test_local_saves_import_no_back_end():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_part_sizes_double_every_1000_parts_so_any_checkpoint_fits_s3_limits():
+    upload = remote._S3MultipartUpload.__new__(remote._S3MultipartUpload)
+    upload._part_size = remote.PART_SIZE
+    sizes = [upload._size_of_part(n) for n in range(1, 10_001)]
+    assert sizes[0] == sizes[999] == remote.PART_SIZE and sizes[1000] == 2 * remote.PART_SIZE
+    assert sum(sizes) > 5 * 2**40 and max(sizes) <= 5 * 2**30  # S3: 5 TiB objects, 5 GiB parts
+
+
+def test_the_readme_example_runs(s3_bucket):
+    readme = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Checkpoints on object storage", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("```", 1)[0] for b in section.split("```python\n")[1:]]
+    (block,) = [b for b in blocks if "save_state(" in b]
+    namespace: dict = {}
+    exec(compile(block.replace("s3://my-bucket", s3_bucket), "README.md", "exec"), namespace)
+    assert namespace["state"]["step"] == 5
+    assert storage.listdir(f"{s3_bucket}/run1") == ["state.sft"]
