@@ -479,6 +479,18 @@ _IO: tuple[PrivateName, ...] = (
         "typing), not by the private base class",
     ),
     PrivateName(
+        module="lightning.pytorch.callbacks.model_checkpoint",
+        attribute="ModelCheckpoint._find_last_checkpoints",
+        used_by="lightning_utils.callbacks.safetensors_model_checkpoint (through last_checkpoint_urls below)",
+        why="Trainer.fit(ckpt_path='last') asks each ModelCheckpoint for its last files with this "
+        "method; for a dirpath on object storage it returns the listing of fsspec's ls, which drops "
+        "the URL scheme (bucket/run/last.sft), so Lightning then looks for that name on the local "
+        "disk and finds no last checkpoint. SafetensorsModelCheckpoint overrides it to put the "
+        "scheme back",
+        public="Trainer.fit(ckpt_path=...) takes an explicit URL, but 'last' is resolved only "
+        "through this method; ModelCheckpoint has no public hook for listing its files",
+    ),
+    PrivateName(
         module="lightning.pytorch.strategies.fsdp",
         attribute="FSDPStrategy.<instance>._state_dict_type",
         used_by="lightning_utils.plugins.module_loading (through fsdp_state_dict_type below)",
@@ -516,6 +528,19 @@ def load_module_state(cls: type, checkpoint: dict[str, Any], strict: bool | None
 def replace_wrapped_checkpoint_io(wrapper: Any, checkpoint_io: Any) -> None:
     """Make the CheckpointIO ``wrapper`` delegate to ``checkpoint_io`` instead of its current base."""
     wrapper._checkpoint_io = checkpoint_io
+
+
+def last_checkpoint_urls(callback: Any, trainer: Any) -> set[str]:
+    """``ModelCheckpoint._find_last_checkpoints`` with the URL scheme of a remote ``dirpath`` kept."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_utils.io.remote import filesystem, is_url
+
+    found: set[str] = ModelCheckpoint._find_last_checkpoints(callback, trainer)
+    if callback.dirpath is None or not is_url(callback.dirpath):
+        return found
+    fs, _ = filesystem(str(callback.dirpath))
+    return {p if is_url(p) else fs.unstrip_protocol(p) for p in found}
 
 
 def fsdp_state_dict_type(strategy: Any) -> str | None:

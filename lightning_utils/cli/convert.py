@@ -1,6 +1,7 @@
 """``lightning-utils convert SRC DST``: convert a checkpoint between ``.ckpt``/``.pt`` and ``.sft``.
 
-The suffix of each path names its format. Pickle sources are read with ``weights_only=True``
+The suffix of each path names its format; either may be an fsspec URL (``s3://bucket/run/last.sft``).
+Pickle sources are read with ``weights_only=True``
 unless ``--unsafe`` is given (only for files you trust). An existing DST is kept unless
 ``--overwrite``; the write is atomic either way. Exit codes: 0 success, 1 unreadable source or
 an object the destination format cannot hold, 2 bad arguments. It never leaves a partial DST
@@ -10,7 +11,6 @@ and never replaces one without ``--overwrite``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 
@@ -24,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lightning_utils.io import storage
     from lightning_utils.io.errors import CheckpointFormatError, UnsafeCheckpointError
     from lightning_utils.io.state import checkpoint_format, load_state, save_state
 
@@ -34,10 +35,15 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
-    if os.path.exists(args.dst) and not args.overwrite:
+    try:
+        dst_exists = storage.exists(args.dst)
+    except ImportError as exc:  # a URL whose back end is not installed
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
+    if dst_exists and not args.overwrite:
         print(f"{prog}: error: {args.dst} exists; pass --overwrite to replace it", file=sys.stderr)
         return 2
-    if os.path.abspath(args.src) == os.path.abspath(args.dst):
+    if storage.path_key(args.src) == storage.path_key(args.dst):
         print(f"{prog}: error: SRC and DST are the same file", file=sys.stderr)
         return 2
     try:
@@ -45,15 +51,15 @@ def run(args: argparse.Namespace) -> int:
     except UnsafeCheckpointError as exc:
         print(f"{prog}: error: {exc}\n(re-run with --unsafe only if you trust {args.src})", file=sys.stderr)
         return 1
-    except (OSError, CheckpointFormatError) as exc:
+    except (OSError, CheckpointFormatError, ImportError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     try:
         save_state(obj, args.dst)
-    except (TypeError, ValueError, RuntimeError, OSError) as exc:
+    except (TypeError, ValueError, RuntimeError, OSError, ImportError) as exc:
         # TypeError: a value .sft cannot hold; RuntimeError: what torch.save refuses (e.g. one
         # storage viewed as two dtypes); OSError: the destination cannot be written.
         print(f"{prog}: error: cannot write {args.dst}: {exc}", file=sys.stderr)
         return 1
-    print(f"wrote {args.dst} ({os.path.getsize(args.dst)} bytes) from {args.src}")
+    print(f"wrote {args.dst} ({storage.file_size(args.dst)} bytes) from {args.src}")
     return 0

@@ -1,9 +1,10 @@
 """``lightning-utils inspect PATH``: print a checkpoint's tree with tensor shapes, dtypes and sizes.
 
-Works for ``.sft`` (reads only the header: instant on any size) and ``.ckpt``/``.pt`` (loaded onto
-the meta device, so no tensor data is copied). Pickle files are opened with ``weights_only=True``
-unless ``--unsafe`` is given. Exit codes: 0 success, 1 unreadable or missing file, 2 bad
-arguments (a negative ``--depth`` or ``--max-items``). This command never writes anything.
+Works for ``.sft`` (reads only the header: instant on any size, also from an fsspec URL such as
+``s3://bucket/run/last.sft``) and ``.ckpt``/``.pt`` (loaded onto the meta device, so no tensor data
+is copied). Pickle files are opened with ``weights_only=True`` unless ``--unsafe`` is given. Exit
+codes: 0 success, 1 unreadable or missing file, 2 bad arguments (a negative ``--depth`` or
+``--max-items``). This command never writes anything.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("path", help="a .sft/.safetensors or .ckpt/.pt/.pth/.bin file")
+    parser.add_argument("path", help="a .sft/.safetensors or .ckpt/.pt/.pth/.bin file, or an fsspec URL (s3://...)")
     parser.add_argument("--depth", type=int, default=None, help="show at most this many levels")
     parser.add_argument(
         "--max-items", type=int, default=50, help="show at most this many children per container (default 50)"
@@ -111,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     except UnsafeCheckpointError as exc:
         print(f"{prog}: error: {exc}\n(re-run with --unsafe only if you trust {args.path})", file=sys.stderr)
         return 1
-    except (FileNotFoundError, CheckpointFormatError, ValueError) as exc:
+    except (FileNotFoundError, CheckpointFormatError, ValueError, ImportError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     count, total = _tensor_bytes(obj)

@@ -4,15 +4,17 @@
 >>> save_state(checkpoint, "run/last.sft")      # whole state, one file, no pickle
 >>> checkpoint = load_state("run/last.sft")     # the same object torch.load of a .pt gives
 
-In a Trainer: ``Trainer(plugins=[lightning_utils.plugins.SafetensorsCheckpointIO()])``. Writes
-are atomic and durable; damaged files raise :class:`CheckpointFormatError`; nothing here ever
-unpickles a ``.sft``. This package is torch only: it must never import ``lightning``.
+In a Trainer: ``Trainer(plugins=[lightning_utils.plugins.SafetensorsCheckpointIO()])``. Paths
+may be fsspec URLs (``s3://``, ``gs://``, ``az://``...; :mod:`lightning_utils.io.storage`). Writes
+are atomic (and durable, locally); damaged files raise :class:`CheckpointFormatError`, a save
+with no room :class:`DiskFullError`, a failed upload :class:`CheckpointWriteError`; nothing here
+ever unpickles a ``.sft``. This package is torch only: it must never import ``lightning``.
 """
 
 from typing import Any
 
 from lightning_utils.io.atomic import atomic_write
-from lightning_utils.io.errors import CheckpointFormatError, UnsafeCheckpointError
+from lightning_utils.io.errors import CheckpointFormatError, CheckpointWriteError, DiskFullError, UnsafeCheckpointError
 from lightning_utils.io.jsonio import json_dumps, json_read, json_write
 from lightning_utils.io.skeleton import check_storable
 from lightning_utils.io.state import (
@@ -28,6 +30,8 @@ __all__ = [
     "SAFETENSORS_SUFFIXES",
     "TORCH_SUFFIXES",
     "CheckpointFormatError",
+    "CheckpointWriteError",
+    "DiskFullError",
     "UnsafeCheckpointError",
     "atomic_write",
     "check_storable",

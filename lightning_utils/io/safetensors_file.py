@@ -5,13 +5,15 @@ length ``N``, ``N`` bytes of JSON header (``{"__metadata__": {str: str}, name: {
 "shape", "data_offsets": [begin, end]}}``, padded with spaces), then the data buffer. Files
 written here are read by ``safetensors.safe_open``/``load_file`` and vice versa.
 
-Why our own code rather than ``safetensors.torch.save_file``: we write each tensor straight from
-its memory into the file (no serialised copy of the checkpoint in RAM), inside
-:func:`~lightning_utils.io.atomic.atomic_write`, and we read each entry with one ``readinto`` into
-its own tensor. The reader validates the header completely *before* allocating anything, so a
-garbage, truncated or lying file raises :class:`CheckpointFormatError` and never makes a huge
-allocation. Loaded tensors can be copy-on-write views of a memory map of the file, so loading
-costs no copy; writers must therefore replace files by rename (as ours do), never truncate them. This module never unpickles and never executes anything from a file.
+Why our own code rather than ``safetensors.torch.save_file``: we lay the file out first (so its
+size is known before a byte is written) and then write each tensor straight from its memory into
+the file or upload stream (no serialised copy of the checkpoint in RAM), inside an atomic writer,
+and we read each entry with one ``readinto`` (or ranged reads, for object storage) into its own
+tensor. The reader validates the header completely *before* allocating anything, so a garbage,
+truncated or lying file raises :class:`CheckpointFormatError` and never makes a huge allocation.
+Loaded tensors can be copy-on-write views of a memory map of the file, so loading costs no copy;
+writers must therefore replace files by rename (as ours do), never truncate them. This module
+never unpickles, never executes anything from a file and never opens a file itself.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from lightning_utils.io.atomic import write_all
 from lightning_utils.io.errors import CheckpointFormatError
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library refuses larger headers too
+_STREAM_CHUNK = 64 << 20  # bytes handed to a non-file writer per call (it copies what it buffers)
 _INT64_LIMIT = 2**63
 METADATA_KEY = "__metadata__"
 
@@ -76,8 +79,17 @@ def _bytes_view(t: torch.Tensor) -> memoryview:
     return flat.numpy().data.cast("B")
 
 
-def write_file(f: BinaryIO, tensors: Sequence[tuple[str, torch.Tensor]], metadata: dict[str, str] | None) -> None:
-    """Write a safetensors file to the binary file object ``f``.
+@dataclass(frozen=True)
+class FilePlan:
+    """A safetensors file laid out before any byte is written: its size is known up front."""
+
+    prefix: bytes  # the 8-byte header length and the padded header
+    tensors: list[torch.Tensor]  # in data-buffer order
+    size: int  # the whole file's size in bytes
+
+
+def plan_file(tensors: Sequence[tuple[str, torch.Tensor]], metadata: dict[str, str] | None) -> FilePlan:
+    """Check ``tensors`` and lay them out (header, data order, size) without writing anything.
 
     ``tensors`` are contiguous CPU tensors with unique names; they are laid out by decreasing
     element size so that every entry is aligned to its dtype.
@@ -107,14 +119,35 @@ def write_file(f: BinaryIO, tensors: Sequence[tuple[str, torch.Tensor]], metadat
     raw += b" " * (-(8 + len(raw)) % 8)  # pad so the data buffer starts 8-byte aligned
     if len(raw) > MAX_HEADER_BYTES:
         raise ValueError(f"safetensors header would be {len(raw)} bytes, over the {MAX_HEADER_BYTES}-byte limit")
-    f.write(struct.pack("<Q", len(raw)))
-    f.write(raw)
+    return FilePlan(struct.pack("<Q", len(raw)) + raw, [tensors[i][1] for i in order], 8 + len(raw) + offset)
+
+
+def write_plan(f: BinaryIO, plan: FilePlan) -> None:
+    """Write the planned file to ``f``: each tensor straight from its memory, no serialised copy.
+
+    A real file (one with a ``fileno``) gets ``os.write`` calls on its descriptor; any other
+    binary writer (an upload stream) gets ``write`` calls of at most 64 MiB each.
+    """
+    f.write(plan.prefix)
     f.flush()
-    fd = f.fileno()
-    for i in order:
-        t = tensors[i][1]
-        if t.numel():
-            write_all(fd, _bytes_view(t))
+    try:
+        fd: int | None = f.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        fd = None
+    for t in plan.tensors:
+        if not t.numel():
+            continue
+        view = _bytes_view(t)
+        if fd is not None:
+            write_all(fd, view)
+        else:
+            for start in range(0, len(view), _STREAM_CHUNK):
+                f.write(view[start : start + _STREAM_CHUNK])
+
+
+def write_file(f: BinaryIO, tensors: Sequence[tuple[str, torch.Tensor]], metadata: dict[str, str] | None) -> None:
+    """Write a safetensors file to the binary file object ``f`` (:func:`plan_file`, then :func:`write_plan`)."""
+    write_plan(f, plan_file(tensors, metadata))
 
 
 def _fail(path: str, reason: str) -> CheckpointFormatError:
@@ -132,17 +165,28 @@ def _is_str_map(x: object) -> bool:
 def read_header(f: BinaryIO, path: str) -> Header:
     """Parse and fully validate the header of the safetensors file open as ``f``."""
     size = os.fstat(f.fileno()).st_size
-    prefix = f.read(8)
+    n = header_length(f.read(8), size, path)
+    raw = f.read(n)
+    if len(raw) != n:
+        raise _fail(path, "file shrank while reading the header")
+    return parse_header(raw, size, path)
+
+
+def header_length(prefix: bytes, size: int, path: str) -> int:
+    """The header length ``N`` that the file's first 8 bytes give, checked against the file's ``size``."""
     if len(prefix) < 8:
         raise _fail(path, f"file is {size} bytes, shorter than the 8-byte header length")
-    (n,) = struct.unpack("<Q", prefix)
+    (n,) = struct.unpack("<Q", prefix[:8])
     if n > MAX_HEADER_BYTES:
         raise _fail(path, f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
     if 8 + n > size:
         raise _fail(path, f"header length {n} runs past the end of the {size}-byte file (truncated?)")
-    raw = f.read(n)
-    if len(raw) != n:
-        raise _fail(path, "file shrank while reading the header")
+    return int(n)
+
+
+def parse_header(raw: bytes, size: int, path: str) -> Header:
+    """Validate the header bytes ``raw`` (``N`` bytes, after the length) of a file of ``size`` bytes."""
+    n = len(raw)
     try:
         text = raw.decode("utf-8")
         if not text.startswith("{"):
@@ -171,7 +215,11 @@ def read_header(f: BinaryIO, path: str) -> Header:
             raise _fail(path, f"entry {name!r} has invalid data_offsets {offsets!r}")
         begin, end = offsets
         if not 0 <= begin <= end <= data_len:
-            raise _fail(path, f"entry {name!r} data_offsets {offsets} fall outside the {data_len}-byte data buffer")
+            raise _fail(
+                path,
+                f"entry {name!r} data_offsets {offsets} fall outside the {data_len}-byte data buffer "
+                "(truncated, or a corrupted header)",
+            )
         dtype = DTYPE_FROM_NAME[dtype_name]
         itemsize = torch.empty((), dtype=dtype).element_size()
         if math.prod(shape) * itemsize != end - begin:
@@ -191,6 +239,12 @@ def read_header(f: BinaryIO, path: str) -> Header:
             path, f"entries cover {cursor} bytes but the data buffer holds {data_len} (truncated or trailing bytes)"
         )
     return Header(entries, metadata, 8 + n)
+
+
+def check_bool_entry(buf: torch.Tensor, entry: Entry, path: str) -> None:
+    """``BOOL`` entries must hold only the bytes 0 and 1 (``buf``: the entry's bytes as uint8)."""
+    if entry.dtype == torch.bool and bool((buf > 1).any()):
+        raise _fail(path, f"entry {entry.name!r} is BOOL but holds bytes other than 0 and 1")
 
 
 def read_entry(
@@ -218,6 +272,5 @@ def read_entry(
             if not got:
                 raise _fail(path, f"entry {entry.name!r} is truncated")
             done += got
-    if entry.dtype == torch.bool and bool((buf > 1).any()):
-        raise _fail(path, f"entry {entry.name!r} is BOOL but holds bytes other than 0 and 1")
+    check_bool_entry(buf, entry, path)
     return buf.view(entry.dtype).reshape(entry.shape)

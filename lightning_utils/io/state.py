@@ -7,10 +7,13 @@
 * ``.ckpt``, ``.pt``, ``.pth``, ``.bin`` -> ``torch.save``/``torch.load``
   (:mod:`lightning_utils.io.torch_file`).
 
-Every write is atomic and durable (:mod:`lightning_utils.io.atomic`); nothing here ever
-unpickles a safetensors file or writes to a remote path. ``load_state`` of a
-``.sft`` written by ``save_state`` gives the same object as ``torch.load`` of the ``.pt`` of the
-same data. Plain safetensors files from other tools load as a flat tensor dict, or as
+Paths may be fsspec URLs (``s3://bucket/run/last.sft``, ``gs://``, ``az://``, ``memory://``...):
+:mod:`lightning_utils.io.storage` streams saves into an upload that appears whole or not at all
+and loads a ``.sft`` with its header first, then parallel ranged reads. Every write is atomic
+(and durable, locally); a write that runs out of room raises
+:class:`~lightning_utils.io.errors.DiskFullError` naming the path and the bytes needed. Nothing
+here ever unpickles a safetensors file. ``load_state`` of a ``.sft`` written by ``save_state``
+gives the same object as ``torch.load`` of the ``.pt`` of the same data. Plain safetensors files from other tools load as a flat tensor dict, or as
 ``{"module": tensors, **metadata}`` with JSON metadata decoded when they carry metadata beyond
 ``format`` (a weights export with its config or training stats beside it).
 """
@@ -27,8 +30,8 @@ from typing import Any, Literal
 import torch
 
 from lightning_utils.io import safetensors_file as sft
-from lightning_utils.io.atomic import atomic_write
-from lightning_utils.io.errors import CheckpointFormatError
+from lightning_utils.io import storage
+from lightning_utils.io.errors import CheckpointFormatError, DiskFullError, is_disk_full
 from lightning_utils.io.jsonio import json_dumps
 from lightning_utils.io.map_location import check_map_location, place
 from lightning_utils.io.skeleton import SkeletonError, decode, encode
@@ -43,11 +46,13 @@ JSON_KEYS_KEY = "lightning_utils.json_keys"
 _RESERVED_METADATA = ("format", "module", SKELETON_KEY, JSON_KEYS_KEY)
 
 Format = Literal["safetensors", "torch"]
+# A .sft load from a URL asks for this many bytes first: the header of most checkpoints fits.
+_FIRST_READ = 1 << 20
 
 
 def checkpoint_format(path: str | os.PathLike) -> Format:
     """The format the suffix of ``path`` selects; ``ValueError`` for any other suffix."""
-    suffix = Path(path).suffix.lower()
+    suffix = Path(os.fspath(path).rstrip("/")).suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
         return "safetensors"
     if suffix in TORCH_SUFFIXES:
@@ -58,22 +63,17 @@ def checkpoint_format(path: str | os.PathLike) -> Format:
     )
 
 
-def _check_local(path: str | os.PathLike) -> None:
-    if "://" in os.fspath(path):
-        raise ValueError(
-            f"{os.fspath(path)}: remote paths are not supported; save locally (or use Lightning's TorchCheckpointIO with fsspec)"
-        )
+def save_state(obj: Any, path: str | os.PathLike, *, storage_options: dict[str, Any] | None = None) -> None:
+    """Save ``obj`` to ``path`` (a local path or an fsspec URL) in the format its suffix names.
 
-
-def save_state(obj: Any, path: str | os.PathLike) -> None:
-    """Save ``obj`` to ``path`` in the format its suffix names, atomically and durably.
-
-    For safetensors, a value that cannot be represented without pickle raises ``TypeError``
-    naming its key path, before anything is written.
+    The write is atomic: the file or object appears whole or not at all, and the previous one
+    stays intact if the save fails. For safetensors, a value that cannot be represented without
+    pickle raises ``TypeError`` naming its key path, before anything is written. No room
+    (``ENOSPC``, ``EDQUOT``, ``EFBIG``) raises :class:`~lightning_utils.io.errors.DiskFullError`.
+    ``storage_options`` go to the fsspec filesystem of a URL (credentials, endpoint).
     """
-    _check_local(path)
     if checkpoint_format(path) == "torch":
-        save_torch(obj, path)
+        save_torch(obj, path, storage_options=storage_options)
         return
     entries, skeleton = encode(obj)
     # ensure_ascii: lone surrogates (which torch.save keeps) survive as escapes
@@ -81,28 +81,40 @@ def save_state(obj: Any, path: str | os.PathLike) -> None:
         "format": "pt",
         SKELETON_KEY: json.dumps(skeleton, separators=(",", ":"), allow_nan=False, ensure_ascii=True),
     }
-    _write_safetensors(path, list(entries.items()), metadata)
+    _write_safetensors(path, list(entries.items()), metadata, storage_options)
 
 
 def _write_safetensors(
-    path: str | os.PathLike, items: list[tuple[str, torch.Tensor]], metadata: dict[str, str]
+    path: str | os.PathLike,
+    items: list[tuple[str, torch.Tensor]],
+    metadata: dict[str, str],
+    storage_options: dict[str, Any] | None = None,
 ) -> None:
     try:
-        with atomic_write(path) as f:
-            sft.write_file(f, items, metadata)
+        plan = sft.plan_file(items, metadata)
     except ValueError as exc:  # e.g. a header over the size limit: say which file
         raise ValueError(f"{os.fspath(path)}: {exc}") from None
+    try:
+        with storage.atomic_writer(path, storage_options) as f:
+            sft.write_plan(f, plan)
+    except OSError as exc:
+        if is_disk_full(exc) and not isinstance(exc, DiskFullError):
+            raise DiskFullError(path, plan.size, exc.errno) from exc  # type: ignore[arg-type]
+        raise
 
 
 def save_weights(
-    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, Any] | None = None
+    tensors: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    metadata: Mapping[str, Any] | None = None,
+    *,
+    storage_options: dict[str, Any] | None = None,
 ) -> None:
-    """Write a plain safetensors weights file that any safetensors/HF tool loads.
+    """Write a plain safetensors weights file that any safetensors/HF tool loads (a path or a URL).
 
     ``metadata`` values that are ``str`` are stored as they are, ``None`` values are dropped and
     anything else is stored as JSON. ``load_state`` returns ``{"module": tensors, **metadata}``.
     """
-    _check_local(path)
     if checkpoint_format(path) != "safetensors":
         raise ValueError(
             f"{os.fspath(path)}: save_weights writes safetensors; use a {'/'.join(SAFETENSORS_SUFFIXES)} suffix"
@@ -128,13 +140,18 @@ def save_weights(
             encoded.append(str(k))
     if encoded:
         meta[JSON_KEYS_KEY] = json_dumps(encoded)
-    _write_safetensors(path, items, meta)
+    _write_safetensors(path, items, meta, storage_options)
 
 
 def load_state(
-    path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None, *, mmap: bool = True
+    path: str | os.PathLike,
+    map_location: Any = None,
+    weights_only: bool | None = None,
+    *,
+    mmap: bool = True,
+    storage_options: dict[str, Any] | None = None,
 ) -> Any:
-    """Load what :func:`save_state` saved (or any ``.pt``/safetensors file).
+    """Load what :func:`save_state` saved (or any ``.pt``/safetensors file), from a path or a URL.
 
     ``map_location`` takes every form ``torch.load`` accepts. ``weights_only`` applies to torch
     files (see :mod:`lightning_utils.io.torch_file`); safetensors files never unpickle anything,
@@ -144,17 +161,29 @@ def load_state(
     file, so loading copies nothing and pages are read on first touch; in-place updates stay
     private to the process. The file may be replaced or deleted meanwhile (our writers rename),
     but must not be truncated in place. ``mmap=False`` reads every tensor into fresh memory.
+
+    A URL (``s3://...``): a ``.sft`` is read header first, then every tensor with parallel ranged
+    reads straight into its own memory (no local copy of the file; ``mmap`` does not apply); a
+    ``.ckpt``/``.pt`` is read by ``torch.load`` through fsspec, as Lightning does.
     """
-    fmt = _existing_checkpoint(path)
+    fmt = checkpoint_format(path)
     check_map_location(map_location)
+    if storage.is_url(path):
+        url = os.fspath(path)
+        if fmt == "torch":
+            return load_torch(
+                url, map_location=map_location, weights_only=weights_only, storage_options=storage_options
+            )
+        return _load_safetensors_remote(url, map_location, storage_options)
+    path = storage.local_path(path)
+    _existing_checkpoint(path)
     if fmt == "torch":
         return load_torch(path, map_location=map_location, weights_only=weights_only)
-    return _load_safetensors(os.fspath(path), map_location, use_mmap=mmap)
+    return _load_safetensors(path, map_location, use_mmap=mmap)
 
 
 def _existing_checkpoint(path: str | os.PathLike) -> Format:
     """The format of ``path``, which must be a local file that exists."""
-    _check_local(path)
     fmt = checkpoint_format(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{os.fspath(path)}: no such checkpoint file")
@@ -169,6 +198,40 @@ def _load_safetensors(path: str, map_location: Any, use_mmap: bool) -> Any:
         return _assemble(
             path, header, lambda e, location: place(sft.read_entry(f, header, e, path, mapped), location, map_location)
         )
+
+
+def _remote_header(url: str, storage_options: dict[str, Any] | None) -> sft.Header:
+    """The validated header of the ``.sft`` object at ``url``: one ranged read, two for a big header."""
+    size = storage.file_size(url, storage_options)
+    head = storage.read_range(url, 0, min(size, _FIRST_READ), storage_options)
+    n = sft.header_length(head[:8], size, url)
+    raw = head[8 : 8 + n]
+    if len(raw) < n:
+        raw += storage.read_range(url, len(head), 8 + n, storage_options)
+    if len(raw) != n:
+        raise CheckpointFormatError(url, "not a valid safetensors file: object shrank while reading the header")
+    return sft.parse_header(raw, size, url)
+
+
+def _load_safetensors_remote(url: str, map_location: Any, storage_options: dict[str, Any] | None) -> Any:
+    header = _remote_header(url, storage_options)
+    buffers = {e.name: torch.empty(e.nbytes, dtype=torch.uint8) for e in header.entries}
+    pieces = [(header.data_start + e.begin, buffers[e.name].numpy().data.cast("B")) for e in header.entries if e.nbytes]
+    try:
+        storage.read_into(url, pieces, storage_options)
+    except EOFError as exc:
+        raise CheckpointFormatError(url, f"not a valid safetensors file: {exc}") from None
+
+    def tensor(e: sft.Entry, location: str) -> torch.Tensor:
+        buf = buffers[e.name]
+        sft.check_bool_entry(buf, e, url)
+        return place(
+            buf.view(e.dtype).reshape(e.shape) if e.nbytes else torch.empty(e.shape, dtype=e.dtype),
+            location,
+            map_location,
+        )
+
+    return _assemble(url, header, tensor)
 
 
 def _assemble(path: str, header: sft.Header, tensor: Callable[[sft.Entry, str], torch.Tensor]) -> Any:
@@ -225,21 +288,31 @@ def _plain_file_object(tensors: dict[str, torch.Tensor], metadata: dict[str, str
     return out
 
 
-def read_safetensors_header(path: str | os.PathLike) -> sft.Header:
-    """The validated header of a safetensors file (for inspection tools)."""
-    with open(path, "rb", buffering=0) as f:
+def read_safetensors_header(path: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> sft.Header:
+    """The validated header of a safetensors file or object (for inspection tools)."""
+    if storage.is_url(path):
+        return _remote_header(os.fspath(path), storage_options)
+    with open(storage.local_path(path), "rb", buffering=0) as f:
         return sft.read_header(f, os.fspath(path))
 
 
-def load_structure(path: str | os.PathLike, weights_only: bool | None = None) -> Any:
+def load_structure(
+    path: str | os.PathLike, weights_only: bool | None = None, storage_options: dict[str, Any] | None = None
+) -> Any:
     """The object :func:`load_state` would return, with every tensor on the ``meta`` device.
 
-    For safetensors files no tensor data is read (only the header), so inspecting a huge
-    checkpoint is instant. Torch files are memory-mapped and their tensors replaced by meta ones.
+    For safetensors files no tensor data is read (only the header, also from a URL), so
+    inspecting a huge checkpoint is instant. Torch files are loaded with their tensors on the
+    meta device.
     """
-    if _existing_checkpoint(path) == "torch":
-        return load_torch(path, map_location="meta", weights_only=weights_only)
-    path = os.fspath(path)
+    fmt = checkpoint_format(path)
+    if not storage.is_url(path):
+        path = storage.local_path(path)
+        _existing_checkpoint(path)
+    if fmt == "torch":
+        return load_torch(path, map_location="meta", weights_only=weights_only, storage_options=storage_options)
     return _assemble(
-        path, read_safetensors_header(path), lambda e, location: torch.empty(e.shape, dtype=e.dtype, device="meta")
+        os.fspath(path),
+        read_safetensors_header(path, storage_options),
+        lambda e, location: torch.empty(e.shape, dtype=e.dtype, device="meta"),
     )

@@ -5,20 +5,21 @@ reads go through :func:`~lightning_utils.io.save_state` / :func:`~lightning_util
 the suffix picks the format, so ``.ckpt`` files keep working while ``.sft`` files hold the whole
 training state with no pickle. Writes are atomic (temp file beside the target, fsync,
 ``os.replace``, directory fsync): the temp file is never staged in ``$TMPDIR``, so the final
-rename never crosses a filesystem.
+rename never crosses a filesystem. Paths may be fsspec URLs (``s3://``, ``gs://``, ``az://``...):
+saves stream into an upload that appears whole or not at all, as in
+:mod:`lightning_utils.io.storage`.
 
 :class:`AsyncCheckpointIO` is Lightning's asynchronous wrapper with one fix: removals are queued
 on the same single worker as saves. Lightning's wrapper removes files synchronously on the
 caller thread, so ``ModelCheckpoint``'s top-k removal can run before (or during) a queued save
 of the file it removes, and the removed file reappears.
 
-This plugin never writes to remote storage and never pickles a ``.sft`` file.
+This plugin never pickles a ``.sft`` file.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +31,7 @@ from lightning.pytorch.plugins.io import AsyncCheckpointIO as _LightningAsyncChe
 from lightning.pytorch.plugins.io import CheckpointIO, TorchCheckpointIO
 
 from lightning_utils._internals import replace_wrapped_checkpoint_io
+from lightning_utils.io import storage
 from lightning_utils.io.skeleton import dict_tag
 from lightning_utils.io.state import load_state, save_state
 
@@ -53,7 +55,7 @@ class SafetensorsCheckpointIO(CheckpointIO):
                 f"{type(self).__name__}.save_checkpoint got storage_options={storage_options!r}, but it takes none; "
                 "subclass it if you need per-save options"
             )
-        key = os.path.abspath(path)
+        key = storage.path_key(path)
         with self._lock:
             self._saving[key] = self._saving.get(key, 0) + 1
         try:
@@ -74,14 +76,10 @@ class SafetensorsCheckpointIO(CheckpointIO):
         return load_state(path, map_location=map_location, weights_only=weights_only)
 
     def remove_checkpoint(self, path: str | os.PathLike) -> None:
-        key = os.path.abspath(path)
+        key = storage.path_key(path)
         with self._lock:
             self._lock.wait_for(lambda: key not in self._saving)
-            p = Path(path)
-            if p.is_symlink() or p.is_file():
-                p.unlink()
-            elif p.is_dir():
-                shutil.rmtree(p)
+            storage.remove(path)  # a file, a link, a directory or an object (prefix); gone already is fine
 
 
 def _keep_on_cpu(storage: Any, location: str) -> Any:
