@@ -33,7 +33,13 @@ class _OffloadedForward:
     collector); pickling and deep copies carry the reference over to the new module."""
 
     def __init__(
-        self, module: nn.Module, name: str, options: OffloadOptions, inner: Any, root: nn.Module | None = None
+        self,
+        module: nn.Module,
+        name: str,
+        options: OffloadOptions,
+        inner: Any,
+        root: nn.Module | None = None,
+        warned: set[str] | None = None,
     ):
         self._module = weakref.ref(module)
         # the model it was applied to: its parameters and buffers are never offloaded
@@ -42,6 +48,8 @@ class _OffloadedForward:
         self.options = options
         self.inner = inner  # an instance-level forward that was already there, or None
         self.checker = GraphCheck()
+        # the cache warnings given so far, shared by the blocks of one apply call (each once)
+        self.warned = warned if warned is not None else set()
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.inner is not None:
@@ -51,7 +59,9 @@ class _OffloadedForward:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         module = self.module
         root = self._root()
-        block = BlockInfo(self.options, self.name, self.checker, module, root if root is not None else module)
+        block = BlockInfo(
+            self.options, self.name, self.checker, module, root if root is not None else module, self.warned
+        )
         return checkpoint_call(self._forward, args, kwargs, module.parameters(), block)
 
     @property
@@ -81,6 +91,7 @@ class _OffloadedForward:
         state = dict(state)
         state["_module"] = weakref.ref(state["_module"])
         state["_root"] = weakref.ref(state["_root"] if state["_root"] is not None else state["_module"]())
+        state.setdefault("warned", set())  # pickles written before the cache warnings existed
         self.__dict__.update(state)
 
 
@@ -109,9 +120,10 @@ def apply_activation_offload(
         raise ValueError(f"`min_bytes` must be >= 0, got {min_bytes}")
     options = OffloadOptions(pin_memory=pin_memory, min_bytes=int(min_bytes), offload=offload)
     wrapped = []
+    warned: set[str] = set()
     for name, sub in list(find_targets(module, target, include, exclude, skip=is_offloaded)):
         inner = sub.__dict__.get("forward")
-        sub.forward = _OffloadedForward(sub, name, options, inner, module)
+        sub.forward = _OffloadedForward(sub, name, options, inner, module, warned)
         wrapped.append(name)
     return wrapped
 
