@@ -4,7 +4,9 @@ What it is for: ``apply_activation_offload(module, target)`` puts an instance-le
 on every matching submodule that routes the call through :func:`.function.checkpoint_call`, with
 the submodule's parameters as the checkpoint's parameters and the model it was applied to as the
 owner of the tensors never to offload. ``remove_activation_offload`` takes those forwards off
-again, ``is_offloaded`` tells whether a module has one.
+again, ``is_offloaded`` tells whether a module has one. ``compile_offloaded`` makes an offloaded
+module run its own forward compiled inside the checkpoint (its call, which reaches the
+checkpoint machinery, is never compiled: a module compiled in place is refused).
 
 What it must never do: change a module's class, parameters, buffers or state-dict keys, wrap a
 module (or anything inside it) twice, or make a module and its wrapper reference each other
@@ -18,12 +20,20 @@ import weakref
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import nn
 
+from lightning_utils._internals import is_compiled_in_place
 from lightning_utils.modules.offload.function import BlockInfo, GraphCheck, OffloadOptions, checkpoint_call
 from lightning_utils.modules.targets import Target, find_targets
 
-__all__ = ["apply_activation_offload", "is_offloaded", "remove_activation_offload"]
+__all__ = [
+    "apply_activation_offload",
+    "compile_offloaded",
+    "is_offload_compiled",
+    "is_offloaded",
+    "remove_activation_offload",
+]
 
 
 class _OffloadedForward:
@@ -50,12 +60,22 @@ class _OffloadedForward:
         self.checker = GraphCheck()
         # the cache warnings given so far, shared by the blocks of one apply call (each once)
         self.warned = warned if warned is not None else set()
+        self.compile_kwargs: dict[str, Any] | None = None
+        """``torch.compile`` options when the block's forward runs compiled (see compile_offloaded)."""
+        self._compiled: Any = None  # the compiled _run_forward, made at the first call
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.inner is not None:
-            return self.inner(*args, **kwargs)
-        return type(self.module).forward(self.module, *args, **kwargs)
+        if self.compile_kwargs is None:
+            return _run_forward(self.module, self.inner, *args, **kwargs)
+        if self._compiled is None:
+            self._compiled = torch.compile(_run_forward, **self.compile_kwargs)
+        return self._compiled(self.module, self.inner, *args, **kwargs)
 
+    # The checkpoint machinery (RNG and autocast capture, host copies, an autograd Function over
+    # flattened arguments) is not traceable; a compiled caller (a compiled parent module) runs
+    # it eagerly instead of breaking its graph at every step of it. The block's own forward
+    # still runs compiled when compile_offloaded asked for it.
+    @torch.compiler.disable
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         module = self.module
         root = self._root()
@@ -76,6 +96,7 @@ class _OffloadedForward:
         state["_module"] = self.module  # pickle/deepcopy resolve the cycle through their memo
         state["_root"] = None  # never drag the whole model along with one block (see __deepcopy__)
         state["checker"] = GraphCheck()
+        state["_compiled"] = None  # made again from compile_kwargs at the first call
         return state
 
     def __deepcopy__(self, memo: dict) -> _OffloadedForward:
@@ -91,13 +112,44 @@ class _OffloadedForward:
         state = dict(state)
         state["_module"] = weakref.ref(state["_module"])
         state["_root"] = weakref.ref(state["_root"] if state["_root"] is not None else state["_module"]())
-        state.setdefault("warned", set())  # pickles written before the cache warnings existed
+        # pickles written before the cache warnings and compiled forwards existed
+        state.setdefault("warned", set())
+        state.setdefault("compile_kwargs", None)
+        state.setdefault("_compiled", None)
         self.__dict__.update(state)
+
+
+def _run_forward(module: nn.Module, inner: Any, *args: Any, **kwargs: Any) -> Any:
+    """The block's own forward: an instance-level one that was there before, or its class's."""
+    if inner is not None:
+        return inner(*args, **kwargs)
+    return type(module).forward(module, *args, **kwargs)
 
 
 def is_offloaded(module: nn.Module) -> bool:
     """True if ``module`` runs as an offloaded checkpoint."""
     return isinstance(module.__dict__.get("forward"), _OffloadedForward)
+
+
+def is_offload_compiled(module: nn.Module) -> bool:
+    """True if ``module`` runs as an offloaded checkpoint of its compiled forward."""
+    forward = module.__dict__.get("forward")
+    return isinstance(forward, _OffloadedForward) and forward.compile_kwargs is not None
+
+
+def compile_offloaded(module: nn.Module, **compile_kwargs: Any) -> None:
+    """Make the offloaded ``module`` run its forward compiled (``torch.compile(**compile_kwargs)``)
+    inside the checkpoint, in the forward and in the recompute.
+
+    ``module.compile()`` would compile the module's call, which reaches the checkpoint machinery
+    (not traceable); this compiles only what the checkpoint runs. Module hooks (an FSDP2 unit's
+    all-gather and reduce-scatter) stay outside the checkpoint and run eagerly.
+    """
+    forward = module.__dict__.get("forward")
+    if not isinstance(forward, _OffloadedForward):
+        raise ValueError(f"compile_offloaded: {type(module).__name__} is not offloaded; use module.compile()")
+    forward.compile_kwargs = dict(compile_kwargs)
+    forward._compiled = None
 
 
 def apply_activation_offload(
@@ -122,6 +174,14 @@ def apply_activation_offload(
     wrapped = []
     warned: set[str] = set()
     for name, sub in list(find_targets(module, target, include, exclude, skip=is_offloaded)):
+        if is_compiled_in_place(sub):
+            # its compiled call would trace the checkpoint machinery (graph breaks, every step)
+            raise RuntimeError(
+                f"ActivationOffload: {name or '<root>'} ({type(sub).__name__}) is already compiled in "
+                "place (module.compile() or CompileModules ran first); offload it before compiling "
+                "it: list ActivationOffload before CompileModules, which then compiles the block's "
+                "forward inside the checkpoint"
+            )
         inner = sub.__dict__.get("forward")
         sub.forward = _OffloadedForward(sub, name, options, inner, module, warned)
         wrapped.append(name)
@@ -138,5 +198,7 @@ def remove_activation_offload(module: nn.Module) -> list[str]:
                 del sub.forward
             else:
                 sub.forward = fwd.inner
+            if fwd.compile_kwargs is not None:  # it stays compiled, now in place
+                sub.compile(**fwd.compile_kwargs)
             removed.append(name)
     return removed
