@@ -239,3 +239,49 @@ def test_verbose_logs_what_each_callback_did():
 def test_callbacks_warn_when_nothing_matches(tmp_path, callback, message):
     with pytest.warns(UserWarning, match=message):
         _trainer(tmp_path, [callback()], 1).fit(_StackLM())
+
+
+_NO_MATCH = [
+    (lambda: ActivationOffload(target=nn.GRU), "ActivationOffload", "nothing is checkpointed"),
+    (lambda: ReplaceModules(nn.GRU, MyLinear), "ReplaceModules", "nothing was replaced"),
+    (lambda: CompileModules(target=nn.GRU, backend="eager"), "CompileModules", "nothing was compiled"),
+]
+
+
+@pytest.mark.parametrize(("callback", "label", "end"), _NO_MATCH, ids=["offload", "replace", "compile"])
+def test_a_target_that_matches_nothing_is_named_in_the_warning(tmp_path, callback, label, end):
+    message = rf"^{label}: no submodule matched target=torch\.nn\.modules\.rnn\.GRU; {end}$"
+    with pytest.warns(UserWarning, match=message):
+        _trainer(tmp_path, [callback()], 1).fit(_StackLM())
+    with pytest.warns(UserWarning, match=message):  # outside a Trainer too
+        callback().apply(nn.Sequential(_Block()))
+
+
+def test_the_warning_names_import_paths_predicates_and_the_name_policy():
+    def is_attention(name, module):
+        return name.endswith("attn")
+
+    cases = [
+        (ReplaceModules("torch.nn.GRU", MyLinear), "target=torch.nn.GRU;"),
+        (ActivationOffload(target=(nn.GRU, "torch.nn.LSTM")), "target=(torch.nn.modules.rnn.GRU, torch.nn.LSTM);"),
+        (
+            CompileModules(target=is_attention, backend="eager"),
+            "target=predicate test_the_warning_names_import_paths_predicates_and_the_name_policy.<locals>.is_attention;",
+        ),
+        (ActivationOffload(target=_Block, include=["blocks"], exclude=["0"]), "include=['blocks'], exclude=['0'];"),
+    ]
+    for callback, expected in cases:
+        with pytest.warns(UserWarning, match="no submodule matched") as record:
+            callback.apply(nn.Sequential(_Block()))
+        assert expected in str(record[0].message)
+
+
+def test_no_warning_when_something_matched_or_was_transformed_before():
+    import warnings
+
+    net = nn.Sequential(_Block())
+    offload = ActivationOffload(target=_Block)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        offload.apply(net)
+        offload.apply(net)  # nothing new to wrap, but the target did match
