@@ -16,6 +16,7 @@ strongly (a deleted model would then wait for the cyclic garbage collector).
 from __future__ import annotations
 
 import copy
+import sys
 import weakref
 from collections.abc import Iterable
 from typing import Any
@@ -63,6 +64,7 @@ class _OffloadedForward:
         self.compile_kwargs: dict[str, Any] | None = None
         """``torch.compile`` options when the block's forward runs compiled (see compile_offloaded)."""
         self._compiled: Any = None  # the compiled _run_forward, made at the first call
+        self.units_checked = False  # whether the first call found no FSDP2 unit inside the block
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.compile_kwargs is None:
@@ -78,6 +80,9 @@ class _OffloadedForward:
     @torch.compiler.disable
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         module = self.module
+        if not self.units_checked:
+            _check_no_inner_units(module, self.name)
+            self.units_checked = True
         root = self._root()
         block = BlockInfo(
             self.options, self.name, self.checker, module, root if root is not None else module, self.warned
@@ -116,7 +121,30 @@ class _OffloadedForward:
         state.setdefault("warned", set())
         state.setdefault("compile_kwargs", None)
         state.setdefault("_compiled", None)
+        state["units_checked"] = False
         self.__dict__.update(state)
+
+
+def _check_no_inner_units(module: nn.Module, name: str) -> None:
+    """Refuse a block with FSDP2 (``fully_shard``) units inside it.
+
+    Such a unit gathers its parameters into tensors of its own for each forward, which the
+    checkpoint does not know as the block's parameters: their gradients would be lost (the
+    recompute's graph check refuses them too, less clearly). A block that is itself a unit, or
+    lies inside one, is fine: its gathered parameters are registered on it while it runs.
+    """
+    fsdp_module = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
+    if not isinstance(fsdp_module, type):
+        return  # FSDP2 is not even imported
+    units = [n for n, m in module.named_modules() if n and isinstance(m, fsdp_module)]
+    if units:
+        label = name or type(module).__name__
+        raise RuntimeError(
+            f"ActivationOffload: {label} contains fully_shard units ({', '.join(units[:4])}"
+            f"{', ...' if len(units) > 4 else ''}); an offloaded block must be a whole FSDP2 unit or "
+            "lie inside one. Shard the block itself (fully_shard(block)) rather than modules "
+            "inside it, or offload those inner modules instead"
+        )
 
 
 def _run_forward(module: nn.Module, inner: Any, *args: Any, **kwargs: Any) -> Any:
