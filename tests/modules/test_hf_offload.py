@@ -210,3 +210,24 @@ def test_offloaded_checkpoint_function_never_updates_a_cache_twice():
     out.sum().backward()
     assert len(cache.items) == 1
     assert x.grad is not None and fc.weight.grad is not None
+
+
+def test_limit_attentions_kept_by_hooks_carry_no_gradient():
+    """The documented limit: attention weights Hugging Face collects with forward hooks on the
+    attention modules (``output_attentions=True``) come from the block's no-grad forward, while
+    the hidden states it collects at the block itself (its return value) keep their gradient."""
+    case = CASES[1]  # LLaMA
+    model = build(case)
+    model.config._attn_implementation = "eager"  # the implementation that returns attention weights
+    plain = copy.deepcopy(model)
+    offloaded = _offloaded(model, case)
+    batch = {**case.batch(), "use_cache": False, "output_attentions": True, "output_hidden_states": True}
+    torch.manual_seed(0)
+    want = plain(**batch)
+    torch.manual_seed(0)
+    got = offloaded(**batch)
+    assert all(a.requires_grad for a in want.attentions)
+    assert not any(a.requires_grad for a in got.attentions)
+    assert all(h.requires_grad for h in got.hidden_states)
+    for a, b in zip(want.attentions, got.attentions):
+        torch.testing.assert_close(b, a.detach(), atol=1e-6, rtol=0)  # same values, dropout replayed

@@ -24,7 +24,9 @@ mode (the eval-mode fast paths of ``nn.MultiheadAttention``/``nn.TransformerEnco
 rare SDPA back-end corner cases) may be computed by a different kernel in the recompute;
 parameters a block uses must be registered in it or passed to it (checked once, with a clear
 error); tensors inside objects other than tuples, lists and dicts are treated as constants;
-double backward (``create_graph=True``) is refused.
+a tensor the block hands out other than through its return value (kept by a forward hook on a
+module inside it) comes from the no-grad forward and carries no gradient; double backward
+(``create_graph=True``) is refused.
 
 What it must never do: offload parameters or buffers, recompute when nothing needs a gradient,
 or keep a reference to a block's intermediate activations.
