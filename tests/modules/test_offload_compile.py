@@ -118,3 +118,14 @@ def test_copies_pickles_and_removal_keep_the_block_compiled():
     assert remove_activation_offload(net) == ["0", "1"]
     assert not is_offloaded(net[0]) and net[0]._compiled_call_impl is not None  # compiled in place now
     assert net[1]._compiled_call_impl is None
+
+
+def test_importing_the_offload_package_does_not_load_the_compiler():
+    """The eager fallback for compiled callers is made when first needed: a plain import (the
+    torch-only layer, the CLI) does not pay for torch._dynamo."""
+    import subprocess
+    import sys
+
+    code = "import sys, lightning_utils.modules.offload; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "False"

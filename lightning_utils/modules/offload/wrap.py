@@ -73,12 +73,17 @@ class _OffloadedForward:
             self._compiled = torch.compile(_run_forward, **self.compile_kwargs)
         return self._compiled(self.module, self.inner, *args, **kwargs)
 
-    # The checkpoint machinery (RNG and autocast capture, host copies, an autograd Function over
-    # flattened arguments) is not traceable; a compiled caller (a compiled parent module) runs
-    # it eagerly instead of breaking its graph at every step of it. The block's own forward
-    # still runs compiled when compile_offloaded asked for it.
-    @torch.compiler.disable
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            # Traced by a compiled caller (a compiled parent module): the checkpoint machinery
+            # (RNG and autocast capture, host copies, an autograd Function over flattened
+            # arguments) is not traceable, so it runs eagerly in one piece instead of breaking
+            # the caller's graph at every step of it. The block's own forward still runs
+            # compiled when compile_offloaded asked for it.
+            return _eager_checkpoint()(self, args, kwargs)
+        return self._checkpoint(args, kwargs)
+
+    def _checkpoint(self, args: tuple, kwargs: dict) -> Any:
         module = self.module
         if not self.units_checked:
             _check_no_inner_units(module, self.name)
@@ -123,6 +128,18 @@ class _OffloadedForward:
         state.setdefault("_compiled", None)
         state["units_checked"] = False
         self.__dict__.update(state)
+
+
+_EAGER: dict[str, Any] = {}
+
+
+def _eager_checkpoint() -> Any:
+    """``_OffloadedForward._checkpoint`` behind ``torch.compiler.disable``, made when first needed
+    (the decorator imports the compiler stack, which a module import must not pay for)."""
+    fn = _EAGER.get("checkpoint")
+    if fn is None:
+        fn = _EAGER["checkpoint"] = torch.compiler.disable(_OffloadedForward._checkpoint)
+    return fn
 
 
 def _check_no_inner_units(module: nn.Module, name: str) -> None:
