@@ -53,9 +53,11 @@ def test_replace_modules_acts_before_fully_shard(runs):
         assert report["linear_types"] == ["FSDPMyLinear", "MyLinear"]  # the head unit is the replacement
         assert report["head_is_unit"] and report["module_params_dtensor"]
         assert report["optimizer_holds_module_params"] and report["optimizer_params_dtensor"]
+        assert rank["replace"]["by_hand_report"] == report  # replaced by hand in configure_model
         error = rank["replace"]["error"]
         assert error.startswith("ReplaceModules: '0.fc1' is already sharded (its parameters are DTensors)")
         assert "before fully_shard" in error
+        assert rank["replace"]["unit_error"].startswith("ReplaceModules: '2' is already sharded (a fully_shard unit)")
 
 
 @pytest.mark.parametrize("name", ["offload", "compile", "offload_compile"])

@@ -81,6 +81,7 @@ def _three(counting):
 
 
 def test_replace_offload_compile_in_one_trainer_fit_resume_validate(tmp_path):
+    torch.compiler.reset()  # code compiled for _Block by another backend would be reused
     graphs = []
 
     def counting(gm, example_inputs):

@@ -88,6 +88,7 @@ def test_a_block_compiled_in_place_first_is_refused():
     net[1].compile(backend="eager")
     with pytest.raises(RuntimeError, match=r"ActivationOffload: 1 \(Block\) is already compiled in place"):
         apply_activation_offload(net, Block)
+    assert not is_offloaded(net[0])  # nothing half done
 
 
 def test_compile_offloaded_needs_an_offloaded_module():

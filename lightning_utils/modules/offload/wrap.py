@@ -63,15 +63,19 @@ class _OffloadedForward:
         self.warned = warned if warned is not None else set()
         self.compile_kwargs: dict[str, Any] | None = None
         """``torch.compile`` options when the block's forward runs compiled (see compile_offloaded)."""
-        self._compiled: Any = None  # the compiled _run_forward, made at the first call
-        self.units_checked = False  # whether the first call found no FSDP2 unit inside the block
+        self._compiled: Any = None  # the compiled forward, made at the first call
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.compile_kwargs is None:
-            return _run_forward(self.module, self.inner, *args, **kwargs)
-        if self._compiled is None:
-            self._compiled = torch.compile(_run_forward, **self.compile_kwargs)
-        return self._compiled(self.module, self.inner, *args, **kwargs)
+        module = self.module
+        fn = self.inner if self.inner is not None else type(module).forward
+        if self.compile_kwargs is not None:
+            if self._compiled is None:
+                # The block's own forward function is compiled: its code object keys the
+                # compiler's cache, so each block class gets its own entries (as with
+                # module.compile()) and blocks of one class share them.
+                self._compiled = torch.compile(fn, **self.compile_kwargs)
+            fn = self._compiled
+        return fn(*args, **kwargs) if self.inner is not None else fn(module, *args, **kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_compiling():
@@ -85,9 +89,7 @@ class _OffloadedForward:
 
     def _checkpoint(self, args: tuple, kwargs: dict) -> Any:
         module = self.module
-        if not self.units_checked:
-            _check_no_inner_units(module, self.name)
-            self.units_checked = True
+        _check_no_inner_units(module, self.name)  # every call: fully_shard may come after apply
         root = self._root()
         block = BlockInfo(
             self.options, self.name, self.checker, module, root if root is not None else module, self.warned
@@ -126,7 +128,6 @@ class _OffloadedForward:
         state.setdefault("warned", set())
         state.setdefault("compile_kwargs", None)
         state.setdefault("_compiled", None)
-        state["units_checked"] = False
         self.__dict__.update(state)
 
 
@@ -162,13 +163,6 @@ def _check_no_inner_units(module: nn.Module, name: str) -> None:
             "lie inside one. Shard the block itself (fully_shard(block)) rather than modules "
             "inside it, or offload those inner modules instead"
         )
-
-
-def _run_forward(module: nn.Module, inner: Any, *args: Any, **kwargs: Any) -> Any:
-    """The block's own forward: an instance-level one that was there before, or its class's."""
-    if inner is not None:
-        return inner(*args, **kwargs)
-    return type(module).forward(module, *args, **kwargs)
 
 
 def is_offloaded(module: nn.Module) -> bool:
@@ -218,7 +212,8 @@ def apply_activation_offload(
     options = OffloadOptions(pin_memory=pin_memory, min_bytes=int(min_bytes), offload=offload)
     wrapped = []
     warned: set[str] = set()
-    for name, sub in list(find_targets(module, target, include, exclude, skip=is_offloaded)):
+    targets = list(find_targets(module, target, include, exclude, skip=is_offloaded))
+    for name, sub in targets:  # all checked before any is wrapped
         if is_compiled_in_place(sub):
             # its compiled call would trace the checkpoint machinery (graph breaks, every step)
             raise RuntimeError(
@@ -227,6 +222,7 @@ def apply_activation_offload(
                 "it: list ActivationOffload before CompileModules, which then compiles the block's "
                 "forward inside the checkpoint"
             )
+    for name, sub in targets:
         inner = sub.__dict__.get("forward")
         sub.forward = _OffloadedForward(sub, name, options, inner, module, warned)
         wrapped.append(name)

@@ -3,8 +3,10 @@
 Usage: python fsdp_modules.py OUT_DIR. Each rank writes OUT_DIR/rank{r}.pt, a dict with
 
 - ``replace``: ``ReplaceModules(nn.Linear, MyLinear)`` with the layers built in ``__init__``:
-  what the optimizer and the modules hold when training starts (types, DTensor or not), and the
-  error a second ReplaceModules gives on the sharded model;
+  what the optimizer and the modules hold when training starts (types, DTensor or not), the
+  errors a second ReplaceModules gives on the sharded model (a Linear inside a block unit, the
+  head unit), and the same report for layers built in ``configure_model`` and replaced there by
+  hand (``ReplaceModules(...).apply``) before ``fully_shard``;
 - ``{plain,offload,compile,offload_compile}_{before,after}``: the per-step losses and the
   final (gathered) parameters of plain FSDP2 runs and of runs with ``ActivationOffload`` /
   ``CompileModules`` / both on the blocks, applied before ``fully_shard`` (layers built in
@@ -44,9 +46,9 @@ class Block(nn.Module):
 
 
 class LM(pl.LightningModule):
-    def __init__(self, build_in_configure_model=False):
+    def __init__(self, build_in_configure_model=False, replace_by_hand=False):
         super().__init__()
-        self.build_in_configure_model = build_in_configure_model
+        self.replace_by_hand = replace_by_hand
         self.model = None if build_in_configure_model else self._build()
         self.losses = []
 
@@ -58,6 +60,8 @@ class LM(pl.LightningModule):
     def configure_model(self):
         if self.model is None:
             self.model = self._build()
+            if self.replace_by_hand:
+                ReplaceModules(nn.Linear, MyLinear).apply(self.model)
         mesh = self.device_mesh["data_parallel"]
         for layer in self.model:  # each block and the head, then the root
             fully_shard(layer, mesh=mesh)
@@ -109,9 +113,12 @@ class Inspect(pl.Callback):
         }
 
 
-def fit(callbacks, build_in_configure_model=False):
+def fit(callbacks, build_in_configure_model=False, replace_by_hand=False):
+    # each fit compiles afresh: the compiler's cache is per function, and code compiled for an
+    # earlier fit's backend would be reused for the same block class
+    torch.compiler.reset()
     pl.seed_everything(0)
-    model = LM(build_in_configure_model)
+    model = LM(build_in_configure_model, replace_by_hand)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
@@ -157,10 +164,14 @@ def main():
     inspect = Inspect()
     trainer, model, _ = fit([ReplaceModules(nn.Linear, MyLinear), inspect])
     result["replace"] = {"report": inspect.report}
-    try:
-        ReplaceModules(MyLinear, nn.Linear).apply(model.model)
-    except ValueError as err:
-        result["replace"]["error"] = str(err)
+    for key, include in (("error", None), ("unit_error", ["2"])):  # a block's Linear, the head unit
+        try:
+            ReplaceModules(MyLinear, nn.Linear, include=include).apply(model.model)
+        except ValueError as err:
+            result["replace"][key] = str(err)
+    inspect = Inspect()  # layers built in configure_model: replaced there, by hand, before fully_shard
+    fit([inspect], build_in_configure_model=True, replace_by_hand=True)
+    result["replace"]["by_hand_report"] = inspect.report
 
     _, _, result["plain_before"] = fit([])
     _, _, result["plain_after"] = fit([], build_in_configure_model=True)
