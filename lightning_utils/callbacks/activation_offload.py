@@ -5,6 +5,9 @@ copied to pinned host memory on CUDA, and recomputes its forward in backward on 
 inputs came from. Memory for activations drops to about one block's worth plus the (host-side)
 block inputs, for the price of one extra forward per block. On CPU-only runs the inputs are not
 copied anywhere (there is no device memory to save) but the blocks are still checkpointed.
+A block handed a mutable cache (a Hugging Face ``DynamicCache``, which models create whenever
+``use_cache`` is on) never has it written twice: in training an empty one is left out, otherwise
+the block runs once, plainly (``lightning_utils.modules.offload.caches``; one warning each).
 
 The callback acts in ``setup`` (and right after ``configure_model``), before the checkpoint
 restore and before the optimizers exist (see ``module_transform``); it changes no parameter and

@@ -9,8 +9,10 @@ strategy's wrapping.
 
 With ``target=None`` the LightningModule itself is compiled, which speeds up ``self(...)`` calls
 made from ``training_step`` (Lightning calls ``training_step`` directly, not ``forward``). Pass a
-target (e.g. the transformer block class) to compile submodules. It must never wrap modules in
-``OptimizedModule`` or compile a module twice.
+target (e.g. the transformer block class) to compile submodules. A module that
+``ActivationOffload`` wrapped first gets its own forward compiled inside the checkpoint (the
+forward and the recompute run compiled; the checkpoint machinery and module hooks stay eager),
+never its call. It must never wrap modules in ``OptimizedModule`` or compile a module twice.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import nn
 
 from lightning_utils._internals import is_compiled_in_place
 from lightning_utils.callbacks.module_transform import ModuleTransform
+from lightning_utils.modules.offload import compile_offloaded, is_offload_compiled, is_offloaded
 from lightning_utils.modules.targets import Target, find_targets
 
 __all__ = ["CompileModules"]
@@ -84,11 +87,14 @@ class CompileModules(ModuleTransform):
 
     def _transform(self, module: nn.Module, root_replaceable: bool) -> nn.Module:
         if self.target is None:
-            targets = [] if is_compiled_in_place(module) else [("", module)]
+            targets = [] if _compiled(module) else [("", module)]
         else:
-            targets = list(find_targets(module, self.target, self.include, self.exclude, skip=is_compiled_in_place))
+            targets = list(find_targets(module, self.target, self.include, self.exclude, skip=_compiled))
         for name, sub in targets:
-            sub.compile(**self._compile_kwargs())
+            if is_offloaded(sub):
+                compile_offloaded(sub, **self._compile_kwargs())
+            else:
+                sub.compile(**self._compile_kwargs())
             self.compiled.append(name)
         if targets:
             self._log(f"compiled {[n or '<root>' for n, _ in targets]}")
@@ -96,3 +102,8 @@ class CompileModules(ModuleTransform):
 
     def _transformed(self) -> list[str]:
         return self.compiled
+
+
+def _compiled(module: nn.Module) -> bool:
+    """Whether ``module`` was compiled already: in place, or its forward inside its checkpoint."""
+    return is_compiled_in_place(module) or is_offload_compiled(module)

@@ -25,6 +25,7 @@ This module must never touch a model that a strategy has already wrapped (DDP/FS
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
@@ -33,7 +34,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
-from lightning_utils.modules.targets import Target, resolve_target
+from lightning_utils.modules.targets import Target, describe_target, resolve_target
 
 __all__ = ["ModuleTransform", "check_not_wrapped", "transform_before_restore"]
 
@@ -137,9 +138,12 @@ class ModuleTransform(Callback):
     def apply(self, module: nn.Module) -> nn.Module:
         """Transform a plain ``nn.Module`` outside a Trainer and return it: the same object,
         transformed in place, or (``ReplaceModules``, when the root itself matches) its
-        replacement. Refuses a DDP / DataParallel wrapper."""
+        replacement. Refuses a DDP / DataParallel wrapper; warns when nothing matched."""
         check_not_wrapped(module)
-        return self._transform(module, root_replaceable=True)
+        result = self._transform(module, root_replaceable=True)
+        if not self._transformed():
+            warnings.warn(self._nothing_matched(), UserWarning, stacklevel=2)
+        return result
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         transform_before_restore(pl_module, f"{self.label}@{id(self)}", self._transform_lightning_module)
@@ -149,7 +153,16 @@ class ModuleTransform(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self._transformed():
-            rank_zero_warn(f"{self.label}: no submodule matched target={self.target!r}; {self.nothing_done}")
+            rank_zero_warn(self._nothing_matched())
+
+    def _nothing_matched(self) -> str:
+        """The warning for a target that matched no submodule, naming it and the name policy."""
+        policy = "".join(
+            f", {arg}={patterns!r}"
+            for arg, patterns in (("include", self.include), ("exclude", self.exclude))
+            if patterns is not None
+        )
+        return f"{self.label}: no submodule matched target={describe_target(self.target)}{policy}; {self.nothing_done}"
 
     def _log(self, message: str) -> None:
         """``message`` on rank zero, when ``verbose``."""

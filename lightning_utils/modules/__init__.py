@@ -8,8 +8,10 @@ usable on any ``nn.Module`` without a Trainer.
   include/exclude name policy).
 - ``swap``: replace matching submodules, carrying weights over under the same keys.
 - ``presets``: ready replacements (torchao / bitsandbytes low-precision layers, SDPA attention).
-- ``offload``: offloaded activation checkpointing.
+- ``offload``: offloaded activation checkpointing (caches handed to a block are never written
+  twice; an offloaded block's own forward can run compiled inside its checkpoint).
 
-What it must never do: import ``lightning``, or import an optional back end (torchao,
-bitsandbytes) before a preset that needs it is called.
+What it must never do: import ``lightning``, import an optional back end (torchao, bitsandbytes,
+transformers) before a preset that needs it is called (Hugging Face caches are recognised
+through ``sys.modules`` only), or load the compiler stack at import time.
 """

@@ -18,12 +18,14 @@ silent drop. A factory that converts weights itself says so with a ``copies_weig
 attribute (the presets in ``lightning_utils.modules.presets`` do), and is then left alone.
 
 It must never operate on a DDP-wrapped model, replace a module it produced itself, or replace a
-module already wrapped by ``ActivationOffload`` or compiled in place (it refuses: replace first).
+module already wrapped by ``ActivationOffload``, compiled in place or sharded (``fully_shard``,
+DTensor parameters): it refuses, saying to replace first.
 """
 
 from __future__ import annotations
 
 import inspect
+import sys
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -181,12 +183,37 @@ def check_not_transformed(name: str, old: nn.Module) -> None:
     by = "ActivationOffload" if is_offloaded(old) else None
     if is_compiled_in_place(old):
         by = "CompileModules (Module.compile)"
+    sharded = _sharded_by(old)
+    if sharded is not None:
+        # The sharding state (FSDP2's parameter groups, the optimizer built on them) holds the
+        # old module's DTensor parameters: a replacement would train parameters nothing shards
+        # or reduces, and the old ones would keep being gathered.
+        raise ValueError(
+            f"ReplaceModules: {name or type(old).__name__!r} is already sharded ({sharded}); "
+            "replace modules before sharding them: build the layers in the LightningModule's "
+            "__init__ (the callback's setup runs before configure_model, where fully_shard runs), "
+            "or call ReplaceModules(...).apply(layer) in configure_model before fully_shard"
+        )
     if by is not None:
         raise ValueError(
             f"ReplaceModules: {name or type(old).__name__!r} was already transformed by {by}; "
             "replace modules before wrapping or compiling them: put ReplaceModules before "
             "ActivationOffload / CompileModules in the Trainer's callbacks (or call its apply() first)"
         )
+
+
+def _sharded_by(module: nn.Module) -> str | None:
+    """How ``module`` is sharded already (an FSDP2 unit, DTensor parameters), or ``None``.
+
+    Checked through ``sys.modules``: neither class can be in use unless its module is imported."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    fsdp_module = getattr(fsdp, "FSDPModule", None)
+    if isinstance(fsdp_module, type) and isinstance(module, fsdp_module):
+        return "a fully_shard unit"
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    if isinstance(dtensor, type) and any(isinstance(p, dtensor) for p in module.parameters()):
+        return "its parameters are DTensors"
+    return None
 
 
 def _set_everywhere(root: nn.Module, old: nn.Module, new: nn.Module) -> None:

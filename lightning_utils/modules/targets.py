@@ -26,7 +26,7 @@ from torch import nn
 Predicate = Callable[[str, nn.Module], bool]
 Target = type | str | Sequence[type | str] | Predicate
 
-__all__ = ["Predicate", "Target", "find_targets", "passes_policy", "resolve_target"]
+__all__ = ["Predicate", "Target", "describe_target", "find_targets", "passes_policy", "resolve_target"]
 
 
 def _import_class(path: str, argument: str) -> type:
@@ -73,6 +73,21 @@ def resolve_target(target: Target | None, argument: str = "target") -> Predicate
         f"`{argument}` must be an nn.Module class, a tuple of classes, an import path or a "
         f"predicate (name, module) -> bool; got {type(target).__name__}"
     )
+
+
+def describe_target(target: Target | None) -> str:
+    """``target`` as a message names it: a class by its import path (``torch.nn.modules.rnn.GRU``),
+    an import path as given, several of them in parentheses, a predicate by its qualified name."""
+    if isinstance(target, type):
+        return f"{target.__module__}.{target.__qualname__}"
+    if isinstance(target, str):
+        return target
+    if isinstance(target, (tuple, list)):
+        return "(" + ", ".join(describe_target(t) for t in target) + ")"
+    if target is None:
+        return "None"
+    name = getattr(target, "__qualname__", None) or type(target).__qualname__
+    return f"predicate {name}"
 
 
 def _matches(pattern: str, name: str) -> bool:

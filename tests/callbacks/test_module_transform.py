@@ -18,7 +18,7 @@ from lightning_utils.callbacks.compile_modules import CompileModules
 from lightning_utils.callbacks.module_transform import ModuleTransform
 from lightning_utils.callbacks.replace_modules import ReplaceModules
 from lightning_utils.io import load_state
-from lightning_utils.modules.offload import is_offloaded
+from lightning_utils.modules.offload import is_offload_compiled, is_offloaded
 
 _trainer = cpu_trainer
 
@@ -81,7 +81,11 @@ def _three(counting):
 
 
 def test_replace_offload_compile_in_one_trainer_fit_resume_validate(tmp_path):
+    torch.compiler.reset()  # code compiled for _Block by another backend would be reused
+    graphs = []
+
     def counting(gm, example_inputs):
+        graphs.append(gm)
         return gm.forward
 
     pl.seed_everything(0)
@@ -96,7 +100,11 @@ def test_replace_offload_compile_in_one_trainer_fit_resume_validate(tmp_path):
     replace, offload, compile_ = callbacks
     assert replace.replaced == ["blocks.0.fc1", "blocks.0.fc2", "blocks.1.fc1", "blocks.1.fc2"]
     assert offload.wrapped == ["blocks.0", "blocks.1"] and compile_.compiled == ["blocks.0", "blocks.1"]
-    assert all(type(b.fc1) is MyLinear and is_offloaded(b) and b._compiled_call_impl is not None for b in model.blocks)
+    # an offloaded block gets its own forward compiled, inside the checkpoint (never its call,
+    # which would trace the checkpoint machinery): graphs for the no-grad forward and the recompute
+    assert all(type(b.fc1) is MyLinear and is_offloaded(b) and is_offload_compiled(b) for b in model.blocks)
+    assert all(b._compiled_call_impl is None for b in model.blocks)
+    assert len(graphs) >= 2
     # same training as without any of them: exact replacement, dropout replayed, eager backend
     assert list(model.state_dict()) == list(plain.state_dict())
     for (k, a), b in zip(plain.state_dict().items(), model.state_dict().values()):
@@ -232,3 +240,49 @@ def test_verbose_logs_what_each_callback_did():
 def test_callbacks_warn_when_nothing_matches(tmp_path, callback, message):
     with pytest.warns(UserWarning, match=message):
         _trainer(tmp_path, [callback()], 1).fit(_StackLM())
+
+
+_NO_MATCH = [
+    (lambda: ActivationOffload(target=nn.GRU), "ActivationOffload", "nothing is checkpointed"),
+    (lambda: ReplaceModules(nn.GRU, MyLinear), "ReplaceModules", "nothing was replaced"),
+    (lambda: CompileModules(target=nn.GRU, backend="eager"), "CompileModules", "nothing was compiled"),
+]
+
+
+@pytest.mark.parametrize(("callback", "label", "end"), _NO_MATCH, ids=["offload", "replace", "compile"])
+def test_a_target_that_matches_nothing_is_named_in_the_warning(tmp_path, callback, label, end):
+    message = rf"^{label}: no submodule matched target=torch\.nn\.modules\.rnn\.GRU; {end}$"
+    with pytest.warns(UserWarning, match=message):
+        _trainer(tmp_path, [callback()], 1).fit(_StackLM())
+    with pytest.warns(UserWarning, match=message):  # outside a Trainer too
+        callback().apply(nn.Sequential(_Block()))
+
+
+def test_the_warning_names_import_paths_predicates_and_the_name_policy():
+    def is_attention(name, module):
+        return name.endswith("attn")
+
+    cases = [
+        (ReplaceModules("torch.nn.GRU", MyLinear), "target=torch.nn.GRU;"),
+        (ActivationOffload(target=(nn.GRU, "torch.nn.LSTM")), "target=(torch.nn.modules.rnn.GRU, torch.nn.LSTM);"),
+        (
+            CompileModules(target=is_attention, backend="eager"),
+            "target=predicate test_the_warning_names_import_paths_predicates_and_the_name_policy.<locals>.is_attention;",
+        ),
+        (ActivationOffload(target=_Block, include=["blocks"], exclude=["0"]), "include=['blocks'], exclude=['0'];"),
+    ]
+    for callback, expected in cases:
+        with pytest.warns(UserWarning, match="no submodule matched") as record:
+            callback.apply(nn.Sequential(_Block()))
+        assert expected in str(record[0].message)
+
+
+def test_no_warning_when_something_matched_or_was_transformed_before():
+    import warnings
+
+    net = nn.Sequential(_Block())
+    offload = ActivationOffload(target=_Block)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        offload.apply(net)
+        offload.apply(net)  # nothing new to wrap, but the target did match

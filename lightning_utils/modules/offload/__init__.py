@@ -10,7 +10,9 @@ call of a function. Parameters, buffers and state-dict keys are untouched. The p
 - :mod:`.pytree`: the tensors inside a call's arguments and output, flattened out and put back;
 - :mod:`.host_copy`: host copies on a CUDA side stream, their events, and prefetch in backward;
 - :mod:`.function`: the autograd function (save, recompute with RNG/autocast replay, gradients);
-- :mod:`.wrap`: making matching submodules run that way (apply, remove, ``is_offloaded``).
+- :mod:`.caches`: caches handed to a block, which a recompute must never write into again;
+- :mod:`.wrap`: making matching submodules run that way (apply, remove, ``is_offloaded``, and
+  ``compile_offloaded``: the block's forward compiled inside the checkpoint).
 
 What it must never do: import ``lightning``, offload parameters or buffers, change a module's
 state dict, recompute when nothing needs a gradient, or keep a reference to a block's
@@ -21,11 +23,19 @@ from __future__ import annotations
 
 from lightning_utils.modules.offload.function import GraphCheck, OffloadOptions, offloaded_checkpoint
 from lightning_utils.modules.offload.wrap import _OffloadedForward as _OffloadedForward
-from lightning_utils.modules.offload.wrap import apply_activation_offload, is_offloaded, remove_activation_offload
+from lightning_utils.modules.offload.wrap import (
+    apply_activation_offload,
+    compile_offloaded,
+    is_offload_compiled,
+    is_offloaded,
+    remove_activation_offload,
+)
 
 __all__ = [
     "OffloadOptions",
     "apply_activation_offload",
+    "compile_offloaded",
+    "is_offload_compiled",
     "is_offloaded",
     "offloaded_checkpoint",
     "remove_activation_offload",

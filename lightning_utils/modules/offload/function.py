@@ -15,13 +15,18 @@ primitives (``torch.autograd.Function``, CUDA streams and events, pinned memory)
   no-grad forward already updated them once.
 * A block that runs inside another offloaded block (in its no-grad forward or its recompute)
   runs plainly, so a matching module inside a matching one is never checkpointed twice.
+* A recompute never writes into a cache a second time: a block handed a mutable cache (a
+  Hugging Face ``Cache``) runs without it when it is empty and the block is training, else
+  plainly, once (:mod:`.caches`; one warning each).
 
 Limits: the first forward runs under ``no_grad``, so an op whose kernel choice depends on grad
 mode (the eval-mode fast paths of ``nn.MultiheadAttention``/``nn.TransformerEncoderLayer``,
 rare SDPA back-end corner cases) may be computed by a different kernel in the recompute;
 parameters a block uses must be registered in it or passed to it (checked once, with a clear
 error); tensors inside objects other than tuples, lists and dicts are treated as constants;
-double backward (``create_graph=True``) is refused.
+a tensor the block hands out other than through its return value (kept by a forward hook on a
+module inside it) comes from the no-grad forward and carries no gradient; double backward
+(``create_graph=True``) is refused.
 
 What it must never do: offload parameters or buffers, recompute when nothing needs a gradient,
 or keep a reference to a block's intermediate activations.
@@ -39,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_utils._internals import autograd_keeps_graph
+from lightning_utils.modules.offload.caches import plan, warn_once, without_caches
 from lightning_utils.modules.offload.host_copy import Group, HostCopy, offloadable, register
 from lightning_utils.modules.offload.pytree import flatten, unflatten
 
@@ -99,6 +105,8 @@ class BlockInfo:
     """The wrapped module, whose running statistics the recompute must not update again."""
     state_of: nn.Module | None = None
     """The model whose parameters and buffers are never offloaded, even when passed as inputs."""
+    warned: set[str] = field(default_factory=set)
+    """The cache warnings already given for this set of blocks (each is given once)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,6 +408,14 @@ def checkpoint_call(
     in_spec, leaves = flatten((args, kwargs))
     if _depth() > 0 or not _needs_recompute(leaves, params):
         return fn(*args, **kwargs)
+    # A cache the block writes into must not be written again by the recompute.
+    decision = plan(args, kwargs, block.module, block.name)
+    warn_once(decision, block.warned)
+    if decision.action == "plain":
+        return fn(*args, **kwargs)
+    if decision.action == "drop":
+        args, kwargs = without_caches((args, kwargs))
+        in_spec, leaves = flatten((args, kwargs))
     params = [p for p in params if p.requires_grad]
     run = _Run(fn, in_spec, len(leaves), params, block)
     out_leaves = _OffloadedCheckpoint.apply(run, *leaves, *params)
@@ -423,4 +439,8 @@ def offloaded_checkpoint(
     grad mode, or when nothing requires grad, ``fn`` simply runs (no checkpoint, no recompute).
     """
     options = OffloadOptions(pin_memory=pin_memory, min_bytes=min_bytes, offload=offload)
-    return checkpoint_call(fn, args, kwargs, params, BlockInfo(options))
+    return checkpoint_call(fn, args, kwargs, params, BlockInfo(options, warned=_FUNCTION_WARNED))
+
+
+_FUNCTION_WARNED: set[str] = set()
+"""The cache warnings given for calls of ``offloaded_checkpoint`` (once per process)."""
