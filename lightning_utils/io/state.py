@@ -144,12 +144,24 @@ def load_state(
     file, so loading copies nothing and pages are read on first touch; in-place updates stay
     private to the process. The file may be replaced or deleted meanwhile (our writers rename),
     but must not be truncated in place. ``mmap=False`` reads every tensor into fresh memory.
+
+    A sharded checkpoint directory (:mod:`lightning_utils.io.sharded`) loads as the whole object,
+    each sharded tensor assembled.
     """
+    if _is_directory(path):
+        from lightning_utils.io.sharded import load_sharded
+
+        return load_sharded(path, map_location, mmap=mmap)
     fmt = _existing_checkpoint(path)
     check_map_location(map_location)
     if fmt == "torch":
         return load_torch(path, map_location=map_location, weights_only=weights_only)
     return _load_safetensors(os.fspath(path), map_location, use_mmap=mmap)
+
+
+def _is_directory(path: str | os.PathLike) -> bool:
+    _check_local(path)
+    return os.path.isdir(path)
 
 
 def _existing_checkpoint(path: str | os.PathLike) -> Format:
@@ -236,7 +248,12 @@ def load_structure(path: str | os.PathLike, weights_only: bool | None = None) ->
 
     For safetensors files no tensor data is read (only the header), so inspecting a huge
     checkpoint is instant. Torch files are memory-mapped and their tensors replaced by meta ones.
+    Sharded checkpoint directories give their global shapes (only the index is read).
     """
+    if _is_directory(path):
+        from lightning_utils.io.sharded import load_sharded_structure
+
+        return load_sharded_structure(path)
     if _existing_checkpoint(path) == "torch":
         return load_torch(path, map_location="meta", weights_only=weights_only)
     path = os.fspath(path)
