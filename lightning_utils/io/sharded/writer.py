@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,7 @@ def _finish(comm: Comm, outcome: str | None, local_failure: BaseException | None
         raise RuntimeError(f"{path}: the checkpoint was not saved: {outcome}")
 
 
-def save_sharded(obj: Any, path: str | Path, comm: Comm | None = None) -> None:
+def save_sharded(obj: Any, path: str | os.PathLike, comm: Comm | None = None) -> None:
     """Save ``obj`` (``DTensor`` or :class:`TensorShard` leaves allowed) as a sharded checkpoint directory ``path``."""
     comm = comm or Comm()
     path = Path(path)
@@ -205,7 +206,7 @@ def _shard_bytes(s: TensorShard) -> torch.Tensor:
     return s.local.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
 
 
-def save_consolidated(obj: Any, path: str | Path, comm: Comm | None = None) -> None:
+def save_consolidated(obj: Any, path: str | os.PathLike, comm: Comm | None = None) -> None:
     """Save ``obj`` as one ``.sft`` file written by rank 0, gathering one sharded tensor at a time.
 
     The file is exactly what :func:`lightning_utils.io.save_state` writes for the same object
