@@ -267,9 +267,9 @@ def check_strategy_saves_sft(strategy: Any, path_or_suffix: str = ".sft") -> Non
 
     if isinstance(strategy, ModelParallelStrategy):
         return
-    if isinstance(strategy, _LightningModelParallelStrategy) and _is_safetensors_path(
-        Path("x" + Path(path_or_suffix).suffix)
-    ):
+    is_suffix = path_or_suffix.startswith(".") and "/" not in path_or_suffix
+    suffix = path_or_suffix if is_suffix else Path(path_or_suffix).suffix
+    if isinstance(strategy, _LightningModelParallelStrategy) and _is_safetensors_path(Path("x" + suffix)):
         raise RuntimeError(
             "Lightning's ModelParallelStrategy saves sharded checkpoints with torch.distributed.checkpoint and a "
             "pickled meta.pt and loads every checkpoint with torch.load, never through the CheckpointIO plugin, so "

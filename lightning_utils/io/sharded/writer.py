@@ -47,6 +47,17 @@ from lightning_utils.io.sharded.stream import EntrySpec, data_order, write_entri
 from lightning_utils.io.skeleton import encode
 
 
+def _collective(path: Path, run: Any, *args: Any) -> Any:
+    """Run one of ``comm``'s collectives; a rank that died or hung surfaces as an error naming the save."""
+    try:
+        return run(*args)
+    except RuntimeError as exc:
+        raise RuntimeError(
+            f"{path}: saving the checkpoint failed: a rank stopped taking part ({exc}); the previous checkpoint "
+            "under this name is unchanged"
+        ) from exc
+
+
 def _is_shard(x: object) -> bool:
     return isinstance(x, TensorShard)
 
@@ -89,7 +100,7 @@ def _start(obj: Any, comm: Comm, path: Path) -> tuple[list[TensorShard], list[li
     described = [
         [list(s.shape), str(s.dtype), [list(s.offsets), list(s.local.shape)] if s.stored else None] for s in shards
     ]
-    everyone = comm.all_gather(described)
+    everyone = _collective(path, comm.all_gather, described)
     for rank, theirs in enumerate(everyone):
         if [d[:2] for d in theirs] != [d[:2] for d in everyone[0]]:
             raise RuntimeError(
@@ -110,7 +121,7 @@ def _start(obj: Any, comm: Comm, path: Path) -> tuple[list[TensorShard], list[li
             "names": plan.names if plan else None,
             "token": storage.new_token(),
         }
-    start = comm.broadcast(start)
+    start = _collective(path, comm.broadcast, start)
     assert start is not None
     if failure is not None:
         raise failure
@@ -121,7 +132,7 @@ def _start(obj: Any, comm: Comm, path: Path) -> tuple[list[TensorShard], list[li
 
 def _finish(comm: Comm, outcome: str | None, local_failure: BaseException | None, path: Path) -> None:
     """Every rank learns rank 0's outcome; each raises its own failure, or rank 0's."""
-    outcome = comm.broadcast(outcome)
+    outcome = _collective(path, comm.broadcast, outcome)
     if local_failure is not None:
         raise local_failure
     if outcome:
@@ -159,7 +170,7 @@ def save_sharded(obj: Any, path: str | os.PathLike, comm: Comm | None = None) ->
     except Exception as exc:  # noqa: BLE001 - reported to rank 0, which aborts the save on every rank
         local_failure = exc
         report = {"error": f"rank {comm.rank}: {type(exc).__name__}: {exc}"}
-    reports = comm.gather(report)
+    reports = _collective(path, comm.gather, report)
     outcome: str | None = None
     if plan is not None:
         assert reports is not None
@@ -231,7 +242,7 @@ def save_consolidated(obj: Any, path: str | os.PathLike, comm: Comm | None = Non
             if s.stored:
                 data = _shard_bytes(s)
                 send[: data.numel()].copy_(data)
-            received = comm.gather_bytes(send)
+            received = _collective(path, comm.gather_bytes, send)
         if comm.rank != 0:
             return None
         full = torch.empty(s.shape, dtype=s.dtype)

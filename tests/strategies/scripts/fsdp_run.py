@@ -12,10 +12,11 @@ usage: fsdp_run.py OUT PLAN        PLAN: a comma-separated list of the phases be
   resume          from full's step=5.sft, to step 8
   async           8 steps with AsyncCheckpointIO, a sharded .sft at step 5; then resumed to 8
   consolidated    save_distributed_checkpoint=False: one .sft at step 5; then resumed to 8
-  lightning_ckpt  our strategy writing Lightning's own DCP directory (a .ckpt path) at step 5; resumed to 8
+  lightning_ckpt  .ckpt paths are Lightning's own code: a DCP directory, then a consolidated .ckpt
+                  (save_distributed_checkpoint=False), each at step 5 and resumed to 8
   resume_from_2   (1 or 2 ranks) from <out>/two/step=5.sft (written by 2 ranks), to step 8
-  save_1          (1 rank) 8 steps, a sharded .sft at step 5 in <out>/one
-  resume_from_1   (2 ranks) from <out>/one/step=5.sft, to step 8
+  save_1          (1 rank) 16 steps, a sharded .sft at step 12 (the end of epoch 0) in <out>/one
+  resume_from_1   (2 ranks) from <out>/one/step=12.sft, to step 16
   kill            a sharded .sft at steps 2 and 4; rank 1 is SIGKILLed while writing step 4
 """
 
@@ -28,6 +29,7 @@ import warnings
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.distributed.fsdp import fully_shard
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -45,6 +47,7 @@ warnings.filterwarnings("ignore")
 GLOBAL_BATCH = 4
 STEPS = 8
 SAVE_AT = 5
+EPOCH_STEPS = 12  # 48 sequences, 4 per step
 # Read once: Lightning's teardown removes WORLD_SIZE from the environment after each fit.
 WORLD_SIZE = int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -88,13 +91,24 @@ def loader(world_size: int) -> ResumableDataLoader:
     return ResumableDataLoader(data, batch_size=GLOBAL_BATCH // world_size, sampler=RandomSampler(len(data), seed=0))
 
 
-def fit(out, phase, ckpt_dir=None, ckpt_path=None, every=SAVE_AT, async_io=False, distributed=True, top_k=-1):
+def fit(
+    out,
+    phase,
+    ckpt_dir=None,
+    ckpt_path=None,
+    every=SAVE_AT,
+    async_io=False,
+    distributed=True,
+    top_k=-1,
+    steps=STEPS,
+    checkpoint_class=SafetensorsModelCheckpoint,
+):
     world_size = WORLD_SIZE
     io = SafetensorsCheckpointIO()
     callbacks = []
     if ckpt_dir is not None:
         callbacks.append(
-            SafetensorsModelCheckpoint(
+            checkpoint_class(
                 dirpath=ckpt_dir, filename="{step}", every_n_train_steps=every, save_top_k=top_k, save_last=True
             )
         )
@@ -105,7 +119,7 @@ def fit(out, phase, ckpt_dir=None, ckpt_path=None, every=SAVE_AT, async_io=False
             data_parallel_size=world_size, tensor_parallel_size=1, save_distributed_checkpoint=distributed
         ),
         plugins=[AsyncCheckpointIO(io) if async_io else io],
-        max_steps=STEPS,
+        max_steps=steps,
         callbacks=callbacks,
         logger=False,
         enable_checkpointing=bool(callbacks),
@@ -158,14 +172,17 @@ def main() -> None:
             fit(out, phase, ckpt_dir=os.path.join(out, "consolidated"), distributed=False)
             fit(out, "consolidated_resume", ckpt_path=os.path.join(out, "consolidated", "step=5.sft"))
         elif phase == "lightning_ckpt":
-            trainer = fit(out, phase)
-            del trainer
+            for distributed in (True, False):
+                name = "dcp" if distributed else "dcp_full"
+                ckpt_dir = os.path.join(out, name)
+                fit(out, name, ckpt_dir=ckpt_dir, distributed=distributed, checkpoint_class=ModelCheckpoint)
+                fit(out, f"{name}_resume", ckpt_path=os.path.join(ckpt_dir, "step=5.ckpt"), distributed=distributed)
         elif phase == "resume_from_2":
             fit(out, phase, ckpt_path=os.path.join(two, "step=5.sft"))
         elif phase == "save_1":
-            fit(out, phase, ckpt_dir=one)
+            fit(out, phase, ckpt_dir=one, every=EPOCH_STEPS, steps=EPOCH_STEPS + 4)
         elif phase == "resume_from_1":
-            fit(out, phase, ckpt_path=os.path.join(one, "step=5.sft"))
+            fit(out, phase, ckpt_path=os.path.join(one, f"step={EPOCH_STEPS}.sft"), steps=EPOCH_STEPS + 4)
         elif phase == "kill":
             kill_rank_1_at_step_4()
             fit(out, phase, ckpt_dir=os.path.join(out, "kill"), every=2, top_k=1)
