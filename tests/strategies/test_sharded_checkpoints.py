@@ -24,6 +24,9 @@ from lightning_utils.io.sharded import INDEX_NAME, ShardedCheckpoint
 
 SCRIPT = Path(__file__).parent / "scripts" / "fsdp_run.py"
 TIMEOUT = 300
+# Each test launches one or two short runs (a few seconds each on an idle machine); the generous
+# limits are for a machine shared with other jobs. A hang still fails the test.
+pytestmark = [pytest.mark.ddp, pytest.mark.timeout(900)]
 
 
 def launch(out: Path, plan: str, world_size: int = 2, expect_ok: bool = True) -> list[subprocess.CompletedProcess]:
@@ -79,13 +82,20 @@ def global_losses(out: Path, phase: str, world_size: int) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory) -> Path:
-    """8 steps on 2 ranks with a sharded .sft at step 5 (mid-epoch), then resumed from it."""
+    """On 2 ranks: 8 steps with a sharded .sft at step 5 (mid-epoch), then resumed from it; the same
+    with an asynchronous save."""
     out = tmp_path_factory.mktemp("fsdp")
-    launch(out, "full,resume")
+    launch(out, "full,resume,async")
     return out
 
 
-@pytest.mark.ddp
+@pytest.fixture(scope="module")
+def one_rank_run(two_rank_run) -> Path:
+    """On 1 rank: resumed from the 2-rank step=5.sft; then 16 steps with a sharded .sft at step 12."""
+    launch(two_rank_run, "resume_from_2,save_1", world_size=1)
+    return two_rank_run
+
+
 def test_exact_resume_on_the_same_world_size_mid_epoch(two_rank_run):
     for rank in range(2):
         full, resumed = losses(two_rank_run, "full", rank), losses(two_rank_run, "resume", rank)
@@ -93,11 +103,11 @@ def test_exact_resume_on_the_same_world_size_mid_epoch(two_rank_run):
         assert all(resumed[s] == full[s] for s in resumed), (rank, full, resumed)  # bit-equal
 
 
-@pytest.mark.ddp
 def test_a_sharded_checkpoint_holds_only_safetensors_files_and_one_json_index(two_rank_run):
     ckpts = two_rank_run / "two"
     assert sorted(p.name for p in ckpts.iterdir()) == ["last.sft", "step=5.sft"]
-    for directory in ckpts.iterdir():
+    assert sorted(p.name for p in (two_rank_run / "async").iterdir()) == ["last.sft", "step=5.sft"]
+    for directory in [*ckpts.iterdir(), *(two_rank_run / "async").iterdir()]:
         names = sorted(p.name for p in directory.iterdir())
         assert names == [INDEX_NAME, "shard-00000-of-00002.safetensors", "shard-00001-of-00002.safetensors"]
         for p in directory.iterdir():
@@ -115,28 +125,25 @@ def test_a_sharded_checkpoint_holds_only_safetensors_files_and_one_json_index(tw
         ]
 
 
-@pytest.mark.ddp
-def test_resharded_resume_from_2_ranks_on_1(two_rank_run):
-    launch(two_rank_run, "resume_from_2", world_size=1)
-    full, resumed = global_losses(two_rank_run, "full", 2), losses(two_rank_run, "resume_from_2", 0)
+def test_resharded_resume_from_2_ranks_on_1(one_rank_run):
+    full, resumed = global_losses(one_rank_run, "full", 2), losses(one_rank_run, "resume_from_2", 0)
     assert sorted(resumed) == [6, 7, 8]
     for step, loss in resumed.items():
         assert loss == pytest.approx(full[step], abs=1e-4)
 
 
-@pytest.mark.ddp
-def test_resharded_resume_from_1_rank_on_2(tmp_path):
-    launch(tmp_path, "save_1", world_size=1)
-    launch(tmp_path, "resume_from_1", world_size=2)
-    one, resumed = losses(tmp_path, "save_1", 0), global_losses(tmp_path, "resume_from_1", 2)
+def test_resharded_resume_from_1_rank_on_2(one_rank_run):
+    # at the end of epoch 0: ResumableDataLoader refuses a mid-epoch resume on more ranks
+    launch(one_rank_run, "resume_from_1", world_size=2)
+    one, resumed = losses(one_rank_run, "save_1", 0), global_losses(one_rank_run, "resume_from_1", 2)
     assert sorted(resumed) == [13, 14, 15, 16]
     for step, loss in resumed.items():
         assert loss == pytest.approx(one[step], abs=1e-4)
 
 
-@pytest.mark.ddp
-def test_async_and_consolidated_saves_resume_exactly(tmp_path):
-    launch(tmp_path, "full,async,consolidated")
+def test_async_and_consolidated_saves_resume_exactly(two_rank_run):
+    tmp_path = two_rank_run
+    launch(tmp_path, "consolidated")
     for rank in range(2):
         full = losses(tmp_path, "full", rank)
         for phase in ("async", "async_resume", "consolidated", "consolidated_resume"):
@@ -153,9 +160,9 @@ def test_async_and_consolidated_saves_resume_exactly(tmp_path):
         assert torch.equal(value, sharded["state_dict"][key]), key
 
 
-@pytest.mark.ddp
-def test_ckpt_paths_are_lightnings_own_checkpoints(tmp_path):
-    launch(tmp_path, "full,lightning_ckpt")
+def test_ckpt_paths_are_lightnings_own_checkpoints(two_rank_run):
+    tmp_path = two_rank_run
+    launch(tmp_path, "lightning_ckpt")
     assert (tmp_path / "dcp" / "step=5.ckpt" / "meta.pt").is_file()  # Lightning's DCP directory
     assert (tmp_path / "dcp_full" / "step=5.ckpt").is_file()
     for rank in range(2):
@@ -165,7 +172,6 @@ def test_ckpt_paths_are_lightnings_own_checkpoints(tmp_path):
             assert all(got[s] == full[s] for s in got), (phase, rank)
 
 
-@pytest.mark.ddp
 def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint(tmp_path):
     results = launch(tmp_path, "kill", expect_ok=False)
     assert results[1].returncode == -9  # SIGKILLed while writing its step-4 file
@@ -180,7 +186,6 @@ def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint(tmp_path):
         assert state["global_step"] == 2
 
 
-@pytest.mark.ddp
 def test_tools_read_a_sharded_checkpoint(two_rank_run, tmp_path, capsys):
     from lightning_utils.cli import main
     from lightning_utils.plugins import load_from_checkpoint

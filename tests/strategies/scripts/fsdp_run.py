@@ -70,6 +70,8 @@ class TinyLM(pl.LightningModule):
         self.losses: list[tuple[int, str]] = []
 
     def configure_model(self) -> None:
+        if self.device_mesh is None:  # loaded outside a Trainer (load_from_checkpoint): nothing to shard
+            return
         mesh = self.device_mesh["data_parallel"]
         for layer in self.lm.model.layers:
             fully_shard(layer, mesh=mesh)
