@@ -163,7 +163,10 @@ def save_sharded(obj: Any, path: str | os.PathLike, comm: Comm | None = None) ->
                     specs.append(EntrySpec(name, t.dtype, tuple(t.shape), t))
                     blocks[name] = (tuple(t.shape), (0,) * t.dim())
                     chunks[name] = [[0] * t.dim(), list(t.shape)]
-        metadata = {"format": "pt", SHARDING_KEY: json.dumps(file_sharding(comm.rank, comm.world_size, blocks))}
+        metadata = {
+            "format": "pt",
+            SHARDING_KEY: json.dumps(file_sharding(comm.rank, comm.world_size, blocks), separators=(",", ":")),
+        }
         storage.make_dir(stage)
         nbytes = storage.write_file(stage / file_name, lambda f: write_entries(f, specs, metadata))
         report: dict[str, Any] = {"bytes": nbytes, "chunks": chunks}
