@@ -172,6 +172,27 @@ def test_ckpt_paths_are_lightnings_own_checkpoints(two_rank_run):
             assert all(got[s] == full[s] for s in got), (phase, rank)
 
 
+def _apollo_takes_dtensors() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("lightning_utils.optim.sharded") is not None
+
+
+@pytest.mark.skipif(
+    not _apollo_takes_dtensors(), reason="Apollo/ApolloMini do not run on FSDP2 DTensor parameters here"
+)
+def test_apollo_mini_state_reshards_like_adamw_s(tmp_path):
+    launch(tmp_path, "apollo")
+    for rank in range(2):
+        full, resumed = losses(tmp_path, "apollo_full", rank), losses(tmp_path, "apollo_resume", rank)
+        assert sorted(resumed) == [6, 7, 8]
+        assert all(resumed[s] == full[s] for s in resumed), rank  # bit-equal on the same world size
+    launch(tmp_path, "apollo_resume_from_2", world_size=1)
+    full, resumed = global_losses(tmp_path, "apollo_full", 2), losses(tmp_path, "apollo_resume_from_2", 0)
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(full[step], abs=1e-4)
+
+
 def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint(tmp_path):
     results = launch(tmp_path, "kill", expect_ok=False)
     assert results[1].returncode == -9  # SIGKILLed while writing its step-4 file

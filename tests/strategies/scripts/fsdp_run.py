@@ -17,6 +17,8 @@ usage: fsdp_run.py OUT PLAN        PLAN: a comma-separated list of the phases be
   resume_from_2   (1 or 2 ranks) from <out>/two/step=5.sft (written by 2 ranks), to step 8
   save_1          (1 rank) 16 steps, a sharded .sft at step 12 (the end of epoch 0) in <out>/one
   resume_from_1   (2 ranks) from <out>/one/step=12.sft, to step 16
+  apollo          full and resume with ApolloMini (projection refreshed every 2 steps) instead of AdamW
+  apollo_resume_from_2  (1 rank) from apollo's 2-rank step=5.sft, to step 8
   kill            a sharded .sft at steps 2 and 4; rank 1 is SIGKILLed while writing step 4
 """
 
@@ -53,7 +55,7 @@ WORLD_SIZE = int(os.environ.get("WORLD_SIZE", "1"))
 
 
 class TinyLM(pl.LightningModule):
-    def __init__(self, lr: float = 0.01) -> None:
+    def __init__(self, lr: float = 0.01, optimizer: str = "adamw") -> None:
         super().__init__()
         self.save_hyperparameters()
         torch.manual_seed(0)
@@ -83,7 +85,13 @@ class TinyLM(pl.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=0.1)
+        if self.hparams.optimizer == "apollo_mini":
+            from lightning_utils.optim import ApolloMini, apollo_param_groups
+
+            groups = apollo_param_groups(self, include=["lm.model.layers.*"], exclude=["*norm*"])
+            opt = ApolloMini(groups, lr=self.hparams.lr, weight_decay=0.1, update_proj_gap=2)
+        else:
+            opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=0.1)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -104,6 +112,7 @@ def fit(
     top_k=-1,
     steps=STEPS,
     checkpoint_class=SafetensorsModelCheckpoint,
+    optimizer="adamw",
 ):
     world_size = WORLD_SIZE
     io = SafetensorsCheckpointIO()
@@ -129,7 +138,7 @@ def fit(
         enable_model_summary=False,
         deterministic=True,
     )
-    model = TinyLM()
+    model = TinyLM(optimizer=optimizer)
     trainer.fit(model, loader(world_size), ckpt_path=ckpt_path)
     with open(os.path.join(out, f"{phase}-rank{trainer.global_rank}.json"), "w") as f:
         json.dump({"losses": model.losses, "world_size": world_size}, f)
@@ -185,6 +194,11 @@ def main() -> None:
             fit(out, phase, ckpt_dir=one, every=EPOCH_STEPS, steps=EPOCH_STEPS + 4)
         elif phase == "resume_from_1":
             fit(out, phase, ckpt_path=os.path.join(one, f"step={EPOCH_STEPS}.sft"), steps=EPOCH_STEPS + 4)
+        elif phase == "apollo":
+            fit(out, "apollo_full", ckpt_dir=os.path.join(out, "apollo"), optimizer="apollo_mini")
+            fit(out, "apollo_resume", ckpt_path=os.path.join(out, "apollo", "step=5.sft"), optimizer="apollo_mini")
+        elif phase == "apollo_resume_from_2":
+            fit(out, phase, ckpt_path=os.path.join(out, "apollo", "step=5.sft"), optimizer="apollo_mini")
         elif phase == "kill":
             kill_rank_1_at_step_4()
             fit(out, phase, ckpt_dir=os.path.join(out, "kill"), every=2, top_k=1)
