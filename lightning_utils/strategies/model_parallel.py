@@ -123,8 +123,8 @@ class ModelParallelStrategy(_LightningModelParallelStrategy):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__}.save_checkpoint of a '.sft' checkpoint takes no storage_options")
         io = self._distributed_checkpoint_io()
-        if not self._sharded_sft:
-            checkpoint["optimizer_states"] = [self._keyed_by_index(s) for s in checkpoint.get("optimizer_states", [])]
+        if not self._sharded_sft and "optimizer_states" in checkpoint:
+            checkpoint["optimizer_states"] = [self._keyed_by_index(s) for s in checkpoint["optimizer_states"]]
         io.save_distributed_checkpoint(
             checkpoint, path, consolidated=not self._sharded_sft, group=self._checkpoint_group
         )

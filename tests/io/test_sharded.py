@@ -49,7 +49,17 @@ def rank_state(rank: int, world_size: int) -> dict:
     return {
         "epoch": 1,
         "state_dict": sd,
-        "optimizer_states": [{"state": {"w": {"step": STEP, "exp_avg": TensorShard(W[a:b] * 2, (6, 4), (a, 0))}}}],
+        "optimizer_states": [
+            {
+                "state": {
+                    "w": {
+                        "step": STEP,
+                        "exp_avg": TensorShard(W[a:b] * 2, (6, 4), (a, 0)),
+                        "column": TensorShard(W[a:b, :1].clone(), (6, 1), (a, 0)),
+                    }
+                }
+            }
+        ],
         # replicated on every rank: stored once, by the owner
         "emb": TensorShard(E[c:d].clone(), (5, 3), (c, 0)),
         "rep": TensorShard(torch.arange(4.0), (4,), (0,), owner=rank == 0),
@@ -63,7 +73,7 @@ def whole() -> dict:
     return {
         "epoch": 1,
         "state_dict": sd,
-        "optimizer_states": [{"state": {"w": {"step": STEP, "exp_avg": W * 2}}}],
+        "optimizer_states": [{"state": {"w": {"step": STEP, "exp_avg": W * 2, "column": W[:, :1].clone()}}}],
         "emb": E,
         "rep": torch.arange(4.0),
         "hyper_parameters": {"betas": (0.9, 0.99), "inf": math.inf},
@@ -75,6 +85,7 @@ def assert_whole(obj: dict) -> None:
     assert torch.equal(obj["state_dict"]["w"], expected["state_dict"]["w"])
     assert torch.equal(obj["state_dict"]["b"], expected["state_dict"]["b"])
     assert torch.equal(obj["optimizer_states"][0]["state"]["w"]["exp_avg"], W * 2)
+    assert torch.equal(obj["optimizer_states"][0]["state"]["w"]["column"], W[:, :1])
     assert torch.equal(obj["optimizer_states"][0]["state"]["w"]["step"], STEP)
     assert torch.equal(obj["emb"], E) and obj["emb"].dtype == torch.bfloat16
     assert torch.equal(obj["rep"], torch.arange(4.0))
@@ -134,6 +145,11 @@ def test_any_slice_reads_from_the_blocks_it_overlaps_only(tmp_path):
         fill(target, handle, checkpoint)
         assert torch.equal(target, W)
         assert checkpoint.handle_name(lazy["rep"]) is None  # one block: a memory-map view
+        column = lazy["optimizer_states"][0]["state"]["w"]["column"]  # a size-1 dimension keeps a stride
+        assert checkpoint.handle_name(column) == "optimizer_states.0.state.w.column"
+        target = torch.zeros(6, 1)
+        fill(target, column, checkpoint)
+        assert torch.equal(target, W[:, :1])
         assert torch.equal(checkpoint.materialize(lazy)["state_dict"]["w"], W)
         with pytest.raises(ValueError, match="lies outside"):
             checkpoint.read_block("w", (5, 0), (2, 4))

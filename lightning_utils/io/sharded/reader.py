@@ -241,9 +241,10 @@ class ShardedCheckpoint:
 
     def handle_name(self, t: torch.Tensor) -> str | None:
         """The tensor a :meth:`load_lazy` handle stands for; ``None`` for any other tensor."""
-        if t.device.type != "cpu" or not t.dim() or any(t.stride()):
+        storage = t.untyped_storage()
+        if t.device.type != "cpu" or storage.nbytes() != t.element_size():  # a handle's storage is one element
             return None
-        return self._handles.get(t.untyped_storage().data_ptr())
+        return self._handles.get(storage.data_ptr())
 
     def materialize(self, obj: Any) -> Any:
         """``obj`` with every handle replaced by its whole tensor."""
