@@ -1,11 +1,13 @@
 """Sharded checkpoints under FSDP2 on 2 gloo ranks: ours (.sft directory) vs Lightning's DCP, interleaved.
 
-    python benchmarks/sharded_checkpoint.py [--params 200e6] [--repeat 3] [--dir DIR]
+    python benchmarks/sharded_checkpoint.py [--params 200e6] [--repeat 5] [--dir DIR]
 
 Starts 2 ranks on CPU (gloo). Each builds a model of ``--params`` parameters (N × Linear(4096,
 4096)), shards it with ``fully_shard`` under ``lightning_utils.strategies.ModelParallelStrategy``,
 trains one step so AdamW has its moments (about 12 bytes per parameter in all), and then, at the
-end of training, measures with the methods taking turns within each repeat (median reported):
+end of training, measures with the methods taking turns within each repeat (each method first,
+middle and last in turn); it reports the median time, and the median over repeats of each
+repeat's ratio, which the disk's drift over minutes affects least:
 
 * save: the raw write of each rank's own shard bytes + ``fdatasync`` (the physical limit); our
   ``trainer.save_checkpoint("x.sft")`` (a sharded directory, every file and directory fsynced);
@@ -18,7 +20,8 @@ end of training, measures with the methods taking turns within each repeat (medi
   copy (``clone``) of the rank's local shards;
 * peak extra RSS of each rank during our save and during Lightning's, sampled every millisecond.
 
-An untimed ``os.sync()`` precedes each timed method so no method pays for another's writeback.
+Every save writes a new checkpoint, and the same method's previous one is deleted (untimed) before
+it; an untimed ``os.sync()`` precedes each timed method so no method pays for another's writeback.
 Times are rank 0's, which waits for every rank at the end of each method.
 """
 
@@ -106,9 +109,12 @@ def run_rank(args: argparse.Namespace) -> None:
             out += [v.to_local() for v in state.values() if isinstance(v, DTensor)]
         return out
 
-    def synced(fn):
-        """Run ``fn`` on every rank, starting together after an untimed os.sync; rank 0's wall time."""
+    def synced(fn, clear=None):
+        """Run ``fn`` on every rank, starting together after the untimed ``clear`` (on rank 0) and an
+        untimed os.sync; rank 0's wall time."""
         if dist.get_rank() == 0:
+            if clear is not None:
+                clear()
             os.sync()
         dist.barrier()
         t0 = time.perf_counter()
@@ -116,18 +122,26 @@ def run_rank(args: argparse.Namespace) -> None:
         dist.barrier()
         return time.perf_counter() - t0
 
+    def remove(path: Path) -> None:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
     class Measure(pl.Callback):
         def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
             rank, strategy = trainer.global_rank, trainer.strategy
             mine = local_tensors(trainer)
             shard_bytes = sum(t.numel() * t.element_size() for t in mine)
-            raw_file = workdir / f"raw-rank{rank}.bin"
-            ours, dcp, staged = workdir / "ours.sft", workdir / "dcp.ckpt", workdir / "async.sft"
+            # Every save writes a new checkpoint (as every_n_train_steps does), and the same method's
+            # previous one is deleted, untimed, before it: no method pays for deleting or overwriting
+            # its last output, and each starts with the same page cache.
+            out = {name: [workdir / f"{name}-{i}{suffix}" for i in range(args.repeat)]
+                   for name, suffix in (("raw", ""), ("ours", ".sft"), ("dcp", ".ckpt"), ("async", ".sft"))}  # fmt: skip
 
-            def raw_write() -> None:
-                if raw_file.exists():
-                    raw_file.unlink()
-                fd = os.open(raw_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            def raw_write(i: int) -> None:
+                out["raw"][i].mkdir(exist_ok=True)
+                fd = os.open(out["raw"][i] / f"rank{rank}.bin", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
                 try:
                     for t in mine:
                         write_all(fd, memoryview(t.detach().reshape(-1).view(torch.uint8).numpy()).cast("B"))
@@ -135,18 +149,15 @@ def run_rank(args: argparse.Namespace) -> None:
                 finally:
                     os.close(fd)
 
-            def dcp_save() -> None:
-                trainer.save_checkpoint(dcp)
+            def dcp_save(path: Path) -> None:
+                trainer.save_checkpoint(path)
                 if rank == 0:  # DCP fsyncs its shard files and .metadata; Lightning's meta.pt it does not
-                    with open(dcp / "meta.pt", "rb") as f:
+                    with open(path / "meta.pt", "rb") as f:
                         os.fsync(f.fileno())
-                    fsync_directory(dcp)
+                    fsync_directory(path)
                     fsync_directory(workdir)
 
             plain = SafetensorsCheckpointIO()
-
-            def async_save() -> None:
-                trainer.save_checkpoint(staged)
 
             def plain_copy() -> None:
                 copies = [t.clone() for t in mine]
@@ -156,25 +167,36 @@ def run_rank(args: argparse.Namespace) -> None:
                 k: [] for k in ("raw", "ours", "dcp", "ours_load", "dcp_load", "stall", "copy")
             }
             for i in range(args.repeat):
-                saves = [("raw", raw_write), ("ours", lambda: trainer.save_checkpoint(ours)), ("dcp", dcp_save)]
-                for name, fn in saves if i % 2 == 0 else saves[::-1]:
-                    times[name].append(synced(fn))
+                previous = {name: paths[i - 1] if i else None for name, paths in out.items()}
+
+                def clear(name: str, previous: dict = previous):
+                    return (lambda: remove(previous[name])) if previous[name] is not None else None
+
+                saves = [
+                    ("raw", lambda i=i: raw_write(i)),
+                    ("ours", lambda i=i: trainer.save_checkpoint(out["ours"][i])),
+                    ("dcp", lambda i=i: dcp_save(out["dcp"][i])),
+                ]
+                for name, fn in saves[i % 3 :] + saves[: i % 3]:  # each method first, middle and last in turn
+                    times[name].append(synced(fn, clear(name)))
                 loads = [
-                    ("ours_load", lambda: strategy.load_checkpoint(ours)),
-                    ("dcp_load", lambda: strategy.load_checkpoint(dcp, weights_only=False)),
+                    ("ours_load", lambda i=i: strategy.load_checkpoint(out["ours"][i])),
+                    ("dcp_load", lambda i=i: strategy.load_checkpoint(out["dcp"][i], weights_only=False)),
                 ]
                 for name, fn in loads if i % 2 == 0 else loads[::-1]:
                     times[name].append(synced(fn))
                 strategy.checkpoint_io = AsyncCheckpointIO(plain)
-                times["stall"].append(synced(async_save))
+                stall = synced(lambda i=i: trainer.save_checkpoint(out["async"][i]), clear("async"))
+                times["stall"].append(stall)
                 strategy.checkpoint_io.teardown()  # untimed: the write itself, on the worker thread
                 strategy.checkpoint_io = plain
                 times["copy"].append(synced(plain_copy))
+            ours, dcp = workdir / "ours-rss.sft", workdir / "dcp-rss.ckpt"
             dist.barrier()
             with PeakRSS() as ours_rss:
                 trainer.save_checkpoint(ours)
             with PeakRSS() as dcp_rss:
-                dcp_save()
+                dcp_save(dcp)
             peaks = [None, None]
             dist.all_gather_object(peaks, (shard_bytes, ours_rss.extra, dcp_rss.extra))
             if rank == 0:
@@ -194,20 +216,27 @@ def run_rank(args: argparse.Namespace) -> None:
 
 def report(args: argparse.Namespace, layers: int, times: dict[str, list[float]], peaks: list) -> None:
     m = {k: statistics.median(v) for k, v in times.items()}
+
+    def ratio(a: str, b: str) -> float:
+        """The median over repeats of a/b, each pair measured minutes apart at most (robust to the disk's drift)."""
+        return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
     params = layers * WIDTH * WIDTH
     print(f"\n{params / 1e6:.0f}M parameters + AdamW moments on 2 gloo ranks: {12 * params / 1e9:.2f} GB of tensors")
     print(f"(median of {args.repeat}, methods interleaved; each rank's shard: {peaks[0][0] / 1e9:.2f} GB)\n")
     rows = [
-        ("raw write of each rank's shard bytes + fdatasync", m["raw"], ""),
-        ("ours: sharded .sft save (fsync of every file and dir)", m["ours"], f"{m['ours'] / m['raw']:.2f}x raw (<= 1.3x), {m['ours'] / m['dcp']:.2f}x DCP (<= 1.0x)"),
-        ("Lightning DCP save + fsync of meta.pt and dir", m["dcp"], f"{m['dcp'] / m['raw']:.2f}x raw"),
-        ("ours: load (reshards: each rank reads its slices)", m["ours_load"], f"{m['ours_load'] / m['dcp_load']:.2f}x DCP (<= 1.0x)"),
-        ("Lightning DCP load", m["dcp_load"], ""),
-        ("ours: AsyncCheckpointIO stall (trainer.save_checkpoint)", m["stall"], f"{m['stall'] / m['copy']:.2f}x copy (<= 1.5x)"),
-        ("plain copy (clone) of the rank's local shards", m["copy"], ""),
+        ("raw write of each rank's shard bytes + fdatasync", "raw", ""),
+        ("ours: sharded .sft save (fsync of every file and dir)", "ours", f"{ratio('ours', 'raw'):.2f}x raw (<= 1.3x), {ratio('ours', 'dcp'):.2f}x DCP (<= 1.0x)"),
+        ("Lightning DCP save + fsync of meta.pt and dir", "dcp", f"{ratio('dcp', 'raw'):.2f}x raw"),
+        ("ours: load (reshards: each rank reads its slices)", "ours_load", f"{ratio('ours_load', 'dcp_load'):.2f}x DCP (<= 1.0x)"),
+        ("Lightning DCP load", "dcp_load", ""),
+        ("ours: AsyncCheckpointIO stall (trainer.save_checkpoint)", "stall", f"{ratio('stall', 'copy'):.2f}x copy (<= 1.5x)"),
+        ("plain copy (clone) of the rank's local shards", "copy", ""),
     ]  # fmt: skip
-    for name, t, note in rows:
-        print(f"  {name:58s} {t:7.2f} s   {note}")
+    print("  ratios: the median over repeats of the ratio within each repeat")
+    for name, key, note in rows:
+        each = " ".join(f"{t:.2f}" for t in times[key])
+        print(f"  {name:58s} {m[key]:7.2f} s   {note}   [{each}]")
     for rank, (shard, ours_extra, dcp_extra) in enumerate(peaks):
         print(
             f"  rank {rank}: peak extra RSS during our save {ours_extra / 1e6:7.1f} MB = {ours_extra / shard:.3f}x its shard "
@@ -218,7 +247,7 @@ def report(args: argparse.Namespace, layers: int, times: dict[str, list[float]],
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", type=float, default=200e6, help="model parameters (default 200e6)")
-    ap.add_argument("--repeat", type=int, default=3, help="runs per measurement; the median is reported")
+    ap.add_argument("--repeat", type=int, default=5, help="runs per measurement; the median is reported")
     ap.add_argument("--dir", default=None, help="where to write (default: a temp dir under the current directory)")
     ap.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -46,14 +46,21 @@ def staging_path(final: str | os.PathLike, token: str) -> Path:
     return final.parent / f"{TEMP_PREFIX}{token}"
 
 
-def make_dir(path: str | os.PathLike) -> None:
-    """Create ``path`` (and missing parents) durably; an existing directory is fine."""
+def make_dir(path: str | os.PathLike, *, durable: bool = True) -> None:
+    """Create the directory ``path`` (and missing parents); the directories it creates are made
+    durable, ``path`` itself only with ``durable=True``.
+
+    A staging directory (``durable=False``) only matters once it is published, and
+    :func:`publish` fsyncs the parent after the rename.
+    """
     path = Path(path)
-    missing = path
-    while not missing.parent.exists() and missing.parent != missing:
-        missing = missing.parent
+    highest_missing = None
+    probe = path if durable else path.parent
+    while not probe.exists() and probe.parent != probe:
+        highest_missing, probe = probe, probe.parent
     path.mkdir(parents=True, exist_ok=True)
-    fsync_directory(missing.parent)
+    if highest_missing is not None:
+        fsync_directory(highest_missing.parent)
 
 
 def write_file(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> int:

@@ -167,7 +167,7 @@ def save_sharded(obj: Any, path: str | os.PathLike, comm: Comm | None = None) ->
             "format": "pt",
             SHARDING_KEY: json.dumps(file_sharding(comm.rank, comm.world_size, blocks), separators=(",", ":")),
         }
-        storage.make_dir(stage)
+        storage.make_dir(stage, durable=False)
         nbytes = storage.write_file(stage / file_name, lambda f: write_entries(f, specs, metadata))
         report: dict[str, Any] = {"bytes": nbytes, "chunks": chunks}
     except Exception as exc:  # noqa: BLE001 - reported to rank 0, which aborts the save on every rank
