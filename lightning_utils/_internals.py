@@ -548,6 +548,38 @@ def fsdp_state_dict_type(strategy: Any) -> str | None:
     return getattr(strategy, "_state_dict_type", None)
 
 
+# -- strategies: sharded .sft checkpoints under ModelParallelStrategy (FSDP2) ----------------------
+_STRATEGIES: tuple[PrivateName, ...] = (
+    PrivateName(
+        module="lightning.pytorch.strategies.model_parallel",
+        attribute="_align_compiled_param_names_with_module",
+        used_by="lightning_utils.strategies.model_parallel (through align_compiled_param_names below)",
+        why="a consolidated .sft keys the optimizer state by parameter index exactly as Lightning's own "
+        "consolidated checkpoint does, so a single-device Trainer resumes it; Lightning first aligns the "
+        "names of torch.compile'd submodules ('_orig_mod') with this function, then re-keys",
+        public="torch's FSDP.rekey_optim_state_dict (used as well) re-keys but does not align compiled "
+        "names; copying the alignment would let the two drift apart",
+    ),
+    PrivateName(
+        module="torch.distributed.tensor",
+        attribute="DTensor.__create_chunk_list__",
+        used_by="lightning_utils.io.sharded.shards (local_block)",
+        why="the offsets and extent of the block of the global tensor a DTensor holds on this rank, "
+        "which every shard file records and every resharding read starts from",
+        public="torch.distributed.checkpoint's planner calls this same protocol method; the function "
+        "behind it (torch.distributed.tensor._utils.compute_local_shape_and_global_offset) is private "
+        "and DTensor has no public property for the offsets",
+    ),
+)
+
+
+def align_compiled_param_names(optimizer_state: dict[str, Any], module: Any) -> dict[str, Any]:
+    """Lightning's renaming of optimizer-state keys of ``torch.compile``'d submodules (``_orig_mod``)."""
+    from lightning.pytorch.strategies.model_parallel import _align_compiled_param_names_with_module
+
+    return _align_compiled_param_names_with_module(optimizer_state, module)
+
+
 # -- modules and module callbacks --------------------------------------------------------------
 _MODULES: tuple[PrivateName, ...] = (
     PrivateName(
@@ -904,7 +936,7 @@ def lightning_cli_class(read_ckpt_hparams: Callable[[LightningCLI], bool]) -> ty
     return _LightningUtilsCLI
 
 
-PRIVATE_NAMES: tuple[PrivateName, ...] = (*_DATA, *_IO, *_MODULES, *_CONTROL, *_OTHER)
+PRIVATE_NAMES: tuple[PrivateName, ...] = (*_DATA, *_IO, *_STRATEGIES, *_MODULES, *_CONTROL, *_OTHER)
 
 
 def _resolve(entry: PrivateName) -> bool:

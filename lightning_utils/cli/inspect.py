@@ -1,15 +1,17 @@
 """``lightning-utils inspect PATH``: print a checkpoint's tree with tensor shapes, dtypes and sizes.
 
 Works for ``.sft`` (reads only the header: instant on any size, also from an fsspec URL such as
-``s3://bucket/run/last.sft``) and ``.ckpt``/``.pt`` (loaded onto the meta device, so no tensor data
-is copied). Pickle files are opened with ``weights_only=True`` unless ``--unsafe`` is given. Exit
-codes: 0 success, 1 unreadable or missing file, 2 bad arguments (a negative ``--depth`` or
+``s3://bucket/run/last.sft``), sharded ``.sft`` directories (reads only the index; shapes are the
+global ones) and ``.ckpt``/``.pt`` (loaded onto the meta device, so no tensor data is copied).
+Pickle files are opened with ``weights_only=True`` unless ``--unsafe`` is given. Exit codes: 0
+success, 1 unreadable or missing file, 2 bad arguments (a negative ``--depth`` or
 ``--max-items``). This command never writes anything.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -18,7 +20,10 @@ import torch
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("path", help="a .sft/.safetensors or .ckpt/.pt/.pth/.bin file, or an fsspec URL (s3://...)")
+    parser.add_argument(
+        "path",
+        help="a .sft/.safetensors or .ckpt/.pt/.pth/.bin file, a sharded .sft directory, or an fsspec URL (s3://...)",
+    )
     parser.add_argument("--depth", type=int, default=None, help="show at most this many levels")
     parser.add_argument(
         "--max-items", type=int, default=50, help="show at most this many children per container (default 50)"
@@ -97,6 +102,14 @@ def _tensor_bytes(obj: Any) -> tuple[int, int]:
     return count, total
 
 
+def _sharded_description(path: str) -> str:
+    from lightning_utils.io.sharded import ShardedCheckpoint
+
+    with ShardedCheckpoint(path) as checkpoint:
+        files = len(checkpoint.index.files)
+    return f"sharded safetensors, {files} files, global shapes"
+
+
 def run(args: argparse.Namespace) -> int:
     from lightning_utils.io.errors import CheckpointFormatError, UnsafeCheckpointError
     from lightning_utils.io.state import checkpoint_format, load_structure
@@ -107,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{prog}: error: argument {flag}: must be 0 or more, got {value}", file=sys.stderr)
             return 2
     try:
-        fmt = checkpoint_format(args.path)
+        fmt = _sharded_description(args.path) if os.path.isdir(args.path) else checkpoint_format(args.path)
         obj = load_structure(args.path, weights_only=False if args.unsafe else None)
     except UnsafeCheckpointError as exc:
         print(f"{prog}: error: {exc}\n(re-run with --unsafe only if you trust {args.path})", file=sys.stderr)

@@ -165,7 +165,14 @@ def load_state(
     A URL (``s3://...``): a ``.sft`` is read header first, then every tensor with parallel ranged
     reads straight into its own memory (no local copy of the file; ``mmap`` does not apply); a
     ``.ckpt``/``.pt`` is read by ``torch.load`` through fsspec, as Lightning does.
+
+    A sharded checkpoint directory (:mod:`lightning_utils.io.sharded`) loads as the whole object,
+    each sharded tensor assembled.
     """
+    if _is_directory(path):
+        from lightning_utils.io.sharded import load_sharded
+
+        return load_sharded(path, map_location, mmap=mmap)
     fmt = checkpoint_format(path)
     check_map_location(map_location)
     if storage.is_url(path):
@@ -180,6 +187,11 @@ def load_state(
     if fmt == "torch":
         return load_torch(path, map_location=map_location, weights_only=weights_only)
     return _load_safetensors(path, map_location, use_mmap=mmap)
+
+
+def _is_directory(path: str | os.PathLike) -> bool:
+    """A local directory (a sharded checkpoint); a URL never is one here."""
+    return not storage.is_url(path) and os.path.isdir(storage.local_path(path))
 
 
 def _existing_checkpoint(path: str | os.PathLike) -> Format:
@@ -303,8 +315,12 @@ def load_structure(
 
     For safetensors files no tensor data is read (only the header, also from a URL), so
     inspecting a huge checkpoint is instant. Torch files are loaded with their tensors on the
-    meta device.
+    meta device. Sharded checkpoint directories give their global shapes (only the index is read).
     """
+    if _is_directory(path):
+        from lightning_utils.io.sharded import load_sharded_structure
+
+        return load_sharded_structure(path)
     fmt = checkpoint_format(path)
     if not storage.is_url(path):
         path = storage.local_path(path)

@@ -14,14 +14,21 @@ on the same single worker as saves. Lightning's wrapper removes files synchronou
 caller thread, so ``ModelCheckpoint``'s top-k removal can run before (or during) a queued save
 of the file it removes, and the removed file reappears.
 
+Sharded training state (``DTensor`` weights and optimizer moments under FSDP2) goes through
+:meth:`SafetensorsCheckpointIO.save_distributed_checkpoint`, called on every rank by
+:class:`lightning_utils.strategies.ModelParallelStrategy`: a directory of one safetensors file per
+rank, or one consolidated ``.sft`` (see :mod:`lightning_utils.io.sharded`). ``AsyncCheckpointIO``
+does the same on its worker thread after copying each rank's local shards to host memory.
+
 This plugin never pickles a ``.sft`` file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -32,6 +39,7 @@ from lightning.pytorch.plugins.io import CheckpointIO, TorchCheckpointIO
 
 from lightning_utils._internals import replace_wrapped_checkpoint_io
 from lightning_utils.io import storage
+from lightning_utils.io.sharded import Comm, ProcessGroupComm, TensorShard, save_consolidated, save_sharded, to_shards
 from lightning_utils.io.skeleton import dict_tag
 from lightning_utils.io.state import load_state, save_state
 
@@ -55,11 +63,34 @@ class SafetensorsCheckpointIO(CheckpointIO):
                 f"{type(self).__name__}.save_checkpoint got storage_options={storage_options!r}, but it takes none; "
                 "subclass it if you need per-save options"
             )
+        with self._being_saved(path):
+            save_state(checkpoint, path)
+
+    def save_distributed_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike, *, consolidated: bool = False, group: Any = None
+    ) -> None:
+        """Save a checkpoint whose tensors may be sharded (``DTensor``); call it on every rank of ``group``.
+
+        ``consolidated=False``: the directory ``path`` with one safetensors file per rank, each
+        written by its rank. ``consolidated=True``: one ``.sft`` file written by rank 0, the sharded
+        tensors gathered one at a time. ``group``: the ``torch.distributed`` group the ranks
+        coordinate on (``None``: the default group, or a single process); a save on a background
+        thread needs a group of its own.
+        """
+        import torch.distributed as dist
+
+        comm = ProcessGroupComm(group) if dist.is_available() and dist.is_initialized() else Comm()
+        with self._being_saved(path):
+            (save_consolidated if consolidated else save_sharded)(checkpoint, path, comm)
+
+    @contextlib.contextmanager
+    def _being_saved(self, path: str | os.PathLike) -> Iterator[None]:
+        """Mark ``path`` as being written, so that :meth:`remove_checkpoint` of it waits."""
         key = storage.path_key(path)
         with self._lock:
             self._saving[key] = self._saving.get(key, 0) + 1
         try:
-            save_state(checkpoint, path)
+            yield
         finally:
             with self._lock:
                 self._saving[key] -= 1
@@ -126,6 +157,19 @@ class AsyncCheckpointIO(_LightningAsyncCheckpointIO):
         if self._failure:  # raised by an earlier queued call
             raise self._failure
 
+    def save_distributed_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, **options: Any) -> None:
+        """Queue a sharded (or consolidated) save: the caller only waits while this rank's local shards
+        are copied to host memory. Pass a ``group`` of its own (the worker thread runs collectives)."""
+        base: Any = self._base()
+        if not hasattr(base, "save_distributed_checkpoint"):
+            raise TypeError(
+                f"{type(base).__qualname__} cannot save sharded checkpoints; wrap a SafetensorsCheckpointIO"
+            )
+        snapshot = _snapshot(to_shards(checkpoint))
+        self._submit(lambda: base.save_distributed_checkpoint(snapshot, path, **options))
+        if self._failure:
+            raise self._failure
+
     def remove_checkpoint(self, path: str | Path) -> None:
         base = self._base()
         self._submit(lambda: base.remove_checkpoint(path))
@@ -140,7 +184,11 @@ class AsyncCheckpointIO(_LightningAsyncCheckpointIO):
 
 
 def _snapshot(obj: Any) -> Any:
-    """A point-in-time copy of the tensors in ``obj`` that keeps aliasing and object identity."""
+    """A point-in-time copy of the tensors in ``obj`` that keeps aliasing and object identity.
+
+    A :class:`~lightning_utils.io.sharded.TensorShard` (a rank's block of a sharded tensor) gets
+    its block copied into host memory.
+    """
     storages: dict[tuple[Any, int, int], Any] = {}
     memo: dict[int, Any] = {}
 
@@ -148,7 +196,9 @@ def _snapshot(obj: Any) -> Any:
         if id(value) in memo:
             return memo[id(value)]
         out: Any
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, TensorShard):
+            out = value.host_copy()
+        elif isinstance(value, torch.Tensor):
             t = value.detach()
             conj, neg = t.is_conj(), False
             if conj:

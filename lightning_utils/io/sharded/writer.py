@@ -1,0 +1,296 @@
+"""Saving an object that holds sharded tensors: one file per rank (sharded) or one file (consolidated).
+
+Both take the whole object a rank holds (a Lightning checkpoint with ``DTensor`` weights and
+optimizer moments, say) and must be called on every rank of ``comm`` with objects of the same
+structure:
+
+* :func:`save_sharded` writes a sharded checkpoint directory: every rank writes the blocks it
+  owns to its own file, in parallel, straight from their memory; rank 0 also writes the plain
+  (replicated) tensors and, once every rank reported its file written and fsynced, the index
+  with the skeleton, then publishes the staged directory under its final name in one rename.
+* :func:`save_consolidated` writes one ordinary ``.sft`` file on rank 0: the header first (the
+  global shapes are known), then each sharded tensor gathered from the ranks one at a time and
+  written before the next is gathered.
+
+A failure on any rank (a value the skeleton cannot hold, a full disk) is raised on every rank,
+and the previous checkpoint under the same name is left as it was. This module never pickles
+anything to storage and never runs a collective outside ``comm``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_utils.io.atomic import write_all
+from lightning_utils.io.sharded import storage
+from lightning_utils.io.sharded.comm import Comm
+from lightning_utils.io.sharded.layout import (
+    INDEX_NAME,
+    SHARDING_KEY,
+    Chunk,
+    FileRecord,
+    TensorRecord,
+    check_coverage,
+    file_sharding,
+    index_document,
+    shard_file_name,
+)
+from lightning_utils.io.sharded.shards import TensorShard, leaves, map_leaves, to_shards
+from lightning_utils.io.sharded.stream import EntrySpec, data_order, write_entries
+from lightning_utils.io.skeleton import encode
+
+
+def _collective(path: Path, run: Any, *args: Any) -> Any:
+    """Run one of ``comm``'s collectives; a rank that died or hung surfaces as an error naming the save."""
+    try:
+        return run(*args)
+    except RuntimeError as exc:
+        raise RuntimeError(
+            f"{path}: saving the checkpoint failed: a rank stopped taking part ({exc}); the previous checkpoint "
+            "under this name is unchanged"
+        ) from exc
+
+
+def _is_shard(x: object) -> bool:
+    return isinstance(x, TensorShard)
+
+
+@dataclass
+class _Plan:
+    """What rank 0 decides before anything is written."""
+
+    names: list[str]  # the entry name of each shard, in walk order
+    plain: dict[str, torch.Tensor]  # the entries of the non-sharded tensors, CPU and contiguous
+    skeleton: dict[str, Any]
+
+
+def _plan(obj: Any, shards: list[TensorShard]) -> _Plan:
+    """Encode ``obj`` with a small placeholder per shard, so the skeleton names every shard's entry."""
+    placeholders = {id(s): torch.tensor([i], dtype=torch.int64) for i, s in enumerate(shards)}
+    by_storage = {p.untyped_storage().data_ptr(): i for i, p in enumerate(placeholders.values())}
+    tree = map_leaves(obj, lambda s, path: placeholders[id(s)], _is_shard)
+    entries, skeleton = encode(tree)
+    names: list[str | None] = [None] * len(shards)
+    plain: dict[str, torch.Tensor] = {}
+    for name, t in entries.items():
+        i = by_storage.get(t.untyped_storage().data_ptr()) if t.numel() else None
+        if i is not None:
+            names[i] = name
+        else:
+            plain[name] = t
+    assert all(n is not None for n in names), "every shard is reached by the walk that encodes the object"
+    return _Plan([n for n in names if n is not None], plain, skeleton)
+
+
+def _start(obj: Any, comm: Comm, path: Path) -> tuple[list[TensorShard], list[list[Any]], _Plan | None, dict[str, Any]]:
+    """Collect the shards, check every rank holds the same ones, and let rank 0 plan.
+
+    Returns the shards, every rank's blocks (``[rank][shard]``: ``[offsets, shape]``, or ``None``
+    where that rank stores nothing of that shard), rank 0's plan (``None`` elsewhere) and what
+    rank 0 shares with every rank (the entry names, a token naming the staging area).
+    """
+    shards = leaves(obj, _is_shard)
+    described = [
+        [list(s.shape), str(s.dtype), [list(s.offsets), list(s.local.shape)] if s.stored else None] for s in shards
+    ]
+    everyone = _collective(path, comm.all_gather, described)
+    for rank, theirs in enumerate(everyone):
+        if [d[:2] for d in theirs] != [d[:2] for d in everyone[0]]:
+            raise RuntimeError(
+                f"{path}: rank {rank} holds other sharded tensors than rank 0 ({len(theirs)} vs "
+                f"{len(everyone[0])}, or other shapes or dtypes); every rank must save the same structure"
+            )
+    blocks = [[d[2] for d in theirs] for theirs in everyone]
+    plan: _Plan | None = None
+    start: dict[str, Any] | None = None
+    failure: BaseException | None = None
+    if comm.rank == 0:
+        try:
+            plan = _plan(obj, shards)
+        except (TypeError, ValueError) as exc:
+            failure = exc
+        start = {
+            "error": f"{type(failure).__name__}: {failure}" if failure else None,
+            "names": plan.names if plan else None,
+            "token": storage.new_token(),
+        }
+    start = _collective(path, comm.broadcast, start)
+    assert start is not None
+    if failure is not None:
+        raise failure
+    if start["error"]:
+        raise RuntimeError(f"{path}: rank 0 cannot save this checkpoint: {start['error']}")
+    return shards, blocks, plan, start
+
+
+def _finish(comm: Comm, outcome: str | None, local_failure: BaseException | None, path: Path) -> None:
+    """Every rank learns rank 0's outcome; each raises its own failure, or rank 0's."""
+    outcome = _collective(path, comm.broadcast, outcome)
+    if local_failure is not None:
+        raise local_failure
+    if outcome:
+        raise RuntimeError(f"{path}: the checkpoint was not saved: {outcome}")
+
+
+def save_sharded(obj: Any, path: str | os.PathLike, comm: Comm | None = None) -> None:
+    """Save ``obj`` (``DTensor`` or :class:`TensorShard` leaves allowed) as a sharded checkpoint directory ``path``."""
+    comm = comm or Comm()
+    path = Path(path)
+    shards, _, plan, start = _start(to_shards(obj), comm, path)
+    names: list[str] = start["names"]
+    stage = storage.staging_path(path, start["token"])
+    file_name = shard_file_name(comm.rank, comm.world_size)
+    local_failure: BaseException | None = None
+    try:
+        specs: list[EntrySpec] = []
+        blocks: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        chunks: dict[str, list[list[int]]] = {}
+        for name, s in zip(names, shards):
+            if s.stored:
+                specs.append(EntrySpec(name, s.dtype, tuple(s.local.shape), s.local))
+                blocks[name] = (s.shape, s.offsets)
+                chunks[name] = [list(s.offsets), list(s.local.shape)]
+        if plan is not None:  # rank 0: the tensors that are not sharded are stored once, here
+            for name, t in plan.plain.items():
+                if t.numel():
+                    specs.append(EntrySpec(name, t.dtype, tuple(t.shape), t))
+                    blocks[name] = (tuple(t.shape), (0,) * t.dim())
+                    chunks[name] = [[0] * t.dim(), list(t.shape)]
+        metadata = {
+            "format": "pt",
+            SHARDING_KEY: json.dumps(file_sharding(comm.rank, comm.world_size, blocks), separators=(",", ":")),
+        }
+        storage.make_dir(stage, durable=False)
+        nbytes = storage.write_file(stage / file_name, lambda f: write_entries(f, specs, metadata))
+        report: dict[str, Any] = {"bytes": nbytes, "chunks": chunks}
+    except Exception as exc:  # noqa: BLE001 - reported to rank 0, which aborts the save on every rank
+        local_failure = exc
+        report = {"error": f"rank {comm.rank}: {type(exc).__name__}: {exc}"}
+    reports = _collective(path, comm.gather, report)
+    outcome: str | None = None
+    if plan is not None:
+        assert reports is not None
+        try:
+            errors = [r["error"] for r in reports if "error" in r]
+            if errors:
+                raise RuntimeError("; ".join(errors))
+            data = _index_bytes(comm.world_size, reports, names, shards, plan, path)
+            storage.write_file(
+                stage / INDEX_NAME, lambda f: write_all(f.fileno(), memoryview(data))
+            )  # the commit marker: last
+            storage.sync_dir(stage)
+            storage.publish(stage, path)
+        except Exception as exc:  # noqa: BLE001 - every rank raises it
+            outcome = (
+                str(exc) if local_failure is None and isinstance(exc, RuntimeError) else f"{type(exc).__name__}: {exc}"
+            )
+            local_failure = local_failure or exc
+            storage.remove(stage)
+    _finish(comm, outcome, local_failure, path)
+
+
+def _index_bytes(
+    world_size: int, reports: list[Any], names: list[str], shards: list[TensorShard], plan: _Plan, path: Path
+) -> bytes:
+    files = [FileRecord(shard_file_name(r, world_size), report["bytes"]) for r, report in enumerate(reports)]
+    found: dict[str, list[Chunk]] = {}
+    for r, report in enumerate(reports):
+        for name, (offsets, shape) in report["chunks"].items():
+            found.setdefault(name, []).append(Chunk(r, tuple(offsets), tuple(shape)))
+    records = [TensorRecord(n, s.dtype, s.shape, tuple(found.get(n, ()))) for n, s in zip(names, shards)]
+    records += [TensorRecord(n, t.dtype, tuple(t.shape), tuple(found.get(n, ()))) for n, t in plan.plain.items()]
+
+    def fail(reason: str) -> RuntimeError:
+        return RuntimeError(f"{path}: the ranks' blocks do not form the tensors: {reason}")
+
+    for record in records:
+        check_coverage(record, fail)
+    doc = index_document(world_size, files, records, plan.skeleton)
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
+
+
+def _shard_bytes(s: TensorShard) -> torch.Tensor:
+    return s.local.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+
+
+def save_consolidated(obj: Any, path: str | os.PathLike, comm: Comm | None = None) -> None:
+    """Save ``obj`` as one ``.sft`` file written by rank 0, gathering one sharded tensor at a time.
+
+    The file is exactly what :func:`lightning_utils.io.save_state` writes for the same object
+    with every sharded tensor whole.
+    """
+    from lightning_utils.io.state import SKELETON_KEY
+
+    comm = comm or Comm()
+    path = Path(path)
+    shards, layouts, plan, start = _start(to_shards(obj), comm, path)
+    names: list[str] = start["names"]
+    order = data_order([s.dtype for s in shards])
+
+    def gather(i: int) -> torch.Tensor | None:
+        s = shards[i]
+        itemsize = s.local.element_size()
+        blocks = [(r, layout[i]) for r, layout in enumerate(layouts) if layout[i] is not None]
+        width = max((math.prod(shape) * itemsize for _, (_, shape) in blocks), default=0)
+        received = None
+        if width:
+            send = torch.zeros(width, dtype=torch.uint8)
+            if s.stored:
+                data = _shard_bytes(s)
+                send[: data.numel()].copy_(data)
+            received = _collective(path, comm.gather_bytes, send)
+        if comm.rank != 0:
+            return None
+        full = torch.empty(s.shape, dtype=s.dtype)
+        covered = 0
+        for r, (offsets, shape) in blocks:
+            n = math.prod(shape)
+            assert received is not None
+            block = received[r][: n * itemsize].view(s.dtype).reshape(shape)
+            full[tuple(slice(o, o + d) for o, d in zip(offsets, shape))] = block
+            covered += n
+        if covered != full.numel():
+            raise RuntimeError(f"tensor {names[i]!r}: the ranks' blocks hold {covered} of its {full.numel()} elements")
+        return full
+
+    local_failure: BaseException | None = None
+    outcome: str | None = None
+    if plan is None:
+        for i in order:
+            gather(i)
+    else:
+        produced = 0
+
+        def source(i: int) -> Any:
+            def produce() -> torch.Tensor:
+                nonlocal produced
+                produced += 1
+                out = gather(i)
+                assert out is not None
+                return out
+
+            return produce
+
+        specs = [EntrySpec(n, s.dtype, s.shape, source(i)) for i, (n, s) in enumerate(zip(names, shards))]
+        specs += [EntrySpec(n, t.dtype, tuple(t.shape), t) for n, t in plan.plain.items()]
+        skeleton = json.dumps(plan.skeleton, separators=(",", ":"), allow_nan=False, ensure_ascii=True)
+        metadata = {"format": "pt", SKELETON_KEY: skeleton}
+        stage = storage.staging_path(path, start["token"])
+        try:
+            storage.make_dir(path.parent)
+            storage.write_file(stage, lambda f: write_entries(f, specs, metadata))
+            storage.publish(stage, path)
+        except Exception as exc:  # noqa: BLE001 - every rank raises it
+            local_failure = exc
+            outcome = f"{type(exc).__name__}: {exc}"
+            storage.remove(stage)
+            for i in order[produced:]:  # the other ranks still send every remaining tensor
+                gather(i)
+    _finish(comm, outcome, local_failure, path)
