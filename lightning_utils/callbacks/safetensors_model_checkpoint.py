@@ -21,8 +21,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_utils._internals import last_checkpoint_urls
 from lightning_utils.plugins.checkpoint_io import ensure_safetensors_checkpoint_io
+from lightning_utils.plugins.module_loading import check_strategy_writes_through_checkpoint_io
 from lightning_utils.plugins.storable import check_checkpoint_storable
-from lightning_utils.strategies.model_parallel import check_strategy_saves_sft
 
 
 class SafetensorsModelCheckpoint(ModelCheckpoint):
@@ -31,7 +31,7 @@ class SafetensorsModelCheckpoint(ModelCheckpoint):
     FILE_EXTENSION = ".sft"
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        check_strategy_saves_sft(trainer.strategy, self.FILE_EXTENSION)
+        check_strategy_writes_through_checkpoint_io(trainer.strategy, self.FILE_EXTENSION)
         ensure_safetensors_checkpoint_io(trainer.strategy)
         if stage == "fit":  # the hyperparameters, before configure_model builds anything big
             check_checkpoint_storable(trainer, type(self).__name__, weights_only=True)

@@ -221,6 +221,18 @@ def check_strategy_writes_through_checkpoint_io(strategy: Any, path_or_suffix: s
         return
     from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
+    from lightning_utils.strategies import ModelParallelStrategy as ShardedSftModelParallelStrategy
+
+    if isinstance(strategy, ShardedSftModelParallelStrategy):
+        return  # saves and loads every .sft checkpoint through the plugin, sharded or consolidated
+    if isinstance(strategy, ModelParallelStrategy):
+        raise RuntimeError(
+            "Lightning's ModelParallelStrategy saves sharded checkpoints with torch.distributed.checkpoint and a "
+            "pickled meta.pt and loads every checkpoint with torch.load, never through the CheckpointIO plugin, so "
+            f"it cannot write or resume '{suffix}' checkpoints. Use "
+            "lightning_utils.strategies.ModelParallelStrategy instead: a drop-in with the same arguments that saves "
+            "and resumes sharded .sft checkpoints"
+        )
     name = type(strategy).__name__
     bypass = None
     if isinstance(strategy, DeepSpeedStrategy):
@@ -230,8 +242,6 @@ def check_strategy_writes_through_checkpoint_io(strategy: Any, path_or_suffix: s
         bypass = f"FSDP (state_dict_type={kind!r}) loads checkpoints with torch directly" + (
             " and saves sharded ones without the plugin" if kind == "sharded" else ""
         )
-    elif isinstance(strategy, ModelParallelStrategy):
-        bypass = "ModelParallelStrategy loads checkpoints with torch directly"
     if bypass:
         raise RuntimeError(
             f"{name} bypasses the CheckpointIO plugin ({bypass}), so it cannot write or resume "

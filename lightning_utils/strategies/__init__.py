@@ -7,6 +7,6 @@
 What it must never do: define a file format (that is :mod:`lightning_utils.io.sharded`'s job).
 """
 
-from lightning_utils.strategies.model_parallel import ModelParallelStrategy, check_strategy_saves_sft
+from lightning_utils.strategies.model_parallel import ModelParallelStrategy
 
-__all__ = ["ModelParallelStrategy", "check_strategy_saves_sft"]
+__all__ = ["ModelParallelStrategy"]

@@ -255,26 +255,3 @@ class ModelParallelStrategy(_LightningModelParallelStrategy):
             return fill(target, saved, source, where)  # this rank's slice, read into the live state
         name = source.handle_name(saved) if source is not None else None
         return source.read(name) if source is not None and name is not None else saved.clone()
-
-
-def check_strategy_saves_sft(strategy: Any, path_or_suffix: str = ".sft") -> None:
-    """Raise if ``strategy`` cannot write ``path_or_suffix`` (a ``.sft`` path) through the CheckpointIO plugin.
-
-    This package's :class:`ModelParallelStrategy` can; Lightning's own is refused with the name of
-    the drop-in to use instead; FSDP and DeepSpeed keep their refusals.
-    """
-    from lightning_utils.plugins.module_loading import check_strategy_writes_through_checkpoint_io
-
-    if isinstance(strategy, ModelParallelStrategy):
-        return
-    is_suffix = path_or_suffix.startswith(".") and "/" not in path_or_suffix
-    suffix = path_or_suffix if is_suffix else Path(path_or_suffix).suffix
-    if isinstance(strategy, _LightningModelParallelStrategy) and _is_safetensors_path(Path("x" + suffix)):
-        raise RuntimeError(
-            "Lightning's ModelParallelStrategy saves sharded checkpoints with torch.distributed.checkpoint and a "
-            "pickled meta.pt and loads every checkpoint with torch.load, never through the CheckpointIO plugin, so "
-            f"it cannot write or resume '{suffix}' checkpoints. Use "
-            "lightning_utils.strategies.ModelParallelStrategy instead: a drop-in with the same arguments that saves "
-            "and resumes sharded .sft checkpoints"
-        )
-    check_strategy_writes_through_checkpoint_io(strategy, path_or_suffix)

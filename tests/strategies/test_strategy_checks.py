@@ -10,7 +10,8 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.strategies import ModelParallelStrategy as LightningModelParallelStrategy
 
 from lightning_utils.callbacks import SafetensorsModelCheckpoint
-from lightning_utils.strategies import ModelParallelStrategy, check_strategy_saves_sft
+from lightning_utils.plugins import check_strategy_writes_through_checkpoint_io
+from lightning_utils.strategies import ModelParallelStrategy
 
 
 def test_lightnings_model_parallel_strategy_is_refused_with_the_drop_in_named():
@@ -18,18 +19,22 @@ def test_lightnings_model_parallel_strategy_is_refused_with_the_drop_in_named():
     trainer = SimpleNamespace(strategy=LightningModelParallelStrategy())
     with pytest.raises(RuntimeError, match=r"Use lightning_utils\.strategies\.ModelParallelStrategy instead"):
         callback.setup(trainer, None, "fit")  # type: ignore[arg-type]
-    check_strategy_saves_sft(LightningModelParallelStrategy(), "run/last.ckpt")  # .ckpt: Lightning's own path
+    check_strategy_writes_through_checkpoint_io(
+        LightningModelParallelStrategy(), "run/last.ckpt"
+    )  # .ckpt: Lightning's own path
 
 
 def test_our_model_parallel_strategy_writes_sft():
-    check_strategy_saves_sft(ModelParallelStrategy(), ".sft")
-    check_strategy_saves_sft(ModelParallelStrategy(save_distributed_checkpoint=False), "ckpts/step=5.sft")
+    check_strategy_writes_through_checkpoint_io(ModelParallelStrategy(), ".sft")
+    check_strategy_writes_through_checkpoint_io(
+        ModelParallelStrategy(save_distributed_checkpoint=False), "ckpts/step=5.sft"
+    )
 
 
 def test_fsdp1_keeps_its_refusal():
     # Lightning 2.6.6 runs FSDPStrategy on GPUs only, so the sharded .sft path is not offered for it.
     with pytest.raises(RuntimeError, match="FSDPStrategy bypasses the CheckpointIO plugin"):
-        check_strategy_saves_sft(FSDPStrategy(state_dict_type="sharded"), ".sft")
+        check_strategy_writes_through_checkpoint_io(FSDPStrategy(state_dict_type="sharded"), ".sft")
 
 
 def test_the_drop_in_takes_lightnings_arguments():
