@@ -6,7 +6,8 @@ component chosen by class path in the YAML: ``model`` (any LightningModule), ``d
 LightningDataModule, optional), ``trainer`` with its ``callbacks``, ``plugins`` (e.g.
 ``lightning_utils.plugins.SafetensorsCheckpointIO``) and ``logger``, and ``optimizer`` /
 ``lr_scheduler`` (e.g. ``torch.optim.AdamW``), which LightningCLI wires into the model's
-``configure_optimizers``. ``fit --ckpt_path last.sft`` also works for safetensors checkpoints.
+``configure_optimizers``. ``fit --ckpt_path last.sft`` also works for safetensors checkpoints,
+sharded ``.sft`` directories included.
 
 The defaults chosen here, and why:
 
@@ -67,15 +68,17 @@ def _read_safetensors_ckpt_hparams(cli: LightningCLI) -> bool:
     LightningCLI re-parses the model's saved hyperparameters from ``ckpt_path`` with
     ``torch.load``, which cannot read a safetensors checkpoint; this reads those through
     :mod:`lightning_utils.io` and applies them the same way. Returns False, leaving the file to
-    Lightning's code, when ``ckpt_path`` is not an existing safetensors file.
+    Lightning's code, when ``ckpt_path`` is not an existing safetensors file or sharded ``.sft``
+    directory. Only the header (or the sharded checkpoint's index) is read: no tensor data.
     """
-    from lightning_utils.io import SAFETENSORS_SUFFIXES, load_state
+    from lightning_utils.io import SAFETENSORS_SUFFIXES
+    from lightning_utils.io.state import load_structure
 
     subcommand = cli.config.get("subcommand")
     ckpt_path = cli.config[subcommand].get("ckpt_path") if subcommand else None
-    if not (ckpt_path and Path(ckpt_path).suffix.lower() in SAFETENSORS_SUFFIXES and Path(ckpt_path).is_file()):
+    if not (ckpt_path and Path(ckpt_path).suffix.lower() in SAFETENSORS_SUFFIXES and Path(ckpt_path).exists()):
         return False
-    checkpoint = load_state(ckpt_path, map_location="cpu")
+    checkpoint = load_structure(ckpt_path)
     if not (isinstance(checkpoint, dict) and "state_dict" in checkpoint and "pytorch-lightning_version" in checkpoint):
         # e.g. a weights file from ExportWeights / save_weights; Lightning would fail later with a
         # bare KeyError. parser.error prints this and exits with code 2.

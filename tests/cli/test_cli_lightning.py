@@ -286,3 +286,12 @@ def test_ckpt_path_hyperparameters_override_the_config_and_ignored_ones_come_fro
         fit["note"] == "second"
         and fit["pattern"] == "DelayedPatternProvider(n_q=3, delays=[0, 1, 2], flatten_first=0, empty_initial=0)"
     )
+    if sft:  # a sharded .sft directory (lightning_utils.strategies.ModelParallelStrategy writes them) too
+        from lightning_utils.io.sharded import save_sharded
+
+        sharded = tmp_path / "ckpts" / "step=4.sft"
+        save_sharded(load_state(last), sharded)
+        argv = ["fit", "--config", str(config(10, "third", 3)), "--ckpt_path", str(sharded), "--trainer.max_steps", "6"]
+        assert run_lightning_cli(argv) == 0
+        fit = record(tmp_path)["fit"]
+        assert fit["global_step"] == 6 and fit["hidden"] == fit["layer_width"] == 6 and fit["note"] == "third"
