@@ -338,7 +338,7 @@ class ResumableDataLoader(DataLoader):
         # pass.
         self._idle_state: Bookmark | None = None
         # (epoch, position, num_replicas) of the last loaded state, until the next pass checks it.
-        self._loaded: tuple[int, int, int | None] | None = None
+        self._loaded: tuple[int, int, int | None, int] | None = None
         super().__init__(
             dataset,
             batch_size=batch_size,
@@ -436,21 +436,25 @@ class ResumableDataLoader(DataLoader):
         finished = consumed >= self._batches_in_pass(plan.length)
         return self._resumable.state_after(plan, units, finished)
 
-    def _check_world_size_change(self, plan: Pass, epoch: int, position: int, saved_replicas: Any) -> None:
+    def _check_world_size_change(
+        self, plan: Pass, epoch: int, position: int, saved_replicas: Any, saved_units_per_batch: int
+    ) -> None:
         """Refuse a mid-epoch resume on another world size that Lightning would cut short.
 
         The position is global, so the sampler itself continues the epoch on any world size. But
         Lightning restores its own count of the epoch's batches done (those of the old world
         size) and ends the epoch when that count reaches ``len(loader)`` of the new one: with
         more ranks it would stop before the remaining samples are through, or skip to the next
-        epoch at once. That silently skips samples, so raise instead.
+        epoch at once. That silently skips samples, so raise instead. The count is taken in the
+        saving run's batches (``saved_units_per_batch``): the same global batch on more ranks, each
+        with a smaller batch, keeps the count right and goes on.
         """
         if not isinstance(saved_replicas, int) or saved_replicas == plan.num_replicas or plan.length is None:
             return
         if not 0 < position < plan.epoch_size:
             return  # at an epoch boundary any world size is fine
-        units_per_batch = self._batch_units
-        done = -(-position // (saved_replicas * units_per_batch))  # Lightning's restored batch count
+        # Lightning's restored count of the epoch's batches done, in the saving run's batches
+        done = -(-position // (saved_replicas * saved_units_per_batch))
         if (plan.epoch, plan.start) == (epoch, position):
             try:
                 total = len(self)
@@ -501,6 +505,8 @@ class ResumableDataLoader(DataLoader):
         self._resumable.load_state_dict(state["sampler"])
         sampler_state = state["sampler"]
         here = self._resumable.bookmark()
-        self._loaded = (here.epoch, here.position, sampler_state.get("num_replicas"))
+        saved_units = state.get("units_per_batch")
+        units = saved_units if isinstance(saved_units, int) and saved_units > 0 else self._batch_units
+        self._loaded = (here.epoch, here.position, sampler_state.get("num_replicas"), units)
         self._tracker = None
         self._idle_state = None

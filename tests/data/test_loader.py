@@ -567,6 +567,34 @@ def test_save_checkpoint_after_fit_continues_the_pool_bag(tmp_path):
     assert rest == full[4:]
 
 
+def test_resume_mid_epoch_on_more_ranks_with_the_same_global_batch_continues_the_epoch(tmp_path):
+    """1 rank of batch 4 -> 2 ranks of batch 2: the global batch and so the number of batches per
+    epoch are unchanged, Lightning's restored count of batches done stays right, and the two ranks
+    together train exactly the rest of the epoch."""
+    from lightning_utils.data import RandomSampler
+
+    def loader(batch_size: int, **replicas):
+        ds = H.IndexDataset()
+        return ResumableDataLoader(ds, batch_size=batch_size, sampler=RandomSampler(len(ds), seed=7, **replicas))
+
+    ckpt_dir = str(tmp_path / "ckpt")
+    _, first = H.fit(
+        lambda: loader(H.BATCH_SIZE), str(tmp_path), callbacks=[H.every_n_steps_checkpoint(ckpt_dir, 1)], max_epochs=1
+    )
+    rest = []
+    for rank in range(2):
+        _, seen = H.fit(
+            lambda rank=rank: loader(H.BATCH_SIZE // 2, num_replicas=2, rank=rank),
+            str(tmp_path / f"rank{rank}"),
+            ckpt_path=H.ckpt_for_step(ckpt_dir, 2),
+            max_epochs=1,
+        )
+        assert len(seen) == len(first) - 2  # the epoch's remaining batches, on each rank
+        rest += [i for batch in seen for i in batch]
+    done = [i for batch in first[:2] for i in batch]
+    assert sorted(done + rest) == list(range(H.N_ITEMS))
+
+
 def test_resume_mid_epoch_on_more_ranks_fails_loudly_instead_of_skipping(tmp_path):
     """1 rank -> 2 ranks mid-epoch: Lightning keeps its count of batches done (of 6 per epoch) and
     ends the epoch at the new length (3 per rank), which would skip samples. A single process
