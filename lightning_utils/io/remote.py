@@ -560,10 +560,37 @@ def open_read(url: str, storage_options: dict[str, Any] | None = None) -> Any:
 # -- listing and removing -------------------------------------------------------------------------
 
 
+def read_all(url: str, storage_options: dict[str, Any] | None = None) -> bytes:
+    """The whole object (for small ones: an index, a config); ``FileNotFoundError`` naming ``url``."""
+    fs, path = filesystem(url, storage_options)
+    try:
+        return bytes(fs.cat_file(path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{url}: no such file") from None
+
+
 def exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
     fs, path = filesystem(url, storage_options)
     fs.invalidate_cache(path)
     return bool(fs.exists(path))
+
+
+def kind(url: str, storage_options: dict[str, Any] | None = None) -> str | None:
+    """``"file"`` for an object, ``"directory"`` for a prefix with objects under it, ``None`` for nothing."""
+    fs, path = filesystem(url, storage_options)
+    fs.invalidate_cache(path)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        return None
+    return "directory" if info.get("type") == "directory" else "file"
+
+
+def makedirs(url: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Create the directory ``url`` where the back end has directories; object stores have none."""
+    fs, path = filesystem(url, storage_options)
+    if not _is_object_store(fs):
+        fs.makedirs(path, exist_ok=True)
 
 
 def listdir(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
@@ -578,10 +605,20 @@ def listdir(url: str, storage_options: dict[str, Any] | None = None) -> list[str
     return sorted(posixpath.basename(str(e).rstrip("/")) for e in entries if str(e).rstrip("/") != base)
 
 
-def remove(url: str, storage_options: dict[str, Any] | None = None) -> None:
-    """Remove the object (or everything under the prefix) at ``url``; nothing there is not an error."""
+def remove(url: str, storage_options: dict[str, Any] | None = None, *, first: Sequence[str] = ()) -> None:
+    """Remove the object (or everything under the prefix) at ``url``; nothing there is not an error.
+
+    ``first``: names under a prefix to delete before the rest (a directory's commit marker, so
+    that a half-deleted directory no longer looks complete).
+    """
     fs, path = filesystem(url, storage_options)
     fs.invalidate_cache(path)
+    if first:
+        with contextlib.suppress(FileNotFoundError):
+            if fs.info(path).get("type") == "directory":
+                for name in first:
+                    with contextlib.suppress(FileNotFoundError):
+                        fs.rm_file(posixpath.join(path.rstrip("/"), name))
     with contextlib.suppress(FileNotFoundError):
         fs.rm(path, recursive=True)
     fs.invalidate_cache(path)

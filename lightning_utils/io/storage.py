@@ -10,9 +10,10 @@ A local path goes to :mod:`lightning_utils.io.atomic` and ``os``; a URL (``s3://
   exits, or not at all if it raises (a local temp file renamed over it; an upload committed
   or aborted). Stream into it: nothing is buffered beyond a few part buffers.
 * :func:`read_range`, :func:`read_into` (parallel ranged reads into your buffers),
-  :func:`file_size`, :func:`open_read`.
-* :func:`exists`, :func:`listdir` (names), :func:`remove` (a file or a whole directory/prefix;
-  nothing there is fine), :func:`move`, :func:`join`.
+  :func:`read_bytes` (a small file whole), :func:`file_size`, :func:`open_read`.
+* :func:`exists`, :func:`is_file`, :func:`is_dir`, :func:`listdir` (names), :func:`make_dirs`,
+  :func:`remove` (a file or a whole directory/prefix; nothing there is fine; a sharded
+  checkpoint's index goes first), :func:`move`, :func:`join`.
 
 Errors name the path or URL: ``FileNotFoundError`` for a missing file, ``CheckpointWriteError``
 for a failed upload. This module must never write to a final path directly.
@@ -114,10 +115,40 @@ def open_read(path: str | os.PathLike, storage_options: StorageOptions = None) -
     return open(_local(path), "rb")
 
 
+def read_bytes(path: str | os.PathLike, storage_options: StorageOptions = None) -> bytes:
+    """The whole content of a (small) file; ``FileNotFoundError`` naming it if there is none."""
+    if is_url(path):
+        return remote.read_all(os.fspath(path), storage_options)
+    with open(_local(path), "rb") as f:
+        return f.read()
+
+
 def exists(path: str | os.PathLike, storage_options: StorageOptions = None) -> bool:
     if is_url(path):
         return remote.exists(os.fspath(path), storage_options)
     return os.path.lexists(_local(path))
+
+
+def is_file(path: str | os.PathLike, storage_options: StorageOptions = None) -> bool:
+    """Whether ``path`` is a file (an object, for a URL)."""
+    if is_url(path):
+        return remote.kind(os.fspath(path), storage_options) == "file"
+    return os.path.isfile(_local(path))
+
+
+def is_dir(path: str | os.PathLike, storage_options: StorageOptions = None) -> bool:
+    """Whether ``path`` is a directory (for a URL on object storage: a prefix with objects under it)."""
+    if is_url(path):
+        return remote.kind(os.fspath(path), storage_options) == "directory"
+    return os.path.isdir(_local(path))
+
+
+def make_dirs(path: str | os.PathLike, storage_options: StorageOptions = None) -> None:
+    """Create the directory ``path`` and its parents (nothing to do on object storage)."""
+    if is_url(path):
+        remote.makedirs(os.fspath(path), storage_options)
+    else:
+        os.makedirs(_local(path), exist_ok=True)
 
 
 def listdir(path: str | os.PathLike, storage_options: StorageOptions = None) -> list[str]:
@@ -131,9 +162,16 @@ def listdir(path: str | os.PathLike, storage_options: StorageOptions = None) -> 
 
 
 def remove(path: str | os.PathLike, storage_options: StorageOptions = None) -> None:
-    """Remove a file, a link or a whole directory (prefix); nothing there is not an error."""
+    """Remove a file, a link or a whole directory (prefix); nothing there is not an error.
+
+    A prefix on object storage is not removed in one step: its ``index.json`` (the commit marker
+    of a sharded checkpoint) is deleted first, so a reader never takes a half-deleted checkpoint
+    for a complete one.
+    """
     if is_url(path):
-        remote.remove(os.fspath(path), storage_options)
+        from lightning_utils.io.sharded.layout import INDEX_NAME  # here: the sharded package imports this module
+
+        remote.remove(os.fspath(path), storage_options, first=(INDEX_NAME,))
         return
     p = Path(_local(path))
     if p.is_symlink() or p.is_file():

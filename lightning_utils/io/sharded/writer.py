@@ -8,6 +8,9 @@ structure:
   owns to its own file, in parallel, straight from their memory; rank 0 also writes the plain
   (replicated) tensors and, once every rank reported its file written and fsynced, the index
   with the skeleton, then publishes the staged directory under its final name in one rename.
+  At an fsspec URL (object storage cannot rename) the files are uploaded under their final
+  prefix, named uniquely for this save, and the index, uploaded last, publishes them; the files
+  of the checkpoint it replaces are deleted only after that.
 * :func:`save_consolidated` writes one ordinary ``.sft`` file on rank 0: the header first (the
   global shapes are known), then each sharded tensor gathered from the ranks one at a time and
   written before the next is gathered.
@@ -19,6 +22,7 @@ anything to storage and never runs a collective outside ``comm``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -47,7 +51,7 @@ from lightning_utils.io.sharded.stream import EntrySpec, data_order, write_entri
 from lightning_utils.io.skeleton import encode
 
 
-def _collective(path: Path, run: Any, *args: Any) -> Any:
+def _collective(path: Any, run: Any, *args: Any) -> Any:
     """Run one of ``comm``'s collectives; a rank that died or hung surfaces as an error naming the save."""
     try:
         return run(*args)
@@ -89,7 +93,7 @@ def _plan(obj: Any, shards: list[TensorShard]) -> _Plan:
     return _Plan([n for n in names if n is not None], plain, skeleton)
 
 
-def _start(obj: Any, comm: Comm, path: Path) -> tuple[list[TensorShard], list[list[Any]], _Plan | None, dict[str, Any]]:
+def _start(obj: Any, comm: Comm, path: Any) -> tuple[list[TensorShard], list[list[Any]], _Plan | None, dict[str, Any]]:
     """Collect the shards, check every rank holds the same ones, and let rank 0 plan.
 
     Returns the shards, every rank's blocks (``[rank][shard]``: ``[offsets, shape]``, or ``None``
@@ -130,7 +134,7 @@ def _start(obj: Any, comm: Comm, path: Path) -> tuple[list[TensorShard], list[li
     return shards, blocks, plan, start
 
 
-def _finish(comm: Comm, outcome: str | None, local_failure: BaseException | None, path: Path) -> None:
+def _finish(comm: Comm, outcome: str | None, local_failure: BaseException | None, path: Any) -> None:
     """Every rank learns rank 0's outcome; each raises its own failure, or rank 0's."""
     outcome = _collective(path, comm.broadcast, outcome)
     if local_failure is not None:
@@ -140,13 +144,24 @@ def _finish(comm: Comm, outcome: str | None, local_failure: BaseException | None
 
 
 def save_sharded(obj: Any, path: str | os.PathLike, comm: Comm | None = None) -> None:
-    """Save ``obj`` (``DTensor`` or :class:`TensorShard` leaves allowed) as a sharded checkpoint directory ``path``."""
+    """Save ``obj`` (``DTensor`` or :class:`TensorShard` leaves allowed) as a sharded checkpoint directory ``path``.
+
+    ``path`` may be an fsspec URL (``s3://bucket/run/step=100.sft``): each rank then uploads its
+    own file straight under ``path`` (streamed, whole or not at all), under a name unique to this
+    save; rank 0 uploads the index once every file is up, and only then deletes the files of the
+    checkpoint it replaced (see :func:`_publish_in_place`).
+    """
     comm = comm or Comm()
-    path = Path(path)
+    remote = storage.is_url(path)
+    path = os.fspath(path) if remote else Path(path)
     shards, _, plan, start = _start(to_shards(obj), comm, path)
     names: list[str] = start["names"]
-    stage = storage.staging_path(path, start["token"])
-    file_name = shard_file_name(comm.rank, comm.world_size)
+    if remote:
+        save_id: str | None = start["token"]
+        directory: Any = path
+    else:
+        save_id, directory = None, storage.staging_path(path, start["token"])
+    file_name = shard_file_name(comm.rank, comm.world_size, save_id)
     local_failure: BaseException | None = None
     try:
         specs: list[EntrySpec] = []
@@ -167,8 +182,8 @@ def save_sharded(obj: Any, path: str | os.PathLike, comm: Comm | None = None) ->
             "format": "pt",
             SHARDING_KEY: json.dumps(file_sharding(comm.rank, comm.world_size, blocks), separators=(",", ":")),
         }
-        storage.make_dir(stage, durable=False)
-        nbytes = storage.write_file(stage / file_name, lambda f: write_entries(f, specs, metadata))
+        storage.make_dir(directory, durable=False)
+        nbytes = storage.write_file(storage.join(directory, file_name), lambda f: write_entries(f, specs, metadata))
         report: dict[str, Any] = {"bytes": nbytes, "chunks": chunks}
     except Exception as exc:  # noqa: BLE001 - reported to rank 0, which aborts the save on every rank
         local_failure = exc
@@ -177,29 +192,59 @@ def save_sharded(obj: Any, path: str | os.PathLike, comm: Comm | None = None) ->
     outcome: str | None = None
     if plan is not None:
         assert reports is not None
+        files = [shard_file_name(r, comm.world_size, save_id) for r in range(comm.world_size)]
         try:
             errors = [r["error"] for r in reports if "error" in r]
             if errors:
                 raise RuntimeError("; ".join(errors))
-            data = _index_bytes(comm.world_size, reports, names, shards, plan, path)
-            storage.write_file(
-                stage / INDEX_NAME, lambda f: write_all(f.fileno(), memoryview(data))
-            )  # the commit marker: last
-            storage.sync_dir(stage)
-            storage.publish(stage, path)
+            data = _index_bytes(files, reports, names, shards, plan, path)
+            if remote:
+                _publish_in_place(directory, files, data)
+            else:
+                storage.write_file(
+                    storage.join(directory, INDEX_NAME), lambda f: write_all(f.fileno(), memoryview(data))
+                )  # the commit marker: last
+                storage.sync_dir(directory)
+                storage.publish(directory, path)
         except Exception as exc:  # noqa: BLE001 - every rank raises it
             outcome = (
                 str(exc) if local_failure is None and isinstance(exc, RuntimeError) else f"{type(exc).__name__}: {exc}"
             )
             local_failure = local_failure or exc
-            storage.remove(stage)
+            if remote:
+                _remove_quietly([storage.join(directory, name) for name in files])
+            else:
+                storage.remove(directory)
     _finish(comm, outcome, local_failure, path)
 
 
+def _publish_in_place(directory: str, files: list[str], index: bytes) -> None:
+    """Make the uploaded ``files`` (this save's, uniquely named) the checkpoint at the URL ``directory``.
+
+    Object storage cannot rename a directory, so the save is published by its index: one object
+    written in one request, which replaces the previous checkpoint's index whole. Until it lands,
+    the previous index and the files it names are untouched (a reader sees the previous
+    checkpoint, or none if there was none); once it has landed, every other object under the
+    prefix (the previous checkpoint's files, those of an interrupted save) is deleted.
+    """
+    storage.write_file(storage.join(directory, INDEX_NAME), lambda f: f.write(index))  # the commit marker: last
+    keep = {INDEX_NAME, *files}
+    _remove_quietly([storage.join(directory, name) for name in storage.list_dir(directory) if name not in keep])
+
+
+def _remove_quietly(paths: list[Any]) -> None:
+    """Delete ``paths``, best effort: a file left behind is never read (no index names it), and the
+    next save of this checkpoint deletes it."""
+    for p in paths:
+        with contextlib.suppress(Exception):
+            storage.remove(p)
+
+
 def _index_bytes(
-    world_size: int, reports: list[Any], names: list[str], shards: list[TensorShard], plan: _Plan, path: Path
+    file_names: list[str], reports: list[Any], names: list[str], shards: list[TensorShard], plan: _Plan, path: Any
 ) -> bytes:
-    files = [FileRecord(shard_file_name(r, world_size), report["bytes"]) for r, report in enumerate(reports)]
+    world_size = len(file_names)
+    files = [FileRecord(file_names[r], report["bytes"]) for r, report in enumerate(reports)]
     found: dict[str, list[Chunk]] = {}
     for r, report in enumerate(reports):
         for name, (offsets, shape) in report["chunks"].items():
@@ -224,12 +269,13 @@ def save_consolidated(obj: Any, path: str | os.PathLike, comm: Comm | None = Non
     """Save ``obj`` as one ``.sft`` file written by rank 0, gathering one sharded tensor at a time.
 
     The file is exactly what :func:`lightning_utils.io.save_state` writes for the same object
-    with every sharded tensor whole.
+    with every sharded tensor whole. ``path`` may be an fsspec URL (one streamed upload by rank 0).
     """
     from lightning_utils.io.state import SKELETON_KEY
 
     comm = comm or Comm()
-    path = Path(path)
+    remote = storage.is_url(path)
+    path = os.fspath(path) if remote else Path(path)
     shards, layouts, plan, start = _start(to_shards(obj), comm, path)
     names: list[str] = start["names"]
     order = data_order([s.dtype for s in shards])
@@ -282,15 +328,18 @@ def save_consolidated(obj: Any, path: str | os.PathLike, comm: Comm | None = Non
         specs += [EntrySpec(n, t.dtype, tuple(t.shape), t) for n, t in plan.plain.items()]
         skeleton = json.dumps(plan.skeleton, separators=(",", ":"), allow_nan=False, ensure_ascii=True)
         metadata = {"format": "pt", SKELETON_KEY: skeleton}
-        stage = storage.staging_path(path, start["token"])
+        stage = path if remote else storage.staging_path(path, start["token"])  # an upload is atomic by itself
         try:
-            storage.make_dir(path.parent)
+            if not remote:
+                storage.make_dir(Path(path).parent)
             storage.write_file(stage, lambda f: write_entries(f, specs, metadata))
-            storage.publish(stage, path)
+            if not remote:
+                storage.publish(stage, path)
         except Exception as exc:  # noqa: BLE001 - every rank raises it
             local_failure = exc
             outcome = f"{type(exc).__name__}: {exc}"
-            storage.remove(stage)
+            if not remote:
+                storage.remove(stage)
             for i in order[produced:]:  # the other ranks still send every remaining tensor
                 gather(i)
     _finish(comm, outcome, local_failure, path)
