@@ -74,9 +74,7 @@ def test_a_sharded_save_at_a_url_round_trips(s3_bucket, world_size):
     assert structure["state_dict"]["w"].device.type == "meta" and structure["state_dict"]["w"].shape == (6, 4)
 
 
-def test_each_rank_streams_its_file_into_a_multipart_upload_and_the_index_lands_last(
-    s3_server, s3_bucket, small_parts
-):
+def test_each_rank_streams_its_file_into_a_multipart_upload_and_the_index_lands_last(s3_server, s3_bucket, small_parts):
     url = f"{s3_bucket}/run/last.sft"
     s3_server.requests.clear()
     save_on(2, url, big_state)

@@ -12,6 +12,7 @@ and no index for the failed one.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -105,7 +106,7 @@ def shard_files(url: str) -> list[str]:
 
 
 def test_each_rank_uploads_its_own_file_and_top_k_removes_whole_prefixes(two_rank_run):
-    out, run, _ = two_rank_run
+    _, run, _ = two_rank_run
     assert storage.listdir(run) == ["export", "last.sft", "step=6.sft"]  # step=3.sft removed, prefix and all
     for name in ("last.sft", "step=6.sft"):
         files = shard_files(f"{run}/{name}")
@@ -164,7 +165,7 @@ def test_each_resumed_rank_reads_only_the_ranges_it_needs(two_rank_run):
             assert not any(overlapping), (rank, start, end)
         own_blocks = sum(e - s for s, e, multi in ranges[rank] if multi)
         assert own_blocks <= sum(e - s for s, e in got[rank]) <= max(e for _, e, _ in ranges[rank])
-        assert all(a[1] <= b[0] for a, b in zip(got[rank], got[rank][1:]))  # no byte fetched twice
+        assert all(a[1] <= b[0] for a, b in itertools.pairwise(got[rank]))  # no byte fetched twice
     # no whole-object GET of a shard file: every read of one is a ranged read
     shard_gets = [(path, rng) for method, path, rng in requests if method == "GET" and "/shard-" in path]
     assert shard_gets and all(rng and rng.startswith("bytes=") for _, rng in shard_gets), shard_gets
@@ -180,7 +181,7 @@ def test_a_one_rank_run_reshards_from_the_url_reading_each_byte_once(s3_server, 
         assert loss == pytest.approx(full[step], abs=1e-4)
     ranges = _data_ranges(f"{run}/step=6.sft")
     for rank, spans in enumerate(_by_rank_file(reads(out, "resume_url", 0))):
-        assert spans and all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans  # no byte fetched twice
+        assert spans and all(a[1] <= b[0] for a, b in itertools.pairwise(spans)), spans  # no byte fetched twice
         assert sum(b - a for a, b in spans) <= max(e for _, e, _ in ranges[rank])
 
 

@@ -28,13 +28,13 @@ import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import fsdp_run  # noqa: E402  (the model and data of the local runs)
+import fsdp_run
 
-import lightning_utils.io.remote as remote  # noqa: E402
-import lightning_utils.io.sharded.writer as sharded_writer  # noqa: E402
-from lightning_utils.callbacks import ExportWeights, SafetensorsModelCheckpoint  # noqa: E402
-from lightning_utils.plugins import SafetensorsCheckpointIO  # noqa: E402
-from lightning_utils.strategies import ModelParallelStrategy  # noqa: E402
+import lightning_utils.io.remote as remote
+import lightning_utils.io.sharded.writer as sharded_writer
+from lightning_utils.callbacks import ExportWeights, SafetensorsModelCheckpoint
+from lightning_utils.plugins import SafetensorsCheckpointIO
+from lightning_utils.strategies import ModelParallelStrategy
 
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
