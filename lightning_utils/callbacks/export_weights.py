@@ -287,9 +287,7 @@ class ExportWeights(Callback):
         except (KeyError, IndexError, ValueError) as err:
             raise ValueError(f"filename {filename!r}: only {{step}} and {{epoch}} can be filled in ({err})") from None
         # a URL (s3://bucket/export) stays a string: Path would turn it into s3:/bucket/export
-        self.dirpath: Path | str | None = (
-            None if dirpath is None else os.fspath(dirpath) if storage.is_url(dirpath) else Path(dirpath)
-        )
+        self.dirpath: Path | str | None = None if dirpath is None else storage.path_or_url(dirpath)
         self.filename = filename
         if strip_prefix is not None and not isinstance(strip_prefix, str):
             raise TypeError(f"strip_prefix must be a module name such as 'model.', got {type(strip_prefix).__name__}")
@@ -329,10 +327,8 @@ class ExportWeights(Callback):
         hf = module is not None and self._target(module).hf_model is not None
         if not hf and Path(name).suffix.lower() not in _SUFFIXES:
             name += ".sft"
-        if isinstance(self.dirpath, str):
-            return storage.join(self.dirpath, name)
-        folder = self.dirpath if self.dirpath is not None else Path(trainer.default_root_dir) / "export"
-        return folder / name
+        folder = self.dirpath if self.dirpath is not None else storage.join(trainer.default_root_dir, "export")
+        return storage.path_or_url(storage.join(folder, name))
 
     def export(
         self, trainer: Trainer, pl_module: LightningModule, state_dict: Mapping[str, Any] | None = None

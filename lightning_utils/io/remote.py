@@ -624,6 +624,39 @@ def remove(url: str, storage_options: dict[str, Any] | None = None, *, first: Se
     fs.invalidate_cache(path)
 
 
+def remove_shadowed(
+    url: str, keep: str, storage_options: dict[str, Any] | None = None, *, first: Sequence[str] = ()
+) -> None:
+    """On object storage, where one name can be an object and a prefix at once, delete the one of
+    the two that ``keep`` (``"file"`` or ``"directory"``) does not name: the objects under the
+    prefix ``url/`` (``first`` names first), or the object ``url`` itself. Nothing to do on other
+    back ends, where a file and a directory cannot share a name."""
+    fs, path = filesystem(url, storage_options)
+    if not _is_object_store(fs):
+        return
+    base = path.rstrip("/")
+    if keep == "directory":
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm_file(base)
+    elif keep == "file":
+        fs.invalidate_cache(base)
+        try:
+            found = fs.find(base + "/")
+        except FileNotFoundError:
+            found = []
+        # find() of a file's own name gives that file back: keep only what lies under the prefix
+        children = [str(c) for c in found if str(c).startswith(base + "/")]
+        ordered = [c for c in children if posixpath.basename(c) in first] + [
+            c for c in children if posixpath.basename(c) not in first
+        ]
+        for child in ordered:
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm_file(child)
+    else:
+        raise ValueError(f"keep must be 'file' or 'directory', got {keep!r}")
+    fs.invalidate_cache(base)
+
+
 def move(src: str, dst: str, storage_options: dict[str, Any] | None = None) -> None:
     """Move ``src`` over ``dst`` (same filesystem). On object stores this is a server-side copy, then
     a delete: ``dst`` appears whole, but ``src`` and ``dst`` both exist for a moment."""

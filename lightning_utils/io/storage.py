@@ -61,10 +61,16 @@ def join(base: str | os.PathLike, *names: str) -> str:
 @contextlib.contextmanager
 def atomic_writer(path: str | os.PathLike, storage_options: StorageOptions = None) -> Iterator[BinaryIO]:
     """``with atomic_writer(path) as f: f.write(...)``: ``path`` gets the new content whole when the
-    block exits, or keeps its old content if the block raises (or the process dies)."""
+    block exits, or keeps its old content if the block raises (or the process dies).
+
+    On object storage a name can be an object and a prefix at once: once the upload has landed,
+    whatever lies under the prefix ``path/`` (a sharded checkpoint saved under that name before,
+    its index first) is deleted, so that ``path`` names one thing, as a local path does.
+    """
     if is_url(path):
         with remote.atomic_upload(os.fspath(path), storage_options) as upload:
             yield upload  # type: ignore[misc]
+        remove_shadowed(path, "file", storage_options)
     else:
         with atomic_write(_local(path)) as f:
             yield f
@@ -179,6 +185,22 @@ def remove(path: str | os.PathLike, storage_options: StorageOptions = None) -> N
             p.unlink()
     elif p.is_dir():
         shutil.rmtree(p, ignore_errors=False)
+
+
+def remove_shadowed(path: str | os.PathLike, keep: str, storage_options: StorageOptions = None) -> None:
+    """After writing a file (``keep="file"``) or a directory (``"directory"``) at the URL ``path``,
+    delete the other one that object storage lets share its name (a directory's index first).
+    Nothing to do for a local path."""
+    if is_url(path):
+        from lightning_utils.io.sharded.layout import INDEX_NAME  # here: the sharded package imports this module
+
+        remote.remove_shadowed(os.fspath(path), keep, storage_options, first=(INDEX_NAME,))
+
+
+def path_or_url(path: str | os.PathLike) -> Any:
+    """A ``Path`` for a local path, the string itself for a URL (``Path("s3://b/x")`` would be
+    ``s3:/b/x``)."""
+    return os.fspath(path) if is_url(path) else Path(path)
 
 
 def move(src: str | os.PathLike, dst: str | os.PathLike, storage_options: StorageOptions = None) -> None:

@@ -14,8 +14,8 @@ it, free it) and the writer never holds more than the tensor it is writing.
   into a multipart upload through a few bounded part buffers).
 * :func:`staged_directory` builds a directory of files (a Hugging Face export): locally next to
   its final name, renamed into place only when everything in it is written and flushed; at a URL
-  (object storage has no renames) in place, file by file, each file whole or absent, and the
-  files of an earlier export of that name that this one did not write again are deleted at the end.
+  (object storage has no renames) in place, file by file, each file whole or absent, after
+  deleting an earlier export of that name.
 
 This module never copies a tensor except to make a non-contiguous one writable, never unpickles,
 and never leaves a partial file under its final name (nor, locally, a partial directory).
@@ -176,28 +176,25 @@ def staged_directory(path: str | os.PathLike[str], *, storage_options: dict[str,
     ``path`` an fsspec URL (object storage has no rename): yields a :class:`RemoteDirectory`;
     the block writes each file in place (each one whole or not at all, see
     :func:`lightning_utils.io.storage.atomic_writer`), so it must write the file that marks the
-    directory complete (an index) last. When the block exits normally, the files that were
-    there before and that it did not write are deleted; when it raises and nothing was there
-    before, what it wrote is deleted. Replacing an existing directory this way is not atomic:
-    its files are replaced one by one.
+    directory complete (an index) last. An existing directory there is deleted first (its
+    ``*index.json`` files first), so that a reader never finds one export's index naming
+    another's files; if the block raises, what it wrote is deleted.
     """
     if storage.is_url(path):
         url = os.fspath(path)
         if storage.is_file(url, storage_options):
             raise FileExistsError(f"{url}: exists and is not a directory; cannot export a directory there")
-        before = storage.listdir(url, storage_options)
+        before = sorted(storage.listdir(url, storage_options), key=lambda name: not name.endswith("index.json"))
+        for name in before:  # the indexes first: the files they name are not complete any more
+            storage.remove(storage.join(url, name), storage_options)
         directory = RemoteDirectory(url)
         try:
             yield directory
         except BaseException:
-            if not before:
-                for name in directory.names:
-                    with contextlib.suppress(Exception):  # best effort: the error raised says what failed
-                        storage.remove(storage.join(url, name), storage_options)
+            for name in directory.names:
+                with contextlib.suppress(Exception):  # best effort: the error raised says what failed
+                    storage.remove(storage.join(url, name), storage_options)
             raise
-        for name in before:
-            if name not in directory.names:
-                storage.remove(storage.join(url, name), storage_options)
         return
     final = Path(path)
     if final.exists() and not final.is_dir():

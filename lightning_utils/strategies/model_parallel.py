@@ -24,7 +24,6 @@ What it must never do: define a file format (``lightning_utils.io.sharded`` does
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -50,12 +49,6 @@ def _is_safetensors_path(path: str | Path) -> bool:
         return checkpoint_format(path) == "safetensors"
     except ValueError:
         return False
-
-
-def _as_path(filepath: Any) -> str | Path:
-    """A checkpoint path as this strategy handles it: fsspec URLs stay strings (``Path`` would turn
-    ``s3://b/x`` into ``s3:/b/x``), local paths become ``Path``."""
-    return os.fspath(filepath) if storage.is_url(filepath) else Path(filepath)
 
 
 class ModelParallelStrategy(_LightningModelParallelStrategy):
@@ -125,7 +118,7 @@ class ModelParallelStrategy(_LightningModelParallelStrategy):
     # -- saving ----------------------------------------------------------------------------
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
-        path = _as_path(self.broadcast(filepath))
+        path = storage.path_or_url(self.broadcast(filepath))
         if not _is_safetensors_path(path):
             self._as_lightning_state(checkpoint)
             super().save_checkpoint(checkpoint, path, storage_options=storage_options)
@@ -175,7 +168,7 @@ class ModelParallelStrategy(_LightningModelParallelStrategy):
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
         # fit(ckpt_path="last") on object storage resolves to the index of a sharded checkpoint
-        path = _as_path(checkpoint_root(self.broadcast(checkpoint_path)))
+        path = storage.path_or_url(checkpoint_root(self.broadcast(checkpoint_path)))
         if is_sharded_checkpoint(path) or (_is_safetensors_path(path) and storage.is_dir(path)):
             with ShardedCheckpoint(path) as source:  # at a URL: ranged reads of this rank's slices only
                 checkpoint = source.load_lazy()

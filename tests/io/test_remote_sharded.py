@@ -272,3 +272,94 @@ def test_consolidated_saves_and_consolidate_work_across_urls(s3_bucket, tmp_path
     assert (tmp_path / "local.sft").read_bytes() == storage.read_bytes(single)
     assert os.listdir(tmp_path) == ["local.sft"]
     assert_whole(whole() | {"epoch": load_state(tmp_path / "local.sft")["epoch"]})
+
+
+def test_a_failure_after_the_index_landed_keeps_the_new_checkpoint(s3_bucket, monkeypatch, caplog):
+    url = f"{s3_bucket}/run/last.sft"
+    save_on(2, url)
+    list_dir = writer.storage.list_dir
+    calls = []
+
+    def listing_fails_after_publishing(path, *args, **kwargs):
+        if storage.exists(f"{url}/{INDEX_NAME}") and calls:  # the second listing: after the new index
+            raise PermissionError(f"{path}: listing denied")
+        calls.append(path)
+        return list_dir(path, *args, **kwargs)
+
+    monkeypatch.setattr(writer.storage, "list_dir", listing_fails_after_publishing)
+
+    def newer(rank, world_size):
+        return rank_state(rank, world_size) | {"epoch": 2}
+
+    save_on(2, url, newer)  # no error: the checkpoint is published, only the clean-up failed
+    monkeypatch.undo()
+    assert load_state(url)["epoch"] == 2
+    assert_whole(load_state(url))
+    assert "could not be listed" in caplog.text
+    assert len(files(url)) == 4  # the replaced files stay (never read: no index names them)
+
+
+def test_an_index_upload_that_errs_after_landing_counts_as_published(s3_bucket, monkeypatch):
+    url = f"{s3_bucket}/run/last.sft"
+    write_file = writer.storage.write_file
+
+    def lands_then_errs(path, write, *args, **kwargs):
+        size = write_file(path, write, *args, **kwargs)
+        if str(path).endswith(INDEX_NAME):
+            raise ConnectionResetError("the answer to the PUT was lost")
+        return size
+
+    monkeypatch.setattr(writer.storage, "write_file", lands_then_errs)
+    save_on(2, url)
+    monkeypatch.undo()
+    assert len(files(url)) == 2
+    assert_whole(load_state(url))
+
+
+def test_a_save_id_already_used_under_the_prefix_is_drawn_again(s3_bucket, monkeypatch):
+    url = f"{s3_bucket}/run/last.sft"
+    tokens = iter(["00aa", "00aa", "00bb"])
+    monkeypatch.setattr(writer.storage, "new_token", lambda: next(tokens))
+    save_on(2, url)  # takes 00aa
+    save_on(2, url)  # 00aa is taken: draws 00bb
+    names = files(url)
+    assert [n.split(".")[1] for n in names] == ["00bb", "00bb"]
+    assert_whole(load_state(url))
+
+
+def test_a_file_and_a_sharded_directory_of_one_name_replace_each_other(s3_bucket):
+    from lightning_utils.io import save_state
+
+    url = f"{s3_bucket}/run/last.sft"
+    save_state({"epoch": 7}, url)  # a one-file checkpoint (e.g. a DDP run's)
+    save_on(2, url)  # then a sharded one under the same name
+    assert load_state(url)["epoch"] == 1 and storage.is_dir(url)
+    assert storage.listdir(f"{s3_bucket}/run") == ["last.sft"]
+    assert len(storage.listdir(url)) == 3  # the object named last.sft is gone: only the prefix
+    save_state({"epoch": 8}, url)  # and back
+    assert load_state(url)["epoch"] == 8 and storage.is_file(url)
+    assert storage.listdir(url) == []  # nothing left under the prefix
+    assert on_ranks(2, lambda c: save_consolidated(rank_state(c.rank, 2), url, c)) == [None, None]
+    assert storage.is_file(url)
+    assert_whole(load_state(url))
+
+
+def test_a_one_element_block_reads_into_a_strided_tensor(s3_bucket):
+    url = f"{s3_bucket}/x.sft"
+    weight = torch.arange(8, dtype=torch.float32).reshape(8)
+
+    def state(rank, world_size):
+        return {"w": TensorShard(weight[4 * rank : 4 * rank + 4].clone(), (8,), (4 * rank,))}
+
+    save_on(2, url, state)
+    out = torch.zeros(4)[::2]  # contiguous by torch's rule (one element per row), stride 2
+    with ShardedCheckpoint(url) as checkpoint:
+        checkpoint.read_block("w", (5,), (1,), out=out[:1])
+    assert out.tolist() == [5.0, 0.0]
+
+
+def test_the_plugin_loads_a_sharded_checkpoint_named_by_its_index(s3_bucket):
+    url = f"{s3_bucket}/run/last.sft"
+    save_on(2, url)
+    # what fit(ckpt_path="last") resolves to on object storage, under any strategy
+    assert_whole(SafetensorsCheckpointIO().load_checkpoint(f"{url}/{INDEX_NAME}"))

@@ -41,6 +41,7 @@ from lightning_utils.io.sharded import storage
 from lightning_utils.io.sharded.layout import INDEX_NAME, SHARDING_KEY, Chunk, Index, TensorRecord, parse_index
 from lightning_utils.io.sharded.shards import map_leaves
 from lightning_utils.io.skeleton import SkeletonError, decode
+from lightning_utils.io.state import SAFETENSORS_SUFFIXES
 
 
 def is_sharded_checkpoint(path: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> bool:
@@ -58,7 +59,7 @@ def checkpoint_root(path: str | os.PathLike) -> str | os.PathLike:
     resolves to on object storage, where a directory has no modification time); else ``path``."""
     text = os.fspath(path).rstrip("/")
     parent, name = (text.rsplit("/", 1) + [""])[:2] if "/" in text else ("", text)
-    if name == INDEX_NAME and parent.lower().endswith((".sft", ".safetensors", ".safetensor")):
+    if name == INDEX_NAME and parent.lower().endswith(SAFETENSORS_SUFFIXES):
         return parent
     return path
 
@@ -252,7 +253,8 @@ class ShardedCheckpoint:
             base + size * sum((start[j] + i) * strides[j] for j, i in enumerate(index))
             for index in itertools.product(*(range(n) for n in extent[: max(d, 0)]))
         ]
-        direct = dst.device.type == "cpu" and dst.dtype == entry.dtype and dst.is_contiguous()
+        # is_contiguous() holds for a one-element view of any stride; a byte view needs stride 1
+        direct = dst.device.type == "cpu" and dst.dtype == entry.dtype and dst.is_contiguous() and dst.numel() > 1
         target = dst if direct else torch.empty(extent, dtype=entry.dtype)
         into = target.reshape(-1).view(torch.uint8)
         pieces: list[tuple[int, memoryview]] = []

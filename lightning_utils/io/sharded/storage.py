@@ -38,6 +38,8 @@ from lightning_utils.io import storage as _io
 from lightning_utils.io.atomic import TEMP_PREFIX, fsync_directory
 
 is_url = _io.is_url
+path_or_url = _io.path_or_url  # a Path, or a URL string
+remove_shadowed = _io.remove_shadowed  # a URL's object and prefix of one name: keep one
 Options = dict[str, Any] | None  # fsspec storage options of a URL (credentials, endpoint)
 
 
@@ -109,11 +111,6 @@ def read_file(path: str | os.PathLike, storage_options: Options = None) -> bytes
         return _io.read_bytes(path, storage_options)
     with open(path, "rb") as f:
         return f.read()
-
-
-def read_range(path: str | os.PathLike, start: int, end: int, storage_options: Options = None) -> bytes:
-    """Bytes ``[start, end)`` of a file (fewer if it is shorter)."""
-    return _io.read_range(path, start, end, storage_options)
 
 
 def read_into(

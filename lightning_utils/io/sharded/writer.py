@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -49,6 +50,8 @@ from lightning_utils.io.sharded.layout import (
 from lightning_utils.io.sharded.shards import TensorShard, leaves, map_leaves, to_shards
 from lightning_utils.io.sharded.stream import EntrySpec, data_order, write_entries
 from lightning_utils.io.skeleton import encode
+
+log = logging.getLogger(__name__)
 
 
 def _collective(path: Any, run: Any, *args: Any) -> Any:
@@ -116,14 +119,16 @@ def _start(obj: Any, comm: Comm, path: Any) -> tuple[list[TensorShard], list[lis
     start: dict[str, Any] | None = None
     failure: BaseException | None = None
     if comm.rank == 0:
+        token = None
         try:
             plan = _plan(obj, shards)
-        except (TypeError, ValueError) as exc:
+            token = _fresh_token(path)
+        except (TypeError, ValueError, OSError) as exc:
             failure = exc
         start = {
             "error": f"{type(failure).__name__}: {failure}" if failure else None,
             "names": plan.names if plan else None,
-            "token": storage.new_token(),
+            "token": token,
         }
     start = _collective(path, comm.broadcast, start)
     assert start is not None
@@ -132,6 +137,17 @@ def _start(obj: Any, comm: Comm, path: Any) -> tuple[list[TensorShard], list[lis
     if start["error"]:
         raise RuntimeError(f"{path}: rank 0 cannot save this checkpoint: {start['error']}")
     return shards, blocks, plan, start
+
+
+def _fresh_token(path: Any) -> str:
+    """A new save's token. At a URL it also names the save's files beside those of the checkpoint
+    being replaced, so it must not be the id of any file already there."""
+    token = storage.new_token()
+    if storage.is_url(path):
+        taken = storage.list_dir(path)
+        while any(f".{token}." in name for name in taken):
+            token = storage.new_token()
+    return token
 
 
 def _finish(comm: Comm, outcome: str | None, local_failure: BaseException | None, path: Any) -> None:
@@ -153,7 +169,7 @@ def save_sharded(obj: Any, path: str | os.PathLike, comm: Comm | None = None) ->
     """
     comm = comm or Comm()
     remote = storage.is_url(path)
-    path = os.fspath(path) if remote else Path(path)
+    path = storage.path_or_url(path)
     shards, _, plan, start = _start(to_shards(obj), comm, path)
     names: list[str] = start["names"]
     if remote:
@@ -224,12 +240,36 @@ def _publish_in_place(directory: str, files: list[str], index: bytes) -> None:
     Object storage cannot rename a directory, so the save is published by its index: one object
     written in one request, which replaces the previous checkpoint's index whole. Until it lands,
     the previous index and the files it names are untouched (a reader sees the previous
-    checkpoint, or none if there was none); once it has landed, every other object under the
-    prefix (the previous checkpoint's files, those of an interrupted save) is deleted.
+    checkpoint, or none if there was none). Raises only if the index did not land (the caller
+    then deletes this save's files); once it has, every other object under the prefix (the
+    previous checkpoint's files, those of an interrupted save) and an object named like the
+    directory itself are deleted, best effort: a failure there is logged, and the save stands.
     """
-    storage.write_file(storage.join(directory, INDEX_NAME), lambda f: f.write(index))  # the commit marker: last
+    target = storage.join(directory, INDEX_NAME)
+    try:
+        storage.write_file(target, lambda f: f.write(index))  # the commit marker: last
+    except Exception:
+        if not _landed(target, index):  # the request may have failed after the server stored it
+            raise
+    _remove_replaced(directory, files)
+
+
+def _landed(target: str, data: bytes) -> bool:
+    try:
+        return storage.read_file(target) == data
+    except Exception:  # noqa: BLE001 - unreadable: not known to have landed
+        return False
+
+
+def _remove_replaced(directory: str, files: list[str]) -> None:
     keep = {INDEX_NAME, *files}
-    _remove_quietly([storage.join(directory, name) for name in storage.list_dir(directory) if name not in keep])
+    try:
+        stale = [name for name in storage.list_dir(directory) if name not in keep]
+        storage.remove_shadowed(directory, "directory")
+    except Exception as exc:  # noqa: BLE001 - the checkpoint is published; leftovers are never read
+        log.warning("%s: saved, but the files it replaced could not be listed for deletion (%s)", directory, exc)
+        return
+    _remove_quietly([storage.join(directory, name) for name in stale])
 
 
 def _remove_quietly(paths: list[Any]) -> None:
@@ -275,7 +315,7 @@ def save_consolidated(obj: Any, path: str | os.PathLike, comm: Comm | None = Non
 
     comm = comm or Comm()
     remote = storage.is_url(path)
-    path = os.fspath(path) if remote else Path(path)
+    path = storage.path_or_url(path)
     shards, layouts, plan, start = _start(to_shards(obj), comm, path)
     names: list[str] = start["names"]
     order = data_order([s.dtype for s in shards])
