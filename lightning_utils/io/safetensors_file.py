@@ -131,6 +131,12 @@ def itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def data_order(dtypes: Sequence[torch.dtype]) -> list[int]:
+    """The order every writer here lays entries out in: by decreasing element size (so that each
+    entry starts aligned to its dtype), ties in the given order."""
+    return sorted(range(len(dtypes)), key=lambda i: -itemsize(dtypes[i]))
+
+
 def byte_sink(f: BinaryIO) -> Callable[[memoryview], None]:
     """A function writing every byte of a buffer to ``f``: ``os.write`` calls on its descriptor for a
     real file (unbuffered; flush ``f`` first if it buffers), otherwise ``f.write`` calls of at most
@@ -158,13 +164,9 @@ def plan_file(tensors: Sequence[tuple[str, torch.Tensor]], metadata: dict[str, s
     element size so that every entry is aligned to its dtype.
     """
     for name, t in tensors:
-        if name == METADATA_KEY:
-            raise ValueError(f"a tensor cannot be named {METADATA_KEY!r}: safetensors reserves that key for metadata")
-        if t.dtype not in NAME_FROM_DTYPE:
-            raise TypeError(f"tensor {name!r}: dtype {t.dtype} cannot be stored in safetensors")
         if t.device.type != "cpu" or not t.is_contiguous():
             raise ValueError(f"tensor {name!r}: expected a contiguous CPU tensor")
-    order = sorted(range(len(tensors)), key=lambda i: -tensors[i][1].element_size())
+    order = data_order([t.dtype for _, t in tensors])
     prefix = build_header([(tensors[i][0], tensors[i][1].dtype, tensors[i][1].shape) for i in order], metadata)
     data = sum(t.numel() * t.element_size() for _, t in tensors)
     return FilePlan(prefix, [tensors[i][1] for i in order], len(prefix) + data)
@@ -260,11 +262,11 @@ def parse_header(raw: bytes, size: int, path: str) -> Header:
                 "(truncated, or a corrupted header)",
             )
         dtype = DTYPE_FROM_NAME[dtype_name]
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if math.prod(shape) * itemsize != end - begin:
+        size = itemsize(dtype)
+        if math.prod(shape) * size != end - begin:
             raise _fail(
                 path,
-                f"entry {name!r}: shape {shape} of {dtype_name} needs {math.prod(shape) * itemsize} bytes, offsets give {end - begin}",
+                f"entry {name!r}: shape {shape} of {dtype_name} needs {math.prod(shape) * size} bytes, offsets give {end - begin}",
             )
         entries.append(Entry(name, dtype, tuple(shape), begin, end))
     # The entries must tile the data buffer exactly, as the safetensors library requires.
@@ -296,10 +298,9 @@ def read_entry(
     the bytes are read with one ``readinto`` into fresh memory.
     """
     start = header.data_start + entry.begin
-    itemsize = torch.empty((), dtype=entry.dtype).element_size()
     if entry.nbytes == 0:
         return torch.empty(entry.shape, dtype=entry.dtype)
-    if mapped is not None and start % itemsize == 0:
+    if mapped is not None and start % itemsize(entry.dtype) == 0:
         buf = torch.frombuffer(mapped, dtype=torch.uint8, count=entry.nbytes, offset=start)
     else:
         buf = torch.empty(entry.nbytes, dtype=torch.uint8)

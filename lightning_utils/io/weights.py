@@ -37,7 +37,7 @@ import torch
 
 from lightning_utils.io import storage
 from lightning_utils.io.atomic import TEMP_PREFIX, fsync_directory
-from lightning_utils.io.safetensors_file import build_header, byte_sink, itemsize
+from lightning_utils.io.safetensors_file import build_header, byte_sink, data_order, itemsize
 from lightning_utils.io.state import RESERVED_METADATA, encode_metadata
 
 __all__ = [
@@ -68,7 +68,7 @@ class TensorSpec:
 def file_order(specs: Sequence[TensorSpec]) -> list[TensorSpec]:
     """The order the tensors take in the file: by decreasing element size (so that every entry
     starts aligned to its dtype), the given order among equal sizes."""
-    return sorted(specs, key=lambda s: -itemsize(s.dtype))
+    return [specs[i] for i in data_order([s.dtype for s in specs])]
 
 
 class StreamingSafetensorsWriter:

@@ -19,7 +19,7 @@ from typing import BinaryIO
 
 import torch
 
-from lightning_utils.io.safetensors_file import METADATA_KEY, NAME_FROM_DTYPE, build_header, byte_sink, itemsize
+from lightning_utils.io.safetensors_file import build_header, byte_sink, data_order, itemsize
 
 STAGING_BYTES = 64 << 20  # accelerator tensors are copied to the host in pieces of at most this size
 
@@ -38,22 +38,12 @@ class EntrySpec:
         return math.prod(self.shape) * itemsize(self.dtype)
 
 
-def data_order(dtypes: Sequence[torch.dtype]) -> list[int]:
-    """The order entries are laid out in: by decreasing element size, ties in the given order."""
-    return sorted(range(len(dtypes)), key=lambda i: -itemsize(dtypes[i]))
-
-
 def write_entries(f: BinaryIO, specs: Sequence[EntrySpec], metadata: dict[str, str] | None) -> None:
     """Write a safetensors file of ``specs`` to ``f``: an unbuffered binary file, or any binary
     writer without a descriptor (an upload stream).
 
     Sources are produced in :func:`data_order`, each written and released before the next.
     """
-    for spec in specs:
-        if spec.name == METADATA_KEY:
-            raise ValueError(f"a tensor cannot be named {METADATA_KEY!r}: safetensors reserves that key for metadata")
-        if spec.dtype not in NAME_FROM_DTYPE:
-            raise TypeError(f"tensor {spec.name!r}: dtype {spec.dtype} cannot be stored in safetensors")
     order = data_order([s.dtype for s in specs])
     sink = byte_sink(f)
     sink(memoryview(build_header([(specs[i].name, specs[i].dtype, specs[i].shape) for i in order], metadata)))

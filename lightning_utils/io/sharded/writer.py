@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from lightning_utils.io.atomic import write_all
+from lightning_utils.io.safetensors_file import data_order
 from lightning_utils.io.sharded import storage
 from lightning_utils.io.sharded.comm import Comm
 from lightning_utils.io.sharded.layout import (
@@ -48,7 +49,7 @@ from lightning_utils.io.sharded.layout import (
     shard_file_name,
 )
 from lightning_utils.io.sharded.shards import TensorShard, leaves, map_leaves, to_shards
-from lightning_utils.io.sharded.stream import EntrySpec, data_order, write_entries
+from lightning_utils.io.sharded.stream import EntrySpec, write_entries
 from lightning_utils.io.skeleton import encode
 
 log = logging.getLogger(__name__)
