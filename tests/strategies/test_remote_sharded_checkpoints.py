@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers.ports import free_port
+from helpers import ranks
 from helpers.s3 import s3_bucket_fixture, s3_server_fixture  # noqa: F401  (the s3_bucket and s3_server fixtures)
 
 from lightning_utils.io import load_state, storage
@@ -36,41 +33,10 @@ pytestmark = [pytest.mark.ddp, pytest.mark.timeout(900)]
 def launch(server, out: Path, run: str, plan: str, world_size: int = 2, expect_ok: bool = True) -> list:
     """Run ``remote_fsdp_run.py OUT RUN PLAN`` on ``world_size`` ranks; kill every rank if one hangs."""
     out.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    procs = []
-    for rank in range(world_size):
-        env = dict(
-            os.environ,
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            LOCAL_RANK=str(rank),
-            NODE_RANK="0",
-            WORLD_SIZE=str(world_size),
-            PYTHONWARNINGS="ignore",
-            FSSPEC_S3=json.dumps(server.storage_options),
-        )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(SCRIPT), str(out), run, plan],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    results = []
-    try:
-        for p in procs:
-            text = p.communicate(timeout=TIMEOUT)[0]
-            results.append(subprocess.CompletedProcess(p.args, p.returncode, text))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    env = {"FSSPEC_S3": json.dumps(server.storage_options)}
+    results = ranks.launch(SCRIPT, [str(out), run, plan], timeout=TIMEOUT, world_size=world_size, env=env)
     if expect_ok:
-        for r in results:
-            assert r.returncode == 0, r.stdout[-4000:]
+        ranks.check_ok(results)
     return results
 
 
@@ -206,7 +172,7 @@ def test_a_rank_failing_mid_upload_leaves_the_previous_checkpoint_and_no_index(s
     run = f"{s3_bucket}/run"
     results = launch(s3_server, tmp_path, run, "fail", expect_ok=False)
     assert all(r.returncode != 0 for r in results)  # every rank stopped with the error, none hung
-    assert "rank 1: OSError: the network went away" in results[0].stdout[-6000:]
+    assert "rank 1: OSError: the network went away" in results[0].output[-6000:]
     assert storage.listdir(run) == ["last.sft", "step=2.sft"]  # step=4.sft: nothing left, not even files
     assert load_state(f"{run}/last.sft")["global_step"] == 2  # the previous last.sft, intact
     assert len(shard_files(f"{run}/last.sft")) == 2

@@ -27,7 +27,7 @@ import json
 import math
 import mmap as mmap_module
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -397,33 +397,32 @@ class ShardedCheckpoint:
         )
 
 
-def _check_plain_nodes(node: Any, multi: set[str], path: str) -> None:
-    """Tensor nodes naming a tensor stored in several blocks must take it as it is (no view of its bytes):
-    the writer only writes such nodes, and a handle must never be read as data."""
+def _tensor_nodes(node: Any) -> Iterator[dict[str, Any]]:
+    """Every tensor node of a skeleton."""
     stack = [node]
     while stack:
         n = stack.pop()
         if isinstance(n, list):
             stack.extend(n)
         elif isinstance(n, dict):
-            if n.get("$") == "tensor" and n.get("e") in multi and any(k in n for k in ("off", "st", "neg", "conj")):
-                raise CheckpointFormatError(path, f"corrupted skeleton: a view of the sharded tensor {n['e']!r}")
+            if n.get("$") == "tensor":
+                yield n
             stack.extend(n.values())
+
+
+def _check_plain_nodes(node: Any, multi: set[str], path: str) -> None:
+    """Tensor nodes naming a tensor stored in several blocks must take it as it is (no view of its bytes):
+    the writer only writes such nodes, and a handle must never be read as data."""
+    for n in _tensor_nodes(node):
+        if n.get("e") in multi and any(k in n for k in ("off", "st", "neg", "conj")):
+            raise CheckpointFormatError(path, f"corrupted skeleton: a view of the sharded tensor {n['e']!r}")
 
 
 def _viewed_entries(node: Any) -> set[str]:
     """The tensors some skeleton node builds from their bytes rather than taking them as they are."""
-    found: set[str] = set()
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if isinstance(n, list):
-            stack.extend(n)
-        elif isinstance(n, dict):
-            if n.get("$") == "tensor" and any(k in n for k in ("off", "sh", "st", "dt", "neg", "conj")):
-                found.add(str(n.get("e")))
-            stack.extend(n.values())
-    return found
+    return {
+        str(n.get("e")) for n in _tensor_nodes(node) if any(k in n for k in ("off", "sh", "st", "dt", "neg", "conj"))
+    }
 
 
 def load_sharded(

@@ -31,7 +31,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fsdp_run
 
 import lightning_utils.io.remote as remote
-import lightning_utils.io.sharded.writer as sharded_writer
 from lightning_utils.callbacks import ExportWeights, SafetensorsModelCheckpoint
 from lightning_utils.plugins import SafetensorsCheckpointIO
 from lightning_utils.strategies import ModelParallelStrategy
@@ -88,26 +87,8 @@ def fit(out, phase, run, ckpt_path=None, every=3, top_k=1, export=False):
         json.dump(READS, f)
 
 
-def fail_rank_1_at_step_4() -> None:
-    """Rank 1 streams part of its step-4 file into the upload, then raises."""
-    original = sharded_writer.write_entries
-    save = sharded_writer.save_sharded
-    saving: list[str] = []
-
-    def write_entries(f, specs, metadata):
-        if int(os.environ["LOCAL_RANK"]) == 1 and "step=4" in saving[0]:
-            f.write(b"partial")
-            raise OSError("the network went away while rank 1 was uploading")
-        original(f, specs, metadata)
-
-    def save_sharded(obj, path, comm=None):
-        saving[:] = [str(path)]
-        return save(obj, path, comm)
-
-    sharded_writer.write_entries = write_entries
-    import lightning_utils.plugins.checkpoint_io as plugin
-
-    plugin.save_sharded = save_sharded
+def network_gone() -> None:
+    raise OSError("the network went away while rank 1 was uploading")
 
 
 def main() -> None:
@@ -121,15 +102,11 @@ def main() -> None:
         elif phase == "resume_url":
             fit(out, phase, run, ckpt_path=f"{run}/step=6.sft")
         elif phase == "fail":
-            fail_rank_1_at_step_4()
+            fsdp_run.fail_rank_1_at_step_4(network_gone)
             fit(out, phase, run, every=2, top_k=-1)
         else:
             raise SystemExit(f"unknown phase {phase!r}")
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    fsdp_run.end_process_group()
 
 
 if __name__ == "__main__":
