@@ -23,8 +23,12 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check lightning_utils tests benchmarks examples
 	$(VENV)/bin/mypy
 
+# Two workers, one test file each at a time: module-scoped fixtures (a 2-rank run shared by a
+# file's tests) run once, and the 2-core CI machine is kept busy while a test waits on its ranks.
+PYTEST_WORKERS ?= 2
+
 test: lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 demo: $(STAMP)
 	$(PY) -m pip install -q -e '.[test,plot]'

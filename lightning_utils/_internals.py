@@ -486,7 +486,9 @@ _IO: tuple[PrivateName, ...] = (
         "method; for a dirpath on object storage it returns the listing of fsspec's ls, which drops "
         "the URL scheme (bucket/run/last.sft), so Lightning then looks for that name on the local "
         "disk and finds no last checkpoint. SafetensorsModelCheckpoint overrides it to put the "
-        "scheme back",
+        "scheme back, and to name a sharded last.sft directory there by its index.json (the trainer "
+        "compares the candidates' modification times, and fsspec has none for a prefix; a prefix "
+        "without its index is an unfinished save and is left out)",
         public="Trainer.fit(ckpt_path=...) takes an explicit URL, but 'last' is resolved only "
         "through this method; ModelCheckpoint has no public hook for listing its files",
     ),
@@ -531,16 +533,32 @@ def replace_wrapped_checkpoint_io(wrapper: Any, checkpoint_io: Any) -> None:
 
 
 def last_checkpoint_urls(callback: Any, trainer: Any) -> set[str]:
-    """``ModelCheckpoint._find_last_checkpoints`` with the URL scheme of a remote ``dirpath`` kept."""
+    """``ModelCheckpoint._find_last_checkpoints`` with the URL scheme of a remote ``dirpath`` kept.
+
+    A ``last`` that is a directory on object storage (a sharded ``.sft`` checkpoint) is returned
+    as its ``index.json``: the trainer picks the newest candidate by its modification time, which
+    a prefix does not have, and the index is the object whose time says when the save completed.
+    A directory without its index is an unfinished save, not a checkpoint: it is left out.
+    """
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from lightning_utils.io.remote import filesystem, is_url
+    from lightning_utils.io import remote
+    from lightning_utils.io.sharded import INDEX_NAME
 
     found: set[str] = ModelCheckpoint._find_last_checkpoints(callback, trainer)
-    if callback.dirpath is None or not is_url(callback.dirpath):
+    if callback.dirpath is None or not remote.is_url(callback.dirpath):
         return found
-    fs, _ = filesystem(str(callback.dirpath))
-    return {p if is_url(p) else fs.unstrip_protocol(p) for p in found}
+    fs, _ = remote.filesystem(str(callback.dirpath))
+    urls: set[str] = set()
+    for p in found:
+        url = p if remote.is_url(p) else fs.unstrip_protocol(p)
+        if remote.kind(url) == "directory":
+            index = f"{url.rstrip('/')}/{INDEX_NAME}"
+            if remote.exists(index):
+                urls.add(index)
+        else:
+            urls.add(url)
+    return urls
 
 
 def fsdp_state_dict_type(strategy: Any) -> str | None:

@@ -29,6 +29,7 @@ import contextlib
 import logging
 import math
 import os
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,12 +41,12 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from lightning_utils.io import hf_export
+from lightning_utils.io import hf_export, storage
 from lightning_utils.io.gather import MemoryTracker, PlanEntry, RankZeroGather, TensorInfo
-from lightning_utils.io.state import JSON_KEYS_KEY, SKELETON_KEY
+from lightning_utils.io.state import RESERVED_METADATA, encode_metadata
 from lightning_utils.io.weights import (
+    RemoteDirectory,
     TensorSpec,
-    encode_metadata,
     file_order,
     staged_directory,
     stream_safetensors,
@@ -101,15 +102,11 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-# Metadata keys lightning_utils.io.save_weights keeps for itself ("format" may only be "pt").
-_RESERVED_METADATA = ("format", "module", SKELETON_KEY, JSON_KEYS_KEY)
-
-
 def _check_metadata_keys(extra: Mapping[str, Any]) -> None:
     for key, value in extra.items():
-        if key in _RESERVED_METADATA and not (key == "format" and value == "pt"):
+        if key in RESERVED_METADATA and not (key == "format" and value == "pt"):
             raise ValueError(
-                f"ExportWeights(metadata=...): key {key!r} is reserved ({', '.join(_RESERVED_METADATA)}; "
+                f"ExportWeights(metadata=...): key {key!r} is reserved ({', '.join(RESERVED_METADATA)}; "
                 "'format' may only be 'pt'); rename it"
             )
 
@@ -134,15 +131,29 @@ class _File:
 class _Layout:
     """What rank 0 writes: one file, or a directory of files plus configs and an index."""
 
-    path: Path
+    path: Path | str  # a str for an fsspec URL
     files: list[_File]
     hf_model: nn.Module | None = None
     index: dict[str, Any] | None = None
 
 
+def _write_small_files(folder: Path | RemoteDirectory, write: Callable[[Path], Any]) -> None:
+    """Let ``write(directory)`` write small files (configs, an index) into ``folder``; for a folder
+    at a URL they are written to a local temporary directory, then each uploaded whole."""
+    if isinstance(folder, Path):
+        write(folder)
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        write(Path(scratch))
+        for child in sorted(Path(scratch).iterdir()):
+            with storage.atomic_writer(folder / child.name) as f:
+                f.write(child.read_bytes())
+
+
 class _Output:
     """Rank 0's writer for one export: files are opened in turn as the tensors arrive; nothing
-    appears under the final name until :meth:`commit`."""
+    appears under the final name until :meth:`commit` (at a URL: each file appears whole when it
+    is complete, and a Hugging Face directory's index is written last, at :meth:`commit`)."""
 
     def __init__(self, layout: _Layout, dtype: torch.dtype | None) -> None:
         self._layout = layout
@@ -150,14 +161,14 @@ class _Output:
         self._file_stack: contextlib.ExitStack | None = None
         self._writer: Any = None
         self._files = iter(layout.files)
+        self._folder: Any
         try:
             if layout.hf_model is not None:
+                model = layout.hf_model
                 self._folder = self._stack.enter_context(staged_directory(layout.path))
-                hf_export.write_hf_configs(layout.hf_model, self._folder, dtype)
-                if layout.index is not None:
-                    hf_export.write_hf_index(self._folder, layout.index)
+                _write_small_files(self._folder, lambda d: hf_export.write_hf_configs(model, d, dtype))
             else:
-                self._folder = layout.path.parent
+                self._folder = None  # one file: written straight to layout.path
         except BaseException:
             self._stack.close()
             raise
@@ -167,7 +178,7 @@ class _Output:
             self._file_stack.close()  # the previous file is complete: rename it into place
         file = next(self._files)
         self._file_stack = contextlib.ExitStack()
-        target = self._folder / file.name
+        target = self._layout.path if self._folder is None else self._folder / file.name
         self._writer = self._file_stack.enter_context(stream_safetensors(target, file.specs, file.metadata))
 
     def write(self, entry: PlanEntry, tensor: torch.Tensor) -> None:
@@ -180,6 +191,9 @@ class _Output:
             self._file_stack.close()
         if next(self._files, None) is not None:
             raise RuntimeError("an export file was never written")
+        index = self._layout.index
+        if index is not None:  # last: at a URL it is what makes the directory a complete export
+            _write_small_files(self._folder, lambda d: hf_export.write_hf_index(d, index))
         self._stack.close()
 
     def abort(self, error: BaseException) -> None:
@@ -272,7 +286,8 @@ class ExportWeights(Callback):
             filename.format(step=0, epoch=0)
         except (KeyError, IndexError, ValueError) as err:
             raise ValueError(f"filename {filename!r}: only {{step}} and {{epoch}} can be filled in ({err})") from None
-        self.dirpath = Path(dirpath) if dirpath is not None else None
+        # a URL (s3://bucket/export) stays a string: Path would turn it into s3:/bucket/export
+        self.dirpath: Path | str | None = None if dirpath is None else storage.path_or_url(dirpath)
         self.filename = filename
         if strip_prefix is not None and not isinstance(strip_prefix, str):
             raise TypeError(f"strip_prefix must be a module name such as 'model.', got {type(strip_prefix).__name__}")
@@ -299,25 +314,25 @@ class ExportWeights(Callback):
                 raise ValueError("max_shard_size applies to Hugging Face directories, and hf_format=False was given")
             hf_export.check_shard_size(max_shard_size)
         self.max_shard_size = max_shard_size
-        self.last_path: Path | None = None
+        self.last_path: Path | str | None = None
         self.last_memory: MemoryTracker | None = None
         self._last_export_step: int | None = None
 
     # public API -----------------------------------------------------------------------------
-    def export_path(self, trainer: Trainer, pl_module: LightningModule | None = None) -> Path:
+    def export_path(self, trainer: Trainer, pl_module: LightningModule | None = None) -> Path | str:
         """Where an export at the trainer's current step goes: a ``.sft`` file, or the directory
-        of a Hugging Face export."""
+        of a Hugging Face export (a URL string when ``dirpath`` is a URL)."""
         name = self.filename.format(step=trainer.global_step, epoch=trainer.current_epoch)
         module = pl_module if pl_module is not None else getattr(trainer, "lightning_module", None)
         hf = module is not None and self._target(module).hf_model is not None
         if not hf and Path(name).suffix.lower() not in _SUFFIXES:
             name += ".sft"
-        folder = self.dirpath if self.dirpath is not None else Path(trainer.default_root_dir) / "export"
-        return folder / name
+        folder = self.dirpath if self.dirpath is not None else storage.join(trainer.default_root_dir, "export")
+        return storage.path_or_url(storage.join(folder, name))
 
     def export(
         self, trainer: Trainer, pl_module: LightningModule, state_dict: Mapping[str, Any] | None = None
-    ) -> Path | None:
+    ) -> Path | str | None:
         """Export now. Call it on **every** rank (gathering a sharded model is collective);
         only global rank 0 writes. Returns the path on rank 0, ``None`` elsewhere or when the
         weights of this step were already exported.
@@ -357,7 +372,7 @@ class ExportWeights(Callback):
         state_dict: Mapping[str, Any],
         target: _Target,
         metrics: dict[str, Any],
-    ) -> Path | None:
+    ) -> Path | str | None:
         items = self._items(state_dict, target.prefix)
         tracker = MemoryTracker()
         gather: RankZeroGather[_Layout] = RankZeroGather(items, tracker=tracker)
@@ -513,7 +528,7 @@ class ExportWeights(Callback):
         specs = {name: TensorSpec(name, self._export_dtype(info.dtype), info.shape) for name, info in available.items()}
         if target.hf_model is None:
             ordered = file_order(list(specs.values()))
-            layout = _Layout(path, [_File(path.name, ordered, meta)])
+            layout = _Layout(path, [_File(os.path.basename(os.fspath(path)), ordered, meta)])
             return [(s.name, s) for s in ordered], layout
         names = hf_export.hf_weight_names(target.hf_model, specs.values())
         out = {src: TensorSpec(dst, specs[src].dtype, specs[src].shape) for src, dst in names.items()}

@@ -56,6 +56,7 @@ from lightning_utils.control.dispatch import (
 from lightning_utils.control.last import copy_last, link_last
 from lightning_utils.control.sources import CommandSource, SignalFlag, resolve_source
 from lightning_utils.distributed import all_gather_object, broadcast_object
+from lightning_utils.io import storage
 
 __all__ = ["ControlError", "TrainingControl"]
 
@@ -218,7 +219,7 @@ class TrainingControl(Callback):
             save_on_export=bool(save_on_export),
             save_on_train_end=bool(save_on_train_end),
         )
-        self.dirpath = Path(dirpath) if dirpath is not None else None
+        self.dirpath = storage.path_or_url(dirpath) if dirpath is not None else None
         try:
             filename.format(step=0, epoch=0)
         except (KeyError, IndexError, ValueError, AttributeError) as err:
@@ -254,7 +255,7 @@ class TrainingControl(Callback):
         self.last_eval_step: int | None = None
         self.last_export_step: int | None = None
         # run-time only
-        self.last_checkpoint_path: Path | None = None
+        self.last_checkpoint_path: Path | str | None = None
         self.quit_requested = False
         self._boundary_step = 0
         self._is_leader = True
@@ -526,7 +527,7 @@ class TrainingControl(Callback):
         dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)  # a ModelCheckpoint's folder
         if dirpath:
             return str(dirpath)
-        return str(Path(trainer.default_root_dir) / "checkpoints")
+        return storage.join(trainer.default_root_dir, "checkpoints")
 
     def _extension(self, trainer: Trainer) -> str:
         if self.file_extension is not None:
@@ -541,11 +542,11 @@ class TrainingControl(Callback):
             io = getattr(io, "checkpoint_io", None)  # unwrap AsyncCheckpointIO and friends
         return ".sft" if io is not None else ".ckpt"
 
-    def checkpoint_path(self, trainer: Trainer) -> Path:
-        """Where a save at the trainer's current step goes."""
+    def checkpoint_path(self, trainer: Trainer) -> Path | str:
+        """Where a save at the trainer's current step goes (a URL string in a URL folder)."""
         folder = self._ckpt_dir or self._default_dir(trainer)
         name = self.filename.format(step=trainer.global_step, epoch=trainer.current_epoch)
-        return Path(folder) / (name + self._extension(trainer))
+        return storage.path_or_url(storage.join(folder, name + self._extension(trainer)))
 
     def _agreed(
         self, trainer: Trainer, what: str, fn: Callable[[], Any], soft: tuple[type[Exception], ...] = ()
@@ -595,7 +596,7 @@ class TrainingControl(Callback):
         for callback, last in lasts:
             self._point_last(trainer, callback, last, path)
 
-    def _write_checkpoint(self, trainer: Trainer, path: Path) -> None:
+    def _write_checkpoint(self, trainer: Trainer, path: Path | str) -> None:
         """``trainer.save_checkpoint(path)``, with the outcome settled on every rank before any goes on.
 
         The dict is built on every rank (gathering sharded state is collective), written by the
@@ -606,26 +607,29 @@ class TrainingControl(Callback):
         checkpoint = _internals.dump_checkpoint(trainer)
         self._agreed(trainer, f"saving {path}", lambda: trainer.strategy.save_checkpoint(checkpoint, path))
 
-    def _last_files(self, trainer: Trainer, path: Path) -> list[tuple[ModelCheckpoint, Path]]:
+    def _last_files(self, trainer: Trainer, path: Path | str) -> list[tuple[ModelCheckpoint, Path | str]]:
         """The ``last`` file of every ModelCheckpoint with ``save_last`` that a checkpoint at ``path``
         must update (same file extension), so that ``fit(ckpt_path="last")`` restores it."""
         found = []
         for callback in trainer.checkpoint_callbacks:
             if not isinstance(callback, ModelCheckpoint) or not callback.save_last or not callback.dirpath:
                 continue
-            if callback.FILE_EXTENSION.lower() != path.suffix.lower():
+            if callback.FILE_EXTENSION.lower() != os.path.splitext(os.fspath(path))[1].lower():
                 continue  # a '.ckpt' name must never stand for a '.sft' file (the suffix picks the reader)
             metrics = dict(trainer.callback_metrics)
             metrics.update(epoch=torch.tensor(trainer.current_epoch), step=torch.tensor(trainer.global_step))
-            found.append((callback, Path(callback.format_checkpoint_name(metrics, callback.CHECKPOINT_NAME_LAST))))
+            last = callback.format_checkpoint_name(metrics, callback.CHECKPOINT_NAME_LAST)
+            found.append((callback, storage.path_or_url(last)))
         return found
 
-    def _point_last(self, trainer: Trainer, callback: ModelCheckpoint, last: Path, path: Path) -> None:
+    def _point_last(self, trainer: Trainer, callback: ModelCheckpoint, last: Path | str, path: Path | str) -> None:
         """Make ``last`` (a ModelCheckpoint's save_last file) the checkpoint just written at ``path``:
         a symlink with ``save_last="link"``, else a copy (a second save for a folder checkpoint)."""
-        link = callback.save_last == "link"
+        # Object storage has neither links nor renames: there ``last`` is a second save.
+        local = not storage.is_url(path)
+        link = local and callback.save_last == "link"
         # Rank 0 wrote the file and decides; the decision picks collectives, so every rank takes it.
-        copy = not link and broadcast_object(self._is_leader and path.is_file(), src=0, trainer=trainer)
+        copy = local and not link and broadcast_object(self._is_leader and os.path.isfile(path), src=0, trainer=trainer)
         if link or copy:
 
             def update() -> None:

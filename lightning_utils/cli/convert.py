@@ -3,7 +3,7 @@
 The suffix of each path names its format; either may be an fsspec URL (``s3://bucket/run/last.sft``).
 Pickle sources are read with ``weights_only=True`` unless ``--unsafe`` is given (only for files you
 trust). A sharded checkpoint directory as SRC is consolidated into one file, one tensor in memory at
-a time. An existing DST is kept unless
+a time (a directory at a URL too, read with ranged reads). An existing DST is kept unless
 ``--overwrite``; the write is atomic either way. Exit codes: 0 success, 1 unreadable source or
 an object the destination format cannot hold, 2 bad arguments. It never leaves a partial DST
 and never replaces one without ``--overwrite``.
@@ -12,7 +12,6 @@ and never replaces one without ``--overwrite``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 
@@ -33,7 +32,11 @@ def run(args: argparse.Namespace) -> int:
     from lightning_utils.io.state import checkpoint_format, load_state, save_state
 
     prog = "lightning-utils convert"
-    sharded = not storage.is_url(args.src) and os.path.isdir(args.src)
+    try:
+        sharded = storage.is_dir(args.src)  # a sharded checkpoint directory (or a prefix at a URL)
+    except ImportError as exc:  # a URL whose back end is not installed
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
     try:
         if not sharded:
             checkpoint_format(args.src)
@@ -74,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _consolidate(prog: str, src: str, dst: str) -> int:
+    from lightning_utils.io import storage
     from lightning_utils.io.errors import CheckpointFormatError
     from lightning_utils.io.sharded import consolidate
 
@@ -85,5 +89,5 @@ def _consolidate(prog: str, src: str, dst: str) -> int:
     except (TypeError, ValueError, RuntimeError) as exc:
         print(f"{prog}: error: cannot write {dst}: {exc}", file=sys.stderr)
         return 1
-    print(f"wrote {dst} ({os.path.getsize(dst)} bytes) from the sharded checkpoint {src}")
+    print(f"wrote {dst} ({storage.file_size(dst)} bytes) from the sharded checkpoint {src}")
     return 0

@@ -1,8 +1,8 @@
 """``lightning-utils inspect PATH``: print a checkpoint's tree with tensor shapes, dtypes and sizes.
 
 Works for ``.sft`` (reads only the header: instant on any size, also from an fsspec URL such as
-``s3://bucket/run/last.sft``), sharded ``.sft`` directories (reads only the index; shapes are the
-global ones) and ``.ckpt``/``.pt`` (loaded onto the meta device, so no tensor data is copied).
+``s3://bucket/run/last.sft``), sharded ``.sft`` directories, local or at a URL (reads only the
+index; shapes are the global ones) and ``.ckpt``/``.pt`` (loaded onto the meta device, so no tensor data is copied).
 Pickle files are opened with ``weights_only=True`` unless ``--unsafe`` is given. Exit codes: 0
 success, 1 unreadable or missing file, 2 bad arguments (a negative ``--depth`` or
 ``--max-items``). This command never writes anything.
@@ -11,7 +11,6 @@ success, 1 unreadable or missing file, 2 bad arguments (a negative ``--depth`` o
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -111,6 +110,7 @@ def _sharded_description(path: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lightning_utils.io import storage
     from lightning_utils.io.errors import CheckpointFormatError, UnsafeCheckpointError
     from lightning_utils.io.state import checkpoint_format, load_structure
 
@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{prog}: error: argument {flag}: must be 0 or more, got {value}", file=sys.stderr)
             return 2
     try:
-        fmt = _sharded_description(args.path) if os.path.isdir(args.path) else checkpoint_format(args.path)
+        fmt = _sharded_description(args.path) if storage.is_dir(args.path) else checkpoint_format(args.path)
         obj = load_structure(args.path, weights_only=False if args.unsafe else None)
     except UnsafeCheckpointError as exc:
         print(f"{prog}: error: {exc}\n(re-run with --unsafe only if you trust {args.path})", file=sys.stderr)

@@ -560,10 +560,37 @@ def open_read(url: str, storage_options: dict[str, Any] | None = None) -> Any:
 # -- listing and removing -------------------------------------------------------------------------
 
 
+def read_all(url: str, storage_options: dict[str, Any] | None = None) -> bytes:
+    """The whole object (for small ones: an index, a config); ``FileNotFoundError`` naming ``url``."""
+    fs, path = filesystem(url, storage_options)
+    try:
+        return bytes(fs.cat_file(path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{url}: no such file") from None
+
+
 def exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
     fs, path = filesystem(url, storage_options)
     fs.invalidate_cache(path)
     return bool(fs.exists(path))
+
+
+def kind(url: str, storage_options: dict[str, Any] | None = None) -> str | None:
+    """``"file"`` for an object, ``"directory"`` for a prefix with objects under it, ``None`` for nothing."""
+    fs, path = filesystem(url, storage_options)
+    fs.invalidate_cache(path)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        return None
+    return "directory" if info.get("type") == "directory" else "file"
+
+
+def makedirs(url: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Create the directory ``url`` where the back end has directories; object stores have none."""
+    fs, path = filesystem(url, storage_options)
+    if not _is_object_store(fs):
+        fs.makedirs(path, exist_ok=True)
 
 
 def listdir(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
@@ -578,13 +605,56 @@ def listdir(url: str, storage_options: dict[str, Any] | None = None) -> list[str
     return sorted(posixpath.basename(str(e).rstrip("/")) for e in entries if str(e).rstrip("/") != base)
 
 
-def remove(url: str, storage_options: dict[str, Any] | None = None) -> None:
-    """Remove the object (or everything under the prefix) at ``url``; nothing there is not an error."""
+def remove(url: str, storage_options: dict[str, Any] | None = None, *, first: Sequence[str] = ()) -> None:
+    """Remove the object (or everything under the prefix) at ``url``; nothing there is not an error.
+
+    ``first``: names under a prefix to delete before the rest (a directory's commit marker, so
+    that a half-deleted directory no longer looks complete).
+    """
     fs, path = filesystem(url, storage_options)
     fs.invalidate_cache(path)
+    if first:
+        with contextlib.suppress(FileNotFoundError):
+            if fs.info(path).get("type") == "directory":
+                for name in first:
+                    with contextlib.suppress(FileNotFoundError):
+                        fs.rm_file(posixpath.join(path.rstrip("/"), name))
     with contextlib.suppress(FileNotFoundError):
         fs.rm(path, recursive=True)
     fs.invalidate_cache(path)
+
+
+def remove_shadowed(
+    url: str, keep: str, storage_options: dict[str, Any] | None = None, *, first: Sequence[str] = ()
+) -> None:
+    """On object storage, where one name can be an object and a prefix at once, delete the one of
+    the two that ``keep`` (``"file"`` or ``"directory"``) does not name: the objects under the
+    prefix ``url/`` (``first`` names first), or the object ``url`` itself. Nothing to do on other
+    back ends, where a file and a directory cannot share a name."""
+    fs, path = filesystem(url, storage_options)
+    if not _is_object_store(fs):
+        return
+    base = path.rstrip("/")
+    if keep == "directory":
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm_file(base)
+    elif keep == "file":
+        fs.invalidate_cache(base)
+        try:
+            found = fs.find(base + "/")
+        except FileNotFoundError:
+            found = []
+        # find() of a file's own name gives that file back: keep only what lies under the prefix
+        children = [str(c) for c in found if str(c).startswith(base + "/")]
+        ordered = [c for c in children if posixpath.basename(c) in first] + [
+            c for c in children if posixpath.basename(c) not in first
+        ]
+        for child in ordered:
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm_file(child)
+    else:
+        raise ValueError(f"keep must be 'file' or 'directory', got {keep!r}")
+    fs.invalidate_cache(base)
 
 
 def move(src: str, dst: str, storage_options: dict[str, Any] | None = None) -> None:

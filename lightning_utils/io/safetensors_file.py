@@ -24,7 +24,7 @@ import math
 import mmap
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -88,30 +88,34 @@ class FilePlan:
     size: int  # the whole file's size in bytes
 
 
-def plan_file(tensors: Sequence[tuple[str, torch.Tensor]], metadata: dict[str, str] | None) -> FilePlan:
-    """Check ``tensors`` and lay them out (header, data order, size) without writing anything.
+def build_header(
+    entries: Sequence[tuple[str, torch.dtype, Sequence[int]]], metadata: Mapping[str, str] | None
+) -> bytes:
+    """The first bytes of a safetensors file whose data buffer holds ``entries`` back to back, in
+    this order: the 8-byte little-endian header length and the JSON header, padded with spaces so
+    the data buffer starts 8-byte aligned.
 
-    ``tensors`` are contiguous CPU tensors with unique names; they are laid out by decreasing
-    element size so that every entry is aligned to its dtype.
+    Every writer of ``.sft`` files builds its header here. ``ValueError`` for a tensor named
+    ``__metadata__``, a name given twice or a header over :data:`MAX_HEADER_BYTES`; ``TypeError``
+    for a dtype safetensors cannot store or metadata that does not map strings to strings.
     """
-    for name, t in tensors:
-        if name == METADATA_KEY:
-            raise ValueError(f"a tensor cannot be named {METADATA_KEY!r}: safetensors reserves that key for metadata")
-        if t.dtype not in NAME_FROM_DTYPE:
-            raise TypeError(f"tensor {name!r}: dtype {t.dtype} cannot be stored in safetensors")
-        if t.device.type != "cpu" or not t.is_contiguous():
-            raise ValueError(f"tensor {name!r}: expected a contiguous CPU tensor")
-    order = sorted(range(len(tensors)), key=lambda i: -tensors[i][1].element_size())
     header: dict[str, object] = {}
     if metadata is not None:
-        header[METADATA_KEY] = metadata
+        if not _is_str_map(dict(metadata)):
+            raise TypeError("safetensors metadata must map strings to strings")
+        header[METADATA_KEY] = dict(metadata)
     offset = 0
-    for i in order:
-        name, t = tensors[i]
-        nbytes = t.numel() * t.element_size()
+    for name, dtype, shape in entries:
+        if name == METADATA_KEY:
+            raise ValueError(f"a tensor cannot be named {METADATA_KEY!r}: safetensors reserves that key for metadata")
+        if name in header:
+            raise ValueError(f"tensor name {name!r} appears twice")
+        if dtype not in NAME_FROM_DTYPE:
+            raise TypeError(f"tensor {name!r}: dtype {dtype} cannot be stored in safetensors")
+        nbytes = math.prod(shape) * itemsize(dtype)
         header[name] = {
-            "dtype": NAME_FROM_DTYPE[t.dtype],
-            "shape": list(t.shape),
+            "dtype": NAME_FROM_DTYPE[dtype],
+            "shape": list(shape),
             "data_offsets": [offset, offset + nbytes],
         }
         offset += nbytes
@@ -119,7 +123,53 @@ def plan_file(tensors: Sequence[tuple[str, torch.Tensor]], metadata: dict[str, s
     raw += b" " * (-(8 + len(raw)) % 8)  # pad so the data buffer starts 8-byte aligned
     if len(raw) > MAX_HEADER_BYTES:
         raise ValueError(f"safetensors header would be {len(raw)} bytes, over the {MAX_HEADER_BYTES}-byte limit")
-    return FilePlan(struct.pack("<Q", len(raw)) + raw, [tensors[i][1] for i in order], 8 + len(raw) + offset)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    """Bytes per element of ``dtype``."""
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def data_order(dtypes: Sequence[torch.dtype]) -> list[int]:
+    """The order every writer here lays entries out in: by decreasing element size (so that each
+    entry starts aligned to its dtype), ties in the given order."""
+    return sorted(range(len(dtypes)), key=lambda i: -itemsize(dtypes[i]))
+
+
+def byte_sink(f: BinaryIO) -> Callable[[memoryview], None]:
+    """A function writing every byte of a buffer to ``f``: ``os.write`` calls on its descriptor for a
+    real file (unbuffered; flush ``f`` first if it buffers), otherwise ``f.write`` calls of at most
+    64 MiB each (an upload stream copies what it is handed into its part buffers)."""
+    try:
+        fd: int | None = f.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        fd = None
+    if fd is not None:
+        descriptor = fd
+        return lambda view: write_all(descriptor, view)
+
+    def write(view: memoryview) -> None:
+        view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+        for start in range(0, len(view), _STREAM_CHUNK):
+            f.write(view[start : start + _STREAM_CHUNK])
+
+    return write
+
+
+def plan_file(tensors: Sequence[tuple[str, torch.Tensor]], metadata: dict[str, str] | None) -> FilePlan:
+    """Check ``tensors`` and lay them out (header, data order, size) without writing anything.
+
+    ``tensors`` are contiguous CPU tensors with unique names; they are laid out by decreasing
+    element size so that every entry is aligned to its dtype.
+    """
+    for name, t in tensors:
+        if t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError(f"tensor {name!r}: expected a contiguous CPU tensor")
+    order = data_order([t.dtype for _, t in tensors])
+    prefix = build_header([(tensors[i][0], tensors[i][1].dtype, tensors[i][1].shape) for i in order], metadata)
+    data = sum(t.numel() * t.element_size() for _, t in tensors)
+    return FilePlan(prefix, [tensors[i][1] for i in order], len(prefix) + data)
 
 
 def write_plan(f: BinaryIO, plan: FilePlan) -> None:
@@ -130,19 +180,10 @@ def write_plan(f: BinaryIO, plan: FilePlan) -> None:
     """
     f.write(plan.prefix)
     f.flush()
-    try:
-        fd: int | None = f.fileno()
-    except (AttributeError, OSError, io.UnsupportedOperation):
-        fd = None
+    sink = byte_sink(f)
     for t in plan.tensors:
-        if not t.numel():
-            continue
-        view = _bytes_view(t)
-        if fd is not None:
-            write_all(fd, view)
-        else:
-            for start in range(0, len(view), _STREAM_CHUNK):
-                f.write(view[start : start + _STREAM_CHUNK])
+        if t.numel():
+            sink(_bytes_view(t))
 
 
 def write_file(f: BinaryIO, tensors: Sequence[tuple[str, torch.Tensor]], metadata: dict[str, str] | None) -> None:
@@ -221,11 +262,11 @@ def parse_header(raw: bytes, size: int, path: str) -> Header:
                 "(truncated, or a corrupted header)",
             )
         dtype = DTYPE_FROM_NAME[dtype_name]
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if math.prod(shape) * itemsize != end - begin:
+        size = itemsize(dtype)
+        if math.prod(shape) * size != end - begin:
             raise _fail(
                 path,
-                f"entry {name!r}: shape {shape} of {dtype_name} needs {math.prod(shape) * itemsize} bytes, offsets give {end - begin}",
+                f"entry {name!r}: shape {shape} of {dtype_name} needs {math.prod(shape) * size} bytes, offsets give {end - begin}",
             )
         entries.append(Entry(name, dtype, tuple(shape), begin, end))
     # The entries must tile the data buffer exactly, as the safetensors library requires.
@@ -257,10 +298,9 @@ def read_entry(
     the bytes are read with one ``readinto`` into fresh memory.
     """
     start = header.data_start + entry.begin
-    itemsize = torch.empty((), dtype=entry.dtype).element_size()
     if entry.nbytes == 0:
         return torch.empty(entry.shape, dtype=entry.dtype)
-    if mapped is not None and start % itemsize == 0:
+    if mapped is not None and start % itemsize(entry.dtype) == 0:
         buf = torch.frombuffer(mapped, dtype=torch.uint8, count=entry.nbytes, offset=start)
     else:
         buf = torch.empty(entry.nbytes, dtype=torch.uint8)

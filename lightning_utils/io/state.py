@@ -43,7 +43,8 @@ SKELETON_KEY = "lightning_utils.skeleton"
 # save_weights lists here the metadata keys whose values it JSON-encoded, so load_state decodes
 # exactly those (a plain string such as "123" stays a string).
 JSON_KEYS_KEY = "lightning_utils.json_keys"
-_RESERVED_METADATA = ("format", "module", SKELETON_KEY, JSON_KEYS_KEY)
+# Metadata keys a weights file keeps for itself ("format" may only be "pt").
+RESERVED_METADATA = ("format", "module", SKELETON_KEY, JSON_KEYS_KEY)
 
 Format = Literal["safetensors", "torch"]
 # A .sft load from a URL asks for this many bytes first: the header of most checkpoints fits.
@@ -103,6 +104,34 @@ def _write_safetensors(
         raise
 
 
+def encode_metadata(metadata: Mapping[str, Any] | None) -> dict[str, str]:
+    """Safetensors metadata (strings only) for a weights file: ``"format": "pt"`` (what Hugging Face
+    loaders look for), strings as they are, ``None`` dropped, anything else as JSON with its key
+    listed under ``JSON_KEYS_KEY``, so that :func:`load_state` gives back exactly these values (a
+    string ``"123"`` stays a string). ``ValueError`` for a reserved key (``format`` may only be ``"pt"``).
+
+    :func:`save_weights` and the streamed weight exports (:mod:`lightning_utils.io.weights`) both
+    encode their metadata here.
+    """
+    meta = {"format": "pt"}
+    encoded: list[str] = []
+    for key, value in (metadata or {}).items():
+        if key == "format" and value == "pt":
+            continue  # the HF convention, which we write anyway
+        if key in RESERVED_METADATA:
+            raise ValueError(f"metadata key {key!r} is reserved ({', '.join(RESERVED_METADATA)})")
+        if value is None:
+            continue
+        if isinstance(value, str):
+            meta[str(key)] = value
+        else:
+            meta[str(key)] = json_dumps(value)
+            encoded.append(str(key))
+    if encoded:
+        meta[JSON_KEYS_KEY] = json_dumps(encoded)
+    return meta
+
+
 def save_weights(
     tensors: Mapping[str, torch.Tensor],
     path: str | os.PathLike,
@@ -124,22 +153,10 @@ def save_weights(
         if not isinstance(name, str) or not isinstance(t, torch.Tensor):
             raise TypeError(f"save_weights needs a mapping of str to tensors; got {name!r}: {type(t).__qualname__}")
         items.append((name, t.detach().cpu().contiguous()))
-    meta = {"format": "pt"}
-    encoded: list[str] = []
-    for k, v in (metadata or {}).items():
-        if k == "format" and v == "pt":
-            continue  # the HF convention, which we write anyway
-        if k in _RESERVED_METADATA:
-            raise ValueError(f"{os.fspath(path)}: metadata key {k!r} is reserved ({', '.join(_RESERVED_METADATA)})")
-        if v is None:
-            continue
-        if isinstance(v, str):
-            meta[str(k)] = v
-        else:
-            meta[str(k)] = json_dumps(v)
-            encoded.append(str(k))
-    if encoded:
-        meta[JSON_KEYS_KEY] = json_dumps(encoded)
+    try:
+        meta = encode_metadata(metadata)
+    except ValueError as exc:
+        raise ValueError(f"{os.fspath(path)}: {exc}") from None
     _write_safetensors(path, items, meta, storage_options)
 
 
@@ -166,8 +183,8 @@ def load_state(
     reads straight into its own memory (no local copy of the file; ``mmap`` does not apply); a
     ``.ckpt``/``.pt`` is read by ``torch.load`` through fsspec, as Lightning does.
 
-    A sharded checkpoint directory (:mod:`lightning_utils.io.sharded`) loads as the whole object,
-    each sharded tensor assembled.
+    A sharded checkpoint directory (:mod:`lightning_utils.io.sharded`), local or at a URL, loads
+    as the whole object, each sharded tensor assembled.
     """
     if _is_directory(path):
         from lightning_utils.io.sharded import load_sharded
@@ -181,7 +198,13 @@ def load_state(
             return load_torch(
                 url, map_location=map_location, weights_only=weights_only, storage_options=storage_options
             )
-        return _load_safetensors_remote(url, map_location, storage_options)
+        try:
+            header = remote_header(url, storage_options)
+        except IsADirectoryError:  # a prefix: a sharded checkpoint directory on object storage
+            from lightning_utils.io.sharded import load_sharded
+
+            return load_sharded(url, map_location, storage_options=storage_options)
+        return _load_safetensors_remote(url, header, map_location, storage_options)
     path = storage.local_path(path)
     _existing_checkpoint(path)
     if fmt == "torch":
@@ -212,10 +235,18 @@ def _load_safetensors(path: str, map_location: Any, use_mmap: bool) -> Any:
         )
 
 
-def _remote_header(url: str, storage_options: dict[str, Any] | None) -> sft.Header:
-    """The validated header of the ``.sft`` object at ``url``: one ranged read, two for a big header."""
-    size = storage.file_size(url, storage_options)
-    head = storage.read_range(url, 0, min(size, _FIRST_READ), storage_options)
+def remote_header(
+    url: str,
+    storage_options: dict[str, Any] | None = None,
+    *,
+    size: int | None = None,
+    first_read: int = _FIRST_READ,
+) -> sft.Header:
+    """The validated header of the safetensors object at ``url`` (of ``size`` bytes, asked for when
+    not given): one ranged read of ``first_read`` bytes, and a second one when the header is longer."""
+    if size is None:
+        size = storage.file_size(url, storage_options)
+    head = storage.read_range(url, 0, min(size, max(8, first_read)), storage_options)
     n = sft.header_length(head[:8], size, url)
     raw = head[8 : 8 + n]
     if len(raw) < n:
@@ -225,8 +256,9 @@ def _remote_header(url: str, storage_options: dict[str, Any] | None) -> sft.Head
     return sft.parse_header(raw, size, url)
 
 
-def _load_safetensors_remote(url: str, map_location: Any, storage_options: dict[str, Any] | None) -> Any:
-    header = _remote_header(url, storage_options)
+def _load_safetensors_remote(
+    url: str, header: sft.Header, map_location: Any, storage_options: dict[str, Any] | None
+) -> Any:
     buffers = {e.name: torch.empty(e.nbytes, dtype=torch.uint8) for e in header.entries}
     pieces = [(header.data_start + e.begin, buffers[e.name].numpy().data.cast("B")) for e in header.entries if e.nbytes]
     try:
@@ -303,7 +335,7 @@ def _plain_file_object(tensors: dict[str, torch.Tensor], metadata: dict[str, str
 def read_safetensors_header(path: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> sft.Header:
     """The validated header of a safetensors file or object (for inspection tools)."""
     if storage.is_url(path):
-        return _remote_header(os.fspath(path), storage_options)
+        return remote_header(os.fspath(path), storage_options)
     with open(storage.local_path(path), "rb", buffering=0) as f:
         return sft.read_header(f, os.fspath(path))
 
@@ -327,8 +359,10 @@ def load_structure(
         _existing_checkpoint(path)
     if fmt == "torch":
         return load_torch(path, map_location="meta", weights_only=weights_only, storage_options=storage_options)
-    return _assemble(
-        os.fspath(path),
-        read_safetensors_header(path, storage_options),
-        lambda e, location: torch.empty(e.shape, dtype=e.dtype, device="meta"),
-    )
+    try:
+        header = read_safetensors_header(path, storage_options)
+    except IsADirectoryError:  # a prefix on object storage: a sharded checkpoint directory
+        from lightning_utils.io.sharded import load_sharded_structure
+
+        return load_sharded_structure(path, storage_options=storage_options)
+    return _assemble(os.fspath(path), header, lambda e, location: torch.empty(e.shape, dtype=e.dtype, device="meta"))

@@ -10,9 +10,10 @@ A local path goes to :mod:`lightning_utils.io.atomic` and ``os``; a URL (``s3://
   exits, or not at all if it raises (a local temp file renamed over it; an upload committed
   or aborted). Stream into it: nothing is buffered beyond a few part buffers.
 * :func:`read_range`, :func:`read_into` (parallel ranged reads into your buffers),
-  :func:`file_size`, :func:`open_read`.
-* :func:`exists`, :func:`listdir` (names), :func:`remove` (a file or a whole directory/prefix;
-  nothing there is fine), :func:`move`, :func:`join`.
+  :func:`read_bytes` (a small file whole), :func:`file_size`, :func:`open_read`.
+* :func:`exists`, :func:`is_file`, :func:`is_dir`, :func:`listdir` (names), :func:`make_dirs`,
+  :func:`remove` (a file or a whole directory/prefix; nothing there is fine; a sharded
+  checkpoint's index goes first), :func:`move`, :func:`join`.
 
 Errors name the path or URL: ``FileNotFoundError`` for a missing file, ``CheckpointWriteError``
 for a failed upload. This module must never write to a final path directly.
@@ -60,10 +61,16 @@ def join(base: str | os.PathLike, *names: str) -> str:
 @contextlib.contextmanager
 def atomic_writer(path: str | os.PathLike, storage_options: StorageOptions = None) -> Iterator[BinaryIO]:
     """``with atomic_writer(path) as f: f.write(...)``: ``path`` gets the new content whole when the
-    block exits, or keeps its old content if the block raises (or the process dies)."""
+    block exits, or keeps its old content if the block raises (or the process dies).
+
+    On object storage a name can be an object and a prefix at once: once the upload has landed,
+    whatever lies under the prefix ``path/`` (a sharded checkpoint saved under that name before,
+    its index first) is deleted, so that ``path`` names one thing, as a local path does.
+    """
     if is_url(path):
         with remote.atomic_upload(os.fspath(path), storage_options) as upload:
             yield upload  # type: ignore[misc]
+        remove_shadowed(path, "file", storage_options)
     else:
         with atomic_write(_local(path)) as f:
             yield f
@@ -114,10 +121,40 @@ def open_read(path: str | os.PathLike, storage_options: StorageOptions = None) -
     return open(_local(path), "rb")
 
 
+def read_bytes(path: str | os.PathLike, storage_options: StorageOptions = None) -> bytes:
+    """The whole content of a (small) file; ``FileNotFoundError`` naming it if there is none."""
+    if is_url(path):
+        return remote.read_all(os.fspath(path), storage_options)
+    with open(_local(path), "rb") as f:
+        return f.read()
+
+
 def exists(path: str | os.PathLike, storage_options: StorageOptions = None) -> bool:
     if is_url(path):
         return remote.exists(os.fspath(path), storage_options)
     return os.path.lexists(_local(path))
+
+
+def is_file(path: str | os.PathLike, storage_options: StorageOptions = None) -> bool:
+    """Whether ``path`` is a file (an object, for a URL)."""
+    if is_url(path):
+        return remote.kind(os.fspath(path), storage_options) == "file"
+    return os.path.isfile(_local(path))
+
+
+def is_dir(path: str | os.PathLike, storage_options: StorageOptions = None) -> bool:
+    """Whether ``path`` is a directory (for a URL on object storage: a prefix with objects under it)."""
+    if is_url(path):
+        return remote.kind(os.fspath(path), storage_options) == "directory"
+    return os.path.isdir(_local(path))
+
+
+def make_dirs(path: str | os.PathLike, storage_options: StorageOptions = None) -> None:
+    """Create the directory ``path`` and its parents (nothing to do on object storage)."""
+    if is_url(path):
+        remote.makedirs(os.fspath(path), storage_options)
+    else:
+        os.makedirs(_local(path), exist_ok=True)
 
 
 def listdir(path: str | os.PathLike, storage_options: StorageOptions = None) -> list[str]:
@@ -131,9 +168,16 @@ def listdir(path: str | os.PathLike, storage_options: StorageOptions = None) -> 
 
 
 def remove(path: str | os.PathLike, storage_options: StorageOptions = None) -> None:
-    """Remove a file, a link or a whole directory (prefix); nothing there is not an error."""
+    """Remove a file, a link or a whole directory (prefix); nothing there is not an error.
+
+    A prefix on object storage is not removed in one step: its ``index.json`` (the commit marker
+    of a sharded checkpoint) is deleted first, so a reader never takes a half-deleted checkpoint
+    for a complete one.
+    """
     if is_url(path):
-        remote.remove(os.fspath(path), storage_options)
+        from lightning_utils.io.sharded.layout import INDEX_NAME  # here: the sharded package imports this module
+
+        remote.remove(os.fspath(path), storage_options, first=(INDEX_NAME,))
         return
     p = Path(_local(path))
     if p.is_symlink() or p.is_file():
@@ -141,6 +185,22 @@ def remove(path: str | os.PathLike, storage_options: StorageOptions = None) -> N
             p.unlink()
     elif p.is_dir():
         shutil.rmtree(p, ignore_errors=False)
+
+
+def remove_shadowed(path: str | os.PathLike, keep: str, storage_options: StorageOptions = None) -> None:
+    """After writing a file (``keep="file"``) or a directory (``"directory"``) at the URL ``path``,
+    delete the other one that object storage lets share its name (a directory's index first).
+    Nothing to do for a local path."""
+    if is_url(path):
+        from lightning_utils.io.sharded.layout import INDEX_NAME  # here: the sharded package imports this module
+
+        remote.remove_shadowed(os.fspath(path), keep, storage_options, first=(INDEX_NAME,))
+
+
+def path_or_url(path: str | os.PathLike) -> Any:
+    """A ``Path`` for a local path, the string itself for a URL (``Path("s3://b/x")`` would be
+    ``s3:/b/x``)."""
+    return os.fspath(path) if is_url(path) else Path(path)
 
 
 def move(src: str | os.PathLike, dst: str | os.PathLike, storage_options: StorageOptions = None) -> None:

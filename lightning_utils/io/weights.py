@@ -7,20 +7,23 @@ from :class:`TensorSpec` records alone (name, dtype, shape), and each tensor's b
 as it arrives, so the caller can produce tensors one by one (gather a sharded parameter, write
 it, free it) and the writer never holds more than the tensor it is writing.
 
-* :class:`StreamingSafetensorsWriter` writes one file to an open binary file object;
-  :func:`stream_safetensors` does it atomically to a path (the file appears complete or not at
-  all, as :func:`lightning_utils.io.atomic.atomic_write` guarantees).
-* :func:`staged_directory` builds a directory of files (a Hugging Face export) next to its final
-  name and renames it into place only when everything in it is written and flushed.
+* :class:`StreamingSafetensorsWriter` writes one file to an open binary file object (a local
+  file or an upload stream); :func:`stream_safetensors` does it atomically to a path or an fsspec
+  URL (the file or object appears complete or not at all, as
+  :func:`lightning_utils.io.storage.atomic_writer` guarantees; on object storage the bytes stream
+  into a multipart upload through a few bounded part buffers).
+* :func:`staged_directory` builds a directory of files (a Hugging Face export): locally next to
+  its final name, renamed into place only when everything in it is written and flushed; at a URL
+  (object storage has no renames) in place, file by file, each file whole or absent, after
+  deleting an earlier export of that name.
 
 This module never copies a tensor except to make a non-contiguous one writable, never unpickles,
-and never leaves a partial file or directory under its final name.
+and never leaves a partial file under its final name (nor, locally, a partial directory).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import secrets
@@ -32,12 +35,14 @@ from typing import Any, BinaryIO
 
 import torch
 
-from lightning_utils.io.atomic import TEMP_PREFIX, atomic_write, fsync_directory, write_all
-from lightning_utils.io.jsonio import json_dumps
-from lightning_utils.io.safetensors_file import MAX_HEADER_BYTES, METADATA_KEY, NAME_FROM_DTYPE
-from lightning_utils.io.state import JSON_KEYS_KEY, SKELETON_KEY
+from lightning_utils.io import storage
+from lightning_utils.io.atomic import TEMP_PREFIX, fsync_directory
+from lightning_utils.io.safetensors_file import build_header, byte_sink, data_order, itemsize
+from lightning_utils.io.state import RESERVED_METADATA, encode_metadata
 
 __all__ = [
+    "RESERVED_METADATA",
+    "RemoteDirectory",
     "StreamingSafetensorsWriter",
     "TensorSpec",
     "encode_metadata",
@@ -45,8 +50,6 @@ __all__ = [
     "staged_directory",
     "stream_safetensors",
 ]
-
-RESERVED_METADATA = ("format", "module", SKELETON_KEY, JSON_KEYS_KEY)
 
 
 @dataclass(frozen=True)
@@ -59,69 +62,13 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * _itemsize(self.dtype)
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+        return math.prod(self.shape) * itemsize(self.dtype)
 
 
 def file_order(specs: Sequence[TensorSpec]) -> list[TensorSpec]:
     """The order the tensors take in the file: by decreasing element size (so that every entry
     starts aligned to its dtype), the given order among equal sizes."""
-    return sorted(specs, key=lambda s: -_itemsize(s.dtype))
-
-
-def encode_metadata(metadata: Mapping[str, Any] | None) -> dict[str, str]:
-    """Safetensors metadata (strings only) for a weights file, encoded as
-    :func:`lightning_utils.io.save_weights` encodes it: ``"format": "pt"`` (what Hugging Face
-    loaders look for), strings as they are, ``None`` dropped, anything else as JSON with its key
-    listed, so that :func:`lightning_utils.io.load_state` gives back exactly these values.
-    ``ValueError`` for a reserved key (``format`` may only be ``"pt"``)."""
-    meta = {"format": "pt"}
-    encoded: list[str] = []
-    for key, value in (metadata or {}).items():
-        if key == "format" and value == "pt":
-            continue
-        if key in RESERVED_METADATA:
-            raise ValueError(f"metadata key {key!r} is reserved ({', '.join(RESERVED_METADATA)})")
-        if value is None:
-            continue
-        if isinstance(value, str):
-            meta[str(key)] = value
-        else:
-            meta[str(key)] = json_dumps(value)
-            encoded.append(str(key))
-    if encoded:
-        meta[JSON_KEYS_KEY] = json_dumps(encoded)
-    return meta
-
-
-def _header(specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None) -> bytes:
-    header: dict[str, object] = {}
-    if metadata is not None:
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-            raise TypeError("safetensors metadata must map strings to strings")
-        header[METADATA_KEY] = dict(metadata)
-    offset = 0
-    for spec in specs:
-        if spec.name == METADATA_KEY:
-            raise ValueError(f"a tensor cannot be named {METADATA_KEY!r}: safetensors reserves that key for metadata")
-        if spec.name in header:
-            raise ValueError(f"tensor name {spec.name!r} appears twice")
-        if spec.dtype not in NAME_FROM_DTYPE:
-            raise TypeError(f"tensor {spec.name!r}: dtype {spec.dtype} cannot be stored in safetensors")
-        header[spec.name] = {
-            "dtype": NAME_FROM_DTYPE[spec.dtype],
-            "shape": list(spec.shape),
-            "data_offsets": [offset, offset + spec.nbytes],
-        }
-        offset += spec.nbytes
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    raw += b" " * (-(8 + len(raw)) % 8)  # the data buffer starts 8-byte aligned
-    if len(raw) > MAX_HEADER_BYTES:
-        raise ValueError(f"safetensors header would be {len(raw)} bytes, over the {MAX_HEADER_BYTES}-byte limit")
-    return len(raw).to_bytes(8, "little") + raw
+    return [specs[i] for i in data_order([s.dtype for s in specs])]
 
 
 class StreamingSafetensorsWriter:
@@ -136,9 +83,10 @@ class StreamingSafetensorsWriter:
     def __init__(self, f: BinaryIO, specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None = None) -> None:
         self._specs = list(specs)
         self._next = 0
-        self._fd = f.fileno()
-        f.write(_header(self._specs, metadata))
+        header = build_header([(s.name, s.dtype, s.shape) for s in self._specs], metadata)
+        f.write(header)
         f.flush()
+        self._sink = byte_sink(f)
         self.bytes_written = 0
 
     @property
@@ -157,7 +105,7 @@ class StreamingSafetensorsWriter:
         if tensor.device.type != "cpu" or not tensor.is_contiguous():
             tensor = tensor.detach().to("cpu").contiguous()
         if tensor.numel():
-            write_all(self._fd, tensor.detach().reshape(-1).view(torch.uint8).numpy().data)
+            self._sink(tensor.detach().reshape(-1).view(torch.uint8).numpy().data)
         self.bytes_written += spec.nbytes
         self._next += 1
 
@@ -169,14 +117,20 @@ class StreamingSafetensorsWriter:
 
 @contextlib.contextmanager
 def stream_safetensors(
-    path: str | os.PathLike[str], specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None = None
+    path: str | os.PathLike[str],
+    specs: Sequence[TensorSpec],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    storage_options: dict[str, Any] | None = None,
 ) -> Iterator[StreamingSafetensorsWriter]:
-    """Write ``path`` atomically with a :class:`StreamingSafetensorsWriter` (``specs`` in file order).
+    """Write ``path`` (a local path or an fsspec URL) atomically with a :class:`StreamingSafetensorsWriter`
+    (``specs`` in file order).
 
     The file appears under ``path`` only when the block exits normally and every tensor was
-    written; otherwise the staged file is removed and an existing ``path`` is left untouched.
+    written; otherwise the staged file is removed (the upload aborted) and an existing ``path``
+    is left untouched. ``storage_options`` go to the fsspec filesystem of a URL.
     """
-    with atomic_write(path) as f:
+    with storage.atomic_writer(path, storage_options) as f:
         writer = StreamingSafetensorsWriter(f, specs, metadata)
         yield writer
         writer.finish()
@@ -190,16 +144,58 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+class RemoteDirectory:
+    """A directory at an fsspec URL that :func:`staged_directory` fills in place.
+
+    ``directory / name`` is the URL of the file ``name`` in it (as ``Path / name`` is for a local
+    stage), and records ``name`` as written by this export.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.names: set[str] = set()
+
+    def __truediv__(self, name: str) -> str:
+        self.names.add(name)
+        return storage.join(self.url, name)
+
+    def __str__(self) -> str:
+        return self.url
+
+
 @contextlib.contextmanager
-def staged_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
+def staged_directory(path: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None) -> Iterator[Any]:
     """A fresh directory to fill, renamed to ``path`` when the block exits normally.
 
     The directory is staged next to ``path`` (same filesystem, so the rename is atomic). An
     existing ``path`` is replaced: it is renamed aside, the new directory renamed in, and the old
     one deleted, so ``path`` never holds a mix of old and new files. If the block raises, the
     staged directory is deleted and ``path`` is untouched. Every file in the stage, and the
-    directories, are synced to disk before the rename.
+    directories, are synced to disk before the rename. Yields the stage's ``Path``.
+
+    ``path`` an fsspec URL (object storage has no rename): yields a :class:`RemoteDirectory`;
+    the block writes each file in place (each one whole or not at all, see
+    :func:`lightning_utils.io.storage.atomic_writer`), so it must write the file that marks the
+    directory complete (an index) last. An existing directory there is deleted first (its
+    ``*index.json`` files first), so that a reader never finds one export's index naming
+    another's files; if the block raises, what it wrote is deleted.
     """
+    if storage.is_url(path):
+        url = os.fspath(path)
+        if storage.is_file(url, storage_options):
+            raise FileExistsError(f"{url}: exists and is not a directory; cannot export a directory there")
+        before = sorted(storage.listdir(url, storage_options), key=lambda name: not name.endswith("index.json"))
+        for name in before:  # the indexes first: the files they name are not complete any more
+            storage.remove(storage.join(url, name), storage_options)
+        directory = RemoteDirectory(url)
+        try:
+            yield directory
+        except BaseException:
+            for name in directory.names:
+                with contextlib.suppress(Exception):  # best effort: the error raised says what failed
+                    storage.remove(storage.join(url, name), storage_options)
+            raise
+        return
     final = Path(path)
     if final.exists() and not final.is_dir():
         raise FileExistsError(f"{final}: exists and is not a directory; cannot export a directory there")

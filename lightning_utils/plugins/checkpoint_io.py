@@ -39,7 +39,15 @@ from lightning.pytorch.plugins.io import CheckpointIO, TorchCheckpointIO
 
 from lightning_utils._internals import replace_wrapped_checkpoint_io
 from lightning_utils.io import storage
-from lightning_utils.io.sharded import Comm, ProcessGroupComm, TensorShard, save_consolidated, save_sharded, to_shards
+from lightning_utils.io.sharded import (
+    Comm,
+    ProcessGroupComm,
+    TensorShard,
+    checkpoint_root,
+    save_consolidated,
+    save_sharded,
+    to_shards,
+)
 from lightning_utils.io.skeleton import dict_tag
 from lightning_utils.io.state import load_state, save_state
 
@@ -104,7 +112,8 @@ class SafetensorsCheckpointIO(CheckpointIO):
         if map_location is None:
             # Lightning's own default: keep every storage on CPU; the strategy moves state later.
             map_location = _keep_on_cpu
-        return load_state(path, map_location=map_location, weights_only=weights_only)
+        # fit(ckpt_path="last") on object storage names a sharded checkpoint by its index.json
+        return load_state(checkpoint_root(path), map_location=map_location, weights_only=weights_only)
 
     def remove_checkpoint(self, path: str | os.PathLike) -> None:
         key = storage.path_key(path)

@@ -12,6 +12,8 @@ every ``.sft`` path (``.safetensors`` too), routes both through
   checkpoint (a single-device Trainer resumes it).
 * loading a sharded directory or a ``.sft`` file reads into each rank only the slices its
   parameters and optimizer states hold, whatever world size saved it.
+* ``.sft`` paths may be fsspec URLs (``s3://bucket/run/step=100.sft``): the ranks upload their
+  files and read with ranged reads (see :mod:`lightning_utils.io.sharded`).
 
 Every other path (``.ckpt``, Lightning's DCP directories) is Lightning's own code, unchanged.
 ``lightning_module_state_dict()`` and ``optimizer_state()`` return the sharded (``DTensor``) state
@@ -35,13 +37,14 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_utils._internals import align_compiled_param_names
+from lightning_utils.io import storage
 from lightning_utils.io.errors import CheckpointFormatError
-from lightning_utils.io.sharded import ShardedCheckpoint, fill, is_sharded_checkpoint
+from lightning_utils.io.sharded import ShardedCheckpoint, checkpoint_root, fill, is_sharded_checkpoint
 from lightning_utils.io.state import checkpoint_format, load_state
 from lightning_utils.plugins.checkpoint_io import SafetensorsCheckpointIO, ensure_safetensors_checkpoint_io
 
 
-def _is_safetensors_path(path: Path) -> bool:
+def _is_safetensors_path(path: str | Path) -> bool:
     try:
         return checkpoint_format(path) == "safetensors"
     except ValueError:
@@ -115,7 +118,7 @@ class ModelParallelStrategy(_LightningModelParallelStrategy):
     # -- saving ----------------------------------------------------------------------------
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
-        path = Path(self.broadcast(filepath))
+        path = storage.path_or_url(self.broadcast(filepath))
         if not _is_safetensors_path(path):
             self._as_lightning_state(checkpoint)
             super().save_checkpoint(checkpoint, path, storage_options=storage_options)
@@ -164,19 +167,20 @@ class ModelParallelStrategy(_LightningModelParallelStrategy):
     # -- loading ---------------------------------------------------------------------------
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
-        path = Path(self.broadcast(checkpoint_path))
-        if is_sharded_checkpoint(path) or (path.is_dir() and _is_safetensors_path(path)):
-            with ShardedCheckpoint(path) as source:
+        # fit(ckpt_path="last") on object storage resolves to the index of a sharded checkpoint
+        path = storage.path_or_url(checkpoint_root(self.broadcast(checkpoint_path)))
+        if is_sharded_checkpoint(path) or (_is_safetensors_path(path) and storage.is_dir(path)):
+            with ShardedCheckpoint(path) as source:  # at a URL: ranged reads of this rank's slices only
                 checkpoint = source.load_lazy()
                 self._restore(checkpoint, source, path)
                 return source.materialize(checkpoint)
-        if path.is_file() and _is_safetensors_path(path):
+        if _is_safetensors_path(path) and storage.is_file(path):
             checkpoint = self._read_file(path)
             self._restore(checkpoint, None, path)
             return checkpoint
         return super().load_checkpoint(path, weights_only=weights_only)
 
-    def _read_file(self, path: Path) -> dict[str, Any]:
+    def _read_file(self, path: str | Path) -> dict[str, Any]:
         """A single-file ``.sft`` through the plugin when it is ours (memory-mapped: nothing is copied yet)."""
         io: Any = self.checkpoint_io
         while not isinstance(io, SafetensorsCheckpointIO) and hasattr(io, "checkpoint_io"):
@@ -185,7 +189,7 @@ class ModelParallelStrategy(_LightningModelParallelStrategy):
             return io.load_checkpoint(path)
         return load_state(path, map_location="cpu")
 
-    def _restore(self, checkpoint: dict[str, Any], source: ShardedCheckpoint | None, path: Path) -> None:
+    def _restore(self, checkpoint: dict[str, Any], source: ShardedCheckpoint | None, path: str | Path) -> None:
         """Load the model and optimizer states of ``checkpoint`` into this rank's shards; drop them from it."""
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,

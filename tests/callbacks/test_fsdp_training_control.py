@@ -10,15 +10,11 @@ that error, never a process-group timeout or a hang.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data" / "scripts"))
-
-from ranks import check_ok, launch
+from helpers.ranks import check_ok, launch
 
 SCRIPT = Path(__file__).parent / "control_scripts" / "fsdp_fit.py"
 

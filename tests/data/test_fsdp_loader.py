@@ -6,14 +6,10 @@ checkpoint resumes exactly on every rank."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-
-from ranks import check_ok, launch
+from helpers.ranks import check_ok, launch
 
 SCRIPT = Path(__file__).parent / "scripts" / "fsdp_resume.py"
 

@@ -4,13 +4,11 @@ our samplers (no DistributedSamplerWrapper) with both values of ``use_distribute
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers.ports import free_port
+from helpers.ranks import check_ok, launch
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_resume.py"
 RESUME_STEPS = {"random": [2, 4], "batched": [3]}
@@ -19,38 +17,7 @@ RESUME_STEPS = {"random": [2, 4], "batched": [3]}
 def _launch(out: Path, use_distributed_sampler: bool, kinds: list[str]) -> None:
     # Both ranks are started here (LOCAL_RANK set), so Lightning does not re-launch the script and
     # each process can run several Trainers one after the other.
-    port = free_port()
-    procs = []
-    for rank in range(2):
-        env = dict(
-            os.environ,
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            LOCAL_RANK=str(rank),
-            NODE_RANK="0",
-            WORLD_SIZE="2",
-            PYTHONWARNINGS="ignore",
-        )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(SCRIPT), str(out), str(int(use_distributed_sampler)), ",".join(kinds)],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=240)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, text in zip(procs, outputs):
-        assert p.returncode == 0, text[-4000:]
+    check_ok(launch(SCRIPT, [str(out), str(int(use_distributed_sampler)), ",".join(kinds)], timeout=240))
 
 
 def _read(out: Path, kind: str, phase: str, rank: int) -> dict:

@@ -285,12 +285,25 @@ def test_part_sizes_double_every_1000_parts_so_any_checkpoint_fits_s3_limits():
     assert sum(sizes) > 5 * 2**40 and max(sizes) <= 5 * 2**30  # S3: 5 TiB objects, 5 GiB parts
 
 
-def test_the_readme_example_runs(s3_bucket):
+def test_the_readme_examples_run_as_written(s3_bucket, tmp_path, monkeypatch):
+    """Both examples of README's object storage section, with only the bucket's name changed; the
+    Trainer one twice: the second run resumes from the first one's ``last.sft`` in the bucket."""
     readme = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = readme.split("## Checkpoints on object storage", 1)[1].split("\n## ", 1)[0]
-    blocks = [b.split("```", 1)[0] for b in section.split("```python\n")[1:]]
-    (block,) = [b for b in blocks if "save_state(" in b]
+    blocks = [b.split("```", 1)[0].replace("s3://my-bucket", s3_bucket) for b in section.split("```python\n")[1:]]
+    trainer_block, state_block = blocks
+    monkeypatch.chdir(tmp_path)  # Lightning's default_root_dir
+    first: dict = {}
+    exec(compile(trainer_block, "README.md", "exec"), first)
+    assert first["trainer"].ckpt_path is None  # nothing to resume from yet
+    saved = storage.listdir(f"{s3_bucket}/run1")
+    assert "last.sft" in saved and len(saved) == 4  # the 3 best of steps 5, 10, 15, 20 by train_loss
+    assert load_state(f"{s3_bucket}/run1/last.sft")["global_step"] == 20
+    second: dict = {}
+    exec(compile(trainer_block, "README.md", "exec"), second)
+    assert second["trainer"].ckpt_path == f"{s3_bucket}/run1/last.sft"
+    assert second["trainer"].global_step == 20
     namespace: dict = {}
-    exec(compile(block.replace("s3://my-bucket", s3_bucket), "README.md", "exec"), namespace)
+    exec(compile(state_block, "README.md", "exec"), namespace)
     assert namespace["state"]["step"] == 5
-    assert storage.listdir(f"{s3_bucket}/run1") == ["state.sft"]
+    assert "state.sft" in storage.listdir(f"{s3_bucket}/run1")

@@ -8,11 +8,18 @@ import os
 import re
 import struct
 
+import pytest
 from sharded_ranks import on_ranks
 
 from lightning_utils.io import load_state
 from lightning_utils.io.sharded import INDEX_NAME, shard_file_name
-from lightning_utils.io.sharded.layout import INDEX_FORMAT, INDEX_VERSION, SHARDING_KEY, index_document
+from lightning_utils.io.sharded.layout import (
+    INDEX_FORMAT,
+    INDEX_VERSION,
+    SHARDING_KEY,
+    index_document,
+    is_shard_file_name,
+)
 
 DOC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "docs", "sft-format.md")
 with open(DOC, encoding="utf-8") as f:
@@ -32,8 +39,12 @@ def _code_blocks(language: str) -> list[str]:
 
 def test_the_documented_version_and_names_are_the_code_s():
     assert re.search(r"`INDEX_VERSION = (\d+)`", SECTION).group(1) == str(INDEX_VERSION)
-    assert _table("Files") == ["shard-RRRRR-of-WWWWW.safetensors", INDEX_NAME]
+    assert _table("Files") == ["shard-RRRRR-of-WWWWW.safetensors", "shard-RRRRR-of-WWWWW.ID.safetensors", INDEX_NAME]
     assert shard_file_name(3, 12) == "shard-00003-of-00012.safetensors"
+    assert shard_file_name(3, 12, "0a9f") == "shard-00003-of-00012.0a9f.safetensors"
+    assert is_shard_file_name("shard-00003-of-00012.0a9f.safetensors")
+    with pytest.raises(ValueError, match="save_id"):
+        shard_file_name(0, 1, "Not-Hex")
     assert _table("Shard files") == ["format", SHARDING_KEY]
     members = _table("The index")
     assert (

@@ -10,14 +10,13 @@ Lightning, a rank SIGKILLed while it writes, and the tools (``load_state``, ``co
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers.ports import free_port
+from helpers import ranks
+from helpers.ranks import RankResult
 
 from lightning_utils.io import load_state
 from lightning_utils.io.sharded import INDEX_NAME, ShardedCheckpoint
@@ -29,43 +28,12 @@ TIMEOUT = 300
 pytestmark = [pytest.mark.ddp, pytest.mark.timeout(900)]
 
 
-def launch(out: Path, plan: str, world_size: int = 2, expect_ok: bool = True) -> list[subprocess.CompletedProcess]:
+def launch(out: Path, plan: str, world_size: int = 2, expect_ok: bool = True) -> list[RankResult]:
     """Run ``fsdp_run.py OUT PLAN`` on ``world_size`` ranks; kill every rank if one hangs."""
     out.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    procs = []
-    for rank in range(world_size):
-        env = dict(
-            os.environ,
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            LOCAL_RANK=str(rank),
-            NODE_RANK="0",
-            WORLD_SIZE=str(world_size),
-            PYTHONWARNINGS="ignore",
-        )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(SCRIPT), str(out), plan],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    results = []
-    try:
-        for p in procs:
-            text = p.communicate(timeout=TIMEOUT)[0]
-            results.append(subprocess.CompletedProcess(p.args, p.returncode, text))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    results = ranks.launch(SCRIPT, [str(out), plan], timeout=TIMEOUT, world_size=world_size)
     if expect_ok:
-        for r in results:
-            assert r.returncode == 0, r.stdout[-4000:]
+        ranks.check_ok(results)
     return results
 
 
@@ -197,7 +165,7 @@ def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint(tmp_path):
     results = launch(tmp_path, "kill", expect_ok=False)
     assert results[1].returncode == -9  # SIGKILLed while writing its step-4 file
     assert results[0].returncode != 0  # the survivor stopped with an error, not a hang
-    assert "saving the checkpoint failed: a rank stopped taking part" in results[0].stdout
+    assert "saving the checkpoint failed: a rank stopped taking part" in results[0].output
     ckpts = tmp_path / "kill"
     names = sorted(p.name for p in ckpts.iterdir())
     assert "step=4.sft" not in names and "step=2.sft" in names and "last.sft" in names

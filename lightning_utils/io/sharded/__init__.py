@@ -11,7 +11,10 @@ under FSDP2) is saved as a directory::
 Each rank writes its own file in parallel; the directory is staged beside its final name and
 published in one rename once every rank's file is durable, so it appears complete or not at all.
 Reading takes any slice of any tensor from the files' memory maps, so a checkpoint saved on N
-ranks loads on M. The layout is written down in ``docs/sft-format.md``.
+ranks loads on M. At an fsspec URL (``s3://bucket/run/step=100.sft``), where nothing can be
+renamed, each rank uploads its file under the final prefix with a name unique to the save, the
+index is uploaded last and publishes them, and reads are ranged reads of exactly the bytes a rank
+needs. The layout is written down in ``docs/sft-format.md``.
 
 * :func:`save_sharded` / :func:`save_consolidated`: save (every rank calls them; ``comm`` runs
   the few collectives, :class:`ProcessGroupComm` on a ``torch.distributed`` group).
@@ -28,6 +31,7 @@ from lightning_utils.io.sharded.consolidate import consolidate
 from lightning_utils.io.sharded.layout import INDEX_NAME, shard_file_name
 from lightning_utils.io.sharded.reader import (
     ShardedCheckpoint,
+    checkpoint_root,
     is_sharded_checkpoint,
     load_sharded,
     load_sharded_structure,
@@ -41,6 +45,7 @@ __all__ = [
     "ProcessGroupComm",
     "ShardedCheckpoint",
     "TensorShard",
+    "checkpoint_root",
     "consolidate",
     "fill",
     "host_copies",

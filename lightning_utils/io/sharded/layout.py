@@ -1,7 +1,8 @@
 """The layout of a sharded ``.sft`` checkpoint directory: file names, the index, and its validation.
 
 A sharded checkpoint is a directory (``step=100.sft/``) holding one safetensors file per rank
-(``shard-00000-of-00002.safetensors``, ...) and one JSON index (``index.json``). Each file holds
+(``shard-00000-of-00002.safetensors``, ...; on object storage each save's files also carry the
+save's id, ``shard-00000-of-00002.3f9c01ab52de.safetensors``) and one JSON index (``index.json``). Each file holds
 the blocks of the global tensors that its rank owns, under the tensors' entry names, and its
 header metadata records, for every entry, the global shape and the offsets of the block. The
 index lists the files with their sizes, every global tensor with its dtype, global shape and
@@ -30,12 +31,26 @@ INDEX_FORMAT = "lightning_utils.sharded"
 INDEX_VERSION = 1
 # Header metadata key of each shard file: JSON {"rank", "world_size", "tensors": {name: {"shape", "offsets"}}}.
 SHARDING_KEY = "lightning_utils.sharding"
-_FILE_NAME = re.compile(r"^shard-(\d{5,})-of-(\d{5,})\.safetensors$")
+# A save on object storage adds its save id (lower-case hex): shard-00000-of-00002.3f9c01ab52de.safetensors
+_FILE_NAME = re.compile(r"^shard-(\d{5,})-of-(\d{5,})(\.[0-9a-f]{1,64})?\.safetensors$")
 
 
-def shard_file_name(rank: int, world_size: int) -> str:
-    """The name of rank ``rank``'s file in a checkpoint written by ``world_size`` ranks."""
-    return f"shard-{rank:05d}-of-{world_size:05d}.safetensors"
+def shard_file_name(rank: int, world_size: int, save_id: str | None = None) -> str:
+    """The name of rank ``rank``'s file in a checkpoint written by ``world_size`` ranks.
+
+    ``save_id`` (lower-case hex) makes the names of one save unique: a save on object storage,
+    which cannot rename, writes its files beside those of the checkpoint it replaces.
+    """
+    if save_id is None:
+        return f"shard-{rank:05d}-of-{world_size:05d}.safetensors"
+    if not re.fullmatch(r"[0-9a-f]{1,64}", save_id):
+        raise ValueError(f"save_id must be 1 to 64 lower-case hex digits, got {save_id!r}")
+    return f"shard-{rank:05d}-of-{world_size:05d}.{save_id}.safetensors"
+
+
+def is_shard_file_name(name: str) -> bool:
+    """Whether ``name`` is the name of a shard file (with or without a save id)."""
+    return bool(_FILE_NAME.match(name))
 
 
 @dataclass(frozen=True)

@@ -22,11 +22,12 @@ This module never writes and never unpickles anything.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 import mmap as mmap_module
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,17 +41,39 @@ from lightning_utils.io.sharded import storage
 from lightning_utils.io.sharded.layout import INDEX_NAME, SHARDING_KEY, Chunk, Index, TensorRecord, parse_index
 from lightning_utils.io.sharded.shards import map_leaves
 from lightning_utils.io.skeleton import SkeletonError, decode
+from lightning_utils.io.state import SAFETENSORS_SUFFIXES
 
 
-def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a directory holding a sharded checkpoint's index (a complete save)."""
+def is_sharded_checkpoint(path: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> bool:
+    """Whether ``path`` is a directory holding a sharded checkpoint's index (a complete save).
+
+    At a URL: whether ``path/index.json`` exists (a prefix without it is an unfinished save).
+    """
+    if storage.is_url(path):
+        return storage.exists(storage.join(path, INDEX_NAME), storage_options)
     return storage.is_dir(path) and storage.exists(Path(path) / INDEX_NAME)
+
+
+def checkpoint_root(path: str | os.PathLike) -> str | os.PathLike:
+    """The checkpoint directory when ``path`` names its ``index.json`` (what ``fit(ckpt_path="last")``
+    resolves to on object storage, where a directory has no modification time); else ``path``."""
+    text = os.fspath(path).rstrip("/")
+    parent, name = (text.rsplit("/", 1) + [""])[:2] if "/" in text else ("", text)
+    if name == INDEX_NAME and parent.lower().endswith(SAFETENSORS_SUFFIXES):
+        return parent
+    return path
+
+
+# Shard-file reads at a URL: runs of wanted bytes (rows of a slice) are fetched together, gaps
+# included, while the range stays within twice their bytes plus this much; a request costs more
+# than a few KiB of transfer, a range much longer than the bytes it serves costs more than a request.
+_GAP_BYTES = 4096
 
 
 @dataclass
 class _OpenFile:
     path: str
-    file: io.RawIOBase
+    file: io.RawIOBase | None  # None at a URL: blocks are read with ranged reads
     header: sft.Header
     entries: dict[str, sft.Entry]
     mapped: mmap_module.mmap | None
@@ -61,24 +84,40 @@ class ShardedCheckpoint:
 
     ``mmap=True``: tensors read whole from one block are copy-on-write views of the file's
     memory map (no copy; in-place changes stay private to the process).
+
+    ``path`` may be an fsspec URL (``s3://bucket/run/last.sft``): each shard file's header is
+    read with ranged reads, then only the bytes of the blocks (or parts of blocks) asked for,
+    straight into their tensors; nothing is copied to local disk and ``mmap`` does not apply.
+    ``storage_options`` go to the URL's fsspec filesystem.
     """
 
-    def __init__(self, path: str | os.PathLike, *, mmap: bool = True) -> None:
+    def __init__(
+        self, path: str | os.PathLike, *, mmap: bool = True, storage_options: dict[str, Any] | None = None
+    ) -> None:
         self.path = os.fspath(path)
         self._mmap = mmap
-        if not storage.is_dir(path):
-            raise FileNotFoundError(f"{self.path}: no such checkpoint directory")
-        index_path = Path(path) / INDEX_NAME
-        if not storage.exists(index_path):
-            raise CheckpointFormatError(
-                self.path,
-                f"no {INDEX_NAME}: not a lightning-utils sharded checkpoint, or a save that did not finish",
-            )
+        self._remote = storage.is_url(path)
+        self._options = storage_options
+        not_finished = f"no {INDEX_NAME}: not a lightning-utils sharded checkpoint, or a save that did not finish"
+        index_path = os.fspath(storage.join(path, INDEX_NAME))
+        if self._remote:
+            try:
+                raw = storage.read_file(index_path, storage_options)
+            except FileNotFoundError:
+                if storage.is_dir(path, storage_options):
+                    raise CheckpointFormatError(self.path, not_finished) from None
+                raise FileNotFoundError(f"{self.path}: no such checkpoint directory") from None
+        else:
+            if not storage.is_dir(path):
+                raise FileNotFoundError(f"{self.path}: no such checkpoint directory")
+            if not storage.exists(index_path):
+                raise CheckpointFormatError(self.path, not_finished)
+            raw = storage.read_file(index_path)
         try:
-            doc = json.loads(storage.read_file(index_path))
+            doc = json.loads(raw)
         except (ValueError, RecursionError) as exc:
-            raise CheckpointFormatError(os.fspath(index_path), f"not valid JSON ({exc})") from None
-        self.index: Index = parse_index(doc, os.fspath(index_path))
+            raise CheckpointFormatError(index_path, f"not valid JSON ({exc})") from None
+        self.index: Index = parse_index(doc, index_path)
         self._files: dict[int, _OpenFile] = {}
         self._handles: dict[int, str] = {}  # storage address of a handle -> the tensor it stands for
 
@@ -91,7 +130,8 @@ class ShardedCheckpoint:
     def close(self) -> None:
         """Close the files (tensors already read, memory-mapped ones included, stay valid)."""
         for f in self._files.values():
-            f.file.close()
+            if f.file is not None:
+                f.file.close()
         self._files.clear()
 
     # -- files -----------------------------------------------------------------------------
@@ -100,6 +140,10 @@ class ShardedCheckpoint:
         if opened is not None:
             return opened
         record = self.index.files[i]
+        if self._remote:
+            opened = self._open_remote(i)
+            self._files[i] = opened
+            return opened
         path = os.path.join(self.path, record.name)
         if not os.path.isfile(path):
             raise CheckpointFormatError(path, "shard file is missing")
@@ -123,6 +167,26 @@ class ShardedCheckpoint:
         opened = _OpenFile(path, f, header, entries, mapped)
         self._files[i] = opened
         return opened
+
+    def _open_remote(self, i: int) -> _OpenFile:
+        """A shard file at a URL: its size and header (two small ranged reads), checked as a local one."""
+        from lightning_utils.io.state import remote_header  # state imports this package
+
+        record = self.index.files[i]
+        path = os.fspath(storage.join(self.path, record.name))
+        try:
+            size = storage.file_size(path, self._options)
+        except FileNotFoundError:
+            raise CheckpointFormatError(path, "shard file is missing") from None
+        if size != record.nbytes:
+            raise CheckpointFormatError(
+                path, f"shard file is {size} bytes, the index says {record.nbytes} (truncated or replaced)"
+            )
+        # The length first, then exactly the header: the data is read only where it is needed.
+        header = remote_header(path, self._options, size=size, first_read=8)
+        entries = {e.name: e for e in header.entries}
+        self._check_file(i, path, header, entries)
+        return _OpenFile(path, None, header, entries, None)
 
     def _check_file(self, i: int, path: str, header: sft.Header, entries: dict[str, sft.Entry]) -> None:
         """The file holds exactly the blocks the index places in it, with matching dtype, shape and offsets."""
@@ -155,7 +219,68 @@ class ShardedCheckpoint:
         """The stored block ``chunk`` of tensor ``name`` (a memory-map view, or read into fresh memory)."""
         f = self._open(chunk.file)
         entry = f.entries[name]
+        if f.file is None:
+            out = torch.empty(chunk.shape, dtype=entry.dtype)
+            self._read_remote(
+                f, entry, chunk, chunk.offsets, tuple(o + s for o, s in zip(chunk.offsets, chunk.shape)), out
+            )
+            return out
         return sft.read_entry(f.file, f.header, entry, f.path, f.mapped)
+
+    def _read_remote(
+        self,
+        f: _OpenFile,
+        entry: sft.Entry,
+        chunk: Chunk,
+        lo: tuple[int, ...] | list[int],
+        hi: tuple[int, ...] | list[int],
+        dst: torch.Tensor,
+    ) -> None:
+        """Read the elements ``lo..hi`` (global indices) of the block ``chunk`` into ``dst``, fetching
+        only their bytes: the region is cut into runs contiguous in the file, runs close together
+        are fetched as one range (at most twice their bytes plus 4 KiB), the ranges in parallel, straight into ``dst`` when
+        it is a contiguous CPU tensor of the entry's dtype (into one buffer otherwise)."""
+        shape, start = chunk.shape, [a - o for a, o in zip(lo, chunk.offsets)]
+        extent = [b - a for a, b in zip(lo, hi)]
+        size = sft.itemsize(entry.dtype)
+        strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]
+        d = len(shape) - 1  # dims after d are read whole: a run spans dims d.. (d = -1: the whole block)
+        while d >= 0 and extent[d] == shape[d]:
+            d -= 1
+        run = math.prod(extent[d:]) * size if d >= 0 else math.prod(shape) * size
+        base = f.header.data_start + entry.begin + (start[d] * strides[d] * size if d >= 0 else 0)
+        firsts = [
+            base + size * sum((start[j] + i) * strides[j] for j, i in enumerate(index))
+            for index in itertools.product(*(range(n) for n in extent[: max(d, 0)]))
+        ]
+        # is_contiguous() holds for a one-element view of any stride; a byte view needs stride 1
+        direct = dst.device.type == "cpu" and dst.dtype == entry.dtype and dst.is_contiguous() and dst.numel() > 1
+        target = dst if direct else torch.empty(extent, dtype=entry.dtype)
+        into = target.reshape(-1).view(torch.uint8)
+        pieces: list[tuple[int, memoryview]] = []
+        copies: list[tuple[torch.Tensor, int, int, int]] = []  # scratch, its offset in the file, runs k..l
+        k = 0
+        while k < len(firsts):
+            end = k + 1  # runs k..end-1 are fetched as one range, at most 2x their bytes plus _GAP_BYTES
+            while end < len(firsts) and firsts[end] + run - firsts[k] <= 2 * run * (end + 1 - k) + _GAP_BYTES:
+                end += 1
+            if end == k + 1:
+                pieces.append((firsts[k], into[k * run : (k + 1) * run].numpy().data.cast("B")))
+            else:
+                scratch = torch.empty(firsts[end - 1] + run - firsts[k], dtype=torch.uint8)
+                pieces.append((firsts[k], scratch.numpy().data.cast("B")))
+                copies.append((scratch, firsts[k], k, end))
+            k = end
+        try:
+            storage.read_into(f.path, pieces, self._options)
+        except EOFError as exc:
+            raise CheckpointFormatError(f.path, f"not a valid safetensors file: {exc}") from None
+        for scratch, offset, first, last in copies:
+            for r in range(first, last):
+                into[r * run : (r + 1) * run] = scratch[firsts[r] - offset : firsts[r] - offset + run]
+        sft.check_bool_entry(into, entry, f.path)
+        if not direct:
+            dst.copy_(target)
 
     # -- tensors ---------------------------------------------------------------------------
     def record(self, name: str) -> TensorRecord:
@@ -190,9 +315,13 @@ class ShardedCheckpoint:
             hi = [min(o + s, c + d) for o, s, c, d in zip(offsets, shape, chunk.offsets, chunk.shape)]
             if any(a >= b for a, b in zip(lo, hi)):
                 continue
-            block = self._block(name, chunk)
-            src = block[tuple(slice(a - c, b - c) for a, b, c in zip(lo, hi, chunk.offsets))]
-            out[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offsets))].copy_(src)
+            dst = out[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offsets))]
+            if self._remote:  # only the bytes of the overlap are fetched
+                f = self._open(chunk.file)
+                self._read_remote(f, f.entries[name], chunk, lo, hi, dst)
+            else:
+                block = self._block(name, chunk)
+                dst.copy_(block[tuple(slice(a - c, b - c) for a, b, c in zip(lo, hi, chunk.offsets))])
             covered += math.prod(b - a for a, b in zip(lo, hi))
         if covered != math.prod(shape):  # the index's coverage check makes this unreachable for valid files
             raise CheckpointFormatError(self.path, f"tensor {name!r}: its blocks do not cover the requested slice")
@@ -224,14 +353,21 @@ class ShardedCheckpoint:
         """The saved object with a handle (a 1-element tensor expanded to the global shape) for
         every tensor stored in several blocks; :meth:`handle_name` tells which tensor a handle is.
 
-        Tensors stored in one block are memory-map views, as in :meth:`load`.
+        Tensors stored in one block are memory-map views, as in :meth:`load`. At a URL, where
+        nothing is mapped, those are handles as well (unless a skeleton node takes a view of
+        their bytes), so that nothing is fetched before :func:`~lightning_utils.io.sharded.fill`
+        or :meth:`materialize` asks for it.
         """
         multi = {n for n, r in self.index.tensors.items() if r.single_chunk() is None and math.prod(r.shape) > 0}
         _check_plain_nodes(self.index.skeleton, multi, self.path)
+        lazy = multi
+        if self._remote:  # a tensor stored whole is a handle too: a rank reads only its slice of it
+            viewed = _viewed_entries(self.index.skeleton)
+            lazy = multi | {n for n, r in self.index.tensors.items() if math.prod(r.shape) > 0 and n not in viewed}
 
         def entry(name: str, location: str) -> torch.Tensor:
             record = self.record(name)
-            if name not in multi:
+            if name not in lazy:
                 return self.read(name)
             cell = torch.zeros((1,) * len(record.shape), dtype=record.dtype)
             self._handles[cell.untyped_storage().data_ptr()] = name
@@ -261,27 +397,47 @@ class ShardedCheckpoint:
         )
 
 
-def _check_plain_nodes(node: Any, multi: set[str], path: str) -> None:
-    """Tensor nodes naming a tensor stored in several blocks must take it as it is (no view of its bytes):
-    the writer only writes such nodes, and a handle must never be read as data."""
+def _tensor_nodes(node: Any) -> Iterator[dict[str, Any]]:
+    """Every tensor node of a skeleton."""
     stack = [node]
     while stack:
         n = stack.pop()
         if isinstance(n, list):
             stack.extend(n)
         elif isinstance(n, dict):
-            if n.get("$") == "tensor" and n.get("e") in multi and any(k in n for k in ("off", "st", "neg", "conj")):
-                raise CheckpointFormatError(path, f"corrupted skeleton: a view of the sharded tensor {n['e']!r}")
+            if n.get("$") == "tensor":
+                yield n
             stack.extend(n.values())
 
 
-def load_sharded(path: str | os.PathLike, map_location: Any = None, *, mmap: bool = True) -> Any:
-    """The object saved in the sharded checkpoint directory ``path``, every tensor whole."""
-    with ShardedCheckpoint(path, mmap=mmap) as checkpoint:
+def _check_plain_nodes(node: Any, multi: set[str], path: str) -> None:
+    """Tensor nodes naming a tensor stored in several blocks must take it as it is (no view of its bytes):
+    the writer only writes such nodes, and a handle must never be read as data."""
+    for n in _tensor_nodes(node):
+        if n.get("e") in multi and any(k in n for k in ("off", "st", "neg", "conj")):
+            raise CheckpointFormatError(path, f"corrupted skeleton: a view of the sharded tensor {n['e']!r}")
+
+
+def _viewed_entries(node: Any) -> set[str]:
+    """The tensors some skeleton node builds from their bytes rather than taking them as they are."""
+    return {
+        str(n.get("e")) for n in _tensor_nodes(node) if any(k in n for k in ("off", "sh", "st", "dt", "neg", "conj"))
+    }
+
+
+def load_sharded(
+    path: str | os.PathLike,
+    map_location: Any = None,
+    *,
+    mmap: bool = True,
+    storage_options: dict[str, Any] | None = None,
+) -> Any:
+    """The object saved in the sharded checkpoint directory ``path`` (local or a URL), every tensor whole."""
+    with ShardedCheckpoint(path, mmap=mmap, storage_options=storage_options) as checkpoint:
         return checkpoint.load(map_location)
 
 
-def load_sharded_structure(path: str | os.PathLike) -> Any:
+def load_sharded_structure(path: str | os.PathLike, *, storage_options: dict[str, Any] | None = None) -> Any:
     """The object saved in ``path`` with ``meta`` tensors of the global shapes (reads only the index)."""
-    with ShardedCheckpoint(path) as checkpoint:
+    with ShardedCheckpoint(path, storage_options=storage_options) as checkpoint:
         return checkpoint.load_structure()

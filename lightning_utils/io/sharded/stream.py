@@ -12,17 +12,14 @@ What it must never do: hold more than one produced tensor (plus the staging buff
 
 from __future__ import annotations
 
-import json
 import math
-import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
 import torch
 
-from lightning_utils.io.atomic import write_all
-from lightning_utils.io.safetensors_file import MAX_HEADER_BYTES, METADATA_KEY, NAME_FROM_DTYPE
+from lightning_utils.io.safetensors_file import build_header, byte_sink, data_order, itemsize
 
 STAGING_BYTES = 64 << 20  # accelerator tensors are copied to the host in pieces of at most this size
 
@@ -38,47 +35,18 @@ class EntrySpec:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * _itemsize(self.dtype)
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def data_order(dtypes: Sequence[torch.dtype]) -> list[int]:
-    """The order entries are laid out in: by decreasing element size, ties in the given order."""
-    return sorted(range(len(dtypes)), key=lambda i: -_itemsize(dtypes[i]))
+        return math.prod(self.shape) * itemsize(self.dtype)
 
 
 def write_entries(f: BinaryIO, specs: Sequence[EntrySpec], metadata: dict[str, str] | None) -> None:
-    """Write a safetensors file of ``specs`` to the unbuffered binary file ``f``.
+    """Write a safetensors file of ``specs`` to ``f``: an unbuffered binary file, or any binary
+    writer without a descriptor (an upload stream).
 
     Sources are produced in :func:`data_order`, each written and released before the next.
     """
-    for spec in specs:
-        if spec.name == METADATA_KEY:
-            raise ValueError(f"a tensor cannot be named {METADATA_KEY!r}: safetensors reserves that key for metadata")
-        if spec.dtype not in NAME_FROM_DTYPE:
-            raise TypeError(f"tensor {spec.name!r}: dtype {spec.dtype} cannot be stored in safetensors")
     order = data_order([s.dtype for s in specs])
-    header: dict[str, object] = {}
-    if metadata is not None:
-        header[METADATA_KEY] = metadata
-    offset = 0
-    for i in order:
-        spec = specs[i]
-        header[spec.name] = {
-            "dtype": NAME_FROM_DTYPE[spec.dtype],
-            "shape": list(spec.shape),
-            "data_offsets": [offset, offset + spec.nbytes],
-        }
-        offset += spec.nbytes
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    raw += b" " * (-(8 + len(raw)) % 8)
-    if len(raw) > MAX_HEADER_BYTES:
-        raise ValueError(f"safetensors header would be {len(raw)} bytes, over the {MAX_HEADER_BYTES}-byte limit")
-    fd = f.fileno()
-    write_all(fd, memoryview(struct.pack("<Q", len(raw)) + raw))
+    sink = byte_sink(f)
+    sink(memoryview(build_header([(specs[i].name, specs[i].dtype, specs[i].shape) for i in order], metadata)))
     staging: torch.Tensor | None = None
     for i in order:
         spec = specs[i]
@@ -90,9 +58,9 @@ def write_entries(f: BinaryIO, specs: Sequence[EntrySpec], metadata: dict[str, s
         if not t.numel():
             continue
         if t.device.type == "cpu":
-            write_all(fd, _bytes(t.contiguous()))
+            sink(_bytes(t.contiguous()))
         else:
-            staging = _write_through(fd, t, staging)
+            staging = _write_through(sink, t, staging)
         del t
 
 
@@ -100,7 +68,7 @@ def _bytes(t: torch.Tensor) -> memoryview:
     return t.reshape(-1).view(torch.uint8).numpy().data.cast("B")
 
 
-def _write_through(fd: int, t: torch.Tensor, staging: torch.Tensor | None) -> torch.Tensor:
+def _write_through(sink: Callable[[memoryview], None], t: torch.Tensor, staging: torch.Tensor | None) -> torch.Tensor:
     """Write an accelerator tensor piece by piece through one host buffer (allocated once, reused)."""
     flat = t.contiguous().reshape(-1).view(torch.uint8)
     if staging is None or staging.numel() < min(STAGING_BYTES, flat.numel()):
@@ -109,5 +77,5 @@ def _write_through(fd: int, t: torch.Tensor, staging: torch.Tensor | None) -> to
         piece = flat[start : start + staging.numel()]
         buf = staging[: piece.numel()]
         buf.copy_(piece)
-        write_all(fd, _bytes(buf))
+        sink(_bytes(buf))
     return staging

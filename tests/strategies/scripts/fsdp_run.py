@@ -145,14 +145,14 @@ def fit(
     return trainer
 
 
-def kill_rank_1_at_step_4() -> None:
-    """Rank 1 writes part of its step-4 shard file and is then SIGKILLed."""
+def fail_rank_1_at_step_4(fail) -> None:
+    """Rank 1 writes part of its step-4 shard file, then calls ``fail()`` (which must not return)."""
     original = sharded_writer.write_entries
 
     def write_entries(f, specs, metadata):
         if int(os.environ["LOCAL_RANK"]) == 1 and any("step=4" in str(p) for p in _saving):
             f.write(b"partial")
-            os.kill(os.getpid(), signal.SIGKILL)
+            fail()
         original(f, specs, metadata)
 
     _saving: list[str] = []
@@ -166,6 +166,11 @@ def kill_rank_1_at_step_4() -> None:
     import lightning_utils.plugins.checkpoint_io as plugin
 
     plugin.save_sharded = save_sharded
+
+
+def kill_rank_1_at_step_4() -> None:
+    """Rank 1 writes part of its step-4 shard file and is then SIGKILLed."""
+    fail_rank_1_at_step_4(lambda: os.kill(os.getpid(), signal.SIGKILL))
 
 
 def main() -> None:
@@ -204,6 +209,11 @@ def main() -> None:
             fit(out, phase, ckpt_dir=os.path.join(out, "kill"), every=2, top_k=1)
         else:
             raise SystemExit(f"unknown phase {phase!r}")
+    end_process_group()
+
+
+def end_process_group() -> None:
+    """Leave together: every rank waits for the others, then closes the group."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

@@ -1,4 +1,4 @@
-"""Start a script once per rank of a 2-rank gloo job on this machine, with a hard timeout.
+"""Start a script once per rank of a gloo job on this machine (2 ranks by default), with a hard timeout.
 
 Both ranks are started by the test (LOCAL_RANK, WORLD_SIZE and MASTER_PORT in the environment),
 so Lightning does not re-launch the script, each rank's output is kept apart, and a rank that
@@ -17,11 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-TESTS = Path(__file__).resolve().parents[2]
-if str(TESTS) not in sys.path:
-    sys.path.insert(0, str(TESTS))
-
-from helpers.ports import free_port  # noqa: E402 - needs the path above
+from helpers.ports import free_port
 
 
 @dataclass
@@ -31,12 +27,15 @@ class RankResult:
     output: str
 
 
-def launch(script: Path, args: list[str], timeout: float = 240.0, world_size: int = 2) -> list[RankResult]:
-    """Run ``script args`` on ``world_size`` ranks; return each rank's exit code and output."""
+def launch(
+    script: Path, args: list[str], timeout: float = 240.0, world_size: int = 2, env: dict[str, str] | None = None
+) -> list[RankResult]:
+    """Run ``script args`` on ``world_size`` ranks (``env`` added to their environment); return each
+    rank's exit code and output."""
     port = free_port()
     procs = []
     for rank in range(world_size):
-        env = dict(
+        rank_env = dict(
             os.environ,
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(port),
@@ -46,12 +45,13 @@ def launch(script: Path, args: list[str], timeout: float = 240.0, world_size: in
             PYTHONWARNINGS="ignore",
             PYTHONUNBUFFERED="1",
             OMP_NUM_THREADS="1",
+            **(env or {}),
         )
-        env.pop("RANK", None)
+        rank_env.pop("RANK", None)
         procs.append(
             subprocess.Popen(
                 [sys.executable, str(script), *args],
-                env=env,
+                env=rank_env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
