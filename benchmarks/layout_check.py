@@ -8,10 +8,13 @@ checkout, one thread), alternating, and the medians are compared:
 
 * ``.sft`` save and load of a checkpoint with 900 small tensors and a nested optimizer state
   (the skeleton encoder and decoder dominate);
-* one CPU forward+backward of a 4-block MLP stack under ``apply_activation_offload``;
+* one CPU forward+backward of a 4-block MLP stack under ``apply_activation_offload``, and the
+  same step over the stack without it, alternated in one process (``offload_over_plain``: what
+  offloading costs, free of the several-percent drift between processes on a shared machine);
 * ``ResumableDataLoader`` time per batch over a 64k-item ``RandomSampler`` (no Lightning).
 
-It imports either layout (``lightning_utils.data`` or the old ``lightning_utils.samplers``).
+It imports either layout (``lightning_utils.data`` or the old ``lightning_utils.samplers``), and
+checks that every ``lightning_utils`` module it ran came from the checkout being measured.
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ import sys
 
 MEASURE = r"""
 import json, os, sys, tempfile, time
+# An editable install of the package (pip install -e) adds an import hook that resolves any
+# lightning_utils module missing from the checkout on PYTHONPATH (the new layout's, in the old
+# checkout) to the installed tree: drop it, so each checkout runs only its own code.
+sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in str(getattr(f, "__module__", ""))]
 import torch
 torch.set_num_threads(1)
 out = {}
@@ -58,14 +65,17 @@ class Block(nn.Module):
         return x + self.b(torch.relu(self.a(x)))
 torch.manual_seed(0)
 m = nn.Sequential(*[Block() for _ in range(4)])
+plain = nn.Sequential(*[Block() for _ in range(4)])
 apply_activation_offload(m, Block)
 x = torch.randn(64, 256)
 for _ in range(3):
-    m(x).sum().backward()
-tt = []
-for _ in range(20):
+    m(x).sum().backward(); plain(x).sum().backward()
+tt, tp = [], []
+for _ in range(30):  # alternated with the same stack without offload, in this process
     t0 = time.perf_counter(); m(x).sum().backward(); tt.append(time.perf_counter() - t0)
+    t0 = time.perf_counter(); plain(x).sum().backward(); tp.append(time.perf_counter() - t0)
 out["offload_step_ms"] = 1e3 * sorted(tt)[len(tt) // 2]
+out["offload_over_plain"] = sorted(tt)[len(tt) // 2] / sorted(tp)[len(tp) // 2]
 # loader: per-batch time without Lightning
 try:
     from lightning_utils.data import ResumableDataLoader, RandomSampler
@@ -79,6 +89,11 @@ for _ in range(5):
     dl = ResumableDataLoader(ds, batch_size=32, sampler=RandomSampler(len(ds), seed=0))
     t0 = time.perf_counter(); n = sum(1 for _ in dl); tl.append((time.perf_counter() - t0) / n)
 out["loader_us_per_batch"] = 1e6 * sorted(tl)[len(tl) // 2]
+tree = os.environ["PYTHONPATH"]
+foreign = sorted(m.__file__ for n, m in list(sys.modules.items())
+                 if n.startswith("lightning_utils") and getattr(m, "__file__", None) and not m.__file__.startswith(tree))
+if foreign:
+    sys.exit(f"modules from outside {tree}: {foreign}")
 print(json.dumps(out))
 """
 

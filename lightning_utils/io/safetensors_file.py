@@ -128,7 +128,7 @@ def build_header(
 
 def itemsize(dtype: torch.dtype) -> int:
     """Bytes per element of ``dtype``."""
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 def data_order(dtypes: Sequence[torch.dtype]) -> list[int]:

@@ -456,7 +456,7 @@ class _Encoder:
         base_ptr, base_end = widest.data_ptr(), widest.data_ptr() + widest.nbytes()
         dtypes = {t.dtype for t, _, _ in items}
         entry_dtype = dtypes.pop() if len(dtypes) == 1 else torch.uint8
-        itemsize = torch.empty((), dtype=entry_dtype).element_size()
+        itemsize = entry_dtype.itemsize
         if widest.nbytes() % itemsize:
             entry_dtype, itemsize = torch.uint8, 1
         raw = torch.empty(0, dtype=torch.uint8, device=device).set_(widest)
