@@ -19,11 +19,20 @@ from typing import Any
 
 from lightning_utils.io.atomic import atomic_write
 
-_orjson: ModuleType | None
-try:  # optional accelerator, never required
-    import orjson as _orjson
-except ImportError:  # pragma: no cover - depends on the environment
-    _orjson = None
+_ORJSON: list[ModuleType | None] = []  # orjson once looked for (None: not installed)
+
+
+def _orjson() -> ModuleType | None:
+    """orjson, an optional accelerator imported at the first JSON call, never at import."""
+    if not _ORJSON:
+        try:
+            import orjson
+        except ImportError:  # pragma: no cover - depends on the environment
+            _ORJSON.append(None)
+        else:
+            _ORJSON.append(orjson)
+    return _ORJSON[0]
+
 
 _LONG_DECIMALS = re.compile(r"(\d+\.\d{8,})")
 
@@ -51,9 +60,10 @@ def json_dumps(data: Any, *, truncate: bool = False, pretty: bool = False) -> st
     """Serialise ``data`` to a JSON ``str``: compact by default, 2-space indented if ``pretty``."""
     if truncate:
         data = _truncated(data)
-    if _orjson is not None:
+    orjson = _orjson()
+    if orjson is not None:
         try:
-            return _orjson.dumps(data, option=_orjson.OPT_INDENT_2 if pretty else 0).decode()
+            return orjson.dumps(data, option=orjson.OPT_INDENT_2 if pretty else 0).decode()
         except TypeError:
             pass  # e.g. non-str keys or big ints: the standard library handles these
     if pretty:
@@ -72,7 +82,8 @@ def json_read(path: str | os.PathLike, default: Any = None) -> Any:
     except FileNotFoundError:
         return default
     try:
-        return _orjson.loads(raw) if _orjson is not None else json.loads(raw)
+        orjson = _orjson()
+        return orjson.loads(raw) if orjson is not None else json.loads(raw)
     except ValueError as exc:  # json.JSONDecodeError and orjson.JSONDecodeError are ValueErrors
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
 

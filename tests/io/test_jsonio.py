@@ -37,8 +37,8 @@ def test_stdlib_and_orjson_write_identical_text(monkeypatch):
     import lightning_utils.io.jsonio as jsonio
 
     data = {"a": 1.123456789, "b": [1, 2.5, None, True], "s": "x"}
-    monkeypatch.setattr(jsonio, "_orjson", None)
+    monkeypatch.setattr(jsonio, "_ORJSON", [None])  # as if orjson were not installed
     stdlib = (json_dumps(data), json_dumps(data, truncate=True), json_dumps(data, pretty=True))
     orjson = pytest.importorskip("orjson", reason="orjson (the optional `json` extra) is not installed")
-    monkeypatch.setattr(jsonio, "_orjson", orjson)
+    monkeypatch.setattr(jsonio, "_ORJSON", [orjson])
     assert (json_dumps(data), json_dumps(data, truncate=True), json_dumps(data, pretty=True)) == stdlib
