@@ -275,12 +275,10 @@ class _S3MultipartUpload(Upload):
             self._pool = None
 
 
-class _FileUpload(Upload):
-    """A back end's own deferred-commit file (gcsfs, adlfs): visible at ``commit``, cancelled by ``discard``."""
+class _FileObjectUpload(Upload):
+    """An upload through a file object of the back end (``self._file``), which subclasses open."""
 
-    def __init__(self, fs: Any, path: str, url: str) -> None:
-        super().__init__(url)
-        self._file = fs.open(path, "wb", autocommit=False)
+    _file: Any
 
     def write(self, data: Any) -> int:
         try:
@@ -289,6 +287,14 @@ class _FileUpload(Upload):
             raise self._failed(exc) from exc
         self.written += len(memoryview(data).cast("B"))
         return n
+
+
+class _FileUpload(_FileObjectUpload):
+    """A back end's own deferred-commit file (gcsfs, adlfs): visible at ``commit``, cancelled by ``discard``."""
+
+    def __init__(self, fs: Any, path: str, url: str) -> None:
+        super().__init__(url)
+        self._file = fs.open(path, "wb", autocommit=False)
 
     def commit(self) -> None:
         try:
@@ -307,7 +313,7 @@ class _FileUpload(Upload):
         return None
 
 
-class _StagedUpload(Upload):
+class _StagedUpload(_FileObjectUpload):
     """Any other filesystem: write a temporary name beside the target, then move it over the target."""
 
     def __init__(self, fs: Any, path: str, url: str) -> None:
@@ -316,14 +322,6 @@ class _StagedUpload(Upload):
         parent, name = posixpath.split(path.rstrip("/"))
         self._tmp = posixpath.join(parent, f"{TEMP_PREFIX}{secrets.token_hex(6)}.{name[:200]}")
         self._file = fs.open(self._tmp, "wb")
-
-    def write(self, data: Any) -> int:
-        try:
-            n = self._file.write(data)
-        except Exception as exc:
-            raise self._failed(exc) from exc
-        self.written += len(memoryview(data).cast("B"))
-        return n
 
     def commit(self) -> None:
         try:

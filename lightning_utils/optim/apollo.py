@@ -633,14 +633,26 @@ class Apollo(Optimizer):
 
         self._limit_norm_growth(items, factors, update_norms)
 
-        # p <- p - lr_t * sqrt(scale) * G * s, then decoupled weight decay p <- p * (1 - lr * wd).
+        self._descend(group, items, [item.param for item in items], grads, factors)
+
+    def _descend(
+        self,
+        group: dict[str, Any],
+        items: list[_Planned],
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        factors: list[torch.Tensor],
+    ) -> None:
+        """p <- p - lr_t * sqrt(scale) * G * s, then decoupled weight decay p <- p * (1 - lr * wd).
+
+        ``params`` are the tensors updated in place (each rank's local block of a DTensor), ``grads``
+        their gradients viewed as matrices, ``factors`` the scales ``s``."""
         root_scale = math.sqrt(group["scale"])
         views, view_grads, view_factors, alphas = [], [], [], []
-        for item, grad, factor in zip(items, grads, factors):
-            param = item.param
+        for item, param, grad, factor in zip(items, params, grads, factors):
             alpha = -self._step_size(group, item.state["step"]) * root_scale
             if param.is_contiguous():
-                views.append(param if param.dim() == 2 else param.view(item.m, item.n))
+                views.append(param.view(grad.shape))
                 view_grads.append(grad)
                 view_factors.append(factor)
                 alphas.append(alpha)
@@ -649,7 +661,7 @@ class Apollo(Optimizer):
         if views:
             torch._foreach_addcmul_(views, view_grads, view_factors, alphas)
         if group["weight_decay"] > 0.0:
-            torch._foreach_mul_([item.param for item in items], 1.0 - float(group["lr"]) * group["weight_decay"])
+            torch._foreach_mul_(params, 1.0 - float(group["lr"]) * group["weight_decay"])
 
     def _apollo_update_sharded(self, items: list[_Planned], group: dict[str, Any]) -> None:
         """APOLLO for one group's DTensor params, on each rank's local block of each matrix.
@@ -736,24 +748,7 @@ class Apollo(Optimizer):
 
         self._limit_norm_growth(items, factors, update_norms)
 
-        root_scale = math.sqrt(group["scale"])
-        views, view_grads, view_factors, alphas = [], [], [], []
-        params = []
-        for item, grad, factor in zip(items, grads, factors):
-            param = local(item.param)
-            params.append(param)
-            alpha = -self._step_size(group, item.state["step"]) * root_scale
-            if param.is_contiguous():
-                views.append(param.view(grad.shape))
-                view_grads.append(grad)
-                view_factors.append(factor)
-                alphas.append(alpha)
-            else:
-                param.add_((grad * factor).reshape(param.shape), alpha=alpha)
-        if views:
-            torch._foreach_addcmul_(views, view_grads, view_factors, alphas)
-        if group["weight_decay"] > 0.0:
-            torch._foreach_mul_(params, 1.0 - float(group["lr"]) * group["weight_decay"])
+        self._descend(group, items, [local(item.param) for item in items], grads, factors)
 
     @staticmethod
     def _sharded_scale(
