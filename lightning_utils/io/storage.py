@@ -13,7 +13,9 @@ A local path goes to :mod:`lightning_utils.io.atomic` and ``os``; a URL (``s3://
   :func:`read_bytes` (a small file whole), :func:`file_size`, :func:`open_read`.
 * :func:`exists`, :func:`is_file`, :func:`is_dir`, :func:`listdir` (names), :func:`make_dirs`,
   :func:`remove` (a file or a whole directory/prefix; nothing there is fine; a sharded
-  checkpoint's index goes first), :func:`move`, :func:`join`.
+  checkpoint's index goes first), :func:`remove_shadowed` (on object storage, the object or
+  the prefix of one name that was not just written), :func:`move`, :func:`join`,
+  :func:`path_or_url` (a ``Path`` for a local path, the string for a URL).
 
 Errors name the path or URL: ``FileNotFoundError`` for a missing file, ``CheckpointWriteError``
 for a failed upload. This module must never write to a final path directly.
