@@ -350,6 +350,16 @@ def test_hf_export_names_the_model_with_strip_prefix_and_refuses_guessing(tmp_pa
     assert "teacher.lm_head.weight" in names and "student.model.embed_tokens.weight" in names
 
 
+def test_several_pretrained_models_without_strip_prefix_fail_when_fit_starts(tmp_path):
+    """Not at the first export, hours in: ``fit`` stops in ``on_fit_start``, before any training step."""
+    module = TwoModels()
+    exporter = ExportWeights(export_on_train_end=True)
+    with pytest.raises(ValueError, match=r"several transformers models \('student', 'teacher'\).*strip_prefix"):
+        cpu_trainer(tmp_path, [exporter], max_steps=2).fit(module)
+    assert module.losses == [] and module.lr_trace == []  # no training step ran
+    assert exporter.last_path is None and not (tmp_path / "export").exists()
+
+
 def test_hf_export_arguments_that_cannot_work_fail_when_fit_starts(tmp_path):
     with pytest.raises(ValueError, match="a Hugging Face export is a directory"):
         cpu_trainer(tmp_path, [ExportWeights(filename="w-{step}.sft")], max_steps=2).fit(HFModule("gpt2"))
