@@ -78,7 +78,9 @@ def test_torch_only_layer_never_imports_lightning(lightning: str) -> None:
         ("lightning_utils.module_swap", "lightning_utils.modules.swap", "replace_modules"),
         ("lightning_utils.commands", "lightning_utils.control.commands", "parse_command"),
         ("lightning_utils.command_sources", "lightning_utils.control.sources", "FileSource"),
+        ("lightning_utils.model_surgery", "lightning_utils.callbacks.module_transform", "ModuleTransform"),
         ("lightning_utils.io.checkpoint_io", "lightning_utils.plugins.checkpoint_io", "SafetensorsCheckpointIO"),
+        ("lightning_utils.io.module_loading", "lightning_utils.plugins.module_loading", "load_from_checkpoint"),
     ],
 )
 def test_old_module_paths_resolve_to_the_same_objects_with_a_deprecation_warning(old: str, new: str, name: str) -> None:
@@ -88,12 +90,13 @@ def test_old_module_paths_resolve_to_the_same_objects_with_a_deprecation_warning
     assert getattr(module, name) is getattr(importlib.import_module(new), name)
 
 
-def test_old_class_paths_on_the_io_package_still_resolve() -> None:
+@pytest.mark.parametrize("name", ["SafetensorsCheckpointIO", "AsyncCheckpointIO", "load_from_checkpoint"])
+def test_old_class_paths_on_the_io_package_still_resolve(name: str) -> None:
     import lightning_utils.io as io
-    from lightning_utils.plugins import SafetensorsCheckpointIO
+    import lightning_utils.plugins as plugins
 
-    with pytest.warns(DeprecationWarning, match="lightning_utils.plugins.SafetensorsCheckpointIO"):
-        assert io.SafetensorsCheckpointIO is SafetensorsCheckpointIO
+    with pytest.warns(DeprecationWarning, match=f"lightning_utils.io.{name} moved to lightning_utils.plugins.{name}"):
+        assert getattr(io, name) is getattr(plugins, name)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with pytest.raises(AttributeError, match="no attribute 'nope'"):

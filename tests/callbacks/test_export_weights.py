@@ -350,6 +350,16 @@ def test_hf_export_names_the_model_with_strip_prefix_and_refuses_guessing(tmp_pa
     assert "teacher.lm_head.weight" in names and "student.model.embed_tokens.weight" in names
 
 
+def test_several_pretrained_models_without_strip_prefix_fail_when_fit_starts(tmp_path):
+    """Not at the first export, hours in: ``fit`` stops in ``on_fit_start``, before any training step."""
+    module = TwoModels()
+    exporter = ExportWeights(export_on_train_end=True)
+    with pytest.raises(ValueError, match=r"several transformers models \('student', 'teacher'\).*strip_prefix"):
+        cpu_trainer(tmp_path, [exporter], max_steps=2).fit(module)
+    assert module.losses == [] and module.lr_trace == []  # no training step ran
+    assert exporter.last_path is None and not (tmp_path / "export").exists()
+
+
 def test_hf_export_arguments_that_cannot_work_fail_when_fit_starts(tmp_path):
     with pytest.raises(ValueError, match="a Hugging Face export is a directory"):
         cpu_trainer(tmp_path, [ExportWeights(filename="w-{step}.sft")], max_steps=2).fit(HFModule("gpt2"))
@@ -394,6 +404,42 @@ def test_hf_export_replaces_an_existing_directory_whole_and_a_failure_leaves_it(
         bad.export(trainer, module)
     assert files_in(tmp_path) == ["weights-step=1"]
     assert load_file(path / "model.safetensors").keys() == before.keys()
+
+
+@pytest.mark.parametrize("kind", ["sft", "hf"])
+def test_a_local_export_failing_mid_write_leaves_the_previous_one_as_it_was(tmp_path, monkeypatch, kind):
+    """The write of the last tensor fails (a disk error, say): every earlier tensor, and for a
+    sharded Hugging Face export every earlier weight file, was written by then. The previous export
+    of that name is untouched, byte for byte, and nothing is left beside it."""
+    from lightning_utils.io import weights
+
+    module = HFModule("gpt2")
+    trainer = fake_trainer(module, tmp_path)
+    options = {"max_shard_size": 20_000} if kind == "hf" else {"hf_format": False}
+    real_write, calls = weights.StreamingSafetensorsWriter.write, []
+    fail_at = None
+
+    def write(self, name, tensor):
+        calls.append(name)
+        if len(calls) == fail_at:
+            raise OSError(5, "Input/output error (injected)")
+        real_write(self, name, tensor)
+
+    monkeypatch.setattr(weights.StreamingSafetensorsWriter, "write", write)
+    path = ExportWeights(dirpath=tmp_path, **options).export(trainer, module)
+    fail_at, tensors = len(calls), len(calls)  # the last tensor, this time
+    calls.clear()
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    assert len(before) > (4 if kind == "hf" else 0)  # several weight files: the failure comes after the first
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(1.0)  # a different model: a half-written export would show
+    with pytest.raises(OSError, match="injected"):
+        ExportWeights(dirpath=tmp_path, **options).export(trainer, module)
+    assert len(calls) == tensors > 1
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    assert after == before
+    assert files_in(tmp_path) == [path.name]
 
 
 def test_export_memory_is_one_tensor_at_a_time(tmp_path):

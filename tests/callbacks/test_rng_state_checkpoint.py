@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import lightning.pytorch as pl
@@ -174,6 +175,53 @@ def test_resume_when_validation_runs_at_the_saved_step(tmp_path, save):
     _run(tmp_path / "part", 5, [ckpt, RNGStateCheckpoint()], **kw)
     resumed = _run(tmp_path / "resumed", 8, [RNGStateCheckpoint()], ckpt_path=tmp_path / "part" / "saved.sft", **kw)
     assert resumed == full[5:]
+
+
+class ShuffledValidatedModule(ValidatedModule):
+    """Training's sample order (a shuffled loader, seeded from the global RNG each epoch) and the
+    noise in its loss are both recorded: either would shift if validation moved the RNG."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.order: list[int] = []
+        self.validated = 0
+
+    def validation_step(self, batch, batch_idx):
+        self.validated += 1
+        super().validation_step(batch, batch_idx)
+
+    def training_step(self, batch, batch_idx):
+        self.order.append(int(batch.item()))
+        x = batch.expand(8, 4) / 8  # bounded inputs: 20 steps stay finite
+        return self.net(x).pow(2).mean() + random.random() + float(np.random.rand())
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.arange(8.0).unsqueeze(1), batch_size=1, shuffle=True)
+
+
+def _draws(tmp, callbacks, **kwargs):
+    pl.seed_everything(7)
+    module, losses = ShuffledValidatedModule(), Losses()
+    cpu_trainer(tmp, max_steps=20, callbacks=[losses, *callbacks], **kwargs).fit(module)
+    return module.order, losses.values, module.validated
+
+
+@pytest.mark.parametrize("with_callback", [True, False])
+def test_validating_or_not_never_shifts_trainings_random_numbers(tmp_path, with_callback):
+    """Three epochs of 8 shuffled batches with a validation (that draws noise) every 4 steps, against
+    the same fit with validation off: with the callback training sees the same sample order and the
+    same dropout and jitter draws (so the same losses)."""
+    extra = [RNGStateCheckpoint()] if with_callback else []
+    validated = _draws(tmp_path / "val", list(extra), val_check_interval=4, num_sanity_val_steps=2)
+    unvalidated = _draws(tmp_path / "noval", list(extra), limit_val_batches=0)
+    assert validated[2] == 2 + 5 * 2 and unvalidated[2] == 0  # the sanity check, then 5 validations of 2 batches
+    assert len(validated[0]) == len(unvalidated[0]) == 20
+    assert sorted(validated[0][:8]) == list(range(8))  # a real permutation each epoch
+    assert all(math.isfinite(loss) for loss in validated[1])
+    if with_callback:
+        assert validated[:2] == unvalidated[:2]
+    else:
+        assert validated[1] != unvalidated[1]  # the validation's draws moved training's: the callback is needed
 
 
 def test_resume_under_gradient_accumulation(tmp_path):

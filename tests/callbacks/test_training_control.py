@@ -462,6 +462,28 @@ def test_fit_signal_only_sets_a_flag_and_saves_at_the_next_boundary(tmp_path):
     assert signal.getsignal(signal.SIGUSR1) == before  # the previous handler is back
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR2"), reason="SIGUSR2 does not exist on this platform")
+def test_fit_another_signal_runs_another_command(tmp_path):
+    """``signal="SIGUSR2", signal_command="quit"``: SIGUSR2 during step 3 quits (saving first, as
+    quit does) at that step's boundary; SIGUSR1 is left alone."""
+    seen = {}
+    usr1, usr2 = signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGUSR2)
+
+    class Signalling(RecordingModule):
+        def training_step(self, batch, batch_idx):
+            if self.trainer.global_step == 2:  # inside step 3
+                seen["usr1_during_fit"] = signal.getsignal(signal.SIGUSR1)
+                os.kill(os.getpid(), signal.SIGUSR2)
+            return super().training_step(batch, batch_idx)
+
+    control = TrainingControl(source=None, signal="SIGUSR2", signal_command="quit", save_on_train_end=False)
+    trainer, _ = fit(tmp_path, control, model=Signalling(), max_steps=8)
+    assert control.quit_requested and trainer.global_step == 3  # stopped at the boundary of step 3, not 8
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step=3.ckpt"]  # quit saves
+    assert seen["usr1_during_fit"] == usr1  # the default signal was not taken
+    assert signal.getsignal(signal.SIGUSR2) == usr2  # the previous handler is back
+
+
 # ---------------------------------------------------------------------------------------------
 # .sft checkpoints through lightning_utils.io
 # ---------------------------------------------------------------------------------------------

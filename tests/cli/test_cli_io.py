@@ -45,6 +45,61 @@ def test_inspect_sft_and_ckpt(tmp_path, ckpt, capsys):
     assert "weight" not in capsys.readouterr().out
 
 
+def test_inspect_of_a_local_sft_reads_only_its_header(tmp_path, capsys, monkeypatch):
+    """Every read of the file is counted (``open`` hands out counting files; ``mmap`` is refused):
+    ``inspect`` reads the 8-byte length and the header, not one byte of the 4 MiB of tensor data."""
+    import builtins
+    import io
+    import mmap
+
+    path = tmp_path / "big.sft"
+    save_state({"w": torch.ones(1 << 20), "step": 3}, path)
+    with open(path, "rb") as f:
+        (header_length,) = struct.unpack("<Q", f.read(8))
+    data_start = 8 + header_length
+    assert path.stat().st_size - data_start == 4 << 20
+    reads: list[tuple[int, int]] = []  # (offset, bytes) of each read of the file
+
+    class CountingFile(io.FileIO):
+        def readinto(self, b):
+            start = self.tell()
+            n = super().readinto(b)
+            reads.append((start, n or 0))
+            return n
+
+        def read(self, size=-1):
+            start = self.tell()
+            data = super().read(size)
+            reads.append((start, len(data or b"")))
+            return data
+
+        def readall(self):
+            return self.read()
+
+    real_open = builtins.open
+
+    def counting_open(file, mode="r", buffering=-1, *args, **kwargs):
+        if isinstance(file, (str, pathlib.Path)) and pathlib.Path(file) == path:
+            assert mode == "rb", mode
+            raw = CountingFile(file, "rb")
+            return raw if buffering == 0 else io.BufferedReader(raw)
+        return real_open(file, mode, buffering, *args, **kwargs)
+
+    def no_mmap(*args, **kwargs):
+        raise AssertionError("inspect memory-mapped the file")
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    monkeypatch.setattr(mmap, "mmap", no_mmap)
+    assert main(["inspect", str(path)]) == 0
+    assert "w: tensor float32 [1048576] 4.0 MiB" in capsys.readouterr().out
+    assert reads and all(offset + n <= data_start for offset, n in reads), reads
+    assert sum(n for _, n in reads) <= data_start
+    # the counting is real: a load reads the data through the same files
+    reads.clear()
+    assert torch.equal(load_state(path, mmap=False)["w"], torch.ones(1 << 20))
+    assert sum(n for offset, n in reads if offset >= data_start) >= 4 << 20
+
+
 def test_inspect_errors(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "missing.sft")]) == 1
     assert "missing.sft" in capsys.readouterr().err

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,6 +133,48 @@ def test_successful_write_replaces_and_leaves_nothing_behind(tmp_path):
     assert path.stat().st_ino != inode  # replaced by rename, not rewritten in place
     assert os.listdir(path.parent) == ["x.sft"]
     assert torch.equal(load_state(path)["a"], torch.zeros(1))
+
+
+@pytest.mark.parametrize("suffix", [".sft", ".pt"])
+def test_a_local_save_fsyncs_the_file_then_renames_it_then_fsyncs_the_directory(tmp_path, monkeypatch, suffix):
+    """Durability, in this order: the staged file's data reaches the disk before the rename makes it
+    the checkpoint, and the directory entry the rename changed is flushed after it."""
+    path = tmp_path / f"x{suffix}"
+    save_state({"a": torch.ones(4)}, path)  # a previous checkpoint: the save below replaces it
+    opened: dict[int, str] = {}
+    events: list[tuple] = []
+    real_open, real_fsync, real_replace = os.open, os.fsync, os.replace
+
+    def spy_open(file, flags, *args, **kwargs):
+        fd = real_open(file, flags, *args, **kwargs)
+        opened[fd] = os.fspath(file)
+        return fd
+
+    def spy_fsync(fd):
+        st = os.fstat(fd)
+        events.append(("fsync", opened[fd], st.st_size if not os.path.isdir(opened[fd]) else "dir"))
+        real_fsync(fd)
+
+    def spy_replace(src, dst, *args, **kwargs):
+        events.append(("replace", os.fspath(src), os.fspath(dst)))
+        real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", spy_open)
+    monkeypatch.setattr(os, "fsync", spy_fsync)
+    monkeypatch.setattr(os, "replace", spy_replace)
+    save_state({"a": torch.zeros(1 << 16), "step": 5}, path)
+    monkeypatch.undo()
+
+    assert len(events) == 3, events
+    (_, synced, size), (_, src, dst), (_, dir_synced, kind) = events
+    assert [e[0] for e in events] == ["fsync", "replace", "fsync"]
+    staged = Path(synced)
+    assert staged.parent == tmp_path and staged.name.startswith(TEMP_PREFIX)  # staged beside it, not in $TMPDIR
+    assert size == path.stat().st_size  # every byte was written before the fsync
+    assert (src, dst) == (synced, os.fspath(path))  # the fsynced file is the one renamed into place
+    assert (dir_synced, kind) == (os.fspath(tmp_path), "dir")  # then the directory holding the new entry
+    assert torch.equal(load_state(path)["a"], torch.zeros(1 << 16))
+    assert _listing(tmp_path) == [path.name]
 
 
 def test_permissions_follow_umask(tmp_path):

@@ -324,6 +324,54 @@ def test_publish_never_shows_a_partial_checkpoint(tmp_path):
     assert (final / "f").read_bytes() == b"new" and not stage.exists()
 
 
+def test_every_file_is_fsynced_before_the_directory_is_renamed_into_place(tmp_path, monkeypatch):
+    """Durability of a local sharded save, in this order: each rank's file, then the index, then the
+    staging directory are fsynced; the directory is renamed into place (a rename for a new name, an
+    atomic exchange over an earlier checkpoint); then the parent directory is fsynced."""
+    from lightning_utils.io.atomic import TEMP_PREFIX
+
+    opened: dict[int, str] = {}
+    events: list[tuple[str, ...]] = []
+    real_open, real_fsync, real_rename, real_exchange = os.open, os.fsync, os.rename, storage._exchange
+
+    def spy_open(file, flags, *args, **kwargs):
+        fd = real_open(file, flags, *args, **kwargs)
+        opened[fd] = os.fspath(file)
+        return fd
+
+    def spy_fsync(fd):
+        events.append(("fsync", opened[fd]))
+        real_fsync(fd)
+
+    def spy_rename(src, dst, *args, **kwargs):
+        events.append(("rename", os.fspath(src), os.fspath(dst)))
+        real_rename(src, dst, *args, **kwargs)
+
+    def spy_exchange(a, b):
+        events.append(("exchange", os.fspath(a), os.fspath(b)))
+        return real_exchange(a, b)
+
+    monkeypatch.setattr(os, "open", spy_open)
+    monkeypatch.setattr(os, "fsync", spy_fsync)
+    monkeypatch.setattr(os, "rename", spy_rename)
+    monkeypatch.setattr(storage, "_exchange", spy_exchange)
+    path = tmp_path / "last.sft"
+    for move in ("rename", "exchange"):  # a new name, then over the checkpoint the first save left
+        events.clear()
+        save_on(2, path)
+        assert len(events) == 6, events
+        files, index, staged, moved, parent = events[:2], events[2], events[3], events[4], events[5]
+        stage = Path(staged[1])
+        assert stage.parent == tmp_path and stage.name.startswith(TEMP_PREFIX)
+        assert sorted(files) == sorted(("fsync", os.fspath(stage / shard_file_name(r, 2))) for r in (0, 1))
+        assert index == ("fsync", os.fspath(stage / INDEX_NAME))  # written and flushed after every rank's file
+        assert staged == ("fsync", os.fspath(stage))  # the directory's entries, before it is published
+        assert moved == (move, os.fspath(stage), os.fspath(path))
+        assert parent == ("fsync", os.fspath(tmp_path))  # the rename itself, last
+        assert os.listdir(tmp_path) == ["last.sft"]
+        assert_whole(load_state(path))
+
+
 def test_header_of_a_shard_file_is_standard_safetensors(saved):
     data = (saved / shard_file_name(0, 2)).read_bytes()
     (n,) = struct.unpack("<Q", data[:8])

@@ -76,6 +76,72 @@ def test_use_cache_false_gives_equal_gradients_without_a_warning(case):
     assert _cache_warnings(record) == []
 
 
+def _self_attention_lengths(cache) -> list[int]:
+    """Positions held per layer of the (self-attention) cache a model returned."""
+    cache = getattr(cache, "self_attention_cache", cache)
+    return [int(cache.get_seq_length(layer)) for layer in range(len(cache.layers))]
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_the_returned_cache_holds_nothing_for_the_offloaded_blocks(case):
+    """Only the first (decoder) block offloaded: in the cache a training forward returns, that
+    block's layer holds nothing while the other layer holds every position, as without offloading."""
+    plain = build(case)
+    first = next(n for n, m in plain.named_modules() if isinstance(m, case.blocks) and "encoder" not in n)
+    offloaded = copy.deepcopy(plain)
+    assert apply_activation_offload(offloaded, case.blocks, include=[first]) == [first]
+    batch = case.batch()
+    length = batch["labels" if case.encoder_decoder else "input_ids"].shape[1]
+    out_plain, grads_plain = loss_and_grads(plain, batch)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        out_off, grads_off = loss_and_grads(offloaded, batch)
+    assert _self_attention_lengths(returned_cache(out_plain)) == [length, length]
+    assert _self_attention_lengths(returned_cache(out_off)) == [0, length]
+    if case.encoder_decoder:  # the cross-attention cache likewise
+        cross = returned_cache(out_off).cross_attention_cache
+        assert [int(cross.get_seq_length(layer)) for layer in range(2)] == [0, batch["input_ids"].shape[1]]
+    assert max_grad_diff(grads_plain, grads_off) <= 1e-6  # the output is unchanged by the dropped cache
+    messages = _cache_warnings(record)
+    assert len(messages) == 1 and first in messages[0] and "holds nothing" in messages[0], messages
+
+
+def _built_without_cache(case: HFCase) -> nn.Module:
+    """``case``'s model built from its config with ``use_cache=False`` (as ``from_pretrained(..., use_cache=False)`` does)."""
+    config = copy.deepcopy(build(case).config)
+    config.use_cache = False
+    torch.manual_seed(0)
+    return type(build(case))(config).train()
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_a_model_built_with_use_cache_false_trains_without_a_warning(case):
+    plain = _built_without_cache(case)
+    offloaded = _offloaded(plain, case)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        out_plain, grads_plain = loss_and_grads(plain, case.batch())
+        out_off, grads_off = loss_and_grads(offloaded, case.batch())
+    assert _cache_warnings(record) == []
+    assert returned_cache(out_plain) is None and returned_cache(out_off) is None
+    assert max_grad_diff(grads_plain, grads_off) <= 1e-6
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_setting_config_use_cache_on_a_built_model(case):
+    """``model.config.use_cache = False`` after building silences the warning for decoder-only
+    models; T5's decoder keeps its own copy of the config, so there it still gets a cache."""
+    plain = build(case)
+    plain.config.use_cache = False
+    offloaded = _offloaded(plain, case)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _, grads_plain = loss_and_grads(plain, case.batch())
+        _, grads_off = loss_and_grads(offloaded, case.batch())
+    assert max_grad_diff(grads_plain, grads_off) <= 1e-6
+    assert len(_cache_warnings(record)) == (1 if case.encoder_decoder else 0)
+
+
 @pytest.mark.filterwarnings("ignore:ActivationOffload")
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_generation_after_training_uses_the_cache(case):

@@ -153,6 +153,58 @@ def test_torchao_int8_weight_only_on_cpu():
     torch.testing.assert_close(net.head(net.model(x)), ref, atol=0.05, rtol=0.05)
 
 
+def test_torchao_auto_falls_back_to_frozen_int8_that_sft_refuses(tmp_path, monkeypatch):
+    """Where float8 is not supported, ``torchao_linear()`` ("auto") quantizes to int8 weight-only:
+    the weights are frozen, and a .sft save of that state is refused, naming the key."""
+    pytest.importorskip("torchao", reason="torchao not installed (extra `lowp`)")
+    import lightning_utils.modules.presets as replacements
+    from lightning_utils.io import save_state
+
+    monkeypatch.setattr(replacements, "float8_supported", lambda: False)  # the fallback, on any machine
+    preset = torchao_linear()
+    assert preset.resolved_mode() == "int8_weight_only"
+    torch.manual_seed(0)
+    net = Net()
+    ReplaceModules(nn.Linear, preset, exclude=["head"]).apply(net)
+    for layer in (net.model[0], net.model[2]):
+        assert type(layer.weight) not in (torch.Tensor, nn.Parameter)  # a torchao int8 tensor
+        assert layer.weight.requires_grad is False
+    assert net.head.weight.requires_grad  # the excluded head still trains
+    net.head(net.model(torch.randn(4, 8))).sum().backward()
+    assert net.model[0].weight.grad is None and net.head.weight.grad is not None
+
+    path = tmp_path / "int8.sft"
+    with pytest.raises(TypeError, match=r"\['model\.0\.weight'\] is a tensor subclass \w+; materialise it"):
+        save_state({"state_dict": net.state_dict()}, path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_torchao_int8_fallback_checkpoints_cannot_be_saved_as_sft_or_resumed(tmp_path, monkeypatch):
+    pytest.importorskip("torchao", reason="torchao not installed (extra `lowp`)")
+    from helpers.lightning import cpu_trainer
+    from helpers.models import TinyModule, loader
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    import lightning_utils.modules.presets as replacements
+    from lightning_utils.callbacks import SafetensorsModelCheckpoint
+
+    monkeypatch.setattr(replacements, "float8_supported", lambda: False)
+
+    def fit(root, checkpoint=None, ckpt_path=None):
+        replace = ReplaceModules(nn.Linear, torchao_linear(), include=["net.0"])
+        trainer = cpu_trainer(root, [replace, *([checkpoint] if checkpoint else [])], max_steps=4)
+        trainer.fit(TinyModule(), loader(), ckpt_path=ckpt_path)
+
+    sft = SafetensorsModelCheckpoint(dirpath=tmp_path / "sft", every_n_train_steps=2)
+    with pytest.raises(TypeError, match=r"\['net\.0\.weight'\] is a tensor subclass"):
+        fit(tmp_path, sft)
+    assert not list((tmp_path / "sft").glob("*.sft"))
+    fit(tmp_path, ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1))  # a .ckpt saves...
+    # ...but torch cannot load the int8 tensor subclass back through Lightning's map_location
+    with pytest.raises(RuntimeError, match="_rebuild_wrapper_subclass"):
+        fit(tmp_path, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=2.ckpt")
+
+
 def test_bnb_stable_embedding_on_cpu():
     pytest.importorskip("bitsandbytes", reason="bitsandbytes not installed (extra `bnb`)")
     emb = nn.Sequential(nn.Embedding(10, 8, padding_idx=0)).to(torch.bfloat16)

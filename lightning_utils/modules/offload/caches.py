@@ -165,8 +165,8 @@ def plan(args: tuple, kwargs: dict, module: nn.Module | None, name: str) -> Cach
             f"ActivationOffload: {label} was handed a cache ({kind}) in training; offloaded blocks run without "
             "it (recomputing them in backward would write into the cache a second time), as with "
             "Hugging Face's gradient checkpointing, so the cache the model returns holds nothing "
-            "for them. Pass use_cache=False (or set config.use_cache=False) for training to "
-            "silence this; in eval mode and without grad (generate) the cache is used as usual.",
+            "for them. Pass use_cache=False (or build the model with it: from_pretrained(..., use_cache=False)) "
+            "for training to silence this; in eval mode and without grad (generate) the cache is used as usual.",
         )
     if not training:
         why = "in eval mode with grad enabled"
