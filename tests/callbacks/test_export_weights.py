@@ -40,6 +40,19 @@ def metadata(path):
         return f.metadata()
 
 
+def fake_trainer(module, root, step=1, rank0=True, strategy=None):
+    """What ExportWeights.export reads of a Trainer, without one."""
+    return SimpleNamespace(
+        global_step=step,
+        current_epoch=0,
+        is_global_zero=rank0,
+        default_root_dir=str(root),
+        strategy=strategy or SimpleNamespace(lightning_module_state_dict=module.state_dict),
+        callback_metrics={},
+        lightning_module=module,
+    )
+
+
 def test_export_on_train_end_bf16_with_metadata(tmp_path):
     exporter = ExportWeights(dtype="bf16")
     _, model = fit(tmp_path, [exporter], model=Tied(), max_steps=3)
@@ -115,14 +128,7 @@ def test_training_control_default_exporter(tmp_path):
 def test_only_global_rank_zero_writes(tmp_path):
     exporter = ExportWeights(dirpath=tmp_path)
     module = RecordingModule()
-    trainer = SimpleNamespace(
-        global_step=4,
-        current_epoch=0,
-        is_global_zero=False,
-        default_root_dir=str(tmp_path),
-        strategy=SimpleNamespace(lightning_module_state_dict=module.state_dict),
-        callback_metrics={},
-    )
+    trainer = fake_trainer(module, tmp_path, step=4, rank0=False)
     assert exporter.export(trainer, module) is None
     assert list(tmp_path.iterdir()) == []
     trainer.is_global_zero = True
@@ -145,14 +151,7 @@ def test_bad_arguments():
 def test_nothing_under_prefix_is_a_clear_error(tmp_path):
     exporter = ExportWeights(dirpath=tmp_path, strip_prefix="nothing.")
     module = RecordingModule()
-    trainer = SimpleNamespace(
-        global_step=1,
-        current_epoch=0,
-        is_global_zero=True,
-        default_root_dir=str(tmp_path),
-        strategy=SimpleNamespace(lightning_module_state_dict=module.state_dict),
-        callback_metrics={},
-    )
+    trainer = fake_trainer(module, tmp_path)
     with pytest.raises(ValueError, match="no tensors under prefix 'nothing.'"):
         exporter.export(trainer, module)
 
@@ -204,14 +203,7 @@ def test_metadata_reserved_keys_are_refused_up_front_and_values_round_trip(tmp_p
         ExportWeights(metadata=3)
     exporter = ExportWeights(dirpath=tmp_path, metadata=lambda t, m: {"module": "oops"})
     module = RecordingModule()
-    trainer = SimpleNamespace(
-        global_step=1,
-        current_epoch=0,
-        is_global_zero=True,
-        default_root_dir=str(tmp_path),
-        strategy=SimpleNamespace(lightning_module_state_dict=module.state_dict),
-        callback_metrics={},
-    )
+    trainer = fake_trainer(module, tmp_path)
     with pytest.raises(ValueError, match=r"ExportWeights\(metadata=\.\.\.\).*'module' is reserved"):
         exporter.export(trainer, module)
     assert list(tmp_path.iterdir()) == []
@@ -232,14 +224,7 @@ def test_strip_prefix_matches_whole_module_names(tmp_path):
             self.model_ema = torch.nn.Linear(2, 2)
 
     module = Two()
-    trainer = SimpleNamespace(
-        global_step=1,
-        current_epoch=0,
-        is_global_zero=True,
-        default_root_dir=str(tmp_path),
-        strategy=SimpleNamespace(lightning_module_state_dict=module.state_dict),
-        callback_metrics={},
-    )
+    trainer = fake_trainer(module, tmp_path)
     for prefix in ("model", "model."):
         path = ExportWeights(dirpath=tmp_path / prefix, strip_prefix=prefix).export(trainer, module)
         assert set(load_file(path)) == {"weight", "bias"}
@@ -247,16 +232,6 @@ def test_strip_prefix_matches_whole_module_names(tmp_path):
 
 
 # -- Hugging Face models: a directory that from_pretrained loads as it is ----------------------
-def fake_trainer(module, root, step=1, rank0=True, strategy=None):
-    return SimpleNamespace(
-        global_step=step,
-        current_epoch=0,
-        is_global_zero=rank0,
-        default_root_dir=str(root),
-        strategy=strategy or SimpleNamespace(lightning_module_state_dict=module.state_dict),
-        callback_metrics={},
-        lightning_module=module,
-    )
 
 
 def no_pickle_in(root):
