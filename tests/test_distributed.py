@@ -1,7 +1,8 @@
 """lightning_utils.distributed: ranks before/after process-group init, leader decorators, broadcast.
 
-The 2-rank behaviour (ranks 0/1 before init from the launcher's environment, world size 2 and a
-broadcast after init) is asserted in tests/callbacks/test_training_control_ddp.py on a real gloo run.
+The 2-rank behaviour (ranks 0/1 before init from the launcher's environment, world size 2, a
+broadcast and an all_gather_object in rank order after init) is asserted in
+tests/callbacks/test_training_control_ddp.py on a real gloo run.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 Every command runs its collectives on every rank in the same order (both ranks record the same
 sequence of saves, validations and exports at the same steps); typed commands (a command file)
 and schedules reach both ranks at the same step; ``fit(ckpt_path="last")`` resumes from the quit
-save and replays nothing; a failure on one rank during a command ends both ranks quickly with
-that error, never a process-group timeout or a hang.
+save and replays nothing; an ``eval_fn`` that raises (on one rank, or on both) is reported and
+both ranks train on; a failure on one rank during a command ends both ranks quickly with that
+error, never a process-group timeout or a hang.
 """
 
 from __future__ import annotations
@@ -58,6 +59,24 @@ def test_fsdp2_commands_run_in_the_same_order_on_both_ranks_and_last_resumes_the
     assert [r["step"] for r in rows if "val_loss" in r] == first[0]["val_steps"] == [4, quit_step]
     assert all("loss_mean" in r for r in rows)
     assert [r["lr"] for r in rows] == [lr for _, lr in [(0, 0.1), *first[0]["lr_trace"][:-1]]]
+
+    # an eval_fn that raises (after an all-reduce): at step 2 on rank 1 only, at step 4 on both
+    # ranks; each failure is reported and every rank trains on to max_steps, in step
+    evalfail = [_read(tmp_path / f"evalfail-rank{r}.json") for r in range(2)]
+    for r in evalfail:
+        assert r["global_step"] == 6 and [s for s, _ in r["lr_trace"]] == [1, 2, 3, 4, 5, 6]
+        # both ranks took part in both evaluations, then in TrainingControl's save at max_steps
+        assert r["events"] == [["eval_fn", 2, 2.0], ["eval_fn", 4, 2.0], ["save", 6]]
+    out0, out1 = (result.output for result in results)
+    # rank 0 did not fail at step 2: it reports rank 1's error; rank 1 shows its own, with its traceback
+    assert (
+        "eval_fn failed at step 2 on rank 1: RuntimeError: eval exploded on rank 1 at step 2; training goes on" in out0
+    )
+    step2 = out1.split("eval_fn failed at step 2 on rank 1: RuntimeError: eval exploded on rank 1 at step 2")
+    assert len(step2) == 2 and "Traceback" in step2[1]
+    # at step 4 each rank failed and reports its own error
+    assert "eval_fn failed at step 4 on rank 0: ValueError: eval exploded on rank 0 at step 4" in out0
+    assert "eval_fn failed at step 4 on rank 1: KeyError: 'eval exploded on rank 1 at step 4'" in out1
 
 
 @pytest.mark.parametrize(

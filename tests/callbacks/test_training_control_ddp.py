@@ -67,6 +67,8 @@ def test_ddp_command_reaches_both_ranks_at_the_same_step_and_quit_ends_both(tmp_
     # lightning_utils.distributed before and after the process group existed
     assert [r["before_init"]["global_rank"] for r in (r0, r1)] == [0, 1]
     assert [r["before_init"]["initialized"] for r in (r0, r1)] == [False, False]
+    gathered = [{"from": 0, "pad": ""}, {"from": 1, "pad": "x" * 100}]  # every rank's object, in rank order
     assert [r["after_init"] for r in (r0, r1)] == [
-        {"global_rank": rank, "world_size": 2, "initialized": True, "broadcast": "from rank 0"} for rank in (0, 1)
+        {"global_rank": rank, "world_size": 2, "initialized": True, "broadcast": "from rank 0", "gathered": gathered}
+        for rank in (0, 1)
     ]

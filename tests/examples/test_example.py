@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import torch
+from helpers.checkpoints import assert_same
+
 from lightning_utils.io import load_state
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def _sorted_keys(obj):
+    """``obj`` with every dict's keys in sorted order (by their repr), for an order-blind ``assert_same``."""
+    if isinstance(obj, dict):
+        return {k: _sorted_keys(obj[k]) for k in sorted(obj, key=repr)}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_sorted_keys(v) for v in obj)
+    return obj
 
 
 def test_train_codec_lm_example_resumes_exactly(tmp_path):
@@ -61,6 +74,29 @@ def test_lightning_cli_config_runs_and_resumes_from_sft(tmp_path):
     assert state["global_step"] == 9
     assert type(state["optimizer_states"][0]["state"][0]["seed"]) is int  # APOLLO state, no pickle
     assert (tmp_path / "codec_lm_run" / "export" / "weights-step=9.sft").is_file()
+
+    # "resume, exactly": the same 9 steps uninterrupted end bit-equal (weights, optimizer state:
+    # ApolloMini's moments and projection seeds, the scheduler), through the same losses and lrs
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    third = subprocess.run([sys.executable, str(ROOT / "examples" / "train_codec_lm.py"), "fit", "--config", config,
+                            "--trainer.max_steps", "9", *small], **{**run, "cwd": straight})  # fmt: skip
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    reference = load_state(straight / "codec_lm_run" / "checkpoints" / "last.sft")
+    assert reference["global_step"] == 9 and state["state_dict"].keys() == reference["state_dict"].keys()
+    for key, value in reference["state_dict"].items():
+        assert torch.equal(state["state_dict"][key], value), key
+    # (torch's optimizer load_state_dict puts param_names first in a restored param group: the key order differs)
+    assert_same(_sorted_keys(state["optimizer_states"]), _sorted_keys(reference["optimizer_states"]))
+    assert state["lr_schedulers"] == reference["lr_schedulers"]
+
+    def rows(root: Path) -> list[dict]:  # MetricsPrinter's lines (6 significant digits), one per step
+        lines = (root / "codec_lm_run" / "metrics.jsonl").read_text().splitlines()
+        return [{k: r[k] for k in ("step", "lr", "loss")} for r in map(json.loads, lines)]
+
+    resumed, uninterrupted = rows(tmp_path), rows(straight)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6, 7, 8, 9]  # 6 steps, then 3 after the resume
+    assert resumed == uninterrupted
 
 
 def test_example_loader_batches_respect_the_duration_cap():

@@ -112,20 +112,90 @@ BOUNDED = textwrap.dedent(
 )
 
 
-def test_a_save_and_a_load_stream_through_bounded_buffers(s3_server, s3_bucket, tmp_path):
+@pytest.mark.parametrize("suffix", [".sft", ".ckpt"])
+def test_a_save_and_a_load_stream_through_bounded_buffers(s3_server, s3_bucket, tmp_path, suffix):
     """No serialised copy of the checkpoint in memory: the client's Python-side allocations while
-    saving or loading 24 MiB of tensors stay within its part buffers and reads in flight. (The
-    client runs in a subprocess, so the server's memory is not counted.)"""
+    saving 24 MiB of tensors (``.sft`` or ``.ckpt``) or loading them (``.sft``) stay within its
+    part buffers and reads in flight. (The client runs in a subprocess, so the server's memory is
+    not counted.)"""
     script = tmp_path / "child.py"
     script.write_text(BOUNDED)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    args = [sys.executable, str(script), f"{s3_bucket}/big.sft", repr(s3_server.storage_options)]
+    args = [sys.executable, str(script), f"{s3_bucket}/big{suffix}", repr(s3_server.storage_options)]
     out = subprocess.run(args, capture_output=True, text=True, timeout=240, env=env)
     assert out.returncode == 0, out.stderr
     save_peak, load_peak = (int(x) for x in out.stdout.split())
-    print(f"save: {save_peak / MiB:.1f} MiB, load: {load_peak / MiB:.1f} MiB")
+    print(f"{suffix} save: {save_peak / MiB:.1f} MiB, load: {load_peak / MiB:.1f} MiB")
     assert save_peak < 20 * MiB, f"save: {save_peak / MiB:.1f} MiB"  # 2 part buffers are 10 MiB
-    assert load_peak < 8 * MiB, f"load: {load_peak / MiB:.1f} MiB"  # 4 ranges of 4 MiB in flight, streamed
+    if suffix == ".sft":  # a .ckpt loads with torch.load through fsspec, which the README does not call streamed
+        assert load_peak < 8 * MiB, f"load: {load_peak / MiB:.1f} MiB"  # 4 ranges of 4 MiB in flight, streamed
+
+
+def test_the_defaults_8_mib_parts_four_in_flight_five_buffers_eight_reads_in_flight(s3_bucket, monkeypatch):
+    """At the default settings: a save of 80 MiB is a multipart upload of 8 MiB parts, at most four
+    uploading at once (four do, when the server is slow), through five part buffers in all (each
+    reused); a load has at most eight ranged GETs in flight (eight are, when the server is slow;
+    the read span is lowered to 1 MiB so that 80 MiB make 80 of them)."""
+    import asyncio
+    import threading
+    import time
+
+    import s3fs
+
+    assert remote.PART_SIZE == 8 << 20 and remote.PARALLEL_PARTS == 4 and remote.READ_PARALLEL == 8
+    buffers: list[int] = []
+
+    def counted_bytearray(*args):
+        buf = bytearray(*args)
+        if len(buf):
+            buffers.append(len(buf))
+        return buf
+
+    monkeypatch.setattr(remote, "bytearray", counted_bytearray, raising=False)
+    lock, uploading, most, parts = threading.Lock(), [0], [0], []
+    upload_part = remote._S3MultipartUpload._upload_part
+
+    def slow_upload_part(self, number, buf, length):
+        with lock:
+            uploading[0] += 1
+            most[0] = max(most[0], uploading[0])
+            parts.append((number, length, id(buf)))
+        try:
+            time.sleep(0.2)  # a slow server: the parts pile up to the limit
+            return upload_part(self, number, buf, length)
+        finally:
+            with lock:
+                uploading[0] -= 1
+
+    monkeypatch.setattr(remote._S3MultipartUpload, "_upload_part", slow_upload_part)
+    ckpt = {"w": torch.arange(20 * MiB, dtype=torch.float32)}  # 80 MiB: 10 full parts and a last one
+    url = f"{s3_bucket}/big.sft"
+    save_state(ckpt, url)
+    assert len(parts) == 11 and all(length == 8 * MiB for _, length, _ in parts[:-1])
+    assert most[0] == 4  # four in flight, never more
+    assert buffers == [8 * MiB] * 5  # five part buffers allocated, whatever the size
+    assert len({buf for _, _, buf in parts}) == 5  # and reused
+
+    monkeypatch.setattr(remote, "READ_SPAN", 1 * MiB)
+    reading, most_reads, gets = [0], [0], [0]
+    call_s3 = s3fs.S3FileSystem._call_s3
+
+    async def slow_call_s3(self, method, *args, **kwargs):
+        if method != "get_object":
+            return await call_s3(self, method, *args, **kwargs)
+        reading[0] += 1  # one event loop: no lock needed
+        gets[0] += 1
+        most_reads[0] = max(most_reads[0], reading[0])
+        try:
+            await asyncio.sleep(0.05)
+            return await call_s3(self, method, *args, **kwargs)
+        finally:
+            reading[0] -= 1
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", slow_call_s3)
+    out = load_state(url)
+    assert torch.equal(out["w"], ckpt["w"])
+    assert gets[0] >= 80 and most_reads[0] == 8  # eight ranged reads in flight, never more
 
 
 def test_server_stopped_mid_upload_leaves_the_previous_object_intact(s3_server, s3_bucket, small_parts):

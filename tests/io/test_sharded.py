@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import struct
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 
@@ -179,6 +180,71 @@ def test_consolidate_streams_a_directory_into_one_file(tmp_path):
     assert_whole(load_state(tmp_path / "one.sft"))
     assert_whole(torch.load(tmp_path / "one.ckpt", weights_only=False))
     assert sorted(os.listdir(tmp_path)) == ["d.sft", "one.ckpt", "one.sft"]
+
+
+@pytest.mark.parametrize("suffix", [".sft", ".ckpt"])
+def test_convert_of_a_directory_holds_one_tensor_in_memory_at_a_time(tmp_path, monkeypatch, suffix):
+    """``lightning-utils convert DIR out.sft`` (or ``.ckpt``) reads each global tensor once, and a
+    tensor it read is released before the next is read (at most one assembled at a time)."""
+    from lightning_utils.cli import main
+
+    save_on(3, tmp_path / "d.sft")
+    original = ShardedCheckpoint.read
+    reads: list[str] = []
+    alive_at_each_read: list[list[str]] = []
+    held: list[tuple[str, weakref.ref]] = []
+
+    def read(self, name):
+        alive_at_each_read.append([n for n, ref in held if ref() is not None])
+        tensor = original(self, name)
+        reads.append(name)
+        held.append((name, weakref.ref(tensor)))
+        return tensor
+
+    monkeypatch.setattr(ShardedCheckpoint, "read", read)
+    assert main(["convert", str(tmp_path / "d.sft"), str(tmp_path / f"one{suffix}")]) == 0
+    with ShardedCheckpoint(tmp_path / "d.sft") as checkpoint:
+        names = set(checkpoint.index.tensors)
+    assert sorted(reads) == sorted(names) and len(names) == 7  # every tensor, each read once
+    assert alive_at_each_read == [[]] * len(reads), alive_at_each_read
+    converted = load_state(tmp_path / "one.sft") if suffix == ".sft" else torch.load(tmp_path / "one.ckpt")
+    assert_whole(converted)
+
+
+def test_inspect_of_a_directory_reads_only_the_index(tmp_path, monkeypatch, capsys):
+    """``lightning-utils inspect DIR`` opens no shard file: it prints the tree with global shapes
+    from the index alone, the same with the shard files deleted."""
+    import builtins
+
+    from lightning_utils.cli import main
+
+    path = tmp_path / "d.sft"
+    save_on(2, path)
+    opened: list[str] = []
+    original_open, original_os_open = builtins.open, os.open
+
+    def spy_open(file, *args, **kwargs):
+        opened.append(os.fspath(file) if isinstance(file, (str, os.PathLike)) else repr(file))
+        return original_open(file, *args, **kwargs)
+
+    def spy_os_open(file, *args, **kwargs):
+        opened.append(os.fspath(file))
+        return original_os_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", spy_open)
+    monkeypatch.setattr(os, "open", spy_os_open)
+    capsys.readouterr()
+    assert main(["inspect", str(path)]) == 0
+    shown = capsys.readouterr().out
+    monkeypatch.undo()
+    assert {p for p in opened if p.startswith(str(path))} == {str(path / INDEX_NAME)}
+    assert "sharded safetensors, 2 files, global shapes; 7 tensors" in shown.splitlines()[0]
+    assert "w: tensor float32 [6, 4]" in shown and "emb: tensor bfloat16 [5, 3]" in shown  # global shapes
+
+    for r in range(2):
+        (path / shard_file_name(r, 2)).unlink()
+    assert main(["inspect", str(path)]) == 0
+    assert capsys.readouterr().out == shown
 
 
 def test_a_new_save_replaces_the_old_one_in_one_step(tmp_path):

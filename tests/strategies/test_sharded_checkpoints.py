@@ -2,7 +2,8 @@
 
 Each test launches ``scripts/fsdp_run.py`` on 2 gloo ranks on CPU (or 1), in subprocesses with a
 timeout: exact mid-epoch resume on the same world size, resharded resume 2->1 and 1->2 with the
-same global batch, asynchronous and consolidated saves, Lightning's own ``.ckpt`` paths left to
+same global batch, asynchronous and consolidated saves (a 2-rank consolidated file resumed on
+1 rank too), Lightning's own ``.ckpt`` paths left to
 Lightning, a rank SIGKILLed while it writes, and the tools (``load_state``, ``convert``,
 ``inspect``, ``load_from_checkpoint``) on what the runs wrote.
 """
@@ -51,16 +52,17 @@ def global_losses(out: Path, phase: str, world_size: int) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory) -> Path:
     """On 2 ranks: 8 steps with a sharded .sft at step 5 (mid-epoch), then resumed from it; the same
-    with an asynchronous save."""
+    with an asynchronous save, and with a consolidated one (one .sft file)."""
     out = tmp_path_factory.mktemp("fsdp")
-    launch(out, "full,resume,async")
+    launch(out, "full,resume,async,consolidated")
     return out
 
 
 @pytest.fixture(scope="module")
 def one_rank_run(two_rank_run) -> Path:
-    """On 1 rank: resumed from the 2-rank step=5.sft; then 16 steps with a sharded .sft at step 12."""
-    launch(two_rank_run, "resume_from_2,save_1", world_size=1)
+    """On 1 rank: resumed from the 2-rank step=5.sft and from the 2-rank consolidated step=5.sft;
+    then 16 steps with a sharded .sft at step 12."""
+    launch(two_rank_run, "resume_from_2,consolidated_from_2,save_1", world_size=1)
     return two_rank_run
 
 
@@ -100,6 +102,15 @@ def test_resharded_resume_from_2_ranks_on_1(one_rank_run):
         assert loss == pytest.approx(full[step], abs=1e-4)
 
 
+def test_a_consolidated_checkpoint_of_2_ranks_resumes_on_1(one_rank_run):
+    full = global_losses(one_rank_run, "full", 2)
+    resumed = losses(one_rank_run, "consolidated_from_2", 0)
+    assert (one_rank_run / "consolidated" / "step=5.sft").is_file()
+    assert sorted(resumed) == [6, 7, 8]
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(full[step], abs=1e-4)
+
+
 def test_resharded_resume_from_1_rank_on_2(one_rank_run):
     # at the end of epoch 0: ResumableDataLoader refuses a mid-epoch resume on more ranks
     launch(one_rank_run, "resume_from_1", world_size=2)
@@ -111,7 +122,6 @@ def test_resharded_resume_from_1_rank_on_2(one_rank_run):
 
 def test_async_and_consolidated_saves_resume_exactly(two_rank_run):
     tmp_path = two_rank_run
-    launch(tmp_path, "consolidated")
     for rank in range(2):
         full = losses(tmp_path, "full", rank)
         for phase in ("async", "async_resume", "consolidated", "consolidated_resume"):

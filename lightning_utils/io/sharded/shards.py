@@ -85,7 +85,7 @@ def local_block(t: Any, where: str = "tensor") -> tuple[tuple[int, ...], tuple[i
     for p in t.placements:
         if type(p) is not Shard and not isinstance(p, Replicate):
             raise ValueError(
-                f"{where}: a DTensor with placement {p} cannot be stored as one block per rank "
+                f"{where}: a DTensor with placement {p} ({type(p).__name__}) cannot be stored as one block per rank "
                 "(only Shard(dim) and Replicate() placements can); redistribute it first"
             )
     try:

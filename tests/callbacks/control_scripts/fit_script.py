@@ -45,6 +45,10 @@ class Dump(Callback):
             "world_size": distributed.world_size(),
             "initialized": distributed.distributed_is_initialized(),
             "broadcast": distributed.broadcast_object(f"from rank {trainer.global_rank}"),
+            # objects of different sizes on each rank
+            "gathered": distributed.all_gather_object(
+                {"from": trainer.global_rank, "pad": "x" * 100 * trainer.global_rank}
+            ),
         }
 
     def on_train_end(self, trainer, pl_module):

@@ -8,6 +8,9 @@ for tests/callbacks/test_fsdp_training_control.py. Launched once per rank by the
 it did in order (saves, validations, exports: each a collective) to <out>/<fit>-rank<r>.json.
 
 Rank 1's export fails with an OSError (a full disk): reported on every rank, training goes on.
+Then, in the same processes, a third fit (``evalfail``) with an ``eval_fn`` (an all-reduce, then
+a failure): ``eval@2`` fails on rank 1 only, ``eval@4`` on both ranks; each is reported and both
+ranks train on to max_steps.
 
 ``fail-save`` / ``fail-export`` modes: the scheduled ``save@3`` fails writing on rank 0 (a full
 disk), or ``export@3`` fails on rank 1 after gathering the weights; the run must end on both
@@ -186,6 +189,45 @@ def fit(out: Path, name: str, max_steps: int, mode: str, ckpt_path: str | None =
     )
 
 
+class FailingEval:
+    """An evaluation that takes part in a collective (a metric summed over ranks), then raises:
+    at step 2 on rank 1 only, at step 4 on every rank."""
+
+    def __init__(self, trace: Trace):
+        self.trace = trace
+
+    def __call__(self, trainer, pl_module):
+        total = torch.ones(1)
+        dist.all_reduce(total)  # every rank is here, at the same step
+        step, rank = trainer.global_step, trainer.global_rank
+        self.trace.events.append(["eval_fn", step, float(total)])
+        if step == 2 and rank == 1:
+            raise RuntimeError("eval exploded on rank 1 at step 2")
+        if step == 4:
+            raise (ValueError if rank == 0 else KeyError)(f"eval exploded on rank {rank} at step 4")
+
+
+def fit_eval_fails(out: Path) -> None:
+    trace = Trace()
+    control = TrainingControl(source=None, commands=["eval@2", "eval@4"], eval_fn=FailingEval(trace), signal=None)
+    model = ShardedModule(sleep=0.0)
+    trainer = cpu_trainer(
+        out / "evalfail-root",
+        [control, trace],
+        max_steps=6,
+        devices=2,
+        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        limit_val_batches=2,
+        val_check_interval=10_000,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(model)
+    (out / f"evalfail-rank{trainer.global_rank}.json").write_text(
+        json.dumps({"global_step": trainer.global_step, "events": trace.events, "lr_trace": model.lr_trace})
+    )
+
+
 def main() -> None:
     out, mode = Path(sys.argv[1]), sys.argv[2]
     out.mkdir(parents=True, exist_ok=True)
@@ -194,6 +236,7 @@ def main() -> None:
         fit(out, "first", 40, mode)
         first = json.loads((out / f"first-rank{dist.get_rank()}.json").read_text())
         fit(out, "resumed", first["global_step"] + 4, mode, ckpt_path="last")
+        fit_eval_fails(out)
     else:
         fit(out, "failing", 8, mode)
     dist.barrier()

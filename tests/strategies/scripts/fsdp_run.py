@@ -15,6 +15,8 @@ usage: fsdp_run.py OUT PLAN        PLAN: a comma-separated list of the phases be
   lightning_ckpt  .ckpt paths are Lightning's own code: a DCP directory, then a consolidated .ckpt
                   (save_distributed_checkpoint=False), each at step 5 and resumed to 8
   resume_from_2   (1 or 2 ranks) from <out>/two/step=5.sft (written by 2 ranks), to step 8
+  consolidated_from_2  (1 rank) from consolidated's <out>/consolidated/step=5.sft (one file
+                  written by 2 ranks' save), to step 8
   save_1          (1 rank) 16 steps, a sharded .sft at step 12 (the end of epoch 0) in <out>/one
   resume_from_1   (2 ranks) from <out>/one/step=12.sft, to step 16
   apollo          full and resume with ApolloMini (projection refreshed every 2 steps) instead of AdamW
@@ -195,6 +197,8 @@ def main() -> None:
                 fit(out, f"{name}_resume", ckpt_path=os.path.join(ckpt_dir, "step=5.ckpt"), distributed=distributed)
         elif phase == "resume_from_2":
             fit(out, phase, ckpt_path=os.path.join(two, "step=5.sft"))
+        elif phase == "consolidated_from_2":
+            fit(out, phase, ckpt_path=os.path.join(out, "consolidated", "step=5.sft"))
         elif phase == "save_1":
             fit(out, phase, ckpt_dir=one, every=EPOCH_STEPS, steps=EPOCH_STEPS + 4)
         elif phase == "resume_from_1":
