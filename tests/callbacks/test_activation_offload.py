@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers.blocks import Block, D
 from helpers.lightning import OptimizerHoldsModelParameters, cpu_trainer
-from helpers.ports import free_port
+from helpers.ranks import run_launcher
 from torch import nn
 
 from lightning_utils.callbacks.activation_offload import ActivationOffload
@@ -124,9 +124,6 @@ def test_module_stays_picklable_and_copies_independent_after_a_fit(tmp_path):
 def test_ddp_two_ranks_same_result_as_plain(tmp_path):
     """Under DDP (gloo, 2 CPU ranks) the offloaded run trains exactly like the plain one: the
     parameter gradients come out of the autograd function, so DDP's reducer sees them normally."""
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
     script = Path(__file__).parent / "scripts" / "ddp_offload.py"
@@ -134,18 +131,7 @@ def test_ddp_two_ranks_same_result_as_plain(tmp_path):
     for mode in ("plain", "offload"):
         out = tmp_path / mode
         out.mkdir()
-        for _attempt in range(2):  # a free port can be taken by another process before rank 0 binds it
-            env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-            proc = subprocess.run(
-                [sys.executable, str(script), str(out), mode],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                timeout=240,
-            )
-            if proc.returncode == 0 or "address already in use" not in proc.stderr.lower():
-                break
+        proc = run_launcher([str(script), str(out), mode])
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[mode] = [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
     for mode in results:

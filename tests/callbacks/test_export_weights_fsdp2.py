@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from helpers.hf_export_models import logits
-from helpers.ports import free_port
+from helpers.ranks import run_launcher
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.ddp
@@ -21,21 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_fsdp2(out: Path) -> str:
-    for _attempt in range(2):  # a free port can be taken by another process before rank 0 binds it
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-        for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK"):
-            env.pop(key, None)
-        proc = subprocess.run(
-            [sys.executable, str(SCRIPT), str(out)],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=240,  # a hang fails the test instead of blocking the suite
-        )
-        if proc.returncode == 0 or "address already in use" not in proc.stderr.lower():
-            break
+    proc = run_launcher([str(SCRIPT), str(out)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
 

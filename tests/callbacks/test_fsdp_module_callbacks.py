@@ -12,14 +12,11 @@ fits it runs), shared by the tests below:
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers.ports import free_port
+from helpers.ranks import run_launcher
 
 pytestmark = pytest.mark.ddp
 
@@ -30,18 +27,7 @@ SCRIPT = Path(__file__).parent / "scripts" / "fsdp_modules.py"
 def runs(tmp_path_factory):
     """What each rank of the launch saved, ``[rank0, rank1]``."""
     out = tmp_path_factory.mktemp("fsdp_modules")
-    for _attempt in range(2):  # a free port can be taken by another process before rank 0 binds it
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-        proc = subprocess.run(
-            [sys.executable, str(SCRIPT), str(out)],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        if proc.returncode == 0 or "address already in use" not in proc.stderr.lower():
-            break
+    proc = run_launcher([str(SCRIPT), str(out)], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
 

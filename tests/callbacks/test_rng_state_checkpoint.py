@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from helpers.lightning import cpu_trainer
-from helpers.ports import free_port
+from helpers.ranks import run_launcher
 from lightning.pytorch.callbacks import Callback
 
 from lightning_utils.callbacks import RNGStateCheckpoint, SafetensorsModelCheckpoint
@@ -308,17 +308,12 @@ def test_other_world_size_warns_instead_of_guessing(saved_ranks, world_size, ran
 @pytest.mark.ddp
 def test_ddp_each_rank_gets_its_own_state_back(tmp_path):
     import json
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
     script = Path(__file__).parent / "rng_scripts" / "ddp_rng.py"
 
     def run(out, steps, ckpt=None):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-        args = [sys.executable, str(script), str(out), str(steps)] + ([str(ckpt)] if ckpt else [])
-        proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
+        proc = run_launcher([str(script), str(out), str(steps)] + ([str(ckpt)] if ckpt else []))
         assert proc.returncode == 0, proc.stderr[-3000:]
         return [json.loads((out / f"losses-rank{r}.json").read_text()) for r in (0, 1)]
 

@@ -6,14 +6,12 @@ Each test runs gloo ranks on CPU in a subprocess with a timeout (a hang fails th
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers.ports import free_port
+from helpers.ranks import run_launcher
 
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
@@ -23,21 +21,7 @@ pytestmark = pytest.mark.ddp
 
 
 def _run(*args: str, timeout: float = 240) -> None:
-    for _attempt in range(2):  # a free port can be taken by another process before rank 0 binds it
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PYTHONHASHSEED": "0"}
-        try:
-            proc = subprocess.run(
-                [sys.executable, *args],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-            )
-        except subprocess.TimeoutExpired as error:
-            pytest.fail(f"{args[0]} hung for {timeout}s: {str(error.stderr)[-3000:]}")
-        if proc.returncode == 0 or "address already in use" not in proc.stderr.lower():
-            break
+    proc = run_launcher(list(args), timeout=timeout, env={"PYTHONHASHSEED": "0"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
