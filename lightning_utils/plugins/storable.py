@@ -3,9 +3,9 @@
 A ``.sft`` refuses values it cannot represent without pickle (an arbitrary object in the
 hyperparameters, a callback state holding a handle), naming the key path. Found at the first save,
 that kills a run hours in; :func:`check_checkpoint_storable` runs the same checks on the parts of
-the checkpoint that exist when ``fit`` starts (the module's and datamodule's hyperparameters,
-every callback's ``state_dict()``, the datamodule's, the optimizers' and schedulers' state and the
-precision plugin's), under the keys Lightning saves them at. ``SafetensorsModelCheckpoint`` calls
+the checkpoint that exist when ``fit`` starts (the module's weights, its and the datamodule's
+hyperparameters, every callback's ``state_dict()``, the datamodule's, the optimizers' and
+schedulers' state and the precision plugin's), under the keys Lightning saves them at. ``SafetensorsModelCheckpoint`` calls
 it; any other callback that writes ``.sft`` checkpoints can too. What ``on_save_checkpoint``
 hooks add later cannot be known in advance and is checked when it is saved.
 
@@ -50,8 +50,27 @@ def _hparams(obj: Any) -> dict[str, Any]:
     return dict(obj.hparams)
 
 
+def _weights(module: Any) -> dict[str, Any]:
+    """The module's state dict as far as it is final when ``fit`` starts: ``DTensor`` entries are
+    left to the sharded save (which checks their placements then), and so are weights not made
+    yet (a lazy module's, or on the meta device), which the first forward or the strategy
+    replaces. A quantized or other tensor subclass a ``.sft`` cannot hold is refused here,
+    before the first step rather than at the first save."""
+    from torch.distributed.tensor import DTensor
+    from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
+
+    return {
+        k: v.detach()  # as Lightning saves them
+        for k, v in module.state_dict(keep_vars=True).items()
+        if not isinstance(v, (DTensor, UninitializedParameter, UninitializedBuffer))
+        and not getattr(v, "is_meta", False)
+    }
+
+
 def _parts(trainer: Any, weights_only: bool) -> Iterator[tuple[tuple[Any, ...], Callable[[], Any]]]:
     """``(key path, reader)`` for each part of the checkpoint Lightning will save, in its layout."""
+    if trainer.lightning_module is not None:
+        yield ("state_dict",), functools.partial(_weights, trainer.lightning_module)
     for obj in (trainer.lightning_module, trainer.datamodule):
         if obj is not None:
             yield (obj.CHECKPOINT_HYPER_PARAMS_KEY,), functools.partial(_hparams, obj)

@@ -182,3 +182,25 @@ def test_datamodule_hparams_optimizer_groups_and_scheduler_state_are_checked(tmp
     with pytest.raises(TypeError, match=r"checkpoint\['lr_schedulers'\]\[0\]\['lr_lambdas'\]\[0\]\['handle'\]"):
         _fit(tmp_path / "s", model, [SafetensorsModelCheckpoint(dirpath=tmp_path / "s", every_n_train_steps=2)])
     assert model.steps == 0
+
+
+def test_a_weight_a_sft_cannot_hold_fails_before_the_first_step_naming_the_key(tmp_path):
+    model = HparamsModule()
+    model.register_buffer("mask", torch.eye(3).to_sparse())  # sparse: no safetensors layout for it
+    with pytest.raises(TypeError, match=r"checked when fit starts.*\['state_dict'\]\['mask'\]"):
+        _fit(tmp_path, model, [SafetensorsModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_train_steps=2)])
+    assert model.steps == 0
+    assert not (tmp_path / "ckpts").exists() or not list((tmp_path / "ckpts").iterdir())
+
+
+def test_weights_not_made_yet_when_fit_starts_are_left_to_the_first_save(tmp_path):
+    class Lazy(HparamsModule):  # nn.LazyLinear's weight exists only after the first forward
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.LazyLinear(8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+    model = Lazy()
+    _fit(tmp_path, model, [SafetensorsModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_train_steps=2)])
+    assert model.steps == 4
+    saved = load_state(tmp_path / "ckpts" / "epoch=0-step=4.sft")["state_dict"]
+    assert saved["net.0.weight"].shape == (8, 4)
