@@ -169,8 +169,9 @@ class _Output:
                 _write_small_files(self._folder, lambda d: hf_export.write_hf_configs(model, d, dtype))
             else:
                 self._folder = None  # one file: written straight to layout.path
-        except BaseException:
-            self._stack.close()
+        except BaseException as error:
+            # exit the stage as failed: closing it normally would publish the partial directory
+            self._stack.__exit__(type(error), error, error.__traceback__)
             raise
 
     def _next_file(self) -> None:

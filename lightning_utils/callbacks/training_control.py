@@ -626,7 +626,7 @@ class TrainingControl(Callback):
         """Make ``last`` (a ModelCheckpoint's save_last file) the checkpoint just written at ``path``:
         a symlink with ``save_last="link"``, else a copy (a second save for a folder checkpoint)."""
         # Object storage has neither links nor renames: there ``last`` is a second save.
-        local = not storage.is_url(path)
+        local = not storage.is_url(path) and not storage.is_url(last)
         link = local and callback.save_last == "link"
         # Rank 0 wrote the file and decides; the decision picks collectives, so every rank takes it.
         copy = local and not link and broadcast_object(self._is_leader and os.path.isfile(path), src=0, trainer=trainer)

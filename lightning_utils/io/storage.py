@@ -24,6 +24,7 @@ for a failed upload. This module must never write to a final path directly.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import posixpath
 import shutil
@@ -35,6 +36,7 @@ from lightning_utils.io import remote
 from lightning_utils.io.atomic import atomic_write
 
 is_url = remote.is_url
+log = logging.getLogger(__name__)
 
 StorageOptions = dict[str, Any] | None
 
@@ -72,7 +74,10 @@ def atomic_writer(path: str | os.PathLike, storage_options: StorageOptions = Non
     if is_url(path):
         with remote.atomic_upload(os.fspath(path), storage_options) as upload:
             yield upload  # type: ignore[misc]
-        remove_shadowed(path, "file", storage_options)
+        try:
+            remove_shadowed(path, "file", storage_options)
+        except Exception as exc:  # noqa: BLE001 - the file is written: the save succeeded
+            log.warning("%s: written, but the directory of the same name could not be removed (%s)", path, exc)
     else:
         with atomic_write(_local(path)) as f:
             yield f

@@ -19,6 +19,8 @@ import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
+
 from lightning_utils.io.skeleton import check_storable
 
 
@@ -56,11 +58,14 @@ def _weights(module: Any) -> dict[str, Any]:
     yet (a lazy module's, or on the meta device), which the first forward or the strategy
     replaces. A quantized or other tensor subclass a ``.sft`` cannot hold is refused here,
     before the first step rather than at the first save."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.tensor import DTensor
     from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
+    if any(isinstance(m, FullyShardedDataParallel) for m in module.modules()):
+        return {}  # FSDP1: its state_dict() gathers every weight on every rank
     return {
-        k: v.detach()  # as Lightning saves them
+        k: v.detach() if isinstance(v, torch.Tensor) else v  # as Lightning saves them
         for k, v in module.state_dict(keep_vars=True).items()
         if not isinstance(v, (DTensor, UninitializedParameter, UninitializedBuffer))
         and not getattr(v, "is_meta", False)

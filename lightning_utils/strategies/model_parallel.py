@@ -51,6 +51,11 @@ def _is_safetensors_path(path: str | Path) -> bool:
         return False
 
 
+def _materialized(obj: Any, source: ShardedCheckpoint | None) -> Any:
+    """``obj`` with every handle of the lazily loaded ``source`` replaced by its whole tensor."""
+    return source.materialize(obj) if source is not None else obj
+
+
 class ModelParallelStrategy(_LightningModelParallelStrategy):
     """Lightning's ``ModelParallelStrategy`` that saves and resumes whole-state ``.sft`` checkpoints.
 
@@ -247,14 +252,15 @@ class ModelParallelStrategy(_LightningModelParallelStrategy):
         set_optimizer_state_dict(
             self.model,
             optimizer,
-            optim_state_dict={"state": state, "param_groups": saved["param_groups"]},
+            # at a URL a tensor in the param groups (a tensor lr) may be a handle still: read it
+            optim_state_dict={"state": state, "param_groups": _materialized(saved["param_groups"], source)},
             options=StateDictOptions(strict=self.lightning_module.strict_loading if self.lightning_module else True),
         )
 
     @staticmethod
     def _optimizer_value(target: Any, saved: Any, source: ShardedCheckpoint | None, where: str) -> Any:
         if not isinstance(saved, torch.Tensor):
-            return saved
+            return _materialized(saved, source)  # a list or dict of tensors: any handles in it read whole
         if isinstance(target, torch.Tensor) and tuple(target.shape) == tuple(saved.shape) and target.dim():
             return fill(target, saved, source, where)  # this rank's slice, read into the live state
         name = source.handle_name(saved) if source is not None else None

@@ -103,3 +103,35 @@ def test_a_failed_directory_export_at_a_url_leaves_nothing(s3_bucket):
         failing_export()
     assert seen == ["config.json"]  # the earlier export was gone before the first new file
     assert storage.listdir(url) == []
+
+
+def test_a_local_training_control_keeps_a_url_checkpoint_callbacks_last_current(s3_bucket, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = f"{s3_bucket}/run"
+    checkpoint = SafetensorsModelCheckpoint(dirpath=run, every_n_train_steps=100, save_last=True)
+    control = TrainingControl(source=None, dirpath=tmp_path / "local", save_every_n_steps=3, save_on_train_end=False)
+    trainer = cpu_trainer(tmp_path, [checkpoint, control], max_steps=4, suffix=".sft")
+    trainer.fit(TinyModule(), loader())
+    assert sorted(p.name for p in (tmp_path / "local").iterdir()) == ["step=3.sft"]
+    assert load_state(f"{run}/last.sft")["global_step"] == 3  # a second save into the bucket, not a local copy
+    assert not (tmp_path / "s3:").exists()
+
+
+def test_a_failed_config_write_leaves_the_earlier_local_export_as_it_was(tmp_path, monkeypatch):
+    from lightning_utils.io import hf_export
+
+    export = ExportWeights(dirpath=tmp_path / "export", filename="hf")
+    cpu_trainer(tmp_path, [export], max_steps=1).fit(HFModule("gpt2"))
+    folder = tmp_path / "export" / "hf"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def config_write_fails(*args, **kwargs):
+        raise OSError("disk went away while writing config.json")
+
+    monkeypatch.setattr(hf_export, "write_hf_configs", config_write_fails)
+    with pytest.raises(OSError, match="disk went away"):
+        cpu_trainer(tmp_path, [ExportWeights(dirpath=tmp_path / "export", filename="hf")], max_steps=2).fit(
+            HFModule("gpt2")
+        )
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["hf"]  # no stage left beside it

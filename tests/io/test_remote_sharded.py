@@ -363,3 +363,32 @@ def test_the_plugin_loads_a_sharded_checkpoint_named_by_its_index(s3_bucket):
     save_on(2, url)
     # what fit(ckpt_path="last") resolves to on object storage, under any strategy
     assert_whole(SafetensorsCheckpointIO().load_checkpoint(f"{url}/{INDEX_NAME}"))
+
+
+def test_a_save_whose_clean_up_fails_after_landing_is_not_a_failed_save(s3_bucket, monkeypatch, caplog):
+    from lightning_utils.io import save_state
+
+    url = f"{s3_bucket}/run/last.sft"
+
+    def listing_denied(*args, **kwargs):
+        raise PermissionError("s3:ListBucket denied")
+
+    monkeypatch.setattr(storage, "remove_shadowed", listing_denied)
+    save_state({"epoch": 3}, url)  # the object landed: the save stands
+    monkeypatch.undo()
+    assert load_state(url)["epoch"] == 3
+    assert "could not be removed" in caplog.text and "ListBucket" in caplog.text
+
+
+def test_tensors_in_param_groups_loaded_lazily_from_a_url_are_read_before_use(s3_bucket):
+    from lightning_utils.strategies.model_parallel import _materialized
+
+    url = f"{s3_bucket}/run/opt.sft"
+    groups = [{"lr": torch.tensor(0.01), "betas": (torch.tensor(0.9), 0.999), "params": ["w"]}]
+    save_on(1, url, lambda rank, world_size: {"optimizer_states": [{"state": {}, "param_groups": groups}]})
+    with ShardedCheckpoint(url) as source:
+        lazy = source.load_lazy()["optimizer_states"][0]["param_groups"]
+        assert source.handle_name(lazy[0]["lr"]) is not None  # not fetched yet: a handle
+        (group,) = _materialized(lazy, source)
+    assert group["lr"].item() == pytest.approx(0.01) and group["betas"][0].item() == pytest.approx(0.9)
+    assert group["params"] == ["w"]
