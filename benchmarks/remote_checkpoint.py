@@ -151,6 +151,17 @@ def measure_loads(fs, checksum: float, got: Path, repeat: int) -> tuple[dict, di
     return interleaved(loads, repeat, "load", check)
 
 
+def _report(times: dict, rss: dict, baseline: str, short: str, size: int) -> None:
+    """One line per method: median time, ratio to ``baseline``'s median, median peak extra RSS."""
+    med = {k: statistics.median(v) for k, v in times.items()}
+    for name, t in med.items():
+        extra = statistics.median(rss[name])
+        print(
+            f"  {name:43s} {t:7.2f} s  {t / med[baseline]:5.2f}x {short}   "
+            f"peak extra RSS {extra / 1e6:6.0f} MB = {extra / size:.3f}x"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", type=float, default=100e6, help="model parameters (default 100e6)")
@@ -178,22 +189,10 @@ def main() -> None:
             p.unlink()
         workdir.rmdir()
 
-    med = {k: statistics.median(v) for k, v in save_times.items()}
-    put = med["s3fs put of the same bytes"]
     print(f"\nsave to s3:// (median of {args.repeat}, methods interleaved; RSS: peak above the start)")
-    for name, t in med.items():
-        extra = statistics.median(save_rss[name])
-        print(
-            f"  {name:43s} {t:7.2f} s  {t / put:5.2f}x put   peak extra RSS {extra / 1e6:6.0f} MB = {extra / size:.3f}x"
-        )
-    lmed = {k: statistics.median(v) for k, v in load_times.items()}
-    get = lmed["s3fs get of the same bytes (to a file)"]
+    _report(save_times, save_rss, "s3fs put of the same bytes", "put", size)
     print(f"\nload from s3:// (median of {args.repeat}, methods interleaved; RSS: peak above the end, result held)")
-    for name, t in lmed.items():
-        extra = statistics.median(load_rss[name])
-        print(
-            f"  {name:43s} {t:7.2f} s  {t / get:5.2f}x get   peak extra RSS {extra / 1e6:6.0f} MB = {extra / size:.3f}x"
-        )
+    _report(load_times, load_rss, "s3fs get of the same bytes (to a file)", "get", size)
     print("goals: ours save <= 1.2x put, ours load <= 1.2x get, peak extra RSS <= 0.1x the checkpoint")
 
 

@@ -20,7 +20,7 @@ from lightning_utils.io import load_state, save_state
 from lightning_utils.plugins import SafetensorsCheckpointIO, SafetensorsLoadMixin, load_from_checkpoint
 
 
-class Loadable(SafetensorsLoadMixin, pl.LightningModule):
+class Plain(pl.LightningModule):
     """TinyModule's model and steps, with hyperparameters that ``torch.load(weights_only=True)``
     accepts, so Lightning's own ``.ckpt`` route loads it with every argument."""
 
@@ -31,6 +31,10 @@ class Loadable(SafetensorsLoadMixin, pl.LightningModule):
 
     training_step = TinyModule.training_step
     configure_optimizers = TinyModule.configure_optimizers
+
+
+class Loadable(SafetensorsLoadMixin, Plain):
+    """Plain with the mixin: ``load_from_checkpoint`` reads ``.sft`` too."""
 
 
 class Recording(Loadable):
@@ -135,18 +139,6 @@ def test_sft_needs_no_weights_only_allowlist(tmp_path):
     assert WithPath.load_from_checkpoint(tmp_path / "p.sft").hparams.root == TinyModule().hparams.root
     with pytest.raises(pickle.UnpicklingError, match="PosixPath"):
         WithPath.load_from_checkpoint(tmp_path / "p.ckpt")
-
-
-class Plain(pl.LightningModule):
-    """Loadable without the mixin."""
-
-    def __init__(self, hidden: int = 8, lr: float = 0.05) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.net = torch.nn.Sequential(torch.nn.Linear(4, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1))
-
-    training_step = TinyModule.training_step
-    configure_optimizers = TinyModule.configure_optimizers
 
 
 def test_without_the_mixin_lightning_cannot_read_sft_and_the_function_can(saved):
